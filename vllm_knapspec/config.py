@@ -1,0 +1,157 @@
+"""KnapSpec configuration: one pydantic model, loaded from YAML/JSON/dict, validated at startup.
+
+A speculative config for KnapSpec looks like (flat, next to vLLM's own keys):
+
+    method: knapspec
+    num_speculative_tokens: 5      # vLLM's key: the maximum draft length (gamma_max)
+    reselect_interval: 64          # KnapSpec keys (see KnapSpecConfig)
+    ...
+
+`split_speculative_config` separates the two and turns it into vLLM's `custom_class` method.
+No vLLM imports here.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+METHOD = "knapspec"
+PROPOSER_PATH = "vllm_knapspec.proposer.KnapSpecProposer"
+# vLLM SpeculativeConfig keys that make sense with KnapSpec (the draft is the target itself).
+VLLM_KEYS = {"method", "model", "num_speculative_tokens", "max_model_len", "disable_by_batch_size",
+             "draft_tensor_parallel_size", "rejection_sample_method", "disable_log_stats"}
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+class KnapSpecConfigError(ValueError):
+    """A bad KnapSpec config: the message names the field and what is allowed."""
+
+
+class KnapSpecConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_speculative_tokens: int = Field(5, ge=1, le=32, description="maximum draft length gamma_max")
+    reselect_interval: int = Field(64, ge=1, le=1_000_000,
+                                   description="re-run the DP every N decode steps (official code: 64)")
+    reference_steps: int = Field(5, ge=1, le=64,
+                                 description="speculation steps whose accepted tokens form the DP reference")
+    reference_tokens: int = Field(32, ge=1, le=512, description="r: reference tokens the DP compares on")
+    sim_threshold: float = Field(0.5, ge=0.0, le=1.0, description="DP pruning: drop branches below this cosine")
+    confidence_threshold: float = Field(0.7, ge=0.0, le=1.0,
+                                        description="stop drafting a request when top-1 prob falls below this")
+    weight_cap: int = Field(5, ge=1, le=100, description="cap on the larger integer item weight")
+    budget_fraction: float = Field(0.5, gt=0.0, le=1.0, description="at most this share of weight is skipped")
+    min_speedup: float = Field(1.02, ge=1.0, le=10.0,
+                               description="speculate only if predicted TPT beats plain decoding by this factor")
+    context_change: float = Field(0.5, gt=0.0, le=100.0,
+                                  description="re-select early when mean context grew by this fraction")
+    acceptance_change: float = Field(0.2, gt=0.0, le=1.0,
+                                     description="re-select early when realised acceptance moves this far")
+    latency_profile: Optional[str] = Field(None, description="path of a latency profile JSON (knapspec-profile)")
+    profile_dir: Optional[str] = Field(None, description="folder searched for a matching profile")
+    online_refit: bool = Field(True, description="refit the latency model from live step timings")
+    skip_set: Optional[str] = Field(None, description="fixed skip set for debugging, e.g. 'a3,a5,m7'; "
+                                                      "'' = draft with the full model; disables the selector")
+    kernels: Literal["auto", "triton", "torch"] = Field("auto", description="DP / TPT kernels")
+
+    @field_validator("latency_profile")
+    @classmethod
+    def _profile_exists(cls, v):
+        if v is not None and not Path(os.path.expanduser(v)).is_file():
+            raise ValueError(f"file not found: {v}")
+        return v
+
+    @field_validator("skip_set")
+    @classmethod
+    def _skip_set_syntax(cls, v):
+        if v is None:
+            return v
+        import re
+        for tok in filter(None, (t.strip() for t in v.split(","))):
+            if not re.fullmatch(r"[am]\d+", tok):
+                raise ValueError(f"bad item {tok!r}: use a<layer> (attention) or m<layer> (MLP), e.g. 'a3,m7'")
+        return v
+
+
+def _describe(field: str) -> str:
+    f = KnapSpecConfig.model_fields.get(field)
+    if f is None:
+        return ""
+    bounds = [f"{type(m).__name__.lower()} {getattr(m, type(m).__name__.lower(), '')}" for m in f.metadata]
+    ann = getattr(f.annotation, "__name__", str(f.annotation)).replace("typing.", "")
+    return f"{ann}{' (' + ', '.join(bounds) + ')' if bounds else ''}: {f.description}"
+
+
+def _format_error(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        field = ".".join(str(x) for x in err["loc"]) or "(config)"
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(sorted(set(KnapSpecConfig.model_fields) | VLLM_KEYS))
+            lines.append(f"unknown key '{field}'. Allowed keys: {allowed}")
+        else:
+            lines.append(f"'{field}' = {err.get('input')!r}: {err['msg']}. Allowed: {_describe(field)}")
+    return "invalid KnapSpec speculative config: " + "; ".join(lines)
+
+
+def parse_knapspec(raw: dict[str, Any]) -> KnapSpecConfig:
+    try:
+        return KnapSpecConfig(**raw)
+    except ValidationError as e:
+        raise KnapSpecConfigError(_format_error(e)) from None
+    except TypeError as e:  # e.g. non-string keys
+        raise KnapSpecConfigError(f"invalid KnapSpec speculative config: {e}") from None
+
+
+def is_knapspec(spec: dict[str, Any] | None) -> bool:
+    if not isinstance(spec, dict):
+        return False
+    return spec.get("method") == METHOD or spec.get("model") == PROPOSER_PATH
+
+
+def split_speculative_config(spec: dict[str, Any]) -> tuple[dict[str, Any], KnapSpecConfig]:
+    """{"method": "knapspec", ...} -> (vLLM SpeculativeConfig kwargs, KnapSpecConfig)."""
+    spec = {str(k).replace("-", "_"): v for k, v in spec.items()}
+    vllm_part = {k: v for k, v in spec.items() if k in VLLM_KEYS and k != "num_speculative_tokens"}
+    ks_part = {k: v for k, v in spec.items() if k not in VLLM_KEYS or k == "num_speculative_tokens"}
+    if vllm_part.get("model") not in (None, PROPOSER_PATH):
+        raise KnapSpecConfigError(
+            f"invalid KnapSpec speculative config: 'model' = {vllm_part['model']!r}: KnapSpec drafts with the "
+            "target model itself. Allowed: leave 'model' out")
+    cfg = parse_knapspec(ks_part)
+    vllm_part.update(method="custom_class", model=PROPOSER_PATH,
+                     num_speculative_tokens=cfg.num_speculative_tokens)
+    return vllm_part, cfg
+
+
+def load_speculative_config(text_or_path: str) -> dict[str, Any]:
+    """`--speculative-config` value: inline JSON, or a path to a .yaml/.yml/.json file."""
+    s = text_or_path.strip()
+    if s.startswith("{"):
+        return json.loads(s)
+    p = Path(os.path.expanduser(s))
+    if not p.is_file():
+        raise KnapSpecConfigError(f"--speculative-config: {s!r} is neither JSON nor an existing .yaml/.json file")
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+        data = yaml.safe_load(p.read_text())
+    else:
+        data = json.loads(p.read_text())
+    if isinstance(data, dict) and "speculative_config" in data and len(data) == 1:
+        data = data["speculative_config"]
+    if not isinstance(data, dict):
+        raise KnapSpecConfigError(f"--speculative-config file {s}: expected a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def check_architecture(architectures: list[str] | None) -> None:
+    archs = list(architectures or [])
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise KnapSpecConfigError(
+            f"KnapSpec does not support architecture {archs or 'unknown'}: the layer-skipping draft needs a dense "
+            f"decoder with input_layernorm/self_attn/post_attention_layernorm/mlp sublayers. "
+            f"Supported: {', '.join(SUPPORTED_ARCHITECTURES)}")

@@ -1,0 +1,104 @@
+"""The layer-skipping draft: the target's own modules over the target's own paged KV cache.
+
+Only the thin vLLM adapter lives here. The draft:
+  - starts from the bonus token (the last sampled token, whose KV does not exist yet) and runs single-token
+    steps; there is no first pass over already-verified tokens, so committed KV stays target-exact;
+  - writes KV only at draft positions and only for kept attention layers (the next verification recomputes
+    and overwrites those slots through every layer);
+  - never writes past the slots the scheduler allocated for the request (caller caps the draft length).
+
+Sublayer numbering follows SkipSet: item 2l = attention of layer l, 2l+1 = MLP of layer l.
+The residual stream uses vLLM's fused add+RMSNorm exactly like `LlamaDecoderLayer.forward`, so the draft with
+the empty skip set computes what the target computes (only the decode vs verify kernels differ).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm_knapspec import compat
+from vllm_knapspec.skipset import SkipSet
+
+
+@dataclass
+class DraftBatch:
+    """Per-step explicit inputs: which input-batch rows to draft, from which token and position."""
+    rows: torch.Tensor        # [B] int64 rows of the runner's input batch (device)
+    rows_np: np.ndarray       # same, host
+    token_ids: torch.Tensor   # [B] input token of this step (device)
+    positions: torch.Tensor   # [B] int64 position of that token (device)
+    positions_np: np.ndarray  # same, host (for max_seq_len / capacity)
+
+
+class LayerSkipModel:
+    """Runs any subset of the target's 2L sublayers on B query tokens per step."""
+
+    def __init__(self, model: torch.nn.Module, runner, vllm_config):
+        from vllm.config import set_current_vllm_config  # noqa: F401  (import check for old versions)
+
+        self.model = model
+        self.runner = runner
+        self.vllm_config = vllm_config
+        self.lm = model.model
+        self.start, self.end = getattr(self.lm, "start_layer", 0), getattr(self.lm, "end_layer", len(self.lm.layers))
+        self.layers = [self.lm.layers[i] for i in range(self.start, self.end)]
+        self.num_layers = len(self.layers)
+        self.attn_names = [layer.self_attn.attn.layer_name for layer in self.layers]
+        self.device = runner.device
+        self.builder = compat.DraftMetadataBuilder(runner, vllm_config, set(self.attn_names))
+        self.block_size = self.builder.block_size
+
+    # -- pieces ------------------------------------------------------------------------------------
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.embed_input_ids(token_ids) if hasattr(self.lm, "embed_input_ids") \
+            else self.lm.embed_tokens(token_ids)
+
+    def run_item(self, item: int, positions, hidden, residual):
+        """One sublayer on the (pending output, residual) pair; returns the new pair."""
+        layer = self.layers[item // 2]
+        norm = layer.input_layernorm if item % 2 == 0 else layer.post_attention_layernorm
+        if residual is None:
+            residual, x = hidden, norm(hidden)
+        else:
+            x, residual = norm(hidden, residual)
+        if item % 2 == 0:
+            return layer.self_attn(positions=positions, hidden_states=x), residual
+        return layer.mlp(x), residual
+
+    def final_norm(self, hidden, residual):
+        if residual is None:
+            return self.lm.norm(hidden)
+        out, _ = self.lm.norm(hidden, residual)
+        return out
+
+    def forward(self, token_ids, positions, skip: SkipSet):
+        hidden, residual = self.embed(token_ids), None
+        for item in range(2 * self.num_layers):
+            if (item // 2 in skip.attn) if item % 2 == 0 else (item // 2 in skip.mlp):
+                continue
+            hidden, residual = self.run_item(item, positions, hidden, residual)
+        return self.final_norm(hidden, residual)
+
+    # -- paged-KV addressing -----------------------------------------------------------------------
+    def slot_mapping(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        bt = self.builder.block_table(rows)
+        blk = torch.gather(bt, 1, (positions // self.block_size).unsqueeze(1).to(bt.dtype)).squeeze(1)
+        return blk.to(torch.int64) * self.block_size + positions % self.block_size
+
+    def capacity(self, rows_np: np.ndarray) -> np.ndarray:
+        """Number of KV slots the scheduler allocated to each row (positions < capacity are writable)."""
+        return self.builder.capacity(rows_np)
+
+    def step(self, batch: DraftBatch, skip: SkipSet, write_kv: bool = True) -> torch.Tensor:
+        """One draft step: 1 token per request; returns the final normed hidden states [B, d]."""
+        slots = self.slot_mapping(batch.rows, batch.positions)
+        md = self.builder.build_decode(batch.rows, batch.positions, batch.positions_np, slots)
+        kept = [n for i, n in enumerate(self.attn_names) if i not in skip.attn]
+        slot_map = {n: slots for n in kept} if write_kv else {}
+        with compat.forward_context(md, self.vllm_config, len(batch.rows_np), slot_map):
+            return self.forward(batch.token_ids, batch.positions, skip)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(hidden)

@@ -1,0 +1,138 @@
+"""KnapSpecProposer: vLLM V1 `custom_class` proposer drafting with the target's own sublayers.
+
+The speculative loop of one engine step, on one screen:
+
+    plan = selector.plan(context lengths)            # skip set S and draft length gamma, or None = don't
+    tokens = bonus tokens (last sampled per request) # their KV does not exist yet
+    for k in range(gamma):
+        h = target sublayers not in S on (tokens, positions), writing KV at the draft slots of kept layers
+        tokens, conf = argmax / top-1 prob of lm_head(h)
+        requests with conf < confidence_threshold stop
+    return the drafts -> vLLM's scheduler -> verification + vLLM's rejection sampler
+
+Any exception inside drafting turns this step into a plain decoding step (no drafts): logged, counted.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from vllm_knapspec import config as ks_config
+from vllm_knapspec import metrics
+from vllm_knapspec.draft import DraftBatch, LayerSkipModel
+
+logger = logging.getLogger("vllm_knapspec")
+
+
+def knapspec_config_of(vllm_config) -> ks_config.KnapSpecConfig:
+    """The KnapSpecConfig attached by the plugin (patches.py) to the SpeculativeConfig."""
+    spec = vllm_config.speculative_config
+    cfg = getattr(spec, "knapspec", None)
+    if isinstance(cfg, dict):
+        return ks_config.parse_knapspec(cfg)
+    if cfg is None:
+        return ks_config.parse_knapspec({"num_speculative_tokens": spec.num_speculative_tokens})
+    return cfg
+
+
+class KnapSpecProposer:
+    def __init__(self, vllm_config):
+        self.vllm_config = vllm_config
+        self.cfg = knapspec_config_of(vllm_config)
+        self.k_max = vllm_config.speculative_config.num_speculative_tokens
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.stats = metrics.KnapSpecStats.get()
+        self.model = None
+        self._last_end = None          # end of the previous propose(): the gap is the verify step
+        self._proposed: dict[str, int] = {}   # req_id -> draft length proposed last step
+
+    # -- vLLM hooks --------------------------------------------------------------------------------
+    def load_model(self, model: torch.nn.Module) -> None:
+        from vllm_knapspec import compat
+        from vllm_knapspec.selector import make_selector
+
+        ks_config.check_architecture(getattr(self.vllm_config.model_config.hf_config, "architectures", None))
+        runner = compat.find_runner()
+        self.draft = LayerSkipModel(model, runner, self.vllm_config)
+        self.runner = runner
+        self.model = model
+        self.selector = make_selector(self.cfg, self.draft, self.vllm_config)
+        logger.info("KnapSpec draft ready: %d layers, gamma_max=%d, selector=%s",
+                    self.draft.num_layers, self.k_max, type(self.selector).__name__)
+
+    def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None):
+        start = time.perf_counter()
+        n = len(sampled_token_ids)
+        out: list[list[int]] = [[] for _ in range(n)]
+        try:
+            self._propose(sampled_token_ids, np.asarray(num_tokens_no_spec[:n]), out, start)
+        except Exception:
+            for o in out:
+                o.clear()
+            self.stats.fallback(logger)
+        self._last_end = time.perf_counter()
+        return out
+
+    # -- one step ----------------------------------------------------------------------------------
+    def _observe(self, req_ids, sampled, ctx, start):
+        accepted = proposed = 0
+        for rid, s in zip(req_ids, sampled):
+            k = self._proposed.pop(rid, 0)
+            if k and s:
+                proposed += k
+                accepted += len(s) - 1
+        verify_s = None if self._last_end is None else start - self._last_end
+        self.selector.observe_verify(ctx, proposed, accepted, verify_s)
+
+    def _propose(self, sampled, num_tokens_no_spec, out, start):
+        req_ids = self.runner.input_batch.req_ids[: len(sampled)]
+        rows_np = np.array([i for i, s in enumerate(sampled) if s], dtype=np.int64)
+        ctx = num_tokens_no_spec[rows_np] if len(rows_np) else np.zeros(0, np.int64)
+        self._observe(req_ids, sampled, ctx, start)
+        if not len(rows_np):
+            return
+        plan = self.selector.plan(rows_np, ctx)
+        if plan is None:                      # selector: plain decoding beats every draft right now
+            self.stats.no_spec_step()
+            return
+        skip, gamma = plan
+        pos_np = ctx.astype(np.int64) - 1     # position of the bonus token
+        limit = np.minimum(self.draft.capacity(rows_np) - pos_np, self.max_model_len - 1 - pos_np)
+        limit = np.minimum(limit, min(gamma, self.k_max))
+        t0 = time.perf_counter()
+        drafts = self._draft(rows_np, [sampled[i][-1] for i in rows_np], pos_np, limit, skip)
+        self.selector.observe_draft(skip, ctx, drafts, time.perf_counter() - t0)
+        for j, row in enumerate(rows_np):
+            out[row] = drafts[j]
+            if drafts[j]:
+                self._proposed[req_ids[row]] = len(drafts[j])
+
+    @torch.inference_mode()
+    def _draft(self, rows_np, bonus, pos_np, limit, skip) -> list[list[int]]:
+        device = self.draft.device
+        drafts: list[list[int]] = [[] for _ in rows_np]
+        live = np.flatnonzero(limit > 0)
+        tokens = torch.tensor(bonus, dtype=torch.int64)[torch.from_numpy(live)].to(device)
+        thr = self.cfg.confidence_threshold
+        steps = 0
+        for k in range(int(limit.max(initial=0))):
+            if not len(live):
+                break
+            pos = pos_np[live] + k
+            batch = DraftBatch(rows=torch.from_numpy(rows_np[live]).to(device), rows_np=rows_np[live],
+                               token_ids=tokens, positions=torch.from_numpy(pos).to(device), positions_np=pos)
+            logits = self.draft.logits(self.draft.step(batch, skip))
+            conf, tok = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+            tok_np, conf_np = tok.cpu().numpy(), conf.cpu().numpy()
+            keep = conf_np >= thr
+            for j, idx in enumerate(live):
+                if keep[j]:
+                    drafts[idx].append(int(tok_np[j]))
+            keep &= limit[live] > k + 1
+            live, tokens = live[keep], tok[torch.from_numpy(keep).to(device)]
+            steps += 1
+        self.stats.drafted(steps)
+        return drafts

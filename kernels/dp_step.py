@@ -158,14 +158,17 @@ if HAS_TRITON:
 
 
 def _blocks(r: int, d: int):
-    # ~2K-element tiles: 3 streams in flight per iteration without register spills at 4 warps
-    block_d = min(triton.next_power_of_2(d), 512)
-    block_t = max(1, min(triton.next_power_of_2(r), 2048 // block_d))
-    return block_t, block_d
+    # 8K-element tiles at 8 warps: with only K+1 programs (~1 wave on an H100) each one must keep many bytes
+    # in flight. Sweep on H100 (K=160, r=32, d=4096, bf16; bench_kernels.py --tune): 2K tiles/4 warps
+    # 0.16 ms, 8K/8 warps 0.075 ms (~1.7 TB/s counting 2 candidates read + 1 written per j).
+    block_d = min(triton.next_power_of_2(d), 1024)
+    block_t = max(1, min(triton.next_power_of_2(r), 8192 // block_d))
+    return block_t, block_d, 8
 
 
 def dp_step_triton(prev, exec_, ref, w: int, prev_valid, sim_threshold: float = 0.5,
-                   out: Optional[torch.Tensor] = None) -> DPStepOut:
+                   out: Optional[torch.Tensor] = None, config: Optional[tuple] = None) -> DPStepOut:
+    """config = (BLOCK_T, BLOCK_D, num_warps) overrides the default tiling (scripts/bench_kernels.py --tune)."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
     _check(prev, exec_, ref, w, prev_valid)
@@ -182,11 +185,11 @@ def dp_step_triton(prev, exec_, ref, w: int, prev_valid, sim_threshold: float = 
     score = torch.empty(K1, dtype=torch.float32, device=dev)
     pskip = torch.empty(K1, dtype=torch.uint8, device=dev)
     valid = torch.empty(K1, dtype=torch.uint8, device=dev)
-    block_t, block_d = _blocks(r, d)
+    block_t, block_d, warps = config if config is not None else _blocks(r, d)
     # w > K is legal (skip impossible: that is how frozen items are run); clamp so it fits an int32 arg
     _dp_step_kernel[(K1,)](prev, exec_, ref, pv, out, score, pskip, valid,
                            min(int(w), K1), r, d, float(sim_threshold), COS_EPS,
-                           BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+                           BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
     return DPStepOut(out, score, pskip.view(torch.bool), valid.view(torch.bool))
 
 

@@ -97,8 +97,7 @@ def test_dp_step_triton_matches_torch(K1, r, d, w, dtype, thr, p):
         assert not a.valid.any() and torch.isinf(a.score).all()
 
 
-@needs_triton
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_dp_step_tie_goes_to_execute(impl):
     prev, exe, ref, pv = _case(7, 6, 3, 16, p_valid=1.0)
     w = 2

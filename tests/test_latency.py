@@ -103,7 +103,7 @@ def simulate(model, rng, steps, truth_at, noise=0.02, outlier_rate=0.0, gamma=4)
                 return
 
 
-def sublayer_samples(rng, n=400, noise=0.03, outlier_rate=0.0):
+def sublayer_samples(rng, n=400, noise=0.03, outlier_rate=0.0, verify_overhead=False):
     samples = []
     for _ in range(n):
         R = int(rng.integers(1, 65))
@@ -114,11 +114,16 @@ def sublayer_samples(rng, n=400, noise=0.03, outlier_rate=0.0):
         for kind, t in (("attn", true_attn(ctx.sum(), T)), ("mlp", true_mlp(T))):
             t *= math.exp(noise * rng.standard_normal())
             if outlier_rate and rng.random() < outlier_rate:
-                t *= rng.uniform(10, 100)
+                # mostly stalls, some timer glitches that read far too short
+                t *= rng.uniform(10, 100) if rng.random() < 0.7 else rng.uniform(0.01, 0.1)
             samples.append({"kind": kind, "ctx_lens": ctx.tolist(), "num_tokens": T, "seconds": t})
         oh = TRUE["draft_overhead_s"] + TRUE["draft_overhead_per_token_s"] * T
         samples.append({"kind": "overhead", "num_tokens": T,
                         "seconds": oh * math.exp(noise * rng.standard_normal())})
+        if verify_overhead:
+            ov = TRUE["verify_overhead_s"] + TRUE["verify_overhead_per_token_s"] * T
+            samples.append({"kind": "verify_overhead", "num_tokens": T,
+                            "seconds": ov * math.exp(noise * rng.standard_normal())})
     return samples
 
 
@@ -187,13 +192,17 @@ def test_attention_grows_with_context_mlp_does_not():
 def test_offline_fit_recovers_linear_law():
     rng = np.random.default_rng(0)
     m = LatencyModel(L)
-    report = m.fit_sublayers(sublayer_samples(rng))
+    report = m.fit_sublayers(sublayer_samples(rng, verify_overhead=True))
     errs = grid_errors(m)
     assert np.median(errs) <= 0.05 and errs.max() <= 0.15, errs
     c = m.coefficients()
     assert c["attn_per_ctx_token_s"] == pytest.approx(TRUE["attn_per_ctx_token_s"], rel=0.1)
     assert c["mlp_base_s"] == pytest.approx(TRUE["mlp_base_s"], rel=0.1)
     assert c["draft_overhead_s"] == pytest.approx(TRUE["draft_overhead_s"], rel=0.1)
+    assert c["verify_overhead_s"] == pytest.approx(TRUE["verify_overhead_s"], rel=0.1)
+    ctx = np.array([3000, 12000, 500])
+    assert rel(m.verify_step_time(ctx, 5), true_verify(ctx, 15)) < 0.05
+    assert rel(m.draft_step_time((20, 26), ctx), true_draft(20, 26, ctx)) < 0.05
     assert report["attn"]["mdape"] < 0.05 and report["mlp"]["n"] == 400
     assert m.source == "profile"
     assert all(v >= 0 for k, v in c.items() if k in COEF_NAMES)
@@ -270,15 +279,19 @@ def _steps_to_adapt(m, rng, new_truth, change_at=400, total=800, tol=0.10):
     return 0 if last_bad is None else last_bad - change_at + 1
 
 
-ADAPT_BOUND = 60
+ADAPT_BOUND = 20     # observations after a uniform x2 change until every probe is within 10 %
 
 
-def test_online_adapts_to_uniform_slowdown():
-    rng = np.random.default_rng(6)
+@pytest.mark.parametrize("seed,start", [(6, "prior"), (16, "profile")])
+def test_online_adapts_to_uniform_slowdown(seed, start):
+    rng = np.random.default_rng(seed)
     m = LatencyModel(L)
+    if start == "profile":
+        m.fit_sublayers(sublayer_samples(np.random.default_rng(seed + 1), n=100))
+    before = m.regime_changes
     steps = _steps_to_adapt(m, rng, scaled(TRUE, 2.0))
     assert 0 < steps <= ADAPT_BOUND, steps
-    assert m.regime_changes >= 1
+    assert m.regime_changes > before
 
 
 def test_online_adapts_to_uniform_speedup_with_outliers():
@@ -298,7 +311,42 @@ def test_online_adapts_to_attention_only_slowdown():
     m = LatencyModel(L)
     names = {"attn_base_s", "attn_per_ctx_token_s", "attn_per_query_token_s"}
     steps = _steps_to_adapt(m, rng, scaled(TRUE, 3.0, names), total=900)
-    assert steps <= 3 * ADAPT_BOUND, steps
+    assert steps <= 200, steps                            # observed 49-154 over 30 seeds
+
+
+def test_outlier_bursts_are_not_a_regime_change():
+    """Bursts of 3 consecutive huge steps (GC storm / preemption) every 97 steps."""
+    rng = np.random.default_rng(11)
+    m = LatencyModel(L)
+    m.fit_sublayers(sublayer_samples(np.random.default_rng(12), n=100))
+    probes = probe_set()
+    ctx = random_batch(rng)
+    for i in range(1200):
+        if i % 5 == 0:
+            ctx = random_batch(rng)
+            na, nm = int(rng.integers(L // 2, L + 1)), int(rng.integers(L // 2, L + 1))
+        burst = i % 97 in (50, 51, 52)
+        f = rng.uniform(3, 30) if burst else math.exp(0.02 * rng.standard_normal())
+        if i % 5 < 4:
+            m.observe_draft(na, nm, ctx, true_draft(na, nm, ctx) * f)
+        else:
+            m.observe_verify(ctx, 5 * len(ctx), true_verify(ctx, 5 * len(ctx)) * f)
+        if i > 300 and i % 97 == 53:                      # right after a burst
+            worst, med = probe_max_err(m, probes, TRUE)
+            assert worst <= 0.10 and med <= 0.05, (i, worst, med)
+    baseline = m.regime_changes
+    assert baseline <= 1                                  # at most the initial verify-overhead fix
+
+
+def test_bad_measurements_ignored():
+    m = LatencyModel(L, TRUE)
+    before = m.coefficients()
+    for bad in (float("nan"), float("inf"), 0.0, -1.0):
+        m.observe_draft(20, 20, [1000], bad)
+        m.observe_verify([1000], 5, bad)
+    after = m.coefficients()
+    assert all(before[n] == after[n] for n in COEF_NAMES)
+    assert after["draft_observations"] == 0
 
 
 def test_gradual_drift_tracked():

@@ -174,7 +174,7 @@ class AdditiveSolution(NamedTuple):
 
 def knapsack_additive(values: Sequence[float], weights: Sequence[int], budget: int,
                       frozen_items: Iterable[int] = (), impl: str = "torch",
-                      dtype: torch.dtype = torch.float32) -> AdditiveSolution:
+                      dtype: torch.dtype = torch.float32, device=None) -> AdditiveSolution:
     """Max sum of values over a set of items with total weight <= budget, solved by `knapsack_dp`.
 
     Encoding: the "hidden state" is a unit 2-vector at angle theta (r = 1, d = 2), the reference is the
@@ -199,13 +199,13 @@ whenever distinct totals differ by more than ~1e-5 * sum(v), e.g. integer values
     if total <= 0:
         return AdditiveSolution([], 0.0, 0)
     angle = torch.tensor([0.5 * math.pi * x / total for x in v], dtype=torch.float64)
-    cos_a, sin_a = torch.cos(angle).to(dtype), torch.sin(angle).to(dtype)
+    cos_a, sin_a = torch.cos(angle).to(device, dtype), torch.sin(angle).to(device, dtype)
 
     def run_item(i: int, h: torch.Tensor) -> torch.Tensor:
         x, y = h[..., 0], h[..., 1]
         return torch.stack([x * cos_a[i] - y * sin_a[i], x * sin_a[i] + y * cos_a[i]], -1)
 
-    refs = torch.tensor([[[1.0, 0.0]]] * (len(v) + 1), dtype=dtype)   # [n+1, 1, 2]: angle 0 everywhere...
+    refs = torch.tensor([[[1.0, 0.0]]] * (len(v) + 1), dtype=dtype, device=device)  # angle 0 everywhere...
     refs[0, 0, 0] = refs[0, 0, 1] = math.sqrt(0.5)                      # ...but refs[0] is the input, pi/4
     cands = knapsack_dp(run_item, refs, w, budget, sim_threshold=-2.0, frozen_items=frozen_items, impl=impl)
     best = max(cands, key=lambda c: (c.cos, -c.weight))  # highest cosine = highest skipped value

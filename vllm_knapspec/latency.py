@@ -28,6 +28,7 @@ Step law::
     verify = L·t_attn(S, T) + L·t_mlp(T) + ov0 + ov1·T                         (T = Σ (1+γ_r))
     plain  = verify with one token per request
 
+With tensor parallelism the per-layer all-reduces are part of a_attn / a_mlp.
 ``od*``/``ov*`` are the fixed per-step overheads (embedding, final norm, lm_head, sampling /
 rejection sampling, Python and kernel-launch time); the verify one also carries what the engine
 does around a target step.  The nine coefficients form one vector θ; a step time is a dot product
@@ -37,32 +38,36 @@ Offline: :meth:`LatencyModel.fit_sublayers` fits the sublayer coefficients from 
 with a robust (Huber-IRLS on relative residuals), non-negative least-squares fit.
 
 Online: :meth:`LatencyModel.observe_draft` / :meth:`LatencyModel.observe_verify` run recursive
-least squares with exponential forgetting on live step timings.  Details:
+least squares with forgetting on live step timings.  Details:
 
 * Relative errors: each observation is normalised by its prediction, so the state is in
   dimensionless "fraction of the step" units and a 2 ms and a 20 ms step weigh the same.
   Internally θ = θ_ref ⊙ φ and RLS runs on φ (all O(1)), which keeps P well conditioned although
   the raw coefficients span 1e-9 … 1e-3 s.
 * Robustness: the relative residual is compared with k·σ, σ a robust running scale of the
-  residuals (EWMA of the clipped |residual|, separately for draft and verify).  A larger residual
-  is clipped to ±k·σ before the update (Huber ψ), so one GC pause or preemption moves θ by at most
-  a few σ·gain.
-* Regime change: ``regime_run`` consecutive same-sign outliers of one kind are not outliers but a
-  new regime (hardware got slower/faster, clocks throttled, another tenant arrived, the prior was
-  for a different model).  Then θ is multiplied by the median measured/predicted ratio of that run
-  and P is re-inflated, so a uniform ×2 slowdown is absorbed after ``regime_run`` steps and a
-  non-uniform one is finished off by RLS.
-* Two forgetting rates.  Uniform speed changes (clocks, contention, another tenant) move θ along
-  itself; the information about that one direction (the overall scale) is forgotten with λ =
-  ``forgetting`` (0.97) every observation, so the scale is tracked with a memory of ~33 steps.
+  residuals (EWMA of |residual|, separately for draft and verify; an outlier enters it as k·σ at a
+  quarter of the rate).  A larger residual is clipped to ±k·σ before the update (Huber ψ), so one
+  GC pause or preemption moves θ by at most a few σ·gain.
+* Regime change: a sustained shift is not a run of outliers but a new regime (hardware got
+  slower/faster, clocks throttled, another tenant arrived, the prior was for another model).  An
+  EWMA of the clipped residuals in σ units (shared by draft and verify) detects it after ~4
+  saturated residuals of one sign; isolated spikes add at most α·k and never reach the threshold.
+  The last 5 measured/predicted ratios must also agree, which a burst of GC pauses does not.
+  Then θ is multiplied by their median and P is re-inflated, so a uniform ×2 slowdown is absorbed
+  within a handful of steps and a non-uniform one is finished off by RLS.
+* Two time scales.  A uniform speed change (clocks, contention, another tenant) moves θ along
+  itself, so the overall scale is modelled as a random walk: process noise Q = q·φφᵀ is added to
+  P before each update, with q = (1-λ)²/λ so that the steady-state gain along φ is 1-λ, i.e. the
+  scale is tracked like exponential forgetting with λ = ``forgetting`` (0.97, memory ~33 steps).
   The shape (ratios between coefficients) uses directional forgetting (Kulhavý) with λ_s =
   ``shape_forgetting`` (0.995): information is discounted only along the direction an observation
   re-measures, so directions that the traffic does not excite (a frozen skip set leaves the
   attention/MLP split unobserved; a constant batch makes T collinear with the intercept) neither
   wind up P nor drift with noise; they keep what the profile or earlier traffic established.
   Plain exponential forgetting at 0.97 on all of θ was tried: it fits the live stream but lets
-  those weak directions wander by 10-25 % within a few hundred steps.  P's diagonal is clamped as
-  a safety net (a diagonal congruence keeps P positive definite); θ is projected onto θ ≥ 0.
+  those weak directions wander by 10-25 % within a few hundred steps (worst-case predictions off by
+  that much under a slow drift).  P's diagonal is clamped as a safety net (a diagonal congruence
+  keeps P positive definite); θ is projected onto θ ≥ 0.
 * O(d²) per update with d = 9, into preallocated buffers.
 """
 from __future__ import annotations
@@ -74,7 +79,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,6 +126,7 @@ PRIOR_RATIOS = {
 DEFAULT_PRIOR_UNIT_S = 40e-6     # a_attn of the default prior, seconds
 
 _FORMAT_VERSION = 1
+_PRIOR_SOURCES = ("prior", "roofline")   # θ whose shape is a guess, not a measurement
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -203,18 +209,38 @@ def _nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
     return best
 
 
-def _robust_nnls(X: np.ndarray, y: np.ndarray, iters: int = 20, k: float = 1.345) -> np.ndarray:
-    """min Σ ρ_Huber((y - Xθ)/y / σ), θ ≥ 0, by IRLS; σ = 1.4826·MAD of the relative residuals."""
-    rw = 1.0 / np.maximum(y, 1e-12)                   # relative errors
-    w = np.ones_like(y)
-    theta = np.zeros(X.shape[1])
+def _robust_nnls(X: np.ndarray, y: np.ndarray, iters: int = 30, k: float = 1.345,
+                 trials: int = 64) -> np.ndarray:
+    """Robust θ ≥ 0 for y ≈ Xθ with relative errors: min Σ ρ_Huber((y - Xθ)/(Xθ) / σ).
+
+    Start: least median of relative residuals over random minimal subsets plus the plain
+    relative-error NNLS (a few wild samples, e.g. timer glitches reading 100x too short, would
+    dominate a 1/y-weighted start).  Then IRLS with Huber weights on the residual relative to the
+    prediction and σ = 1.4826·MAD.
+    """
+    n, p = X.shape
+    rng = np.random.default_rng(0)                       # deterministic
+    ry = 1.0 / np.maximum(y, 1e-12)
+    cands = [_nnls(X * ry[:, None], np.ones(n))]
+    if n > p:
+        for _ in range(trials):
+            idx = rng.choice(n, size=p, replace=False)
+            cands.append(_nnls(X[idx] * ry[idx, None], np.ones(p)))
+    floor = 1e-6 * float(np.median(y))
+
+    def med_rel(th):
+        pred = np.maximum(X @ th, floor)
+        return float(np.median(np.abs(y - pred) / pred))
+
+    theta = min(cands, key=med_rel)
     for _ in range(iters):
-        sw = np.sqrt(w) * rw
-        new = _nnls(X * sw[:, None], y * sw)
-        e = (y - X @ new) * rw
-        sigma = max(1.4826 * float(np.median(np.abs(e - np.median(e)))), 1e-4)
+        pred = np.maximum(X @ theta, floor)
+        e = (y - pred) / pred
+        sigma = max(1.4826 * float(np.median(np.abs(e))), 1e-4)
         a = np.abs(e) / sigma
         w = np.where(a <= k, 1.0, k / np.maximum(a, 1e-12))
+        sw = np.sqrt(w) / pred
+        new = _nnls(X * sw[:, None], y * sw)
         done = np.allclose(new, theta, rtol=1e-7, atol=0.0)
         theta = new
         if done:
@@ -225,11 +251,8 @@ def _robust_nnls(X: np.ndarray, y: np.ndarray, iters: int = 20, k: float = 1.345
 class _Robust:
     """Per-kind robust residual state and the (pred, meas) window."""
 
-    def __init__(self, window: int, run: int, s0: float):
-        self.s = s0                       # EWMA of clipped |relative residual|
-        self.run_sign = 0
-        self.run_len = 0
-        self.run_ratios = np.zeros(run)
+    def __init__(self, window: int, s0: float):
+        self.s = s0                       # robust EWMA of |relative residual|
         self.pred = np.zeros(window)
         self.meas = np.zeros(window)
         self.n = 0                        # observations seen
@@ -264,14 +287,17 @@ class LatencyModel:
         shape_forgetting: directional forgetting factor for the ratios between coefficients (slower:
             they are a property of model + hardware and are poorly excited by live traffic).
         huber_k: residuals beyond huber_k·σ are clipped (σ: robust running relative-residual scale).
-        regime_run: that many consecutive same-sign outliers (of one kind) = a regime change.
+        regime_threshold, regime_alpha: a regime change is declared when the EWMA (rate alpha) of
+            the clipped residuals, in σ units, exceeds the threshold (default: ~4 consecutive
+            saturated residuals of one sign; isolated spikes never get there).
         window: size of the (predicted, measured) windows behind :meth:`prediction_error`.
         adapt: if False, observations only feed the error windows, θ stays fixed.
     """
 
     def __init__(self, num_layers: int, coefficients: Mapping[str, float] | None = None, *,
                  key: ProfileKey | None = None, prior_unit_s: float = DEFAULT_PRIOR_UNIT_S,
-                 forgetting: float = 0.97, shape_forgetting: float = 0.995, huber_k: float = 3.0, regime_run: int = 6,
+                 forgetting: float = 0.97, shape_forgetting: float = 0.995,
+                 huber_k: float = 3.0, regime_threshold: float = 2.0, regime_alpha: float = 0.25,
                  window: int = 256, adapt: bool = True, source: str | None = None):
         if num_layers <= 0:
             raise ValueError("num_layers must be positive")
@@ -283,7 +309,8 @@ class LatencyModel:
         self.shape_forgetting = float(shape_forgetting)
         self._q_scale = (1.0 - self.forgetting) ** 2 / self.forgetting
         self.huber_k = float(huber_k)
-        self.regime_run = int(regime_run)
+        self.regime_threshold = float(regime_threshold)
+        self.regime_alpha = float(regime_alpha)
         self.window = int(window)
         self.adapt = bool(adapt)
         self._prior_unit_s = float(prior_unit_s)
@@ -297,8 +324,12 @@ class LatencyModel:
                     self._theta[j] = max(0.0, float(coefficients[name]))
         self.source = source or ("given" if coefficients else "prior")
         # RLS hyper-parameters (in φ units: fractions of the step time)
-        self._p0 = 100.0        # initial / re-inflated covariance diagonal
+        # P is in units of the observation noise variance of a relative residual (~(3 %)²), so
+        # diag 100 ≈ ±30-40 % prior std per coefficient and 4 ≈ ±6-8 %.
+        self._p0_prior = 100.0  # initial diag(P) when θ is the prior (shape largely unknown)
+        self._p0_fitted = 4.0   # initial diag(P) when θ comes from a profile / saved model
         self._p_max = 100.0     # anti-windup clamp on diag(P)
+        self._p_reset = 100.0   # diag(P) after a regime change
         self._s0 = 0.04         # initial robust residual scale (relative, EWMA of |e|)
         self._s_min = 0.002     # floor: timing jitter below 0.2 % is not trusted
         self._eta = 0.05        # EWMA rate of the residual scale
@@ -307,8 +338,9 @@ class LatencyModel:
         self._z = np.zeros(_D)
         self._pz = np.zeros(_D)
         self._outer = np.zeros((_D, _D))
-        self._robust = {"draft": _Robust(self.window, self.regime_run, self._s0),
-                        "verify": _Robust(self.window, self.regime_run, self._s0)}
+        self._robust = {"draft": _Robust(self.window, self._s0),
+                        "verify": _Robust(self.window, self._s0)}
+        self._logr = np.zeros(5)    # last log(measured/predicted), for the regime detector
         self.regime_changes = 0
         self._reset_online()
 
@@ -355,9 +387,12 @@ class LatencyModel:
         floor = 0.05 * self.prior_coefficients_array(max(self._theta[_A_ATTN], 1e-7))
         self._ref = np.maximum(self._theta, floor)
         self._phi = self._theta / self._ref
-        self._P = np.eye(_D) * self._p0
+        prior_like = self.source in _PRIOR_SOURCES
+        self._P = np.eye(_D) * (self._p0_prior if prior_like else self._p0_fitted)
         for r in self._robust.values():
-            r.s, r.run_len, r.run_sign = self._s0, 0, 0
+            r.s = self._s0
+        self._drift = 0.0
+        self._n_ratios = 0
 
     # -- prediction ---------------------------------------------------------------------------------
     def sublayer_times(self, ctx_lens, num_tokens=None) -> tuple[float, float]:
@@ -422,8 +457,9 @@ class LatencyModel:
 
         Each sample is a mapping with
           kind: "attn" | "mlp" (one decoder layer's sublayer) | "overhead" (the non-layer part of
-                a step: embedding, final norm, lm_head, sampling; fitted as od0 + od1·T and copied
-                to the verify overhead);
+                a draft step: embedding, final norm, lm_head, sampling; fitted as od0 + od1·T) |
+                "verify_overhead" (same for a verify step; if absent, ov0 = 2·od0 and ov1 = od1 as
+                in the prior);
           ctx_lens (per-request list) or total_ctx (number): KV tokens read (attention only);
           num_tokens: query tokens (default: number of requests, else 1);
           seconds: measured time.
@@ -434,7 +470,7 @@ class LatencyModel:
         Returns {"attn": {...}, "mlp": {...}, ...} with the fitted values, n and the median abs
         relative residual ("mdape") per kind.
         """
-        rows = {"attn": [], "mlp": [], "overhead": []}
+        rows = {"attn": [], "mlp": [], "overhead": [], "verify_overhead": []}
         for s in samples:
             kind = s["kind"]
             if kind not in rows:
@@ -452,7 +488,8 @@ class LatencyModel:
         out = {}
         spec = {"attn": ((_A_ATTN, None), (_B_ATTN, 0), (_C_ATTN, 1)),
                 "mlp": ((_A_MLP, None), (_B_MLP, 1)),
-                "overhead": ((_OD0, None), (_OD1, 1))}
+                "overhead": ((_OD0, None), (_OD1, 1)),
+                "verify_overhead": ((_OV0, None), (_OV1, 1))}
         for kind, cols in spec.items():
             if not rows[kind]:
                 continue
@@ -479,13 +516,13 @@ class LatencyModel:
             res = np.abs(pred - y) / y
             out[kind] = {COEF_NAMES[j]: float(self._theta[j]) for j, _ in cols}
             out[kind].update(n=int(y.size), mdape=float(np.median(res)))
-        if rows["overhead"]:
+        if rows["overhead"] and not rows["verify_overhead"]:
             self._theta[_OV0] = self._theta[_OD0] * (PRIOR_RATIOS["verify_overhead_s"]
                                                      / PRIOR_RATIOS["draft_overhead_s"])
             self._theta[_OV1] = self._theta[_OD1]
-        elif rows["attn"] and old[_A_ATTN] > 0:
+        elif not rows["overhead"] and rows["attn"] and old[_A_ATTN] > 0:
             g = self._theta[_A_ATTN] / old[_A_ATTN]
-            for j in (_OD0, _OD1, _OV0, _OV1):
+            for j in ((_OD0, _OD1) + (() if rows["verify_overhead"] else (_OV0, _OV1))):
                 self._theta[j] = old[j] * g
         self.source = "profile"
         self._reset_online()
@@ -509,8 +546,7 @@ class LatencyModel:
         per-request sequence); a plain decode step is num_tokens = number of requests.  Returns the
         prediction made before the update (seconds)."""
         S, R = _ctx_stats(ctx_lens, num_reqs)
-        T = _tokens(num_tokens, 1) if isinstance(num_tokens, (int, float, np.integer, np.floating)) \
-            else _tokens(num_tokens, R)
+        T = _tokens(num_tokens, 1 if np.isscalar(num_tokens) else R)   # a number is the total
         x = self._verify_features(S, T, self._x)
         return self._observe("verify", x, float(seconds))
 
@@ -526,20 +562,25 @@ class LatencyModel:
         e = y / scale - 1.0                             # relative residual
         sigma = max(1.25 * rb.s, self._s_min)           # E|e| -> σ for a normal law
         thr = self.huber_k * sigma
-        if abs(e) > thr:
-            sign = 1 if e > 0 else -1
-            if rb.run_sign != sign:
-                rb.run_sign, rb.run_len = sign, 0
-            rb.run_ratios[rb.run_len % self.regime_run] = y / scale
-            rb.run_len += 1
-            if rb.run_len >= self.regime_run:
-                self._regime_change(rb)
+        e_used = min(max(e, -thr), thr)                 # Huber: bounded influence
+        # regime detector: EWMA of the clipped residual in σ units (shared by draft and verify).
+        # Isolated spikes add at most α·k; a level shift keeps adding k and crosses h after ~4
+        # observations (k=3, α=0.25, h=2).  A burst of spikes can cross h too, so a regime change
+        # also needs the last 5 measured/predicted ratios to agree (4 of 5 within ±max(3σ, 10 %)
+        # in log space); GC pauses / preemptions give wildly different ratios.
+        lr = self._logr
+        lr[self._n_ratios % lr.size] = math.log(y / scale)
+        self._n_ratios += 1
+        self._drift += self.regime_alpha * (e_used / sigma - self._drift)
+        if abs(self._drift) > self.regime_threshold and self._n_ratios >= lr.size:
+            g_log = float(np.median(lr))
+            tol = max(thr, 0.1)
+            if g_log * self._drift > 0 and int(np.count_nonzero(np.abs(lr - g_log) <= tol)) >= lr.size - 1:
+                self._regime_change(math.exp(g_log))
                 return yhat
-            e_used = sign * thr                         # Huber: bounded influence
-        else:
-            rb.run_len, rb.run_sign = 0, 0
-            e_used = e
-        rb.s += self._eta * (min(abs(e), thr) - rb.s)
+        # robust scale: an outlier counts as thr and at a quarter of the rate, so a level shift
+        # cannot inflate σ faster than the regime detector above can see it
+        rb.s += self._eta * ((abs(e) - rb.s) if abs(e) <= thr else 0.25 * (thr - rb.s))
         # RLS on φ with z = x ⊙ ref / scale, so that z·φ = yhat / scale = 1 and the target is y/scale.
         z, pz, P = self._z, self._pz, self._P
         # (1) time update: the overall speed is a random walk.  A uniform change (clocks,
@@ -582,16 +623,13 @@ class LatencyModel:
         np.add(P, P.T, out=self._outer)
         np.multiply(self._outer, 0.5, out=P)
 
-    def _regime_change(self, rb: _Robust):
-        g = float(np.median(rb.run_ratios))
+    def _regime_change(self, g: float):
         self._phi *= g
         np.multiply(self._phi, self._ref, out=self._theta)
-        resid = np.abs(rb.run_ratios / g - 1.0)
         self._P[:] = 0.0
-        np.fill_diagonal(self._P, self._p0)
-        for r in self._robust.values():
-            r.run_len, r.run_sign = 0, 0
-        rb.s = max(rb.s, float(np.median(resid)))
+        np.fill_diagonal(self._P, self._p_reset)
+        self._drift = 0.0
+        self._n_ratios = 0
         self.regime_changes += 1
 
     # -- reporting ----------------------------------------------------------------------------------
@@ -621,7 +659,8 @@ class LatencyModel:
             "key": self.key.to_dict() if self.key else None,
             "num_layers": self.num_layers,
             "coefficients": {n: float(v) for n, v in zip(COEF_NAMES, self._theta)},
-            "source": self.source,
+            "source": ("online" if self.source in _PRIOR_SOURCES and self._robust["draft"].n
+                       + self._robust["verify"].n >= 200 else self.source),
             "saved_at": time.time(),
             "stats": {k: v for k, v in self.coefficients().items() if k not in COEF_NAMES},
         }

@@ -45,8 +45,9 @@ class KnapSpecConfig(BaseModel):
                                         description="stop drafting a request when top-1 prob falls below this")
     weight_cap: int = Field(5, ge=1, le=100, description="cap on the larger integer item weight")
     budget_fraction: float = Field(0.5, gt=0.0, le=1.0, description="at most this share of weight is skipped")
-    min_speedup: float = Field(1.02, ge=1.0, le=10.0,
-                               description="speculate only if predicted TPT beats plain decoding by this factor")
+    min_speedup: float = Field(1.02, ge=0.0, le=10.0,
+                               description="speculate only if predicted TPT beats plain decoding by this factor "
+                                                                "(0: always draft with the best candidate)")
     context_change: float = Field(0.5, gt=0.0, le=100.0,
                                   description="re-select early when mean context grew by this fraction")
     acceptance_change: float = Field(0.2, gt=0.0, le=1.0,
@@ -57,6 +58,13 @@ class KnapSpecConfig(BaseModel):
     skip_set: Optional[str] = Field(None, description="fixed skip set for debugging, e.g. 'a3,a5,m7'; "
                                                       "'' = draft with the full model; disables the selector")
     kernels: Literal["auto", "triton", "torch"] = Field("auto", description="DP / TPT kernels")
+    max_selection_overhead: float = Field(0.02, gt=0.0, le=1.0,
+                                          description="re-select only while selection time stays under this "
+                                                      "share of decode wall time")
+    selector: Literal["knapspec", "clasp"] = Field(
+        "knapspec", description="knapspec: latency-weighted DP over 2L sublayers + TPT; clasp: baseline, "
+                                "whole layers, cosine DP, fixed budget clasp_skip_layers, fixed gamma")
+    clasp_skip_layers: int = Field(8, ge=1, le=1024, description="CLaSp baseline: whole layers skipped")
 
     @field_validator("latency_profile")
     @classmethod

@@ -102,3 +102,72 @@ class LayerSkipModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(hidden)
+
+
+@dataclass
+class Reference:
+    """Full-model hidden states at all 2L+1 sublayer boundaries for r recent tokens, plus what the DP needs
+    to run sublayers on branches of them (`run_item`) and to read logits (`logits_fn`)."""
+    refs: torch.Tensor            # [2L+1, r, d] residual stream (refs[0] = embeddings)
+    groups: list[np.ndarray]      # token indices (into r) of each sampled request
+    rows_np: np.ndarray           # input-batch rows of the sampled requests
+    run_item: object              # (item, h[J, r, d]) -> h[J, r, d]
+    logits_fn: object             # h[N, d] (before the final norm) -> logits[N, V]
+
+
+class ReferenceBuilder:
+    """Reference states recomputed against the cached KV: the last m committed tokens of a few requests go
+    through the full model as queries over their own cached prefix, writing no KV. DP branches run the same
+    way, J branches as J copies of those sequences sharing one block-table row each (vLLM's paged attention
+    does the per-branch causal masking; no dense mask is ever built)."""
+
+    def __init__(self, m: LayerSkipModel):
+        self.m = m
+
+    def _metadata(self, rows_np, qlens, seqlens, copies: int):
+        d = self.m
+        rows = np.tile(rows_np, copies)
+        n_tok = int(qlens.sum()) * copies
+        slots = torch.full((n_tok,), -1, dtype=torch.int64, device=d.device)   # -1 = padding: never written
+        return d.builder.build(torch.from_numpy(rows).to(d.device), np.tile(qlens, copies),
+                               np.tile(seqlens, copies), slots)
+
+    @torch.inference_mode()
+    def build(self, rows_np: np.ndarray, ctx_np: np.ndarray, r: int) -> Reference:
+        d = self.m
+        token_ids = d.runner.input_batch.token_ids_cpu
+        committed = ctx_np.astype(np.int64) - 1            # the bonus token's KV is not written yet
+        order = np.argsort(-committed)[: max(1, min(4, len(rows_np)))]
+        rows_np, committed = rows_np[order], committed[order]
+        qlens = np.maximum(1, np.minimum(committed, max(1, r // len(rows_np))))
+        ids = np.concatenate([token_ids[row, c - q:c] for row, c, q in zip(rows_np, committed, qlens)])
+        pos = np.concatenate([np.arange(c - q, c) for c, q in zip(committed, qlens)])
+        ids_t = torch.from_numpy(ids.astype(np.int64)).to(d.device)
+        pos_t = torch.from_numpy(pos).to(d.device)
+        groups, start = [], 0
+        for q in qlens:
+            groups.append(np.arange(start, start + q))
+            start += q
+        md_cache: dict[int, dict] = {}
+
+        def run_item(item: int, h: torch.Tensor) -> torch.Tensor:
+            J, R, D = h.shape
+            if J not in md_cache:
+                md_cache.clear()
+                md_cache[J] = self._metadata(rows_np, qlens, committed, J)
+            x = h.reshape(J * R, D)
+            layer = d.layers[item // 2]
+            if item % 2 == 0:
+                with compat.forward_context(md_cache[J], d.vllm_config, J * R, {}):
+                    y = layer.self_attn(positions=pos_t.repeat(J), hidden_states=layer.input_layernorm(x))
+            else:
+                y = layer.mlp(layer.post_attention_layernorm(x))
+            return (x + y).view(J, R, D)
+
+        h = d.embed(ids_t).unsqueeze(0)
+        refs = [h[0]]
+        for item in range(2 * d.num_layers):
+            h = run_item(item, h)
+            refs.append(h[0])
+        return Reference(torch.stack(refs), groups, rows_np, run_item,
+                         lambda x: d.logits(d.lm.norm(x)))

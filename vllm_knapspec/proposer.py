@@ -48,6 +48,7 @@ class KnapSpecProposer:
         self.model = None
         self._last_end = None          # end of the previous propose(): the gap is the verify step
         self._proposed: dict[str, int] = {}   # req_id -> draft length proposed last step
+        self._prev_reqs: set[str] = set()
 
     # -- vLLM hooks --------------------------------------------------------------------------------
     def load_model(self, model: torch.nn.Module) -> None:
@@ -85,7 +86,11 @@ class KnapSpecProposer:
                 proposed += k
                 accepted += len(s) - 1
         verify_s = None if self._last_end is None else start - self._last_end
-        self.selector.observe_verify(ctx, proposed, accepted, verify_s)
+        # A step that admitted new requests also ran their prefill: not a clean verify timing.
+        reqs = set(req_ids)
+        steady = all(sampled) and reqs <= self._prev_reqs
+        self._prev_reqs = reqs
+        self.selector.observe_verify(ctx, proposed, accepted, verify_s, steady)
 
     def _propose(self, sampled, num_tokens_no_spec, out, start):
         req_ids = self.runner.input_batch.req_ids[: len(sampled)]
@@ -103,15 +108,15 @@ class KnapSpecProposer:
         limit = np.minimum(self.draft.capacity(rows_np) - pos_np, self.max_model_len - 1 - pos_np)
         limit = np.minimum(limit, min(gamma, self.k_max))
         t0 = time.perf_counter()
-        drafts = self._draft(rows_np, [sampled[i][-1] for i in rows_np], pos_np, limit, skip)
-        self.selector.observe_draft(skip, ctx, drafts, time.perf_counter() - t0)
+        drafts, steps = self._draft(rows_np, [sampled[i][-1] for i in rows_np], pos_np, limit, skip)
+        self.selector.observe_draft(skip, ctx, drafts, time.perf_counter() - t0, steps)
         for j, row in enumerate(rows_np):
             out[row] = drafts[j]
             if drafts[j]:
                 self._proposed[req_ids[row]] = len(drafts[j])
 
     @torch.inference_mode()
-    def _draft(self, rows_np, bonus, pos_np, limit, skip) -> list[list[int]]:
+    def _draft(self, rows_np, bonus, pos_np, limit, skip) -> tuple[list[list[int]], int]:
         device = self.draft.device
         drafts: list[list[int]] = [[] for _ in rows_np]
         live = np.flatnonzero(limit > 0)
@@ -135,4 +140,4 @@ class KnapSpecProposer:
             live, tokens = live[keep], tok[torch.from_numpy(keep).to(device)]
             steps += 1
         self.stats.drafted(steps)
-        return drafts
+        return drafts, steps

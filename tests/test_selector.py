@@ -1,0 +1,87 @@
+"""The selector on the real model: it chooses sets on the fly and stays lossless; it skips more attention as
+the context grows (attention cost grows with context, MLP cost does not)."""
+import inspect
+import json
+
+import pytest
+from vllm import SamplingParams
+
+from conftest import drafter_of, make_llm, spec_counters
+from prompts import CODE, PROSE
+from vllm_knapspec.selector import KnapSpecSelector, make_selector
+
+# Selection is costly on 2 CPU cores (a DP pass ~ a prefill of (K+1)*r tokens): small r, no overhead cap,
+# and min_speedup 0 so the chosen sets really draft (on CPU plain decoding often wins, which is the point
+# of the selector; here we test that what it chooses is lossless).
+SELECTOR = {"method": "knapspec", "num_speculative_tokens": 4, "reference_tokens": 8, "reselect_interval": 12,
+            "max_selection_overhead": 1.0, "min_speedup": 0.0, "confidence_threshold": 0.0}
+GREEDY = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
+PROMPTS = PROSE[:4] + CODE[:4]
+
+
+def fresh_selector(llm, first_now: bool = True) -> KnapSpecSelector:
+    d = drafter_of(llm)
+    d.selector = make_selector(d.cfg, d.draft, d.vllm_config)
+    if first_now:                     # don't wait for plain decoding to pay for the first DP
+        d.selector.selection_s = 1e-9
+    return d.selector
+
+
+@pytest.fixture(scope="module")
+def baseline(model_path):
+    llm = make_llm(model_path)
+    out = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    del llm
+    return out
+
+
+@pytest.fixture(scope="module")
+def spec_llm(model_path, baseline):
+    llm = make_llm(model_path, SELECTOR)
+    yield llm
+    del llm
+
+
+def test_selector_on_the_fly_is_lossless(spec_llm, baseline):
+    sel = fresh_selector(spec_llm)
+    before = spec_counters(spec_llm)
+    got = [list(o.outputs[0].token_ids) for o in spec_llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    after = spec_counters(spec_llm)
+    print("selections:", [(h["ctx"], h["skip"], h["gamma"], round(h["alpha"], 3)) for h in sel.history])
+    assert got == baseline
+    assert len(sel.history) >= 2                      # re-selected while decoding
+    assert any(h["attn"] + h["mlp"] > 0 for h in sel.history)
+    drafted = after["vllm:spec_decode_num_draft_tokens"] - before.get("vllm:spec_decode_num_draft_tokens", 0)
+    assert drafted > 0
+    assert after["vllm:knapspec_selections"] > before.get("vllm:knapspec_selections", 0)
+
+
+def long_prompt(tokenizer, n_tokens: int) -> str:
+    text = "\n".join(inspect.getsource(m) for m in (json.decoder, json.encoder, inspect))
+    return tokenizer.decode(tokenizer(text)["input_ids"][:n_tokens])
+
+
+def attn_share(skip: str) -> float:
+    items = [x for x in skip.split(",") if x]
+    return sum(x.startswith("a") for x in items) / max(len(items), 1)
+
+
+def test_more_attention_skipped_at_long_context(spec_llm, model_path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_path)
+    first = {}
+    # same kind of text (Python source), same number of reference tokens; only the context length differs
+    for name, n in (("short", 160), ("long", 3500)):
+        sel = fresh_selector(spec_llm)
+        spec_llm.generate([long_prompt(tok, n)], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+                          use_tqdm=False)
+        assert sel.history, f"no selection for the {name} prompt"
+        first[name] = sel.history[0]
+    share = {k: sum(attn_share(t["skip"]) for t in v["top"]) / len(v["top"]) for k, v in first.items()}
+    print({k: (v["ctx"], v["w_attn"], v["w_mlp"], v["skip"], round(share[k], 3)) for k, v in first.items()})
+    s, l = first["short"], first["long"]
+    assert l["ctx"] > 10 * s["ctx"]
+    # attention's latency weight relative to MLP's grows with context ...
+    assert l["w_attn"] / l["w_mlp"] > s["w_attn"] / s["w_mlp"]
+    # ... and the drafts the selector ranks best skip a larger share of attention sublayers
+    assert share["long"] > share["short"]

@@ -17,8 +17,8 @@ VLLM = str(Path(sys.executable).parent / "vllm")
 
 def test_defaults_follow_official_code():
     c = ks.KnapSpecConfig()
-    assert (c.reselect_interval, c.reference_steps, c.sim_threshold, c.confidence_threshold, c.weight_cap) == \
-        (64, 5, 0.5, 0.7, 5)
+    assert (c.reselect_interval, c.sim_threshold, c.confidence_threshold, c.weight_cap) == \
+        (64, 0.5, 0.7, 5)
 
 
 def test_split_turns_knapspec_into_custom_class():

@@ -37,8 +37,6 @@ class KnapSpecConfig(BaseModel):
     num_speculative_tokens: int = Field(5, ge=1, le=32, description="maximum draft length gamma_max")
     reselect_interval: int = Field(64, ge=1, le=1_000_000,
                                    description="re-run the DP every N decode steps (official code: 64)")
-    reference_steps: int = Field(5, ge=1, le=64,
-                                 description="speculation steps whose accepted tokens form the DP reference")
     reference_tokens: int = Field(32, ge=1, le=512, description="r: reference tokens the DP compares on")
     sim_threshold: float = Field(0.5, ge=0.0, le=1.0, description="DP pruning: drop branches below this cosine")
     confidence_threshold: float = Field(0.7, ge=0.0, le=1.0,
@@ -85,13 +83,19 @@ class KnapSpecConfig(BaseModel):
         return v
 
 
-def _describe(field: str) -> str:
+_OPS = {"Ge": ">=", "Gt": ">", "Le": "<=", "Lt": "<"}
+
+
+def describe(field: str) -> str:
+    """'int, >= 1, <= 32: maximum draft length gamma_max' (used in errors and the README table)."""
     f = KnapSpecConfig.model_fields.get(field)
     if f is None:
         return ""
-    bounds = [f"{type(m).__name__.lower()} {getattr(m, type(m).__name__.lower(), '')}" for m in f.metadata]
-    ann = getattr(f.annotation, "__name__", str(f.annotation)).replace("typing.", "")
-    return f"{ann}{' (' + ', '.join(bounds) + ')' if bounds else ''}: {f.description}"
+    ann = str(f.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    ann = ann.replace("Optional[str]", "a path/string or null").replace("Literal", "one of ")
+    bounds = [f"{_OPS[type(m).__name__]} {next(iter(vars(m).values())) if hasattr(m, '__dict__') else getattr(m, type(m).__name__.lower())}"
+              for m in f.metadata if type(m).__name__ in _OPS]
+    return ", ".join([ann, *bounds]) + f": {f.description}"
 
 
 def _format_error(e: ValidationError) -> str:
@@ -102,7 +106,7 @@ def _format_error(e: ValidationError) -> str:
             allowed = ", ".join(sorted(set(KnapSpecConfig.model_fields) | VLLM_KEYS))
             lines.append(f"unknown key '{field}'. Allowed keys: {allowed}")
         else:
-            lines.append(f"'{field}' = {err.get('input')!r}: {err['msg']}. Allowed: {_describe(field)}")
+            lines.append(f"'{field}' = {err.get('input')!r}: {err['msg']}. Allowed: {describe(field)}")
     return "invalid KnapSpec speculative config: " + "; ".join(lines)
 
 

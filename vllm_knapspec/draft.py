@@ -84,7 +84,8 @@ class LayerSkipModel:
     # -- paged-KV addressing -----------------------------------------------------------------------
     def slot_mapping(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         bt = self.builder.block_table(rows)
-        blk = torch.gather(bt, 1, (positions // self.block_size).unsqueeze(1).to(bt.dtype)).squeeze(1)
+        # int64 gather index: torch's CUDA gather (2.11) does not take the block table's int32 dtype for it
+        blk = torch.gather(bt, 1, (positions // self.block_size).unsqueeze(1).to(torch.int64)).squeeze(1)
         return blk.to(torch.int64) * self.block_size + positions % self.block_size
 
     def capacity(self, rows_np: np.ndarray) -> np.ndarray:

@@ -72,6 +72,8 @@ class KnapSpecSelector:
         self.since_selection_s = 0.0         # decode wall time since the last selection
         self.total_selection_s = self.total_decode_s = 0.0
         self.history: list[dict] = []        # one entry per selection (benchmarks, tests)
+        for name in ("drafting_enabled", "skipped_attention", "skipped_mlp", "draft_length"):
+            self.stats.set(name, 0)              # until the first selection: plain decoding
 
     # -- per step ------------------------------------------------------------------------------------
     def plan(self, rows: np.ndarray, ctx: np.ndarray):

@@ -1,0 +1,198 @@
+"""knapspec-profile: measure sublayer latencies through vLLM's real attention backend and paged KV cache,
+fit the LatencyModel, write a profile per (model, device, dtype, tensor-parallel size).
+
+    knapspec-profile --model PATH [--contexts 512,1024,...] [--batches 1,2,4,...] [--out-dir DIR] [--validate]
+
+Attention of one layer is timed for B decode queries over contexts of n tokens (blocks addressed directly in
+the engine's KV cache; nothing is written), the MLP for B tokens, and the per-step overhead (embedding,
+final norm, lm_head, top-1, metadata build). `--validate` then times whole draft steps with random skip sets
+and reports the model's median absolute relative error against them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from vllm_knapspec.latency import LatencyModel, ProfileKey, profile_path
+from vllm_knapspec.skipset import SkipSet
+
+DEFAULT_DIR = os.path.expanduser("~/.cache/vllm-knapspec/profiles")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn, device, iters: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class Bench:
+    """Builds decode inputs (B queries at context n) directly on the engine's KV cache."""
+
+    def __init__(self, draft):
+        from vllm_knapspec import compat
+        self.d, self.compat = draft, compat
+        self.dev = draft.device
+        self.bs = draft.block_size
+        cc = draft.vllm_config.cache_config
+        self.num_blocks = int(cc.num_gpu_blocks or 1024)
+        self.hidden = draft.vllm_config.model_config.hf_config.hidden_size
+        self.dtype = draft.vllm_config.model_config.dtype
+
+    def metadata(self, n: int, B: int):
+        nb = n // self.bs + 1
+        ids = (torch.arange(B * nb) % (self.num_blocks - 1) + 1).view(B, nb).to(torch.int32).to(self.dev)
+        rows = torch.zeros(B, dtype=torch.int64, device=self.dev)
+        slots = torch.full((B,), -1, dtype=torch.int64, device=self.dev)
+        return self.d.builder.build(rows, np.ones(B, np.int64), np.full(B, n + 1, np.int64), slots, block_table=ids)
+
+    def inputs(self, n: int, B: int):
+        h = torch.randn(B, self.hidden, device=self.dev, dtype=self.dtype) * 0.1
+        pos = torch.full((B,), n, dtype=torch.int64, device=self.dev)
+        return h, pos
+
+    def attn(self, n, B, layer=0):
+        md, (h, pos) = self.metadata(n, B), self.inputs(n, B)
+
+        def run():
+            with self.compat.forward_context(md, self.d.vllm_config, B, {}):
+                self.d.run_item(2 * layer, pos, h, None)
+        return run
+
+    def mlp(self, B, layer=0):
+        h, pos = self.inputs(0, B)
+        return lambda: self.d.run_item(2 * layer + 1, pos, h, None)
+
+    def overhead(self, n, B):
+        ids = torch.zeros(B, dtype=torch.int64, device=self.dev)
+        h, _ = self.inputs(n, B)
+
+        def run():
+            self.metadata(n, B)
+            self.d.embed(ids)
+            logits = self.d.logits(self.d.final_norm(h, None))
+            torch.softmax(logits.float(), -1).max(-1)[0].cpu()
+        return run
+
+    def draft_step(self, n, B, skip: SkipSet):
+        ids = torch.zeros(B, dtype=torch.int64, device=self.dev)
+        _, pos = self.inputs(n, B)
+
+        def run():
+            md = self.metadata(n, B)
+            with self.compat.forward_context(md, self.d.vllm_config, B, {}):
+                h = self.d.forward(ids, pos, skip)
+            torch.softmax(self.d.logits(h).float(), -1).max(-1)[0].cpu()
+        return run
+
+
+@torch.inference_mode()
+def measure(draft, contexts, batches, iters=10, warmup=3, log=print) -> list[dict]:
+    b = Bench(draft)
+    samples = []
+    for B in batches:
+        t = _median_time(b.mlp(B), b.dev, iters, warmup)
+        samples.append(dict(kind="mlp", num_tokens=B, seconds=t))
+        for n in contexts:
+            t_a = _median_time(b.attn(n, B), b.dev, iters, warmup)
+            t_o = _median_time(b.overhead(n, B), b.dev, iters, warmup)
+            samples.append(dict(kind="attn", ctx_lens=[n] * B, num_tokens=B, seconds=t_a))
+            samples.append(dict(kind="overhead", ctx_lens=[n] * B, num_tokens=B, seconds=t_o))
+            log(f"B={B:3d} ctx={n:6d}  attn {t_a * 1e3:8.3f} ms  mlp {t * 1e3:8.3f} ms  overhead {t_o * 1e3:8.3f} ms")
+    return samples
+
+
+@torch.inference_mode()
+def validate(draft, model: LatencyModel, contexts, batches, sets=4, iters=5, seed=0, log=print) -> dict:
+    """Whole draft steps with random skip sets vs the model's prediction."""
+    b, rng, L = Bench(draft), random.Random(seed), draft.num_layers
+    errors, rows = [], []
+    for B in batches:
+        for n in contexts:
+            for _ in range(sets):
+                k = rng.randint(0, L)
+                skip = SkipSet.from_items(L, rng.sample(range(2 * L), k))
+                meas = _median_time(b.draft_step(n, B, skip), b.dev, iters, 2)
+                pred = model.draft_step_time(skip, [n] * B)
+                errors.append(abs(pred - meas) / meas)
+                rows.append(dict(B=B, ctx=n, skipped=k, measured_ms=meas * 1e3, predicted_ms=pred * 1e3))
+    res = dict(median_abs_rel_error=statistics.median(errors), max_abs_rel_error=max(errors), points=rows)
+    log(f"draft-step prediction: median |err| {res['median_abs_rel_error']:.1%}, max {res['max_abs_rel_error']:.1%} "
+        f"over {len(errors)} (context, batch, skip set) points")
+    return res
+
+
+def drafter_of(llm):
+    """The KnapSpecProposer of an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    core = llm.llm_engine.engine_core.engine_core
+    return core.model_executor.driver_worker.worker.model_runner.drafter
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="knapspec-profile", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--contexts", default="512,1024,2048,4096,8192")
+    ap.add_argument("--batches", default="1,2,4,8,16,32")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--out-dir", default=DEFAULT_DIR)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--validate", action="store_true", help="time whole draft steps and report the error")
+    ap.add_argument("--load-format", default="auto", help="'dummy' profiles a shape without weights")
+    ap.add_argument("--json", help="also write the fit + validation summary here")
+    a = ap.parse_args(argv)
+    contexts = [int(x) for x in a.contexts.split(",")]
+    batches = [int(x) for x in a.batches.split(",")]
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # reach the drafter in this process
+    from vllm import LLM
+    from vllm_knapspec.selector import device_name
+    from transformers import AutoConfig
+    limit = getattr(AutoConfig.from_pretrained(a.model), "max_position_embeddings", None) or 1 << 20
+    contexts = sorted({min(n, limit - 2) for n in contexts})
+    max_len = min(max(contexts) + 64, limit)
+    llm = LLM(a.model, dtype=a.dtype, max_model_len=max_len, load_format=a.load_format,
+              tensor_parallel_size=a.tensor_parallel_size, enforce_eager=torch.cuda.device_count() == 0,
+              distributed_executor_backend="uni" if a.tensor_parallel_size == 1 else None,
+              speculative_config={"method": "knapspec", "num_speculative_tokens": 1, "skip_set": ""})
+    draft = drafter_of(llm).draft
+    t0 = time.time()
+    samples = measure(draft, contexts, batches, a.iters)
+    mc = llm.llm_engine.vllm_config.model_config
+    key = ProfileKey.make(mc.model, device_name(), str(mc.dtype), a.tensor_parallel_size)
+    model = LatencyModel(draft.num_layers, key=key, source="profile")
+    fit = model.fit_sublayers(samples)
+    path = profile_path(os.path.expanduser(a.out_dir), mc.model, device_name(), str(mc.dtype),
+                        a.tensor_parallel_size)
+    model.save(path)
+    out = dict(profile=path, seconds=time.time() - t0, fit=fit, coefficients=model.coefficients())
+    print(f"wrote {path} ({out['seconds']:.0f} s)")
+    if a.validate:
+        out["validation"] = validate(draft, model, contexts, batches)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2, default=str)
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -95,7 +95,10 @@ def test_bad_config_cli_exits_cleanly(case, model_path, gpt2_dir, tmp_path):
 
 def _engine_config(argv):
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.entrypoints.openai.cli_args import make_arg_parser
+    try:                                                   # 0.32
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    except ImportError:                                    # 0.26
+        from vllm.entrypoints.openai.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
     parser = make_arg_parser(FlexibleArgumentParser())
     ns = parser.parse_args(argv)

@@ -122,8 +122,20 @@ class ReferenceBuilder:
     way, J branches as J copies of those sequences sharing one block-table row each (vLLM's paged attention
     does the per-branch causal masking; no dense mask is ever built)."""
 
-    def __init__(self, m: LayerSkipModel):
+    def __init__(self, m: LayerSkipModel, memory_share: float = 0.01):
         self.m = m
+        self.memory_share = memory_share
+
+    def max_reference_tokens(self, num_states: int) -> int:
+        """Largest r whose DP state (refs [2L+1] + 3 buffers of [K+1] branches, r x d each) stays within
+        `memory_share` of the KV cache. The tensors may alias (kv sharing), so count each storage once."""
+        d = self.m
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in d.runner.kv_caches if isinstance(t, torch.Tensor)}
+        kv_bytes = sum(storages.values())
+        hidden = d.vllm_config.model_config.hf_config.hidden_size
+        per_token = (2 * d.num_layers + 1 + 3 * num_states) * hidden * d.vllm_config.model_config.dtype.itemsize
+        return max(1, int(self.memory_share * kv_bytes // per_token)) if kv_bytes else 1 << 30
 
     def _metadata(self, rows_np, qlens, seqlens, copies: int):
         d = self.m

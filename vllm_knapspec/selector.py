@@ -38,15 +38,6 @@ class FixedSelector:
     def plan(self, rows, ctx):
         return self.skip, self.gamma
 
-    def _estimated_selection_s(self, ctx) -> float:
-        """A DP pass runs each item once on up to K+1 branches of r tokens: about a full forward over
-        (K+1)*r tokens (no lm_head: alpha's logits are a small share). Replaced by the measured cost after."""
-        t_attn, t_mlp = self.latency.sublayer_times(ctx)
-        w_attn, w_mlp = dp.integer_weights(t_attn, t_mlp, self.cfg.weight_cap)
-        branches = int(self.cfg.budget_fraction * (w_attn + w_mlp) * self.L) + 1
-        t_attn, t_mlp = self.latency.sublayer_times([int(np.mean(ctx))], branches * self.cfg.reference_tokens)
-        return self.L * (t_attn + t_mlp)
-
     def observe_verify(self, ctx, proposed, accepted, seconds, steady=True):
         pass
 
@@ -151,7 +142,8 @@ class KnapSpecSelector:
         t_attn, t_mlp = self.latency.sublayer_times(ctx)
         w_attn, w_mlp = self.sync(dp.integer_weights(t_attn, t_mlp, cfg.weight_cap))
         budget = int(cfg.budget_fraction * (w_attn + w_mlp) * L)
-        ref = self.adapter.build(rows, ctx, cfg.reference_tokens)
+        r = min(cfg.reference_tokens, self.adapter.max_reference_tokens(budget + 1))  # DP memory <= 1 % of KV
+        ref = self.adapter.build(rows, ctx, r)
         cands = dp.knapsack_dp(ref.run_item, ref.refs, dp.item_weights(L, w_attn, w_mlp), budget,
                                cfg.sim_threshold, dp.default_frozen_items(L), impl=cfg.kernels)
         alpha = self._alpha(cands, ref, len(ctx))

@@ -71,8 +71,15 @@ class KnapSpecSelector:
         self.steps += 1
         if self.sync(self._due(ctx)):
             t0 = time.perf_counter()
-            self.select(rows, ctx)
-            self.selection_s = time.perf_counter() - t0
+            try:
+                self.select(rows, ctx)
+            except Exception:
+                # no retry every step: decode plainly until the next scheduled selection
+                self.current = None
+                self._reset_window(ctx)
+                raise
+            finally:
+                self.selection_s = time.perf_counter() - t0
             self.total_selection_s += self.selection_s
             self.stats.inc("selections")
             self.stats.inc("selection_seconds", self.selection_s)

@@ -116,7 +116,7 @@ def main(argv=None):
             return _median_time(run, draft.device, a.iters, 2)
 
         t_full = t_step(SkipSet.empty(L))
-        lat = sel.latency
+        lat = sel.target
         ratio = [lat.verify_step_time(ctx, 1 + g) / lat.verify_step_time(ctx, 1) for g in range(1, 11)]
 
         def measured_tpt(items):

@@ -15,6 +15,7 @@ No vLLM imports: the model side comes in through `adapter` (draft.ReferenceBuild
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 
@@ -48,6 +49,11 @@ class FixedSelector:
 class KnapSpecSelector:
     def __init__(self, cfg, adapter, latency: LatencyModel, num_layers: int, sync=None):
         self.cfg, self.adapter, self.latency, self.L = cfg, adapter, latency, num_layers
+        # The draft runs the target's sublayers eagerly one by one; the target step runs vLLM's compiled /
+        # CUDA-graphed forward: same sublayers, very different cost (measured on an H100: 30 eager sublayers
+        # ~10x a graphed verify step). So the draft and the target each get their own latency model, each
+        # refit from its own live timings: `latency` prices draft steps, `target` prices verify/plain steps.
+        self.target = copy.deepcopy(latency)
         # Tensor parallel: hidden states, logits and cosines are identical on every rank (all-reduce /
         # all-gather), timings are not. `sync` broadcasts rank 0's timing-dependent decisions (whether to
         # select, item weights, the final choice) so every rank runs the same DP and drafts with the same
@@ -106,11 +112,17 @@ class KnapSpecSelector:
     def _estimated_selection_s(self, ctx) -> float:
         """A DP pass runs each item once on up to K+1 branches of r tokens: about a full forward over
         (K+1)*r tokens (no lm_head: alpha's logits are a small share). Replaced by the measured cost after."""
-        t_attn, t_mlp = self.latency.sublayer_times(ctx)
-        w_attn, w_mlp = dp.integer_weights(t_attn, t_mlp, self.cfg.weight_cap)
+        w_attn, w_mlp = dp.integer_weights(*self._sublayer_times(ctx), self.cfg.weight_cap)
         branches = int(self.cfg.budget_fraction * (w_attn + w_mlp) * self.L) + 1
         t_attn, t_mlp = self.latency.sublayer_times([int(np.mean(ctx))], branches * self.cfg.reference_tokens)
         return self.L * (t_attn + t_mlp)
+
+    def _sublayer_times(self, ctx) -> tuple[float, float]:
+        """Draft sublayer costs, floored so that neither weight degenerates (an online fit can drive a
+        coefficient to 0; integer weights need both positive)."""
+        t_attn, t_mlp = self.latency.sublayer_times(ctx)
+        floor = 1e-3 * max(t_attn, t_mlp, 1e-9)
+        return max(t_attn, floor), max(t_mlp, floor)
 
     def observe_verify(self, ctx, proposed, accepted, seconds, steady=True):
         """One engine step finished: `proposed` drafts were verified, `accepted` of them accepted; `seconds` is
@@ -125,7 +137,7 @@ class KnapSpecSelector:
         self.total_decode_s += seconds
         self.stats.inc("verify_seconds", seconds)
         if steady and self.cfg.online_refit and len(ctx):
-            self.latency.observe_verify(ctx, len(ctx) + proposed, seconds)
+            self.target.observe_verify(ctx, len(ctx) + proposed, seconds)
             self._latency_metrics()
 
     def observe_draft(self, skip: SkipSet, ctx, drafts, seconds, steps=1):
@@ -136,7 +148,8 @@ class KnapSpecSelector:
             self.latency.observe_draft(skip.n_attn_kept, skip.n_mlp_kept, ctx, seconds, num_steps=steps)
 
     def _latency_metrics(self):
-        for kind, err in self.latency.prediction_error().items():
+        for kind, model in (("draft", self.latency), ("verify", self.target)):
+            err = model.prediction_error()[kind]
             if err == err:
                 self.stats.set("latency_model_error", err, kind)
         for name, v in self.latency.coefficients().items():
@@ -146,8 +159,7 @@ class KnapSpecSelector:
     # -- selection -----------------------------------------------------------------------------------
     def select(self, rows: np.ndarray, ctx: np.ndarray) -> None:
         cfg, L = self.cfg, self.L
-        t_attn, t_mlp = self.latency.sublayer_times(ctx)
-        w_attn, w_mlp = self.sync(dp.integer_weights(t_attn, t_mlp, cfg.weight_cap))
+        w_attn, w_mlp = self.sync(dp.integer_weights(*self._sublayer_times(ctx), cfg.weight_cap))
         budget = int(cfg.budget_fraction * (w_attn + w_mlp) * L)
         r = min(cfg.reference_tokens, self.adapter.max_reference_tokens(budget + 1))  # DP memory <= 1 % of KV
         ref = self.adapter.build(rows, ctx, r)
@@ -174,11 +186,11 @@ class KnapSpecSelector:
         return a.float().cpu()
 
     def _choose(self, cands, alpha, ctx):
-        lat = self.latency
-        t_plain = lat.plain_step_time(ctx)
+        t_plain = self.target.plain_step_time(ctx)
         # verify(gamma) is linear in gamma (T = B(1+gamma)): fold its slope into the per-draft-token cost.
-        slope = lat.verify_step_time(ctx, 2) - t_plain
-        t_draft = torch.tensor([lat.draft_step_time(c.skipset, ctx) + slope for c in cands], dtype=torch.float32)
+        slope = max(self.target.verify_step_time(ctx, 2) - t_plain, 0.0)
+        t_draft = torch.tensor([self.latency.draft_step_time(c.skipset, ctx) + slope for c in cands],
+                               dtype=torch.float32)
         choice = tpt.choose(alpha, t_draft, t_plain, self.cfg.num_speculative_tokens, t_plain=t_plain,
                             margin=self.cfg.min_speedup - 1.0, impl=self.cfg.kernels)
         return choice, t_plain, t_draft

@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_short_soak(tmp_path, model_path):
     cfg = yaml.safe_load((ROOT / "configs" / "knapspec.yaml").read_text())
     cfg.update(min_speedup=0.0, max_selection_overhead=1.0, reference_tokens=8, reselect_interval=32)

@@ -109,3 +109,19 @@ def test_find_runner_walks_up_to_the_model_runner():
     assert r.load_model() is r
     with pytest.raises(RuntimeError, match="model runner"):
         compat.find_runner()
+
+
+def test_cpu_expand_replacement_matches_vllm_contract():
+    x = torch.tensor([0.5, 0.0, 2.0])
+    cu = torch.tensor([2, 5, 6])
+    out = patches.expand_batch_to_tokens(x, cu, 6, replace_from=0.0, replace_to=1.0)
+    assert out.tolist() == [0.5, 0.5, 1.0, 1.0, 1.0, 2.0] and out.dtype == x.dtype
+
+
+def test_cpu_expand_patch_is_applied_on_cpu():
+    import vllm.v1.sample.rejection_sampler as rs
+    patches.patch_cpu_expand()
+    patches.patch_cpu_expand()
+    assert rs.expand_batch_to_tokens is patches.expand_batch_to_tokens
+    temps = rs.expand_batch_to_tokens(torch.tensor([0.8, 0.3]), torch.tensor([3, 5]), 5)
+    assert torch.allclose(temps, torch.tensor([0.8, 0.8, 0.8, 0.3, 0.3]))

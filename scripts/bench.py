@@ -1,0 +1,965 @@
+#!/usr/bin/env python3
+"""KnapSpec vs plain decoding and peer methods, side by side: one run, one model, the same prompts.
+
+Methods (each served by its own `vllm serve` subprocess on 127.0.0.1, one after the other):
+  plain     no speculation (the reference: speedups and greedy outputs are measured against it)
+  knapspec  `--speculative-config configs/knapspec.yaml`
+  static    Draft&Verify-style: one skip set chosen once, offline (KnapSpec's selector on a calibration prompt
+            in an in-process engine, min_speedup 0), then frozen with `skip_set`
+  clasp     CLaSp-style: `selector: clasp`, whole layers, `clasp_skip_layers` (default 8)
+  ngram     vLLM's prompt-lookup drafter: num_speculative_tokens 5, prompt_lookup_max 4, prompt_lookup_min 2
+
+Workloads (scripts/bench_workloads.py): code continuation of Python stdlib sources and summarisation of the
+language reference (pydoc_data.topics), token-exact prompts of 512 / 2K / 8K tokens, `--max-tokens` output
+tokens each (ignore_eos), greedy (temperature 0) and sampled (temperature 0.8, a seed per request).
+Per context, every prompt is prefilled once (max_tokens 1) before that context's cells, so the timed cells
+hit vLLM's prefix cache and measure decoding (what speculation changes), not a 2-core prefill; the prefill
+times are reported separately.
+
+Per (method, context, concurrency, greedy/sampled) cell: output tokens/s, speedup vs plain in the same cell,
+acceptance rate and mean accepted length (vllm:spec_decode_* deltas), selection overhead share
+(vllm:knapspec_selection_seconds_total delta / cell wall time), the skip set's composition
+(vllm:knapspec_skipped_attention / _mlp, vllm:knapspec_drafting_enabled). Every method's greedy outputs must
+equal plain decoding's token for token: a mismatch is printed (where it diverges) and the run exits 1.
+
+    python scripts/bench.py                    # default CPU suite (sized for <= 20 min on 2 idle cores)
+    python scripts/bench.py --quick            # smoke (~4 min on an idle 2-core machine)
+    python scripts/bench.py --contexts 512,2048 --concurrency 1,4 --methods knapspec,ngram --max-tokens 128 \\
+        --out bench-out
+
+Writes OUT/<prefix>.json, OUT/<prefix>.md (the table with machine, versions, model and config) and
+OUT/<prefix>-speedup.png, OUT/<prefix>-skipset.png (matplotlib). Exit codes: 0 ok, 1 greedy mismatch or a
+failed method, 2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+HOST = "127.0.0.1"
+SERVED_NAME = "bench"
+METHODS = ("plain", "knapspec", "static", "clasp", "ngram")
+KNAPSPEC_METHODS = ("knapspec", "static", "clasp")          # served by the KnapSpec proposer
+NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+DEFAULT_CONTEXTS = (512, 2048, 8192)
+DEFAULT_CONCURRENCY = (1, 4, 16)
+SAMPLED_TEMPERATURE = 0.8
+MODES = ("greedy", "sampled")
+
+
+# ------------------------------------------------------------------------------------------------ small helpers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def default_model() -> str:
+    out = subprocess.check_output([sys.executable, str(ROOT / "scripts" / "get_model.py")], text=True)
+    return out.strip().splitlines()[-1]
+
+
+def vllm_cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("vllm")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+
+
+def parse_int_list(s: str) -> list[int]:
+    out = []
+    for tok in filter(None, (t.strip().lower() for t in s.split(","))):
+        mult = 1024 if tok.endswith("k") else 1
+        out.append(int(float(tok.rstrip("k")) * mult))
+    return out
+
+
+def ctx_label(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {name: value summed over label sets}."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name = name_labels.split("{", 1)[0]
+        try:
+            out[name] = out.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def first_diff(a, b) -> int | None:
+    """Index of the first differing element (a length difference counts), None when equal."""
+    for k, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return k
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def compare_greedy(reference: dict, got: dict, method: str) -> list[dict]:
+    """reference/got: {(context, concurrency, prompt_index): {"token_ids": [...], "text": str}}.
+    One entry per prompt whose output differs from plain decoding's (or is missing)."""
+    out = []
+    for key in sorted(reference):
+        ref = reference[key]
+        g = got.get(key)
+        ctx, conc, idx = key
+        if g is None:
+            out.append(dict(method=method, context=ctx, concurrency=conc, prompt=idx, token=None,
+                            detail="no output"))
+            continue
+        k = first_diff(ref["token_ids"], g["token_ids"])
+        if k is None and ref["text"] != g["text"]:
+            k = -1
+        if k is not None:
+            lo = max(0, k - 3) if k >= 0 else 0
+            out.append(dict(method=method, context=ctx, concurrency=conc, prompt=idx, token=k,
+                            plain=ref["token_ids"][lo:k + 4] if k >= 0 else ref["text"][:80],
+                            got=g["token_ids"][lo:k + 4] if k >= 0 else g["text"][:80]))
+    return out
+
+
+def format_mismatch(m: dict) -> str:
+    where = f"{m['method']}: context {m['context']}, concurrency {m['concurrency']}, prompt {m['prompt']}"
+    if m.get("token") is None:
+        return f"GREEDY MISMATCH {where}: {m.get('detail', 'missing')}"
+    if m["token"] < 0:
+        return f"GREEDY MISMATCH {where}: same token ids, text differs ({m['plain']!r} vs {m['got']!r})"
+    return (f"GREEDY MISMATCH {where}: diverges at output token {m['token']} "
+            f"(plain ...{m['plain']}, {m['method']} ...{m['got']})")
+
+
+def skip_counts(skip: str) -> tuple[int, int]:
+    items = [t.strip() for t in (skip or "").split(",") if t.strip()]
+    return sum(t.startswith("a") for t in items), sum(t.startswith("m") for t in items)
+
+
+# ------------------------------------------------------------------------------------------------ grid
+def build_grid(contexts, concurrency, max_batch_context: int) -> list[tuple[int, int]]:
+    """(context, concurrency) cells: the cross product, keeping context x concurrency <= max_batch_context
+    (a cell that is too expensive for the machine: 2K at 16, 8K at 4/16 on 2 CPU cores)."""
+    return [(c, n) for c in contexts for n in concurrency if c * n <= max_batch_context]
+
+
+def requests_per_cell(context: int, concurrency: int, requests: int, cell_tokens: int) -> int:
+    """At least `concurrency` requests (one full wave); at low concurrency `requests` sequential ones, fewer at
+    long contexts (at most cell_tokens prompt tokens, at least one)."""
+    return max(concurrency, min(requests, max(1, cell_tokens // context)))
+
+
+def effective_context(context: int, max_model_len: int, max_tokens: int) -> int:
+    """Prompt tokens for a nominal context: the model's window must hold the prompt and the output."""
+    return min(context, max_model_len - max_tokens)
+
+
+# ------------------------------------------------------------------------------------------------ methods
+def load_knapspec_yaml(path: Path) -> dict:
+    import yaml
+    return yaml.safe_load(path.read_text())
+
+
+def method_specs(names, ks: dict, static_skip: str | None, clasp_layers: int) -> dict[str, dict | None]:
+    specs: dict[str, dict | None] = {}
+    for n in names:
+        if n == "plain":
+            specs[n] = None
+        elif n == "knapspec":
+            specs[n] = dict(ks)
+        elif n == "static":
+            specs[n] = {**ks, "skip_set": static_skip or ""}
+        elif n == "clasp":
+            specs[n] = {**ks, "selector": "clasp", "clasp_skip_layers": clasp_layers}
+        elif n == "ngram":
+            specs[n] = dict(NGRAM)
+    return specs
+
+
+def calibrate_static(model: str, ks: dict, tokens: int, timeout: float) -> dict:
+    """Draft&Verify-style offline choice: run KnapSpec's selector once on calibration prompts (in-process engine,
+    min_speedup 0 so it always names its best candidate) and return its last choice."""
+    # OMP_WAIT_POLICY=PASSIVE: in an in-process CPU engine the OpenMP threads otherwise spin against the Python
+    # thread that drives them (measured on 2 cores: 32 tokens in 46 s instead of 3.5 s).
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
+    env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
+    env.pop("VLLM_KNAPSPEC_METRICS_DIR", None)
+    cmd = [sys.executable, __file__, "--_calibrate", json.dumps({"model": model, "ks": ks, "tokens": tokens})]
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("CALIBRATION ")]
+    if p.returncode != 0 or not lines:
+        raise RuntimeError(f"static skip-set calibration failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    res = json.loads(lines[-1][len("CALIBRATION "):])
+    res["seconds"] = round(time.monotonic() - t0, 1)
+    return res
+
+
+def _calibrate_main(arg: str) -> None:
+    """Child process of calibrate_static."""
+    a = json.loads(arg)
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from bench_workloads import calibration_prompts
+
+    tok = AutoTokenizer.from_pretrained(a["model"])
+    prompts = calibration_prompts(tok, 512)
+    spec = {**a["ks"], "min_speedup": 0.0, "max_selection_overhead": 1.0}
+    spec.pop("skip_set", None)
+    llm = LLM(a["model"], speculative_config=spec, enforce_eager=True, distributed_executor_backend="uni",
+              max_model_len=2048, dtype="float32", seed=0, disable_log_stats=False)
+    drafter = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.drafter
+    sp = SamplingParams(max_tokens=a["tokens"], temperature=0.0, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": list(p.token_ids)} for p in prompts], sp, use_tqdm=False)
+    hist = drafter.selector.history
+    if not hist:
+        raise SystemExit("calibration: the selector made no selection; raise --calibration-tokens")
+    h = hist[-1]
+    print("CALIBRATION " + json.dumps({
+        "skip": h["skip"], "attn": h["attn"], "mlp": h["mlp"], "gamma": h["gamma"],
+        "predicted_alpha": round(float(h["alpha"]), 4), "predicted_speedup": round(float(h["speedup"]), 4),
+        "selections": len(hist), "last_selection_s": round(float(drafter.selector.selection_s), 3),
+        "total_selection_s": round(float(drafter.selector.total_selection_s), 3), "prompts": [f"{p.kind}:{p.source}:{p.num_tokens}" for p in prompts]}),
+        flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ machine
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": usable, "ram_gib": mem_gib,
+            "os": platform.platform(), "hostname": platform.node()}
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    def v(*names):
+        for n in names:
+            try:
+                return metadata.version(n)
+            except metadata.PackageNotFoundError:
+                continue
+        return None
+    return {"python": platform.python_version(), "torch": v("torch"), "vllm": v("vllm-cpu", "vllm"),
+            "vllm_dist": "vllm-cpu" if v("vllm-cpu") else "vllm", "vllm-knapspec": v("vllm-knapspec"),
+            "transformers": v("transformers")}
+
+
+def load_avg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ servers
+@dataclass
+class Server:
+    name: str
+    args: list[str]
+    env: dict
+    log: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+    ready_s: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self) -> None:
+        cmd = vllm_cmd() + ["serve"] + self.args + ["--host", HOST, "--port", str(self.port)]
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.log, "w")
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        self.t0 = time.monotonic()
+        # Own session: API server, EngineCore and workers are stopped together through the process group.
+        self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
+                                     start_new_session=True)
+        f.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if not self.alive():
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    async def wait_healthy(self, client, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} server exited with {self.proc.returncode} during startup:\n"
+                                   f"{self.tail()}")
+            try:
+                r = await client.get(self.url + "/health", timeout=5)
+                if r.status_code == 200:
+                    self.ready_s = round(time.monotonic() - self.t0, 1)
+                    return
+            except Exception:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} server not healthy after {timeout:.0f} s:\n{self.tail()}")
+            await asyncio.sleep(1.0)
+
+
+# ------------------------------------------------------------------------------------------------ client
+async def complete(client, url, token_ids, max_tokens, temperature, seed=None) -> dict:
+    body = {"model": SERVED_NAME, "prompt": list(token_ids), "max_tokens": max_tokens,
+            "temperature": temperature, "ignore_eos": True, "return_token_ids": True, "logprobs": None,
+            "stream": False}
+    if seed is not None:
+        body["seed"] = seed
+    t0 = time.perf_counter()
+    r = await client.post(url + "/v1/completions", json=body)
+    dt = time.perf_counter() - t0
+    if r.status_code != 200:
+        raise RuntimeError(f"HTTP {r.status_code}: {r.text[:500]}")
+    ch = r.json()["choices"][0]
+    return {"text": ch["text"], "token_ids": list(ch.get("token_ids") or []), "latency_s": dt,
+            "finish_reason": ch.get("finish_reason")}
+
+
+GAUGES = ("vllm:knapspec_skipped_attention", "vllm:knapspec_skipped_mlp", "vllm:knapspec_drafting_enabled",
+          "vllm:knapspec_draft_length")
+COUNTERS = ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total",
+            "vllm:spec_decode_num_accepted_tokens_total", "vllm:knapspec_selection_seconds_total",
+            "vllm:knapspec_selections_total", "vllm:knapspec_no_spec_steps_total",
+            "vllm:knapspec_draft_steps_total", "vllm:knapspec_draft_fallbacks_total")
+
+
+async def scrape(client, url) -> dict[str, float]:
+    r = await client.get(url + "/metrics", timeout=30)
+    return parse_metrics(r.text)
+
+
+async def poll_gauges(client, url, samples: list, stop: asyncio.Event, interval: float) -> None:
+    while not stop.is_set():
+        try:
+            m = await scrape(client, url)
+            samples.append({g: m[g] for g in GAUGES if g in m})
+        except Exception:
+            pass
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def flush_knapspec(client, server: Server, prompt) -> dict[str, float]:
+    """KnapSpec's worker writes its counters/gauges snapshot at most every 0.5 s and only when it counts something,
+    so the last half second of a cell (often its selection) is not on /metrics yet. Wait, make the worker count
+    one more step with a 2-token request, scrape."""
+    await asyncio.sleep(0.6)
+    await complete(client, server.url, prompt.token_ids[:16], 2, 0.0)
+    return await scrape(client, server.url)
+
+
+async def run_cell(client, server: Server, prompts, n: int, conc: int, mode: str, max_tokens: int, seed: int,
+                   poll_interval: float, bar=None, flush: bool = False) -> tuple[dict, dict]:
+    """n requests, at most conc in flight. Returns (cell measurements, {prompt index: output}).
+    vLLM's spec-decode counters are read right after the cell; KnapSpec's after a flush (see flush_knapspec)."""
+    temperature = 0.0 if mode == "greedy" else SAMPLED_TEMPERATURE
+    sem = asyncio.Semaphore(conc)
+    outputs: dict[int, dict] = {}
+
+    async def one(i):
+        async with sem:
+            outputs[i] = await complete(client, server.url, prompts[i].token_ids, max_tokens, temperature,
+                                        None if mode == "greedy" else seed + i)
+            if bar is not None:
+                bar.update(1)
+
+    before = await scrape(client, server.url)
+    samples: list = []
+    stop = asyncio.Event()
+    poller = asyncio.create_task(poll_gauges(client, server.url, samples, stop, poll_interval))
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(one(i) for i in range(n)))
+    finally:
+        wall = time.perf_counter() - t0
+        stop.set()
+        await poller
+    after = await scrape(client, server.url)
+    if flush:
+        ks_after = await flush_knapspec(client, server, prompts[0])
+        after.update({k: v for k, v in ks_after.items() if k.startswith("vllm:knapspec")})
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in COUNTERS}
+    tokens = sum(len(o["token_ids"]) for o in outputs.values())
+    drafts, drafted, accepted = (d["vllm:spec_decode_num_drafts_total"], d["vllm:spec_decode_num_draft_tokens_total"],
+                                 d["vllm:spec_decode_num_accepted_tokens_total"])
+    cell = {
+        "requests": n, "output_tokens": tokens, "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 3),
+        "mean_latency_s": round(sum(o["latency_s"] for o in outputs.values()) / max(n, 1), 3),
+        "drafts": int(drafts), "draft_tokens": int(drafted), "accepted_tokens": int(accepted),
+        "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
+        "mean_accepted_length": round(1 + accepted / drafts, 3) if drafts else None,
+        "selection_s": round(d["vllm:knapspec_selection_seconds_total"], 4),
+        "selection_share": round(d["vllm:knapspec_selection_seconds_total"] / wall, 4),
+        "selections": int(d["vllm:knapspec_selections_total"]),
+        "selections_total": int(after.get("vllm:knapspec_selections_total", 0)),
+        "no_spec_steps": int(d["vllm:knapspec_no_spec_steps_total"]),
+        "draft_steps": int(d["vllm:knapspec_draft_steps_total"]),
+        "draft_fallbacks": int(d["vllm:knapspec_draft_fallbacks_total"]),
+        "gauges_end": {g.split("knapspec_")[1]: after[g] for g in GAUGES if g in after},
+        "gauges_mean": {g.split("knapspec_")[1]: round(sum(s[g] for s in samples if g in s) /
+                                                         max(1, sum(g in s for s in samples)), 3)
+                        for g in GAUGES if any(g in s for s in samples)},
+        "per_request": [{"prompt": i, "kind": prompts[i].kind, "source": prompts[i].source,
+                         "prompt_tokens": prompts[i].num_tokens, "output_tokens": len(outputs[i]["token_ids"]),
+                         "latency_s": round(outputs[i]["latency_s"], 3),
+                         **({"output_token_ids": outputs[i]["token_ids"]} if mode == "greedy" else {})}
+                        for i in sorted(outputs)],
+    }
+    return cell, outputs
+
+
+# ------------------------------------------------------------------------------------------------ one method
+async def bench_method(name, spec, args, grid, prompts_by_ctx, work_dir: Path, bar) -> dict:
+    import httpx
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_space)}
+    env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)          # the real multiprocess server
+    # The server's front-end makes its own metrics folder (and only then registers KnapSpec's collector).
+    env.pop("VLLM_KNAPSPEC_METRICS_DIR", None)
+    srv_args = [args.model, "--served-model-name", SERVED_NAME, "--dtype", "float32",
+                "--max-model-len", str(args.max_model_len), "--seed", "0", "--enable-prefix-caching",
+                "--max-num-seqs", str(max(16, max(n for _, n in grid))), "--disable-uvicorn-access-log"]
+    if args.enforce_eager:
+        srv_args.append("--enforce-eager")
+    if spec is not None:
+        if name == "knapspec" and args.knapspec_config_is_file:
+            srv_args += ["--speculative-config", str(args.knapspec_config)]    # exactly as the README serves it
+        else:
+            srv_args += ["--speculative-config", json.dumps(spec)]
+    server = Server(name, srv_args, env, work_dir / f"{name}.log")
+    res: dict = {"method": name, "spec": spec, "cells": [], "outputs": {}, "prefill": {}, "error": None}
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    timeout = httpx.Timeout(connect=10.0, read=args.request_timeout, write=60.0, pool=None)
+    try:
+        async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+            if bar is not None:
+                bar.set_description(f"{name}: starting server")
+            server.start()
+            await server.wait_healthy(client, args.startup_timeout)
+            res["startup_s"] = server.ready_s
+            # One short decode: lazy initialisation (and KnapSpec's first steps) off the clock.
+            await complete(client, server.url, prompts_by_ctx[min(prompts_by_ctx)][0].token_ids[:64], 16, 0.0)
+            for ctx in sorted({c for c, _ in grid}):
+                pool = prompts_by_ctx[ctx]
+                if bar is not None:
+                    bar.set_description(f"{name}: prefill {len(pool)} x {ctx_label(ctx)}")
+                t0 = time.perf_counter()
+                for p in pool:          # fill the prefix cache: the timed cells measure decoding
+                    await complete(client, server.url, p.token_ids, 1, 0.0)
+                res["prefill"][ctx] = {"prompts": len(pool), "tokens": sum(p.num_tokens for p in pool),
+                                       "seconds": round(time.perf_counter() - t0, 2)}
+                for c, conc in grid:
+                    if c != ctx:
+                        continue
+                    n = requests_per_cell(ctx, conc, args.requests, args.cell_tokens)
+                    for mode in args.modes:
+                        if bar is not None:
+                            bar.set_description(f"{name}: {ctx_label(ctx)} x{conc} {mode}")
+                        cell, outs = await run_cell(client, server, pool, n, conc, mode, args.max_tokens, args.seed,
+                                                    args.poll_interval, bar, flush=name in KNAPSPEC_METHODS)
+                        cell.update(method=name, context=ctx, nominal_context=args.nominal[ctx], concurrency=conc,
+                                    mode=mode, prompt_tokens=pool[0].num_tokens)
+                        res["cells"].append(cell)
+                        if mode == "greedy":
+                            for i, o in outs.items():
+                                res["outputs"][(ctx, conc, i)] = {"token_ids": o["token_ids"], "text": o["text"]}
+            try:
+                res["final_metrics"] = {k: v for k, v in (await scrape(client, server.url)).items()
+                                        if k.startswith("vllm:knapspec") or k.startswith("vllm:spec_decode")}
+            except Exception:
+                pass
+    except Exception as e:
+        res["error"] = f"{type(e).__name__}: {e}"
+        if server.alive() is False and server.proc is not None:
+            res["error"] += f"\n--- {server.log} (tail)\n{server.tail()}"
+    finally:
+        server.stop()
+    res["log"] = str(server.log)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+def add_derived(cells: list[dict], static_skip: str | None, clasp_layers: int) -> None:
+    """speedup vs plain in the same cell; skip-set composition (gauges for KnapSpec, config for static/clasp)."""
+    plain = {(c["context"], c["concurrency"], c["mode"]): c for c in cells if c["method"] == "plain"}
+    for c in cells:
+        p = plain.get((c["context"], c["concurrency"], c["mode"]))
+        c["speedup"] = round(c["tok_s"] / p["tok_s"], 3) if p and p["tok_s"] else None
+        g = c.get("gauges_end", {})
+        c["skip_attn"] = c["skip_mlp"] = c["skip_source"] = None
+        drafts, no_spec = c.get("drafts", 0), c.get("no_spec_steps", 0)
+        # drafting: share of the cell that drafted (KnapSpec: mean of its drafting_enabled gauge)
+        if c["method"] == "plain":
+            c["drafting"] = None
+        elif not drafts:
+            c["drafting"] = 0.0
+        elif not no_spec:
+            c["drafting"] = 1.0
+        elif c["method"] == "knapspec":
+            c["drafting"] = c.get("gauges_mean", {}).get("drafting_enabled", g.get("drafting_enabled"))
+        else:
+            c["drafting"] = 0.5          # drafted in part of the cell only (e.g. CLaSp's first selection)
+        if c["method"] == "knapspec" and "skipped_attention" in g and c.get("selections_total", 1):
+            c["skip_attn"], c["skip_mlp"] = int(g["skipped_attention"]), int(g.get("skipped_mlp", 0))
+            c["skip_source"] = "gauge"
+        elif c["method"] == "static" and static_skip is not None:
+            c["skip_attn"], c["skip_mlp"] = skip_counts(static_skip)
+            c["skip_source"] = "config"
+        elif c["method"] == "clasp" and drafts:
+            c["skip_attn"] = c["skip_mlp"] = clasp_layers
+            c["skip_source"] = "config"
+
+
+def sampled_acceptance_warnings(cells: list[dict]) -> list[str]:
+    """Sampled acceptance that collapses while greedy acceptance is fine: on vLLM-CPU 0.32 the rejection sampler's
+    per-token temperature (expand_batch_to_tokens -> the CPU expand kernel, which writes an int64 copy and leaves
+    the float output uninitialised) divides the target logits by garbage for temperature > 0."""
+    out = []
+    greedy = {}
+    for c in cells:
+        if c["mode"] == "greedy" and c.get("draft_tokens"):
+            g = greedy.setdefault(c["method"], [0, 0])
+            g[0] += c["accepted_tokens"]
+            g[1] += c["draft_tokens"]
+    for m, (acc, dr) in greedy.items():
+        s_acc = sum(c["accepted_tokens"] for c in cells if c["method"] == m and c["mode"] == "sampled")
+        s_dr = sum(c["draft_tokens"] for c in cells if c["method"] == m and c["mode"] == "sampled")
+        if s_dr >= 20 and dr and acc / dr > 0.3 and s_acc / s_dr < 0.1:
+            out.append(f"{m}: sampled acceptance {s_acc}/{s_dr} while greedy {acc}/{dr}: the target distribution "
+                       "of sampled requests looks broken (vLLM-CPU 0.32 expand kernel: per-token temperatures "
+                       "uninitialised); sampled rows are not meaningful")
+    return out
+
+
+def _f(x, fmt="{:.2f}", none="–"):
+    return none if x is None else fmt.format(x)
+
+
+TABLE_HEADER = ("| context | conc | mode | method | tok/s | speedup | accept | mean acc. len | sel. overhead "
+                "| skipped attn/MLP | drafting | greedy = plain |")
+
+
+def format_table(cells: list[dict], method_order=METHODS) -> str:
+    order = {m: i for i, m in enumerate(method_order)}
+    rows = sorted(cells, key=lambda c: (c["context"], c["concurrency"], MODES.index(c["mode"]),
+                                        order.get(c["method"], 99)))
+    lines = [TABLE_HEADER, "| " + " | ".join(["---"] * (TABLE_HEADER.count("|") - 1)) + " |"]
+    for c in rows:
+        skip = (f"{c['skip_attn']}/{c['skip_mlp']}" + ("*" if c.get("skip_source") == "config" else "")
+                if c.get("skip_attn") is not None else "–")
+        d = c.get("drafting")
+        drafting = ("–" if d is None else "no" if d == 0 else "yes" if d == 1 else
+                    f"{d:.2f}" if c["method"] == "knapspec" else "partly")
+        if c["method"] in ("knapspec", "clasp") and not c.get("selections_total", 1) and not c.get("drafts"):
+            drafting = "no (no selection yet)"
+        eq = c.get("greedy_equal")
+        eq_s = "–" if c["mode"] != "greedy" or c["method"] == "plain" else ("yes" if eq else "**NO**")
+        sel = _f(c.get("selection_share") * 100 if c["method"] in ("knapspec", "clasp") else None, "{:.1f} %")
+        lines.append(f"| {ctx_label(c.get('nominal_context', c['context']))} | {c['concurrency']} | {c['mode']} | "
+                     f"{c['method']} | {c['tok_s']:.1f} | {_f(c.get('speedup'), '{:.2f}x')} | "
+                     f"{_f(c.get('acceptance_rate'), '{:.2f}')} | {_f(c.get('mean_accepted_length'), '{:.2f}')} | "
+                     f"{sel} | {skip} | {drafting} | {eq_s} |")
+    return "\n".join(lines)
+
+
+def header_lines(meta: dict) -> list[str]:
+    m, v, s = meta["machine"], meta["versions"], meta["settings"]
+    out = [f"- machine: {m['cpu']}, {m['usable_cores']} usable / {m['logical_cores']} logical cores, "
+           f"{m['ram_gib']} GiB RAM ({m['os']}); load average (1/5/15 min) at start {meta.get('load_start')}"
+           + (f", at end {meta['load_end']}" if meta.get("load_end") else ""),
+           f"- versions: python {v['python']}, torch {v['torch']}, {v['vllm_dist']} {v['vllm']}, "
+           f"vllm-knapspec {v['vllm-knapspec']}, transformers {v['transformers']}",
+           f"- model: `{meta['model']}` (float32, max_model_len {s['max_model_len']}, "
+           f"{'eager' if s['enforce_eager'] else 'compiled'}, prefix caching on)",
+           f"- KnapSpec config ({meta['knapspec_config_path']}): `{json.dumps(meta['knapspec_config'])}`"]
+    if meta.get("static_skip_set") is not None:
+        cal = meta.get("calibration") or {}
+        out.append(f"- static skip set (chosen once offline on {', '.join(cal.get('prompts', [])) or 'given'}): "
+                   f"`{meta['static_skip_set']}` ({skip_counts(meta['static_skip_set'])[0]} attention, "
+                   f"{skip_counts(meta['static_skip_set'])[1]} MLP)")
+    out.append(f"- CLaSp: {s['clasp_skip_layers']} whole layers; ngram: `{json.dumps(NGRAM)}`")
+    out.append(f"- workload: {s['max_tokens']} output tokens per request (ignore_eos), greedy = temperature 0, "
+               f"sampled = temperature {SAMPLED_TEMPERATURE} (seed {s['seed']} + prompt index); prompts alternate "
+               f"code continuation (stdlib sources) and summarisation (pydoc_data.topics)")
+    return out
+
+
+def markdown_report(meta: dict, cells: list[dict], mismatches: list[dict], plots: list[str]) -> str:
+    lines = ["# KnapSpec benchmark", "", *header_lines(meta), "",
+             format_table(cells, meta["settings"]["methods"]), "",
+             "tok/s: output tokens / wall time of the cell (all its requests; prompts already in the prefix "
+             "cache). speedup: vs plain in the same row group. accept: accepted / drafted tokens; mean acc. len: "
+             "1 + accepted / drafts (tokens per verification step that had a draft). sel. overhead: "
+             "selection seconds / cell wall time. skipped attn/MLP: KnapSpec's gauges at the end of the cell "
+             "(`*`: fixed by configuration); drafting: whether the method drafted in the cell (KnapSpec: mean of "
+             "vllm:knapspec_drafting_enabled over the cell; 'no selection yet': KnapSpec/CLaSp decode plainly until "
+             "their first selection, which waits until selection would cost under max_selection_overhead of the "
+             "decode time so far).", ""]
+    pre = meta.get("prefill") or {}
+    if pre:
+        lines.append("Prefill (once per server and context, before its cells; not in tok/s): " + "; ".join(
+            f"{m} " + ", ".join(f"{ctx_label(int(c))}: {v['tokens']} tok in {v['seconds']} s"
+                                for c, v in sorted(p.items(), key=lambda kv: int(kv[0])))
+            for m, p in pre.items()))
+        lines.append("")
+    if meta.get("startup_s"):
+        lines.append("Server startup (s): " + ", ".join(f"{k} {v}" for k, v in meta["startup_s"].items()))
+        lines.append("")
+    warns = sampled_acceptance_warnings(cells)
+    if warns:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in warns] + [""]
+    if mismatches:
+        lines += ["## Greedy mismatches", ""] + [f"- {format_mismatch(m)}" for m in mismatches] + [""]
+    if meta.get("errors"):
+        lines += ["## Errors", ""] + [f"- {k}: {v.splitlines()[0]}" for k, v in meta["errors"].items()] + [""]
+    for p in plots:
+        lines += [f"![{Path(p).stem}]({Path(p).name})", ""]
+    lines.append(f"Total benchmark time: {meta.get('total_s')} s.")
+    return "\n".join(lines) + "\n"
+
+
+def make_plots(cells: list[dict], out: Path, prefix: str, methods) -> list[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed, so no plots were drawn: `pip install matplotlib` "
+              "(lead: add matplotlib to scripts/install.sh for the benchmark)", file=sys.stderr)
+        return []
+    paths = []
+    concs = sorted({c["concurrency"] for c in cells})
+    fig, axes = plt.subplots(1, len(concs), figsize=(4.5 * len(concs), 3.8), squeeze=False, sharey=True)
+    for ax, conc in zip(axes[0], concs):
+        for m in methods:
+            mi = METHODS.index(m)
+            if m == "plain":
+                continue
+            for mode, style in (("greedy", "-o"), ("sampled", "--s")):
+                pts = sorted((c["context"], c["speedup"]) for c in cells if c["method"] == m and c["mode"] == mode
+                             and c["concurrency"] == conc and c.get("speedup") is not None)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=f"C{mi}",
+                            label=f"{m} ({mode})", alpha=1.0 if mode == "greedy" else 0.6)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        xs = sorted({c["context"] for c in cells})
+        ax.set_xticks(xs, [ctx_label(x) for x in xs])
+        ax.set_title(f"concurrency {conc}")
+        ax.set_xlabel("prompt tokens")
+    axes[0][0].set_ylabel("speedup vs plain (output tok/s)")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    p = out / f"{prefix}-speedup.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(str(p))
+
+    ks = [c for c in cells if c["method"] == "knapspec" and c.get("skip_attn") is not None]
+    if ks:
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for ci, conc in enumerate(concs):
+            for mode, style in (("greedy", "-"), ("sampled", ":")):
+                pts = sorted((c["context"], c["skip_attn"], c["skip_mlp"], c.get("drafting") or 0) for c in ks
+                             if c["concurrency"] == conc and c["mode"] == mode)
+                if not pts:
+                    continue
+                xs = [q[0] for q in pts]
+                ax.plot(xs, [q[1] for q in pts], style + "o", color=f"C{ci}", label=f"attention, x{conc} {mode}")
+                ax.plot(xs, [q[2] for q in pts], style + "^", color=f"C{ci}", alpha=0.6,
+                        label=f"MLP, x{conc} {mode}")
+        xs = sorted({c["context"] for c in ks})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [ctx_label(x) for x in xs])
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("sublayers skipped by KnapSpec")
+        ax.set_title("KnapSpec skip set vs context (0 = plain decoding chosen)")
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        p = out / f"{prefix}-skipset.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(str(p))
+    return paths
+
+
+def render(path: Path, out: Path, prefix: str) -> int:
+    doc = json.loads(path.read_text())
+    cells = doc["cells"]
+    add_derived(cells, doc.get("static_skip_set"), doc["settings"]["clasp_skip_layers"])
+    out.mkdir(parents=True, exist_ok=True)
+    plots = make_plots(cells, out, prefix, doc["settings"]["methods"])
+    report = markdown_report(doc, cells, doc.get("greedy_mismatches", []), plots)
+    (out / f"{prefix}.md").write_text(report)
+    print(report)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ main
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke: 512-token prompts, concurrency 1 and 4, "
+                    "32 output tokens, 2 requests at concurrency 1 (~4 min on an idle 2-core machine, most of it "
+                    "five server startups)")
+    ap.add_argument("--contexts", default=None, help="prompt lengths in tokens, e.g. 512,2k,8k (default 512,2048,8192)")
+    ap.add_argument("--concurrency", default=None, help="client concurrency levels (default 1,4,16)")
+    ap.add_argument("--max-batch-context", type=int, default=8192,
+                    help="drop cells with context x concurrency above this (default 8192: 2K only up to x4, "
+                         "8K only at x1)")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)} (plain is always run)")
+    ap.add_argument("--modes", default="greedy,sampled", help="greedy,sampled or one of them")
+    ap.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (default 64)")
+    ap.add_argument("--requests", type=int, default=4,
+                    help="requests per cell at concurrency < this (default 4); at least one full wave otherwise")
+    ap.add_argument("--cell-tokens", type=int, default=4096,
+                    help="cap on prompt tokens per cell below full concurrency (default 4096: 4 requests at 512, "
+                         "2 at 2K, 1 at 8K)")
+    ap.add_argument("--out", default=None, help="output folder (default .cache/bench/<timestamp>)")
+    ap.add_argument("--prefix", default="bench", help="output file prefix (default bench)")
+    ap.add_argument("--model", default=None, help="model path (default: scripts/get_model.py, SmolLM2-135M-Instruct)")
+    ap.add_argument("--knapspec-config", default=str(ROOT / "configs" / "knapspec.yaml"))
+    ap.add_argument("--static-skip-set", default=None, help="skip the calibration and use this set, e.g. 'a3,a5,m7'")
+    ap.add_argument("--calibration-tokens", type=int, default=128, help="tokens generated for the static calibration")
+    ap.add_argument("--clasp-skip-layers", type=int, default=8)
+    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--kv-cache-space", type=float, default=2, help="VLLM_CPU_KVCACHE_SPACE in GiB (default 2)")
+    ap.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false",
+                    help="let vLLM compile (slow startup on CPU); default: --enforce-eager")
+    ap.add_argument("--seed", type=int, default=1234, help="sampled mode: request i uses seed + i")
+    ap.add_argument("--poll-interval", type=float, default=1.0, help="seconds between /metrics polls in a cell")
+    ap.add_argument("--startup-timeout", type=float, default=600)
+    ap.add_argument("--request-timeout", type=float, default=900)
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--render", default=None, metavar="JSON",
+                    help="no benchmark: rebuild the markdown report and plots of an earlier run's JSON into --out")
+    ap.add_argument("--_calibrate", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._calibrate or args.render:
+        return args
+    if args.quick:
+        args.contexts = args.contexts or "512"
+        args.concurrency = args.concurrency or "1,4"
+        if "--max-tokens" not in (argv if argv is not None else sys.argv):
+            args.max_tokens = 32
+        if "--requests" not in (argv if argv is not None else sys.argv):
+            args.requests = 2
+    args.contexts = parse_int_list(args.contexts) if args.contexts else list(DEFAULT_CONTEXTS)
+    args.concurrency = parse_int_list(args.concurrency) if args.concurrency else list(DEFAULT_CONCURRENCY)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in names if m not in METHODS]
+    if bad:
+        ap.error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    args.methods = ["plain"] + [m for m in METHODS if m in names and m != "plain"]
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not args.modes or any(m not in MODES for m in args.modes):
+        ap.error("--modes: greedy, sampled or both")
+    if args.max_tokens < 2 or args.max_tokens >= args.max_model_len - 16:
+        ap.error("--max-tokens out of range")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args._calibrate:
+        _calibrate_main(args._calibrate)
+        return 0
+    if args.render:
+        return render(Path(args.render), Path(args.out) if args.out else Path(args.render).parent, args.prefix)
+    t_start = time.monotonic()
+    from bench_workloads import build_prompts
+    from transformers import AutoTokenizer
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+        print("tqdm is not installed: no progress bar (`pip install tqdm`)", file=sys.stderr)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("NOTE: matplotlib is not installed, the plots will be skipped: `pip install matplotlib` "
+              "(lead: add matplotlib to scripts/install.sh)", file=sys.stderr)
+
+    args.model = args.model or default_model()
+    ks_path = Path(args.knapspec_config)
+    ks = load_knapspec_yaml(ks_path)
+    args.knapspec_config_is_file = True
+    out = Path(args.out or ROOT / ".cache" / "bench" / time.strftime("%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="knapspec-bench-"))
+
+    # grid and prompts (effective context: the window must hold prompt + output)
+    grid_nominal = build_grid(args.contexts, args.concurrency, args.max_batch_context)
+    if not grid_nominal:
+        print("empty grid: every (context, concurrency) exceeds --max-batch-context", file=sys.stderr)
+        return 2
+    args.nominal = {}
+    grid = []
+    for c, n in grid_nominal:
+        e = effective_context(c, args.max_model_len, args.max_tokens)
+        args.nominal[e] = c
+        grid.append((e, n))
+    tok = AutoTokenizer.from_pretrained(args.model)
+    prompts_by_ctx = {}
+    for ctx in sorted({c for c, _ in grid}):
+        count = max(requests_per_cell(ctx, n, args.requests, args.cell_tokens) for c, n in grid if c == ctx)
+        prompts_by_ctx[ctx] = build_prompts(tok, ctx, count)
+
+    meta = {"machine": machine_info(), "versions": versions(), "model": args.model,
+            "knapspec_config_path": str(ks_path.relative_to(ROOT) if ks_path.is_relative_to(ROOT) else ks_path),
+            "knapspec_config": ks, "load_start": load_avg(),
+            "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "nominal"},
+            "grid": [{"context": c, "nominal_context": args.nominal[c], "concurrency": n,
+                      "requests": requests_per_cell(c, n, args.requests, args.cell_tokens)} for c, n in grid],
+            "prompts": {str(c): [f"{p.kind}:{p.source}" for p in ps] for c, ps in prompts_by_ctx.items()}}
+    print("== KnapSpec benchmark ==")
+    for line in header_lines({**meta, "static_skip_set": None}):
+        print(line)
+    print("- grid: " + ", ".join(f"{ctx_label(g['nominal_context'])} x{g['concurrency']} ({g['requests']} req)"
+                                 for g in meta["grid"]) + f"; methods {', '.join(args.methods)}; modes "
+          f"{', '.join(args.modes)}; results -> {out}", flush=True)
+
+    # static skip set: chosen once, offline
+    static_skip = args.static_skip_set
+    if "static" in args.methods and static_skip is None:
+        print("calibrating the static skip set (KnapSpec's selector, once, on calibration prompts) ...", flush=True)
+        try:
+            cal = calibrate_static(args.model, ks, args.calibration_tokens, args.startup_timeout)
+        except Exception as e:
+            print(f"static calibration failed: {e}", file=sys.stderr)
+            cal = None
+            args.methods.remove("static")
+        meta["calibration"] = cal
+        if cal:
+            static_skip = cal["skip"]
+            print(f"static skip set: {static_skip} ({cal['attn']} attention, {cal['mlp']} MLP; predicted "
+                  f"alpha {cal['predicted_alpha']}, speedup {cal['predicted_speedup']}; {cal['seconds']} s)",
+                  flush=True)
+    meta["static_skip_set"] = static_skip
+    specs = method_specs(args.methods, ks, static_skip, args.clasp_skip_layers)
+    meta["methods"] = specs
+
+    total_requests = len(args.methods) * len(args.modes) * sum(
+        requests_per_cell(c, n, args.requests, args.cell_tokens) for c, n in grid)
+    bar = tqdm(total=total_requests, unit="req", disable=args.no_progress or tqdm is None,
+               dynamic_ncols=True) if tqdm is not None else None
+    results, mismatches, errors = {}, [], {}
+    try:
+        for name in args.methods:
+            res = asyncio.run(bench_method(name, specs[name], args, grid, prompts_by_ctx, work, bar))
+            results[name] = res
+            if res["error"]:
+                errors[name] = res["error"]
+                msg = f"{name}: FAILED: {res['error']}"
+                (bar.write(msg) if bar is not None else print(msg, file=sys.stderr))
+                if name == "plain":
+                    break
+                continue
+            if name != "plain" and "greedy" in args.modes:
+                mm = compare_greedy(results["plain"]["outputs"], res["outputs"], name)
+                bad = {(m["context"], m["concurrency"]) for m in mm}
+                for c in res["cells"]:
+                    if c["mode"] == "greedy":
+                        c["greedy_equal"] = (c["context"], c["concurrency"]) not in bad
+                for m in mm:
+                    (bar.write(format_mismatch(m)) if bar is not None else print(format_mismatch(m)))
+                mismatches += mm
+    finally:
+        if bar is not None:
+            bar.close()
+        logs = out / "logs"
+        logs.mkdir(exist_ok=True)
+        for f in work.glob("*.log"):
+            shutil.copy(f, logs / f.name)
+        shutil.rmtree(work, ignore_errors=True)
+
+    cells = [c for r in results.values() for c in r["cells"]]
+    add_derived(cells, static_skip, args.clasp_skip_layers)
+    meta.update(load_end=load_avg(), total_s=round(time.monotonic() - t_start, 1),
+                startup_s={k: r.get("startup_s") for k, r in results.items()},
+                prefill={k: {str(c): v for c, v in r["prefill"].items()} for k, r in results.items()},
+                errors=errors, logs=str(out / "logs"))
+    plots = make_plots(cells, out, args.prefix, args.methods)
+    report = markdown_report(meta, cells, mismatches, plots)
+    (out / f"{args.prefix}.md").write_text(report)
+    doc = {**meta, "cells": cells, "greedy_mismatches": mismatches,
+           "final_metrics": {k: r.get("final_metrics") for k, r in results.items()}, "plots": plots}
+    (out / f"{args.prefix}.json").write_text(json.dumps(doc, indent=1, default=str))
+    print()
+    print(report)
+    print(f"results: {out / (args.prefix + '.json')}, {out / (args.prefix + '.md')}"
+          + (", " + ", ".join(plots) if plots else "") + f"; server logs in {out / 'logs'}")
+    print(f"total time: {meta['total_s']} s ({meta['total_s'] / 60:.1f} min)")
+    if mismatches:
+        print(f"FAILED: {len(mismatches)} greedy output(s) differ from plain decoding", file=sys.stderr)
+        return 1
+    if errors:
+        print(f"FAILED: {', '.join(errors)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

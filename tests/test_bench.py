@@ -1,0 +1,120 @@
+"""scripts/bench.py helpers without servers: workloads, grid, metrics parsing, table, greedy comparison."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench  # noqa: E402
+import bench_workloads as wl  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok(model_path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def test_prompts_are_token_exact_and_alternate(tok):
+    for length, count in ((512, 6), (2048, 2)):
+        ps = wl.build_prompts(tok, length, count)
+        assert [p.num_tokens for p in ps] == [length] * count
+        assert [p.kind for p in ps] == ["code", "prose"] * (count // 2)
+        assert len({p.token_ids for p in ps}) == count
+    code = wl.build_prompts(tok, 512, 1)[0]
+    assert tok.decode(code.token_ids).startswith(tok.decode(wl._ids(tok, wl.code_text("typing"))[:512]))
+    prose = wl.build_prompts(tok, 512, 2)[1]
+    text = tok.decode(prose.token_ids)
+    assert "Summarize the following text:" in text and text.rstrip().endswith("assistant")
+
+
+def test_same_document_at_every_context(tok):
+    short, long = wl.build_prompts(tok, 512, 2), wl.build_prompts(tok, 2048, 2)
+    assert long[0].token_ids[:512] == short[0].token_ids              # code: a prefix
+    head, tail = wl.prose_template(tok)
+    n = 512 - len(tail)
+    assert long[1].token_ids[:n] == short[1].token_ids[:n]              # prose: all but the template tail
+
+
+def test_calibration_prompts_are_not_benchmark_prompts(tok):
+    cal = wl.calibration_prompts(tok, 512)
+    bench_ids = {p.token_ids for p in wl.build_prompts(tok, 512, 16)}
+    assert [p.kind for p in cal] == ["code", "prose"] and not bench_ids & {p.token_ids for p in cal}
+
+
+def test_plain_tokenizer_without_chat_template():
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+    p = wl.prose_prompt(Tok(), 0, 300)
+    assert p.num_tokens == 300 and "".join(map(chr, p.token_ids)).startswith(wl.PROSE_INSTRUCTION)
+    with pytest.raises(ValueError):
+        wl.prose_prompt(Tok(), 0, 10)
+
+
+def test_grid_and_requests():
+    grid = bench.build_grid([512, 2048, 8192], [1, 4, 16], 8192)
+    assert grid == [(512, 1), (512, 4), (512, 16), (2048, 1), (2048, 4), (8192, 1)]
+    assert [bench.requests_per_cell(c, n, 4, 16384) for c, n in grid] == [4, 4, 16, 4, 4, 2]
+    assert bench.effective_context(8192, 8192, 64) == 8128 and bench.effective_context(512, 8192, 64) == 512
+    assert bench.parse_int_list("512, 2k,8K") == [512, 2048, 8192]
+    assert bench.ctx_label(8192) == "8K" and bench.ctx_label(512) == "512"
+
+
+def test_parse_metrics_sums_label_sets():
+    text = ("# HELP x\nvllm:spec_decode_num_drafts_total{engine=\"0\"} 3.0\n"
+            "vllm:knapspec_skipped_attention{worker=\"1\"} 4\nvllm:knapspec_skipped_attention{worker=\"2\"} 1\n")
+    m = bench.parse_metrics(text)
+    assert m["vllm:spec_decode_num_drafts_total"] == 3.0 and m["vllm:knapspec_skipped_attention"] == 5.0
+
+
+def test_compare_greedy_reports_where_outputs_diverge():
+    ref = {(512, 1, 0): {"token_ids": [1, 2, 3, 4], "text": "abcd"},
+           (512, 1, 1): {"token_ids": [5, 6], "text": "ef"},
+           (512, 4, 0): {"token_ids": [7], "text": "g"}}
+    got = {(512, 1, 0): {"token_ids": [1, 2, 9, 4], "text": "abxd"},
+           (512, 1, 1): {"token_ids": [5, 6], "text": "ef"}}
+    mm = bench.compare_greedy(ref, got, "knapspec")
+    assert [(m["concurrency"], m["prompt"], m["token"]) for m in mm] == [(1, 0, 2), (4, 0, None)]
+    assert "diverges at output token 2" in bench.format_mismatch(mm[0])
+    assert bench.compare_greedy(ref, ref, "x") == []
+    assert bench.first_diff([1, 2], [1, 2, 3]) == 2 and bench.first_diff([1], [1]) is None
+
+
+def _cell(method, tok_s, mode="greedy", **kw):
+    return {**dict(method=method, context=512, nominal_context=512, concurrency=1, mode=mode, tok_s=tok_s,
+                   acceptance_rate=None, mean_accepted_length=None, selection_share=0.0, gauges_end={},
+                   gauges_mean={}), **kw}
+
+
+def test_table_speedup_and_skip_columns():
+    cells = [_cell("plain", 10.0), _cell("knapspec", 12.0, acceptance_rate=0.8, mean_accepted_length=3.5,
+                                           gauges_end={"skipped_attention": 4, "skipped_mlp": 1,
+                                                       "drafting_enabled": 1}, greedy_equal=True, drafts=10,
+                                           no_spec_steps=0, selections_total=1),
+             _cell("static", 9.0, greedy_equal=False, drafts=5), _cell("clasp", 11.0, drafts=3, no_spec_steps=2),
+             _cell("plain", 8.0, mode="sampled"),
+             _cell("clasp", 8.0, mode="sampled", drafts=0, no_spec_steps=9, selections_total=0)]
+    bench.add_derived(cells, "a3,a5,m7", 8)
+    assert [c["speedup"] for c in cells] == [1.0, 1.2, 0.9, 1.1, 1.0, 1.0]
+    assert (cells[1]["skip_attn"], cells[1]["skip_mlp"]) == (4, 1)
+    assert (cells[2]["skip_attn"], cells[2]["skip_mlp"]) == (2, 1) and cells[3]["skip_attn"] == 8
+    table = bench.format_table(cells)
+    lines = table.splitlines()
+    assert lines[0] == bench.TABLE_HEADER and len(lines) == 2 + len(cells)
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    row = next(line for line in lines if "| knapspec |" in line)
+    assert "1.20x" in row and "4/1" in row and "| yes |" in row
+    assert "**NO**" in next(line for line in lines if "| static |" in line)
+    assert "2/1*" in table and "8/8*" in table and "| partly |" in table
+    assert "no (no selection yet)" in next(line for line in lines if "| sampled | clasp |" in line)
+
+
+def test_collapsed_sampled_acceptance_is_flagged():
+    def c(method, mode, acc, drafted):
+        return dict(method=method, mode=mode, accepted_tokens=acc, draft_tokens=drafted)
+    ok = [c("ngram", "greedy", 50, 100), c("ngram", "sampled", 30, 100)]
+    bad = [c("static", "greedy", 77, 82), c("static", "sampled", 1, 39)]
+    assert bench.sampled_acceptance_warnings(ok) == []
+    w = bench.sampled_acceptance_warnings(ok + bad)
+    assert len(w) == 1 and w[0].startswith("static:")

@@ -48,6 +48,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_utils import default_model, free_port, parse_metrics, vllm_cmd  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 HOST = "127.0.0.1"
@@ -62,20 +65,10 @@ MODES = ("greedy", "sampled")
 
 
 # ------------------------------------------------------------------------------------------------ small helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
-def default_model() -> str:
-    out = subprocess.check_output([sys.executable, str(ROOT / "scripts" / "get_model.py")], text=True)
-    return out.strip().splitlines()[-1]
 
 
-def vllm_cmd() -> list[str]:
-    exe = Path(sys.executable).with_name("vllm")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
 
 def parse_int_list(s: str) -> list[int]:
@@ -90,19 +83,6 @@ def ctx_label(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {name: value summed over label sets}."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name = name_labels.split("{", 1)[0]
-        try:
-            out[name] = out.get(name, 0.0) + float(value)
-        except ValueError:
-            continue
-    return out
 
 
 def first_diff(a, b) -> int | None:

@@ -43,26 +43,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_utils import default_model, free_port, parse_metrics, vllm_cmd  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 SERVED_NAME = "soak"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
-def default_model() -> str:
-    out = subprocess.check_output([sys.executable, str(ROOT / "scripts" / "get_model.py")], text=True)
-    return out.strip().splitlines()[-1]
 
 
-def vllm_cmd() -> list[str]:
-    exe = Path(sys.executable).with_name("vllm")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
 
 def tree_pids(root: int) -> list[int]:
@@ -98,19 +91,6 @@ def tree_rss_mb(root: int) -> float:
     return total_kb / 1024
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {name: value summed over label sets}."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name = name_labels.split("{", 1)[0]
-        try:
-            out[name] = out.get(name, 0.0) + float(value)
-        except ValueError:
-            continue
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ servers

@@ -70,17 +70,23 @@ class Bench:
         pos = torch.full((B,), n, dtype=torch.int64, device=self.dev)
         return h, pos
 
-    def attn(self, n, B, layer=0):
+    def attn(self, n, B):
+        """All L attention sublayers inside one forward context (as in a real step); the caller divides by L."""
         md, (h, pos) = self.metadata(n, B), self.inputs(n, B)
 
         def run():
             with self.compat.forward_context(md, self.d.vllm_config, B, {}):
-                self.d.run_item(2 * layer, pos, h, None)
+                for layer in range(self.d.num_layers):
+                    self.d.run_item(2 * layer, pos, h, None)
         return run
 
-    def mlp(self, B, layer=0):
+    def mlp(self, B):
         h, pos = self.inputs(0, B)
-        return lambda: self.d.run_item(2 * layer + 1, pos, h, None)
+
+        def run():
+            for layer in range(self.d.num_layers):
+                self.d.run_item(2 * layer + 1, pos, h, None)
+        return run
 
     def overhead(self, n, B):
         ids = torch.zeros(B, dtype=torch.int64, device=self.dev)
@@ -110,10 +116,11 @@ def measure(draft, contexts, batches, iters=10, warmup=3, log=print) -> list[dic
     b = Bench(draft)
     samples = []
     for B in batches:
-        t = _median_time(b.mlp(B), b.dev, iters, warmup)
+        L = draft.num_layers
+        t = _median_time(b.mlp(B), b.dev, iters, warmup) / L
         samples.append(dict(kind="mlp", num_tokens=B, seconds=t))
         for n in contexts:
-            t_a = _median_time(b.attn(n, B), b.dev, iters, warmup)
+            t_a = _median_time(b.attn(n, B), b.dev, iters, warmup) / L
             t_o = _median_time(b.overhead(n, B), b.dev, iters, warmup)
             samples.append(dict(kind="attn", ctx_lens=[n] * B, num_tokens=B, seconds=t_a))
             samples.append(dict(kind="overhead", ctx_lens=[n] * B, num_tokens=B, seconds=t_o))

@@ -31,4 +31,7 @@ curl -s "http://127.0.0.1:$PORT/v1/chat/completions" -H 'Content-Type: applicati
   | python -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["message"]["content"])'
 echo "--- /metrics (KnapSpec and vLLM spec-decode)"
 curl -s "http://127.0.0.1:$PORT/metrics" | grep -E '^vllm:(knapspec|spec_decode)' | grep -v '_created' || true
+echo "(vllm:knapspec_drafting_enabled 0 means the selector chose plain decoding: it does so until plain decoding has"
+echo " paid for a selection at max_selection_overhead, and whenever no draft beats plain decoding - on 2 CPU cores with"
+echo " a 135M model none does. min_speedup: 0 in the YAML forces drafting; tests/test_serve.py does that.)"
 if [ -n "${KEEP:-}" ]; then echo "server left running on http://127.0.0.1:$PORT (pid $PID)"; wait $PID; fi

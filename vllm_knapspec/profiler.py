@@ -77,7 +77,7 @@ class Bench:
         def run():
             with self.compat.forward_context(md, self.d.vllm_config, B, {}):
                 for layer in range(self.d.num_layers):
-                    self.d.run_item(2 * layer, pos, h, None)
+                    self.d.run_item(2 * layer, pos, h, h)     # fused add+norm, as in a real step
         return run
 
     def mlp(self, B):
@@ -85,7 +85,7 @@ class Bench:
 
         def run():
             for layer in range(self.d.num_layers):
-                self.d.run_item(2 * layer + 1, pos, h, None)
+                self.d.run_item(2 * layer + 1, pos, h, h)
         return run
 
     def overhead(self, n, B):

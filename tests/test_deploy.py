@@ -359,7 +359,7 @@ def test_deployment_serving_contract():
     ann = dep["spec"]["template"]["metadata"]["annotations"]
     assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/path"] == "/metrics"
     assert {e["name"] for e in c["env"]} >= {"MODEL"}
-    # Setting VLLM_KNAPSPEC_METRICS_DIR would make the plugin skip registering its /metrics collector.
+    # The front-end makes its own metrics folder (an inherited one is ignored), so none is set here.
     assert "VLLM_KNAPSPEC_METRICS_DIR" not in {e["name"] for e in c["env"]}
 
 

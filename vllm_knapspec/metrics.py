@@ -104,14 +104,29 @@ class KnapSpecStats:
         self._maybe_write(force=True)
 
 
+_owned_dir: str | None = None
+
+
+def is_root_process() -> bool:
+    """The process that serves /metrics (the `vllm serve` front-end or the user's `LLM` process). vLLM
+    starts EngineCore and workers with multiprocessing, so they have a parent_process(); the root does not,
+    even when its own parent (a test runner, a supervisor) already had a metrics folder in its environment."""
+    import multiprocessing
+
+    return multiprocessing.parent_process() is None
+
+
 def ensure_metrics_dir() -> str:
-    """Called in every process by the plugin: the first (front-end) process creates the folder and
-    children inherit it through the environment."""
-    d = os.environ.get(ENV_DIR)
-    if not d:
-        d = tempfile.mkdtemp(prefix="knapspec-metrics-")
-        os.environ[ENV_DIR] = d
-    return d
+    """Called in every process by the plugin: the root process makes a fresh folder (an inherited one
+    belongs to some other server) and vLLM's children inherit it through the environment."""
+    global _owned_dir
+    if is_root_process():
+        if _owned_dir is None:
+            _owned_dir = tempfile.mkdtemp(prefix="knapspec-metrics-")
+        os.environ[ENV_DIR] = _owned_dir
+    elif not os.environ.get(ENV_DIR):                # e.g. a Ray worker on another node: count locally
+        os.environ[ENV_DIR] = tempfile.mkdtemp(prefix="knapspec-metrics-")
+    return os.environ[ENV_DIR]
 
 
 def read_snapshots(d: str | None = None) -> list[dict]:

@@ -63,7 +63,10 @@ else:
     ENGINE = dict(max_model_len=16896, gpu_memory_utilization=0.35, seed=0, disable_log_stats=False,
                   max_num_seqs=16, hf_overrides={"max_position_embeddings": 32768})
 
-PHASE_EST = dict(env=20, convert=90, plain_v1=150, plain_v2=120, knapspec=300, ksgraph=240, ngram=150, cost8b=330)
+PHASE_EST = dict(env=20, convert=90, plain_v1=150, plain_v2=120, knapspec=300, ksgraph=240, ngram=150, cost8b=330,
+                 ns_plain_v2=60, ns_plain_v1=60, ns_ks_default=60, ns_ks_full=60, ns_plain_v1_full=60)
+if os.environ.get("KS_CTXS"):                      # e.g. KS_CTXS=1024,4096 for a shorter run
+    P["ctxs"] = [int(x) for x in os.environ["KS_CTXS"].split(",")]
 
 
 def log(*a):
@@ -763,8 +766,62 @@ def phase_cost8b():
         save("cost8b", res)
 
 
+def _nospec(label: str, v1: bool, cudagraph_mode: str | None, spec: bool):
+    """Plain-decoding cost inside a KnapSpec engine: the selector is replaced by one that never drafts, so every
+    step is a 1-token-per-request step in an engine built for speculation (V1 runner, sync scheduling, CUDA
+    graphs sized for 1+gamma). Against plain engines with the same cudagraph mode. KS_NOSPEC_DUMMY=1: the
+    SmolLM2 shape with dummy weights (timing only; no drafts are made, so acceptance does not matter)."""
+    if v1:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    setup_process()
+    kw = {}
+    if cudagraph_mode:
+        kw["compilation_config"] = {"cudagraph_mode": cudagraph_mode}
+    if os.environ.get("KS_NOSPEC_DUMMY") == "1":
+        kw["load_format"] = "dummy"
+    spec_cfg = None
+    if spec:
+        from vllm_knapspec import config as ks_config
+        spec_cfg = ks_config.load_speculative_config(str(SRC / "configs" / "knapspec.yaml"))
+    llm, start_s = make_llm(spec=spec_cfg, **kw)
+    info = engine_info(llm)
+    log(label, "engine", json.dumps(info), f"start {start_s:.1f} s")
+    res = dict(engine=info, start_s=round(start_s, 1), dummy=os.environ.get("KS_NOSPEC_DUMMY") == "1")
+    sel = None
+    if spec:
+        sel = TimedSelector(None, GAMMA)
+        find_proposer(llm).selector = sel
+    res["timings"] = timed_workloads(llm, label, corpus_ids(tokenizer()))
+    if sel is not None:
+        res["step_ms_median"] = med_ms(sel.plain_s)
+        res["steps_timed"] = len(sel.plain_s)
+    save(label, res)
+
+
+def phase_ns_plain_v2():
+    _nospec("ns_plain_v2", False, None, False)
+
+
+def phase_ns_plain_v1():
+    _nospec("ns_plain_v1", True, None, False)
+
+
+def phase_ns_ks_default():
+    _nospec("ns_ks_default", True, None, True)
+
+
+def phase_ns_ks_full():
+    _nospec("ns_ks_full", True, "FULL", True)
+
+
+def phase_ns_plain_v1_full():
+    _nospec("ns_plain_v1_full", True, "FULL", False)
+
+
 PHASES = dict(env=phase_env, convert=phase_convert, plain_v1=phase_plain_v1, plain_v2=phase_plain_v2,
-              knapspec=phase_knapspec, ksgraph=phase_ksgraph, ngram=phase_ngram, cost8b=phase_cost8b)
+              knapspec=phase_knapspec, ksgraph=phase_ksgraph, ngram=phase_ngram, cost8b=phase_cost8b,
+              ns_plain_v2=phase_ns_plain_v2, ns_plain_v1=phase_ns_plain_v1, ns_ks_default=phase_ns_ks_default,
+              ns_ks_full=phase_ns_ks_full, ns_plain_v1_full=phase_ns_plain_v1_full)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -372,6 +372,30 @@ def test_adapt_false_only_records_errors():
     assert err["draft"] == pytest.approx(0.5) and err["verify"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_fit_draft_steps_recovers_law_from_whole_steps():
+    """Whole draft steps with random skip sets (2 % noise, a few wild timings) pin down the per-sublayer
+    law, including the attention/MLP split the DP weights come from."""
+    rng = np.random.default_rng(7)
+    samples = []
+    for _ in range(150):
+        ctx = random_batch(rng)
+        na, nm = int(rng.integers(0, L + 1)), int(rng.integers(0, L + 1))
+        sec = true_draft(na, nm, ctx) * (1 + 0.02 * rng.standard_normal())
+        if rng.random() < 0.03:
+            sec *= 5                                          # a GC pause
+        samples.append(dict(n_attn_kept=na, n_mlp_kept=nm, ctx_lens=ctx, seconds=sec))
+    m = LatencyModel(L, scaled(TRUE, 0.3))                      # a sublayer fit 3x too cheap
+    report = m.fit_draft_steps(samples)
+    assert report["n"] == 150 and report["mdape"] < 0.03
+    for ctx in (np.array([512]), np.array([8000] * 16)):
+        assert rel(m.draft_step_time((20, 25), ctx), true_draft(20, 25, ctx)) < 0.03
+        t_attn, t_mlp = m.sublayer_times(ctx)
+        assert rel(t_attn, true_attn(ctx.sum(), len(ctx))) < 0.15 and rel(t_mlp, true_mlp(len(ctx))) < 0.15
+    assert m.coefficients()["verify_overhead_s"] == pytest.approx(0.3 * TRUE["verify_overhead_s"])
+    with pytest.raises(ValueError, match="at least"):
+        m.fit_draft_steps(samples[:5])
+
+
 def test_observe_draft_multi_step_matches_sum():
     m = LatencyModel(L, TRUE, adapt=False)
     ctx = np.array([1000, 5000, 7])

@@ -15,6 +15,8 @@ def test_profile_fits_and_predicts_draft_steps(model_path, tmp_path):
     t_long, _ = model.sublayer_times([2048])
     assert t_long > t_short > 0                                   # attention cost grows with context
     err = out["validation"]["median_abs_rel_error"]
-    print(f"draft-step median |error| {err:.1%}")
-    assert err < 0.3
+    before = out["fit"]["sublayers_only_validation"]["median_abs_rel_error"]
+    print(f"draft-step median |error| {err:.1%} (sublayer timings only: {before:.1%})")
+    assert out["fit"]["steps"]["n"] == 2 * 2 * 4                  # the whole-step fit ran on its own skip sets
+    assert err < 0.15
     assert json.loads((tmp_path / "p.json").read_text())["profile"] == out["profile"]

@@ -528,6 +528,41 @@ class LatencyModel:
         self._reset_online()
         return out
 
+    def fit_draft_steps(self, samples: Iterable[Mapping]) -> dict:
+        """Robust non-negative fit of the draft-step law on whole draft steps.
+
+        Sublayers timed one by one (fit_sublayers) miss what a real step adds between them: on a
+        2-core CPU a whole eager step costs up to ~1.5x the sum of its isolated sublayers (caches,
+        OpenMP wake-ups, allocator), and the gap depends on batch and context.  Fitting the same
+        additive law on whole steps with random skip sets keeps the per-sublayer form the DP needs
+        and prices the sublayers as they run inside a step.  Each sample: n_attn_kept, n_mlp_kept,
+        ctx_lens (per request), seconds.  Verify-side coefficients are left as they are.
+        Returns the fitted draft coefficients with n and the in-sample median |relative residual|.
+        """
+        cols = (_A_ATTN, _B_ATTN, _C_ATTN, _A_MLP, _B_MLP, _OD0, _OD1)
+        X, y = [], []
+        for s in samples:
+            sec = float(s["seconds"])
+            if not (sec > 0 and math.isfinite(sec)):
+                continue
+            S, R = _ctx_stats(s["ctx_lens"])
+            X.append(self._draft_features(int(s["n_attn_kept"]), int(s["n_mlp_kept"]), S, float(R),
+                                          np.empty(_D))[list(cols)])
+            y.append(sec)
+        if len(y) < 2 * len(cols):
+            raise ValueError(f"fit_draft_steps needs at least {2 * len(cols)} timed steps, got {len(y)}")
+        X, y = np.asarray(X), np.asarray(y)
+        # Scale columns to O(1) so the NNLS subset solves are well conditioned (S·n_attn ~ 1e5).
+        scale = np.maximum(np.abs(X).max(0), 1e-12)
+        sol = _robust_nnls(X / scale, y) / scale
+        for j, c in zip(cols, sol):
+            self._theta[j] = c
+        self.source = "profile"
+        self._reset_online()
+        out = {COEF_NAMES[j]: float(self._theta[j]) for j in cols}
+        out.update(n=int(y.size), mdape=float(np.median(np.abs(X @ sol - y) / y)))
+        return out
+
     # -- online refit -------------------------------------------------------------------------------
     def observe_draft(self, n_attn_kept: int, n_mlp_kept: int, ctx_lens, seconds: float,
                       num_steps: int = 1, num_reqs: int | None = None) -> float:

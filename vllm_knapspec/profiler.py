@@ -5,8 +5,10 @@ fit the LatencyModel, write a profile per (model, device, dtype, tensor-parallel
 
 Attention of one layer is timed for B decode queries over contexts of n tokens (blocks addressed directly in
 the engine's KV cache; nothing is written), the MLP for B tokens, and the per-step overhead (embedding,
-final norm, lm_head, top-1, metadata build). `--validate` then times whole draft steps with random skip sets
-and reports the model's median absolute relative error against them.
+final norm, lm_head, top-1, metadata build); these give the sublayer law. Then whole draft steps with random skip
+sets are timed and the same additive law is refit on them (`--calibration-sets`, LatencyModel.fit_draft_steps):
+inside a real step a sublayer costs more than alone. `--validate` times whole steps with other random skip sets
+and reports the model's median absolute relative error against them (before and after the step fit).
 """
 from __future__ import annotations
 
@@ -129,19 +131,30 @@ def measure(draft, contexts, batches, iters=10, warmup=3, log=print) -> list[dic
 
 
 @torch.inference_mode()
-def validate(draft, model: LatencyModel, contexts, batches, sets=4, iters=5, seed=0, log=print) -> dict:
-    """Whole draft steps with random skip sets vs the model's prediction."""
+def time_steps(draft, contexts, batches, sets=4, iters=5, seed=0) -> list[dict]:
+    """Whole draft steps with random skip sets (any mix of attention and MLP, 0..L sublayers skipped)."""
     b, rng, L = Bench(draft), random.Random(seed), draft.num_layers
-    errors, rows = [], []
+    out = []
     for B in batches:
         for n in contexts:
             for _ in range(sets):
                 k = rng.randint(0, L)
                 skip = SkipSet.from_items(L, rng.sample(range(2 * L), k))
-                meas = _median_time(b.draft_step(n, B, skip), b.dev, iters, 2)
-                pred = model.draft_step_time(skip, [n] * B)
-                errors.append(abs(pred - meas) / meas)
-                rows.append(dict(B=B, ctx=n, skipped=k, measured_ms=meas * 1e3, predicted_ms=pred * 1e3))
+                out.append(dict(n_attn_kept=skip.n_attn_kept, n_mlp_kept=skip.n_mlp_kept, ctx_lens=[n] * B,
+                                B=B, ctx=n, skipped=k, skip=skip,
+                                seconds=_median_time(b.draft_step(n, B, skip), b.dev, iters, 2)))
+    return out
+
+
+def validate(draft, model: LatencyModel, contexts, batches, sets=4, iters=5, seed=0, log=print) -> dict:
+    """Whole draft steps with random skip sets (held out: a seed the calibration did not use) vs the
+    model's prediction."""
+    errors, rows = [], []
+    for s in time_steps(draft, contexts, batches, sets, iters, seed):
+        pred = model.draft_step_time(s["skip"], s["ctx_lens"])
+        errors.append(abs(pred - s["seconds"]) / s["seconds"])
+        rows.append(dict(B=s["B"], ctx=s["ctx"], skipped=s["skipped"], measured_ms=s["seconds"] * 1e3,
+                         predicted_ms=pred * 1e3))
     res = dict(median_abs_rel_error=statistics.median(errors), max_abs_rel_error=max(errors), points=rows)
     log(f"draft-step prediction: median |err| {res['median_abs_rel_error']:.1%}, max {res['max_abs_rel_error']:.1%} "
         f"over {len(errors)} (context, batch, skip set) points")
@@ -164,6 +177,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--out-dir", default=DEFAULT_DIR)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--validate", action="store_true", help="time whole draft steps and report the error")
+    ap.add_argument("--calibration-sets", type=int, default=4,
+                    help="random skip sets per (context, batch) timed as whole steps to fit the draft law "
+                         "(0: sublayer timings only)")
     ap.add_argument("--load-format", default="auto", help="'dummy' profiles a shape without weights")
     ap.add_argument("--json", help="also write the fit + validation summary here")
     a = ap.parse_args(argv)
@@ -188,6 +204,11 @@ def main(argv=None) -> dict:
     key = ProfileKey.make(mc.model, device_name(), str(mc.dtype), a.tensor_parallel_size)
     model = LatencyModel(draft.num_layers, key=key, source="profile")
     fit = model.fit_sublayers(samples)
+    if a.validate:          # what sublayer timings alone predict, for the record
+        fit["sublayers_only_validation"] = {k: v for k, v in validate(
+            draft, model, contexts, batches, log=lambda m: print("sublayers only: " + m)).items() if k != "points"}
+    if a.calibration_sets:
+        fit["steps"] = model.fit_draft_steps(time_steps(draft, contexts, batches, a.calibration_sets, seed=1))
     path = profile_path(os.path.expanduser(a.out_dir), mc.model, device_name(), str(mc.dtype),
                         a.tensor_parallel_size)
     model.save(path)

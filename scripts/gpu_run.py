@@ -20,6 +20,12 @@ Phases (results: $KS_STATE/<phase>.json, copied to $OUT; a phase that fails leav
   ngram     vLLM's ngram speculator: outputs compared + timings
   cost8b    Llama-3.1-8B shape, dummy weights: draft-step / verify-step time per skip set, 1K/16K/32K,
             batch 1 and 16, eager and CUDA-graph drafts
+  ns_*      steps without drafts: plain engines (ns_plain_v2, ns_plain_v1[_full]) vs KnapSpec engines whose
+            selector never drafts (ns_ks_default, ns_ks_full = cudagraph_mode FULL); KS_NOSPEC_DUMMY=1 for dummy
+            weights
+  ksfull    KnapSpec with cudagraph_mode FULL + draft graphs: outputs vs plain_v1, timings
+  plainfull plain decoding with cudagraph_mode FULL: outputs vs plain_v1 (is FULL itself output-exact?)
+KS_CTXS=1024,4096 shortens the timing grid.
 Timings: greedy, ignore_eos, prompts are slices of Python stdlib sources (real text), contexts 1K/4K/16K,
 batch 1 and 16, 256 new tokens; the prompt is prefilled once before (prefix cache), so the timed runs are
 decode-bound; output tokens/s = batch * new tokens / wall time (mean of the timed runs).
@@ -64,7 +70,7 @@ else:
                   max_num_seqs=16, hf_overrides={"max_position_embeddings": 32768})
 
 PHASE_EST = dict(env=20, convert=90, plain_v1=150, plain_v2=120, knapspec=300, ksgraph=240, ngram=150, cost8b=330,
-                 ns_plain_v2=60, ns_plain_v1=60, ns_ks_default=60, ns_ks_full=60, ns_plain_v1_full=60)
+                 ns_plain_v2=60, ns_plain_v1=60, ns_ks_default=60, ns_ks_full=60, ns_plain_v1_full=60, ksfull=120, plainfull=60)
 if os.environ.get("KS_CTXS"):                      # e.g. KS_CTXS=1024,4096 for a shorter run
     P["ctxs"] = [int(x) for x in os.environ["KS_CTXS"].split(",")]
 
@@ -557,13 +563,13 @@ def phase_ngram():
 class KnapSpecEngine:
     """The KnapSpec engine of a phase plus helpers to swap selectors, check outputs and time workloads."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, **engine_kw):
         setup_process()
         from vllm_knapspec import config as ks_config
         self.ks_config = ks_config
         self.name = name
         yaml_cfg = ks_config.load_speculative_config(str(SRC / "configs" / "knapspec.yaml"))
-        self.llm, start_s = make_llm(spec=yaml_cfg)
+        self.llm, start_s = make_llm(spec=yaml_cfg, **engine_kw)
         self.prop = find_proposer(self.llm)
         self.d = self.prop.draft
         self.L = self.d.num_layers
@@ -766,6 +772,44 @@ def phase_cost8b():
         save("cost8b", res)
 
 
+def phase_ksfull():
+    """KnapSpec with cudagraph_mode FULL (full graphs for mixed batches, so steps without drafts keep a full
+    graph); draft steps replayed from CUDA graphs; the selector priced with the graph-draft profile. Outputs
+    against plain_v1 (default FULL_AND_PIECEWISE), then timings. Session 3 ran this with the mode set by a
+    plugin patch that was then withdrawn (docs/gpu.md section 9)."""
+    e = KnapSpecEngine("ksfull", compilation_config={"cudagraph_mode": "FULL"})
+    if CPU:
+        e.res["skipped"] = "CPU"
+        return e.save()
+    from vllm_knapspec import cudagraph
+    try:
+        e.graphs = cudagraph.install(e.prop)
+        e.res["correctness_graphs_full"] = e.correctness("graphs-full", subset=True)
+        e.save()
+        prof = SRC / "configs" / "profiles" / "SmolLM2-135M-Instruct.H100.bf16.graph-draft.json"
+        e.profile_path = str(prof) if prof.exists() else None
+        e.timed("ks_selector_full_graph", "sel")
+        e.res["graph_stats"] = dict(e.graphs.stats)
+    except Exception:           # noqa: BLE001
+        e.res["error"] = traceback.format_exc()
+        log(e.res["error"])
+    e.save()
+
+
+def phase_plainfull():
+    """Plain decoding (no speculation) with cudagraph_mode FULL: are greedy outputs equal to plain_v1's (default
+    FULL_AND_PIECEWISE)? Separates what the graph mode changes from what speculation changes."""
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    setup_process()
+    llm, start_s = make_llm(compilation_config={"cudagraph_mode": "FULL"})
+    info = engine_info(llm)
+    ref = load("plain_v1_outputs")
+    outs = run_outputs(llm, ref["sets"], P["corr_tokens"])
+    res = dict(engine=info, start_s=round(start_s, 1), vs_plain_v1=compare(outs, ref["outputs"]))
+    log("plainfull", json.dumps(res["vs_plain_v1"]))
+    save("plainfull", res)
+
+
 def _nospec(label: str, v1: bool, cudagraph_mode: str | None, spec: bool):
     """Plain-decoding cost inside a KnapSpec engine: the selector is replaced by one that never drafts, so every
     step is a 1-token-per-request step in an engine built for speculation (V1 runner, sync scheduling, CUDA
@@ -821,7 +865,8 @@ def phase_ns_plain_v1_full():
 PHASES = dict(env=phase_env, convert=phase_convert, plain_v1=phase_plain_v1, plain_v2=phase_plain_v2,
               knapspec=phase_knapspec, ksgraph=phase_ksgraph, ngram=phase_ngram, cost8b=phase_cost8b,
               ns_plain_v2=phase_ns_plain_v2, ns_plain_v1=phase_ns_plain_v1, ns_ks_default=phase_ns_ks_default,
-              ns_ks_full=phase_ns_ks_full, ns_plain_v1_full=phase_ns_plain_v1_full)
+              ns_ks_full=phase_ns_ks_full, ns_plain_v1_full=phase_ns_plain_v1_full,
+              ksfull=phase_ksfull, plainfull=phase_plainfull)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ class KnapSpecSelector:
         self.predicted_alpha = None
         self.proposed = self.accepted = 0    # since the last selection
         self.selection_s = 0.0               # cost of the last selection
+        self._cost_scale = 1.0               # last measured cost / its _estimated_selection_s
         self.since_selection_s = 0.0         # decode wall time since the last selection
         self.total_selection_s = self.total_decode_s = 0.0
         self.history: list[dict] = []        # one entry per selection (benchmarks, tests)
@@ -76,6 +77,7 @@ class KnapSpecSelector:
     def plan(self, rows: np.ndarray, ctx: np.ndarray):
         self.steps += 1
         if self.sync(self._due(ctx)):
+            estimate = self._estimated_selection_s(ctx)
             t0 = time.perf_counter()
             try:
                 self.select(rows, ctx)
@@ -86,6 +88,7 @@ class KnapSpecSelector:
                 raise
             finally:
                 self.selection_s = time.perf_counter() - t0
+                self._cost_scale = self.selection_s / max(estimate, 1e-9)
             self.total_selection_s += self.selection_s
             self.stats.inc("selections")
             self.stats.inc("selection_seconds", self.selection_s)
@@ -100,6 +103,8 @@ class KnapSpecSelector:
             return self.since_selection_s * self.cfg.max_selection_overhead >= self.selection_s
         if self.since_selection_s * self.cfg.max_selection_overhead < self.selection_s:
             return False                                   # keep selection under its share of wall time
+        if not self._affordable(ctx):
+            return False
         if self.steps >= self.cfg.reselect_interval:
             return True
         if ctx.mean() >= self.selected_ctx * (1 + self.cfg.context_change):
@@ -108,6 +113,14 @@ class KnapSpecSelector:
             realised = self.accepted / self.proposed
             return abs(realised - self.predicted_alpha) > self.cfg.acceptance_change
         return False
+
+    def _affordable(self, ctx) -> bool:
+        """The next selection costs more than the last when the context or the batch grew (its reference pass
+        attends over the context): predict it from the cost model, scaled by how far the last measured cost was
+        from that model's estimate, so the overhead share holds while contexts grow (on an H100 a 1K -> 4K
+        context step tripled the DP cost and a last-cost rule let the share reach 5-9 % per cell)."""
+        predicted = self._estimated_selection_s(ctx) * self._cost_scale
+        return self.since_selection_s * self.cfg.max_selection_overhead >= predicted
 
     def _estimated_selection_s(self, ctx) -> float:
         """A DP pass runs each item once on up to K+1 branches of r tokens: about a full forward over

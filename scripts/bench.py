@@ -39,17 +39,14 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_utils import default_model, free_port, parse_metrics, vllm_cmd  # noqa: E402
+from serve_utils import Server, default_model, parse_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -267,75 +264,6 @@ def load_avg() -> list[float] | None:
 
 
 # ------------------------------------------------------------------------------------------------ servers
-@dataclass
-class Server:
-    name: str
-    args: list[str]
-    env: dict
-    log: Path
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
-    ready_s: float | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def start(self) -> None:
-        cmd = vllm_cmd() + ["serve"] + self.args + ["--host", HOST, "--port", str(self.port)]
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.log, "w")
-        f.write(" ".join(cmd) + "\n")
-        f.flush()
-        self.t0 = time.monotonic()
-        # Own session: API server, EngineCore and workers are stopped together through the process group.
-        self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
-                                     start_new_session=True)
-        f.close()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 60.0) -> None:
-        if not self.alive():
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(10)
-
-    def tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    async def wait_healthy(self, client, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self.alive():
-                raise RuntimeError(f"{self.name} server exited with {self.proc.returncode} during startup:\n"
-                                   f"{self.tail()}")
-            try:
-                r = await client.get(self.url + "/health", timeout=5)
-                if r.status_code == 200:
-                    self.ready_s = round(time.monotonic() - self.t0, 1)
-                    return
-            except Exception:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} server not healthy after {timeout:.0f} s:\n{self.tail()}")
-            await asyncio.sleep(1.0)
-
-
 # ------------------------------------------------------------------------------------------------ client
 async def complete(client, url, token_ids, max_tokens, temperature, seed=None) -> dict:
     body = {"model": SERVED_NAME, "prompt": list(token_ids), "max_tokens": max_tokens,

@@ -34,9 +34,6 @@ import json
 import math
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_utils import default_model, free_port, parse_metrics, vllm_cmd  # noqa: E402
+from serve_utils import Server, default_model, parse_metrics, wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -94,83 +91,6 @@ def tree_rss_mb(root: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ servers
-@dataclass
-class Server:
-    name: str
-    args: list[str]
-    env: dict[str, str]
-    log: Path
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
-    ready_s: float | None = None
-    exit_code: int | None = None
-    shutdown_s: float | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def start(self) -> None:
-        cmd = vllm_cmd() + ["serve"] + self.args + ["--host", HOST, "--port", str(self.port)]
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.log, "w")
-        f.write(" ".join(cmd) + "\n")
-        f.flush()
-        self.t0 = time.monotonic()
-        # Own session: the whole tree (API server, EngineCore, workers) is signalled through its process group.
-        self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
-                                     start_new_session=True)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 60.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            if self.proc is not None:
-                self.exit_code = self.proc.returncode
-            return
-        t = time.monotonic()
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout)
-            self.shutdown_s = round(time.monotonic() - t, 1)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(10)
-        self.exit_code = self.proc.returncode
-
-    def tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-
-async def wait_healthy(client, servers: list[Server], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    pending = list(servers)
-    while pending:
-        for s in list(pending):
-            if not s.alive():
-                raise RuntimeError(f"{s.name} server exited with {s.proc.returncode} during startup:\n{s.tail()}")
-            try:
-                r = await client.get(s.url + "/health", timeout=5)
-                if r.status_code == 200:
-                    s.ready_s = round(time.monotonic() - s.t0, 1)
-                    pending.remove(s)
-            except Exception:
-                pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"servers not healthy after {timeout:.0f} s: {[s.name for s in pending]}")
-        await asyncio.sleep(1.0)
-
-
 # ------------------------------------------------------------------------------------------------ prompts
 def build_pool(model: str, n: int, max_model_len: int, max_tokens: tuple[int, int], rng: random.Random):
     """n (token_ids, max_tokens) pairs; lengths log-uniform in [16, max_model_len - max_tokens], and the

@@ -131,26 +131,33 @@ def measure(draft, contexts, batches, iters=10, warmup=3, log=print) -> list[dic
 
 
 @torch.inference_mode()
-def time_steps(draft, contexts, batches, sets=4, iters=5, seed=0) -> list[dict]:
-    """Whole draft steps with random skip sets (any mix of attention and MLP, 0..L sublayers skipped)."""
+def time_steps(draft, contexts, batches, sets=4, iters=5, seed=0, repeats=1) -> list[dict]:
+    """Whole draft steps with random skip sets (any mix of attention and MLP, 0..L sublayers skipped).
+    `repeats` > 1 times every point again in later passes over the whole grid and keeps the median: on a
+    shared VM the same step measured twice a few seconds apart differs by 7-14 % (median), more than the
+    model's error, so single timings cannot tell a 5 % model from a 10 % one."""
     b, rng, L = Bench(draft), random.Random(seed), draft.num_layers
-    out = []
+    points = []
     for B in batches:
         for n in contexts:
             for _ in range(sets):
                 k = rng.randint(0, L)
                 skip = SkipSet.from_items(L, rng.sample(range(2 * L), k))
-                out.append(dict(n_attn_kept=skip.n_attn_kept, n_mlp_kept=skip.n_mlp_kept, ctx_lens=[n] * B,
-                                B=B, ctx=n, skipped=k, skip=skip,
-                                seconds=_median_time(b.draft_step(n, B, skip), b.dev, iters, 2)))
-    return out
+                points.append(dict(n_attn_kept=skip.n_attn_kept, n_mlp_kept=skip.n_mlp_kept, ctx_lens=[n] * B,
+                                   B=B, ctx=n, skipped=k, skip=skip, times=[]))
+    for _ in range(max(repeats, 1)):
+        for p in points:
+            p["times"].append(_median_time(b.draft_step(p["ctx"], p["B"], p["skip"]), b.dev, iters, 2))
+    for p in points:
+        p["seconds"] = statistics.median(p["times"])
+    return points
 
 
-def validate(draft, model: LatencyModel, contexts, batches, sets=4, iters=5, seed=0, log=print) -> dict:
+def validate(draft, model: LatencyModel, contexts, batches, sets=4, iters=5, seed=0, log=print, repeats=1) -> dict:
     """Whole draft steps with random skip sets (held out: a seed the calibration did not use) vs the
     model's prediction."""
     errors, rows = [], []
-    for s in time_steps(draft, contexts, batches, sets, iters, seed):
+    for s in time_steps(draft, contexts, batches, sets, iters, seed, repeats):
         pred = model.draft_step_time(s["skip"], s["ctx_lens"])
         errors.append(abs(pred - s["seconds"]) / s["seconds"])
         rows.append(dict(B=s["B"], ctx=s["ctx"], skipped=s["skipped"], measured_ms=s["seconds"] * 1e3,
@@ -180,6 +187,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--calibration-sets", type=int, default=4,
                     help="random skip sets per (context, batch) timed as whole steps to fit the draft law "
                          "(0: sublayer timings only)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="time every whole-step point this many times (interleaved passes) and use the median")
     ap.add_argument("--load-format", default="auto", help="'dummy' profiles a shape without weights")
     ap.add_argument("--json", help="also write the fit + validation summary here")
     a = ap.parse_args(argv)
@@ -206,16 +215,18 @@ def main(argv=None) -> dict:
     fit = model.fit_sublayers(samples)
     if a.validate:          # what sublayer timings alone predict, for the record
         fit["sublayers_only_validation"] = {k: v for k, v in validate(
-            draft, model, contexts, batches, log=lambda m: print("sublayers only: " + m)).items() if k != "points"}
+            draft, model, contexts, batches, log=lambda m: print("sublayers only: " + m),
+            repeats=a.repeats).items() if k != "points"}
     if a.calibration_sets:
-        fit["steps"] = model.fit_draft_steps(time_steps(draft, contexts, batches, a.calibration_sets, seed=1))
+        fit["steps"] = model.fit_draft_steps(time_steps(draft, contexts, batches, a.calibration_sets, seed=1,
+                                                        repeats=a.repeats))
     path = profile_path(os.path.expanduser(a.out_dir), mc.model, device_name(), str(mc.dtype),
                         a.tensor_parallel_size)
     model.save(path)
     out = dict(profile=path, seconds=time.time() - t0, fit=fit, coefficients=model.coefficients())
     print(f"wrote {path} ({out['seconds']:.0f} s)")
     if a.validate:
-        out["validation"] = validate(draft, model, contexts, batches)
+        out["validation"] = validate(draft, model, contexts, batches, repeats=a.repeats)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2, default=str)

@@ -2,13 +2,19 @@
 the context grows (attention cost grows with context, MLP cost does not)."""
 import inspect
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 from vllm import SamplingParams
 
 from conftest import drafter_of, make_llm, spec_counters
 from prompts import CODE, PROSE
+from vllm_knapspec.config import parse_knapspec
+from vllm_knapspec.latency import LatencyModel
 from vllm_knapspec.selector import KnapSpecSelector, make_selector
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Selection is costly on 2 CPU cores (a DP pass ~ a prefill of (K+1)*r tokens): small r, no overhead cap,
 # and min_speedup 0 so the chosen sets really draft (on CPU plain decoding often wins, which is the point
@@ -91,10 +97,65 @@ def test_attention_weight_grows_with_context(spec_llm, model_path):
     assert l["w_attn"] / l["w_mlp"] > s["w_attn"] / s["w_mlp"]
     # The composition of the chosen set (printed above) is not asserted: on SmolLM2 / 2 CPU cores it is
     # dominated by the acceptance estimates, and the attention share moved 0.43-1.0 without a trend over
-    # contexts 160..7000. Pricing one and the same selection (same reference states) at 256 and at 8000
-    # tokens with the CPU profile moved the weights from 2:1 to 3:1 and still chose the same 15 attention +
-    # 15 MLP set: with acceptance estimated at 1.0 the TPT argmax takes the full budget, where the DP's best
-    # cosine set did not change (see the issue note).
+    # contexts 160..7000 (acceptance differs between prompts). The next test holds everything but the pricing
+    # fixed and asserts the composition.
+
+
+class PricedAt:
+    """A latency model seen at a fixed context length: same reference states and acceptance estimates, only
+    the pricing of the sublayers moves."""
+
+    def __init__(self, model, ctx: int):
+        self.model, self.ctx = model, ctx
+
+    def _at(self, ctx):
+        return np.full(max(len(np.atleast_1d(ctx)), 1), self.ctx)
+
+    def sublayer_times(self, ctx, *a):
+        return self.model.sublayer_times(self._at(ctx), *a)
+
+    def draft_step_time(self, skip, ctx):
+        return self.model.draft_step_time(skip, self._at(ctx))
+
+    def verify_step_time(self, ctx, *a):
+        return self.model.verify_step_time(self._at(ctx), *a)
+
+    def plain_step_time(self, ctx):
+        return self.model.plain_step_time(self._at(ctx))
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def test_selector_skips_more_attention_when_context_prices_it_higher(spec_llm, model_path):
+    """One selection on a real 2000-token prompt, run twice in the same engine step (identical reference states
+    and acceptance estimates; the shipped reference_tokens 32) with the CPU latency profile evaluated at 256 and
+    at 8000 tokens of context. At 8000 an attention sublayer costs twice an MLP (integer weights 2:1, 1:1 at 256),
+    so skipping attention saves more time per similarity lost and the chosen set skips more attention."""
+    from transformers import AutoTokenizer
+    d = drafter_of(spec_llm)
+    cfg = parse_knapspec({**d.cfg.model_dump(), "reference_tokens": 32})
+    sel = d.selector = make_selector(cfg, d.draft, d.vllm_config)
+    sel.selection_s = 1e-9
+    profile = LatencyModel.load(ROOT / "configs" / "profiles" / "SmolLM2-135M-Instruct.cpu.float32.json")
+    runs, select = {}, sel.select
+
+    def select_twice(rows, ctx):
+        if not runs:
+            for name, n in (("short", 256), ("long", 8000)):
+                sel.latency = sel.target = PricedAt(profile, n)
+                select(rows, ctx)
+                runs[name] = sel.history[-1]
+        return select(rows, ctx)
+    sel.select = select_twice
+    tok = AutoTokenizer.from_pretrained(model_path)
+    spec_llm.generate([long_prompt(tok, 2000)], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True),
+                      use_tqdm=False)
+    s, l = runs["short"], runs["long"]
+    print({k: (v["w_attn"], v["w_mlp"], v["attn"], v["mlp"], v["gamma"], round(v["speedup"], 3)) for k, v in runs.items()})
+    assert l["w_attn"] / l["w_mlp"] > s["w_attn"] / s["w_mlp"]          # attention got dearer relative to MLP
+    assert l["attn"] > s["attn"]                                         # ... so more of it is skipped
+    assert l["attn"] / (l["attn"] + l["mlp"]) > s["attn"] / max(s["attn"] + s["mlp"], 1)
 
 
 def test_latency_model_follows_an_injected_slowdown(spec_llm):

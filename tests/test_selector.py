@@ -192,6 +192,9 @@ def test_latency_model_follows_an_injected_slowdown(spec_llm):
     assert n_before >= 20 and len(after) >= 40, (n_before, len(after))
     first = after[:3]
     settled = sorted(after[30:])[len(after[30:]) // 2]
-    print(f"draft-time error right after the x2 slowdown {first}, median after 30 drafts {settled:.3f}")
-    assert max(first) > 0.3            # the slowdown was real and unpredicted ...
-    assert settled < 0.25              # ... and the model followed it within 30 drafts
+    ratio_before = sorted(s / p for on, p, s in seen if not on)[n_before // 2]   # measured / predicted
+    ratio_first = max(s / p for on, p, s in [x for x in seen if x[0]][:3])
+    print(f"draft-time error right after the x2 slowdown {first}, median after 30 drafts {settled:.3f}; "
+          f"measured/predicted {ratio_before:.2f} before, {ratio_first:.2f} right after")
+    assert ratio_first > 1.5 * ratio_before    # the slowdown was real and unpredicted ...
+    assert settled < 0.25                      # ... and the model followed it within 30 drafts

@@ -103,8 +103,9 @@ class KnapSpecSelector:
             return self.since_selection_s * self.cfg.max_selection_overhead >= self.selection_s
         if self.since_selection_s * self.cfg.max_selection_overhead < self.selection_s:
             return False                                   # keep selection under its share of wall time
-        if not self._affordable(ctx):
-            return False
+        return self._wanted(ctx) and self._affordable(ctx)   # cost estimate only when a selection is wanted
+
+    def _wanted(self, ctx) -> bool:
         if self.steps >= self.cfg.reselect_interval:
             return True
         if ctx.mean() >= self.selected_ctx * (1 + self.cfg.context_change):

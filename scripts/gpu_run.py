@@ -25,6 +25,8 @@ Phases (results: $KS_STATE/<phase>.json, copied to $OUT; a phase that fails leav
             weights
   ksfull    KnapSpec with cudagraph_mode FULL + draft graphs: outputs vs plain_v1, timings
   plainfull plain decoding with cudagraph_mode FULL: outputs vs plain_v1 (is FULL itself output-exact?)
+  ksuni     KnapSpec, default graph mode + patch 5 (full graphs for 1..gamma+1 tokens per request) + draft
+            graphs: outputs vs plain_v1, timings without drafts, with the selector, with a static set
 KS_CTXS=1024,4096 shortens the timing grid.
 Timings: greedy, ignore_eos, prompts are slices of Python stdlib sources (real text), contexts 1K/4K/16K,
 batch 1 and 16, 256 new tokens; the prompt is prefilled once before (prefix cache), so the timed runs are
@@ -70,7 +72,7 @@ else:
                   max_num_seqs=16, hf_overrides={"max_position_embeddings": 32768})
 
 PHASE_EST = dict(env=20, convert=90, plain_v1=150, plain_v2=120, knapspec=300, ksgraph=240, ngram=150, cost8b=330,
-                 ns_plain_v2=60, ns_plain_v1=60, ns_ks_default=60, ns_ks_full=60, ns_plain_v1_full=60, ksfull=120, plainfull=60)
+                 ns_plain_v2=60, ns_plain_v1=60, ns_ks_default=60, ns_ks_full=60, ns_plain_v1_full=60, ksfull=120, plainfull=60, ksuni=240)
 if os.environ.get("KS_CTXS"):                      # e.g. KS_CTXS=1024,4096 for a shorter run
     P["ctxs"] = [int(x) for x in os.environ["KS_CTXS"].split(",")]
 
@@ -796,6 +798,41 @@ def phase_ksfull():
     e.save()
 
 
+KS_GRAPH_CAP = {"max_cudagraph_capture_size": (GAMMA + 1) * 16}    # graphs up to a full batch of full drafts
+
+
+def phase_ksuni():
+    """KnapSpec with vLLM's default FULL_AND_PIECEWISE mode plus patch 5 (vllm_knapspec/patches.py: full graphs
+    for uniform batches of 1..gamma+1 tokens per request) and draft steps replayed from CUDA graphs: outputs
+    against plain_v1, then timings: steps without drafts, and the selector with the graph-draft profile."""
+    e = KnapSpecEngine("ksuni", compilation_config=KS_GRAPH_CAP)
+    if CPU:
+        e.res["skipped"] = "CPU"
+        return e.save()
+    from vllm_knapspec import cudagraph
+    disp = model_runner(e.llm).cudagraph_dispatcher
+    e.res["uniform_graph_sizes"] = {str(q): v for q, v in (getattr(disp, "_ks_sizes", None) or {}).items()}
+    log("uniform graph sizes", e.res["uniform_graph_sizes"])
+    try:
+        e.graphs = cudagraph.install(e.prop)
+        e.res["correctness"] = e.correctness("uniform-graphs")
+        e.save()
+        sel = TimedSelector(None, GAMMA)                  # never drafts: the cost of a step without drafts
+        e.prop.selector = sel
+        e.res.setdefault("timings", []).extend(timed_workloads(e.llm, "ks_nodraft_uni", corpus_ids(e.tok)))
+        e.res["nodraft_step_ms_median"] = med_ms(sel.plain_s)
+        e.save()
+        prof = SRC / "configs" / "profiles" / "SmolLM2-135M-Instruct.H100.bf16.graph-draft.json"
+        e.profile_path = str(prof) if prof.exists() else None
+        e.timed("ks_selector_uni", "sel")
+        e.timed("ks_static_quarter_uni", "fixed", QUARTER)
+        e.res["graph_stats"] = dict(e.graphs.stats)
+    except Exception:           # noqa: BLE001
+        e.res["error"] = traceback.format_exc()
+        log(e.res["error"])
+    e.save()
+
+
 def phase_plainfull():
     """Plain decoding (no speculation) with cudagraph_mode FULL: are greedy outputs equal to plain_v1's (default
     FULL_AND_PIECEWISE)? Separates what the graph mode changes from what speculation changes."""
@@ -827,6 +864,8 @@ def _nospec(label: str, v1: bool, cudagraph_mode: str | None, spec: bool):
     if spec:
         from vllm_knapspec import config as ks_config
         spec_cfg = ks_config.load_speculative_config(str(SRC / "configs" / "knapspec.yaml"))
+        if not cudagraph_mode:
+            kw["compilation_config"] = KS_GRAPH_CAP
     llm, start_s = make_llm(spec=spec_cfg, **kw)
     info = engine_info(llm)
     log(label, "engine", json.dumps(info), f"start {start_s:.1f} s")
@@ -866,7 +905,7 @@ PHASES = dict(env=phase_env, convert=phase_convert, plain_v1=phase_plain_v1, pla
               knapspec=phase_knapspec, ksgraph=phase_ksgraph, ngram=phase_ngram, cost8b=phase_cost8b,
               ns_plain_v2=phase_ns_plain_v2, ns_plain_v1=phase_ns_plain_v1, ns_ks_default=phase_ns_ks_default,
               ns_ks_full=phase_ns_ks_full, ns_plain_v1_full=phase_ns_plain_v1_full,
-              ksfull=phase_ksfull, plainfull=phase_plainfull)
+              ksfull=phase_ksfull, plainfull=phase_plainfull, ksuni=phase_ksuni)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -125,3 +125,70 @@ def test_cpu_expand_patch_is_applied_on_cpu():
     assert rs.expand_batch_to_tokens is patches.expand_batch_to_tokens
     temps = rs.expand_batch_to_tokens(torch.tensor([0.8, 0.3]), torch.tensor([3, 5]), 5)
     assert torch.allclose(temps, torch.tensor([0.8, 0.8, 0.8, 0.3, 0.3]))
+
+
+# patch 5: full CUDA graphs for uniform batches of 1..gamma_max+1 tokens per request ----------------------------
+def _dispatcher(knapspec=None, sizes=(6, 12, 18, 24, 30)):
+    from vllm.config import CompilationConfig, CUDAGraphMode
+    from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
+    patches.patch_uniform_graphs()
+    patches.patch_uniform_graphs()                       # idempotent
+    cc = CompilationConfig(mode=3, cudagraph_mode="NONE", cudagraph_capture_sizes=list(sizes),
+                           max_cudagraph_capture_size=max(sizes))
+    vc = SimpleNamespace(compilation_config=cc, num_speculative_tokens=5, lora_config=None,
+                         scheduler_config=SimpleNamespace(max_num_seqs=16, max_num_batched_tokens=8192),
+                         speculative_config=SimpleNamespace(model=ks.PROPOSER_PATH, knapspec=knapspec or {}),
+                         parallel_config=SimpleNamespace(data_parallel_size=1))
+    d = CudagraphDispatcher(vc)                          # a real vLLM dispatcher, keys as the GPU runner makes them
+    d.initialize_cudagraph_keys(CUDAGraphMode.FULL_AND_PIECEWISE, 6)
+    return d
+
+
+def test_uniform_graph_sizes_and_padding():
+    assert patches.uniform_graph_sizes(1, 16, 8192, 30) == [1, 2, 4, 8, 16]     # plain decoding's own sizes
+    assert patches.uniform_graph_sizes(6, 16, 8192, 96) == [6, 12, 24, 48, 96]
+    assert patches.uniform_graph_sizes(6, 16, 8192, 30) == [6, 12, 24]          # FA3 graphs stop at max size
+    assert patches.pad_uniform(5, 1, [1, 2, 4, 8]) == 8
+    assert patches.pad_uniform(7, 2, [2, 4, 8]) is None                        # not q tokens per request
+    assert patches.pad_uniform(9, 1, [1, 2, 4, 8]) is None                     # past the largest graph
+
+
+def test_dispatcher_has_full_graphs_for_every_query_length():
+    from vllm.config import CUDAGraphMode
+    d = _dispatcher()
+    full = {(k.num_tokens, k.num_reqs) for k in d.cudagraph_keys[CUDAGraphMode.FULL]}
+    assert {(1, 1), (8, 8), (16, 16), (2, 1), (8, 4), (30, 5), (18, 3)} <= full
+    assert d.dispatch(18, True) == (CUDAGraphMode.FULL, d.dispatch(18, True)[1])   # vLLM's own gamma_max+1 graph
+    assert d.dispatch(18, True)[1].num_reqs == 3
+    d._ks_q = 1                                          # a step without drafts: 5 requests x 1 token
+    mode, desc = d.dispatch(5, True)
+    assert mode == CUDAGraphMode.FULL and (desc.num_tokens, desc.num_reqs, desc.uniform) == (8, 8, True)
+    d._ks_q = 2
+    assert d.dispatch(6, True)[0] == CUDAGraphMode.FULL and d.dispatch(6, True)[1].num_reqs == 4
+    assert d.dispatch(34, True)[0] == CUDAGraphMode.NONE                         # beyond every graph: eager
+    assert d.dispatch(6, True, invalid_modes={CUDAGraphMode.FULL})[0] == CUDAGraphMode.PIECEWISE
+    d._ks_q = None
+    assert d.dispatch(7, False)[0] == CUDAGraphMode.PIECEWISE                    # mixed batches untouched
+
+
+def test_uniform_graphs_can_be_turned_off():
+    from vllm.config import CUDAGraphMode
+    d = _dispatcher({"uniform_graphs": False})
+    full = {(k.num_tokens, k.num_reqs) for k in d.cudagraph_keys[CUDAGraphMode.FULL]}
+    assert (1, 1) not in full and (18, 3) in full
+
+
+def test_runner_treats_q_token_batches_as_uniform_while_dispatching():
+    seen = []
+
+    def orig(self, num_tokens, num_reqs, sched, max_q, *a, **kw):
+        seen.append((self.uniform_decode_query_len, self.cudagraph_dispatcher._ks_q))
+
+    det = patches._make_determine(orig)
+    runner = SimpleNamespace(cudagraph_dispatcher=_dispatcher(), uniform_decode_query_len=6)
+    det(runner, 4, 4, None, 1, False)                    # 4 requests x 1 token: dispatched as q = 1
+    det(runner, 12, 4, None, 3, False)                   # 4 x 3 tokens: q = 3
+    det(runner, 7, 4, None, 3, False)                    # mixed lengths: vLLM's way
+    det(runner, 12, 2, None, 6, False)                   # gamma_max + 1: vLLM's way
+    assert seen == [(1, 1), (3, 3), (6, None), (6, None)]
+    assert runner.uniform_decode_query_len == 6 and runner.cudagraph_dispatcher._ks_q is None

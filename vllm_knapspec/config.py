@@ -63,6 +63,10 @@ class KnapSpecConfig(BaseModel):
         "knapspec", description="knapspec: latency-weighted DP over 2L sublayers + TPT; clasp: baseline, "
                                 "whole layers, cosine DP, fixed budget clasp_skip_layers, fixed gamma")
     clasp_skip_layers: int = Field(8, ge=1, le=1024, description="CLaSp baseline: whole layers skipped")
+    uniform_graphs: bool = Field(True, description="GPU: also capture full CUDA graphs for decode batches of "
+                                                   "1..gamma_max tokens per request (vLLM captures only "
+                                                   "gamma_max+1), so steps without or with shorter drafts replay "
+                                                   "full graphs instead of piecewise ones")
 
     @field_validator("latency_profile")
     @classmethod

@@ -72,7 +72,8 @@ else:
                   max_num_seqs=16, hf_overrides={"max_position_embeddings": 32768})
 
 PHASE_EST = dict(env=20, convert=90, plain_v1=150, plain_v2=120, knapspec=300, ksgraph=240, ngram=150, cost8b=330,
-                 ns_plain_v2=60, ns_plain_v1=60, ns_ks_default=60, ns_ks_full=60, ns_plain_v1_full=60, ksfull=120, plainfull=60, ksuni=240)
+                 ns_plain_v2=60, ns_plain_v1=60, ns_ks_default=60, ns_ks_full=60, ns_plain_v1_full=60, ksfull=120, plainfull=60, ksuni=240,
+                 ns_plain_v1_sync=60, val8b=420, ab=300)
 if os.environ.get("KS_CTXS"):                      # e.g. KS_CTXS=1024,4096 for a shorter run
     P["ctxs"] = [int(x) for x in os.environ["KS_CTXS"].split(",")]
 
@@ -897,6 +898,100 @@ def phase_ns_ks_full():
     _nospec("ns_ks_full", True, "FULL", True)
 
 
+def phase_ns_plain_v1_sync():
+    """Plain decoding, V1 runner, async scheduling off: what KnapSpec's engine (sync, as vLLM requires for
+    custom_class proposers) would cost without any proposer."""
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    setup_process()
+    llm, start_s = make_llm(async_scheduling=False)
+    info = engine_info(llm)
+    log("ns_plain_v1_sync engine", json.dumps(info), f"start {start_s:.1f} s")
+    save("ns_plain_v1_sync", dict(engine=info, start_s=round(start_s, 1),
+                                  timings=timed_workloads(llm, "ns_plain_v1_sync", corpus_ids(tokenizer()))))
+
+
+def phase_val8b():
+    """Latency profile + held-out validation of the Llama-3.1-8B shape (dummy weights) through the package's
+    own CLI (knapspec-profile): contexts 512..32K, batches 1..32, eager draft steps."""
+    from transformers import LlamaConfig
+    import shutil
+    import tempfile
+    path = tempfile.mkdtemp(prefix="ks-llama8b-")
+    cfg = LlamaConfig(**LLAMA8B, max_position_embeddings=40960, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.torch_dtype = "bfloat16"
+    cfg.save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):     # text side only
+        if (Path(MODEL) / f).exists():
+            shutil.copy(Path(MODEL) / f, path)
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    setup_process()
+    from vllm_knapspec import profiler
+    out = profiler.main(["--model", path, "--load-format", "dummy", "--dtype", "bfloat16",
+                         "--contexts", os.environ.get("KS_VAL_CTXS", "512,1024,2048,4096,8192,16384,32768"),
+                         "--batches", "1,2,4,8,16,32", "--validate", "--repeats", "2",
+                         "--out-dir", str(STATE / "profiles"), "--json", str(STATE / "val8b_full.json")])
+    save("val8b", out)
+    try:
+        shutil.copy(out["profile"], OUT / "profile_llama8b_eager.json")
+    except OSError:
+        pass
+    log("val8b", json.dumps({k: out["fit"].get(k) for k in ("sublayers_only_validation",)}),
+        f"validation median {out['validation'].get('median_abs_rel_error')}")
+
+
+def phase_ab():
+    """Side by side in one process: vLLM's defaults without speculation vs KnapSpec as shipped
+    (configs/knapspec.yaml: selector, draft graphs, uniform graphs), the timed runs interleaved
+    (plain, KnapSpec, plain, ...) so that drift of the host hits both alike; greedy outputs compared per cell."""
+    setup_process()
+    reps = int(os.environ.get("KS_AB_REPS", "3"))
+    plain, s1 = make_llm(gpu_memory_utilization=0.3)
+    pinfo = engine_info(plain)
+    e = KnapSpecEngine("ab", compilation_config=KS_GRAPH_CAP, gpu_memory_utilization=0.3)
+    prof = SRC / "configs" / "profiles" / "SmolLM2-135M-Instruct.H100.bf16.graph-draft.json"
+    cfg = e.ks_config.parse_knapspec({**e.default_cfg.model_dump(), "latency_profile": str(prof)}) \
+        if prof.exists() else e.default_cfg
+    sel = e.use("sel", cfg=cfg)
+    graphs = getattr(e.d, "_knapspec_graphs", None)
+    e.res.update(plain_engine=pinfo, plain_start_s=round(s1, 1), draft_graphs_installed=graphs is not None,
+                 rows=[])
+    corpus = corpus_ids(e.tok)
+    for ctx in P["ctxs"]:
+        for bs in P["bss"]:
+            prompts = tokens_prompts(timing_prompts(corpus, ctx, bs))
+            for llm in (plain, e.llm):
+                llm.generate(prompts, greedy(8), use_tqdm=False)            # prefill once (prefix cache), warm
+            t = {"plain": [], "knapspec": []}
+            outs = {}
+            before = spec_counters(e.llm)
+            h0 = len(sel.history)
+            for _ in range(reps):
+                for name, llm in (("plain", plain), ("knapspec", e.llm)):
+                    t0 = time.perf_counter()
+                    o = llm.generate(prompts, greedy(P["n_out"]), use_tqdm=False)
+                    t[name].append(time.perf_counter() - t0)
+                    outs[name] = [list(x.outputs[0].token_ids) for x in o]
+            ntok = sum(len(x) for x in outs["plain"])
+            eq = sum(a == b for a, b in zip(outs["plain"], outs["knapspec"]))
+            row = dict(ctx=ctx, bs=bs, n_out=P["n_out"], plain_s=[round(x, 4) for x in t["plain"]],
+                       knapspec_s=[round(x, 4) for x in t["knapspec"]],
+                       plain_tok_s=round(ntok / statistics.median(t["plain"]), 1),
+                       knapspec_tok_s=round(ntok / statistics.median(t["knapspec"]), 1),
+                       greedy_equal=f"{eq}/{len(prompts)}", **delta(before, spec_counters(e.llm)),
+                       selections=[dict(skip=h["skip"], gamma=h["gamma"], speculate=h["speculate"],
+                                        pred_speedup=round(h.get("speedup", 0), 3)) for h in sel.history[h0:]][-3:])
+            row["speedup"] = round(row["knapspec_tok_s"] / row["plain_tok_s"], 3)
+            log(f"  ab ctx {ctx:6d} bs {bs:3d}: plain {row['plain_tok_s']:8.1f}  knapspec {row['knapspec_tok_s']:8.1f}"
+                f"  x{row['speedup']}  equal {row['greedy_equal']}  drafts {row['draft_tokens']}"
+                f"  acc {row['acceptance']}")
+            e.res["rows"].append(row)
+            e.save()
+    if graphs is not None:
+        e.res["graph_stats"] = dict(graphs.stats)
+    e.save()
+
+
 def phase_ns_plain_v1_full():
     _nospec("ns_plain_v1_full", True, "FULL", False)
 
@@ -905,7 +1000,8 @@ PHASES = dict(env=phase_env, convert=phase_convert, plain_v1=phase_plain_v1, pla
               knapspec=phase_knapspec, ksgraph=phase_ksgraph, ngram=phase_ngram, cost8b=phase_cost8b,
               ns_plain_v2=phase_ns_plain_v2, ns_plain_v1=phase_ns_plain_v1, ns_ks_default=phase_ns_ks_default,
               ns_ks_full=phase_ns_ks_full, ns_plain_v1_full=phase_ns_plain_v1_full,
-              ksfull=phase_ksfull, plainfull=phase_plainfull, ksuni=phase_ksuni)
+              ksfull=phase_ksfull, plainfull=phase_plainfull, ksuni=phase_ksuni,
+              ns_plain_v1_sync=phase_ns_plain_v1_sync, val8b=phase_val8b, ab=phase_ab)
 
 
 # ----------------------------------------------------------------------------------------------------------

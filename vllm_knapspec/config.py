@@ -63,6 +63,9 @@ class KnapSpecConfig(BaseModel):
         "knapspec", description="knapspec: latency-weighted DP over 2L sublayers + TPT; clasp: baseline, "
                                 "whole layers, cosine DP, fixed budget clasp_skip_layers, fixed gamma")
     clasp_skip_layers: int = Field(8, ge=1, le=1024, description="CLaSp baseline: whole layers skipped")
+    draft_graphs: Literal["auto", "off"] = Field(
+        "auto", description="auto: replay draft steps from CUDA graphs on a CUDA device unless the target runs "
+                            "eagerly (enforce_eager); off: always eager")
     uniform_graphs: bool = Field(True, description="GPU: also capture full CUDA graphs for decode batches of "
                                                    "1..gamma_max tokens per request (vLLM captures only "
                                                    "gamma_max+1), so steps without or with shorter drafts replay "

@@ -61,6 +61,10 @@ class KnapSpecProposer:
         self.runner = runner
         self.model = model
         self.selector = make_selector(self.cfg, self.draft, self.vllm_config)
+        if (self.cfg.draft_graphs == "auto" and self.draft.device.type == "cuda"
+                and not self.vllm_config.model_config.enforce_eager):
+            from vllm_knapspec import cudagraph
+            cudagraph.install(self)       # captured lazily per (skip set, batch bucket); eager fallback
         logger.info("KnapSpec draft ready: %d layers, gamma_max=%d, selector=%s",
                     self.draft.num_layers, self.k_max, type(self.selector).__name__)
 

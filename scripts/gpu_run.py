@@ -940,56 +940,106 @@ def phase_val8b():
         f"validation median {out['validation'].get('median_abs_rel_error')}")
 
 
+def _ab_worker(kind: str, conn):
+    """One engine of the A/B in its own process (two vLLM engines in one process share global graph-capture
+    state): 'plain' = vLLM's defaults, 'knapspec' = configs/knapspec.yaml as shipped + the graph-draft profile."""
+    try:
+        setup_process()
+        if kind == "plain":
+            llm, start_s = make_llm(gpu_memory_utilization=0.3)
+            sel = draft = None
+            info = dict(engine=engine_info(llm), start_s=round(start_s, 1))
+        else:
+            e = KnapSpecEngine("ab_ks", compilation_config=KS_GRAPH_CAP, gpu_memory_utilization=0.3)
+            prof = SRC / "configs" / "profiles" / "SmolLM2-135M-Instruct.H100.bf16.graph-draft.json"
+            cfg = e.ks_config.parse_knapspec({**e.default_cfg.model_dump(), "latency_profile": str(prof)}) \
+                if prof.exists() else e.default_cfg
+            sel = e.use("sel", cfg=cfg)
+            llm, draft = e.llm, e.d
+            info = dict(engine=e.res["engine"], start_s=e.res["start_s"],
+                        draft_graphs_installed=getattr(e.d, "_knapspec_graphs", None) is not None)
+        conn.send(info)
+        while True:
+            msg = conn.recv()
+            if msg is None:
+                break
+            op, prompts, n = msg
+            if op == "warm":
+                llm.generate(prompts, greedy(n), use_tqdm=False)
+                conn.send(spec_counters(llm))
+                continue
+            h0 = len(sel.history) if sel else 0
+            t0 = time.perf_counter()
+            o = llm.generate(prompts, greedy(n), use_tqdm=False)
+            dt = time.perf_counter() - t0
+            hist = [dict(skip=h["skip"], gamma=h["gamma"], speculate=h["speculate"],
+                         pred_speedup=round(h.get("speedup", 0), 3)) for h in sel.history[h0:]] if sel else []
+            g = getattr(draft, "_knapspec_graphs", None)
+            conn.send(dict(seconds=dt, outputs=[list(x.outputs[0].token_ids) for x in o], counters=spec_counters(llm),
+                           selections=hist, graph_stats=dict(g.stats) if g else None))
+    except Exception:           # noqa: BLE001
+        conn.send(dict(error=traceback.format_exc()))
+
+
 def phase_ab():
-    """Side by side in one process: vLLM's defaults without speculation vs KnapSpec as shipped
-    (configs/knapspec.yaml: selector, draft graphs, uniform graphs), the timed runs interleaved
+    """Side by side: vLLM's defaults without speculation vs KnapSpec as shipped (selector, draft graphs, uniform
+    graphs), both engines up at once (one process each, 0.3 of the GPU each), the timed runs interleaved
     (plain, KnapSpec, plain, ...) so that drift of the host hits both alike; greedy outputs compared per cell."""
+    import multiprocessing as mp
     setup_process()
     reps = int(os.environ.get("KS_AB_REPS", "3"))
-    plain, s1 = make_llm(gpu_memory_utilization=0.3)
-    pinfo = engine_info(plain)
-    e = KnapSpecEngine("ab", compilation_config=KS_GRAPH_CAP, gpu_memory_utilization=0.3)
-    prof = SRC / "configs" / "profiles" / "SmolLM2-135M-Instruct.H100.bf16.graph-draft.json"
-    cfg = e.ks_config.parse_knapspec({**e.default_cfg.model_dump(), "latency_profile": str(prof)}) \
-        if prof.exists() else e.default_cfg
-    sel = e.use("sel", cfg=cfg)
-    graphs = getattr(e.d, "_knapspec_graphs", None)
-    e.res.update(plain_engine=pinfo, plain_start_s=round(s1, 1), draft_graphs_installed=graphs is not None,
-                 rows=[])
-    corpus = corpus_ids(e.tok)
+    ctx_mp = mp.get_context("spawn")
+    ends, procs, res = {}, [], dict(rows=[])
+    for kind in ("plain", "knapspec"):          # one after the other: startups do not overlap
+        a, b = ctx_mp.Pipe()
+        p = ctx_mp.Process(target=_ab_worker, args=(kind, b), daemon=True)
+        p.start()
+        procs.append(p)
+        ends[kind] = a
+        res[kind] = a.recv()
+        log("ab", kind, json.dumps(res[kind])[:400])
+        if "error" in res[kind]:
+            save("ab", res)
+            raise RuntimeError(res[kind]["error"])
+    corpus = corpus_ids(tokenizer())
     for ctx in P["ctxs"]:
         for bs in P["bss"]:
             prompts = tokens_prompts(timing_prompts(corpus, ctx, bs))
-            for llm in (plain, e.llm):
-                llm.generate(prompts, greedy(8), use_tqdm=False)            # prefill once (prefix cache), warm
-            t = {"plain": [], "knapspec": []}
-            outs = {}
-            before = spec_counters(e.llm)
-            h0 = len(sel.history)
+            before = {}
+            for kind in ends:
+                ends[kind].send(("warm", prompts, 8))
+                before[kind] = ends[kind].recv()
+            t, outs, last = {k: [] for k in ends}, {}, {}
+            sels = []
             for _ in range(reps):
-                for name, llm in (("plain", plain), ("knapspec", e.llm)):
-                    t0 = time.perf_counter()
-                    o = llm.generate(prompts, greedy(P["n_out"]), use_tqdm=False)
-                    t[name].append(time.perf_counter() - t0)
-                    outs[name] = [list(x.outputs[0].token_ids) for x in o]
+                for kind in ends:
+                    ends[kind].send(("run", prompts, P["n_out"]))
+                    r = ends[kind].recv()
+                    if "error" in r:
+                        raise RuntimeError(r["error"])
+                    t[kind].append(r["seconds"])
+                    outs[kind], last[kind] = r["outputs"], r
+                    sels += r["selections"]
             ntok = sum(len(x) for x in outs["plain"])
-            eq = sum(a == b for a, b in zip(outs["plain"], outs["knapspec"]))
+            eq = sum(x == y for x, y in zip(outs["plain"], outs["knapspec"]))
             row = dict(ctx=ctx, bs=bs, n_out=P["n_out"], plain_s=[round(x, 4) for x in t["plain"]],
                        knapspec_s=[round(x, 4) for x in t["knapspec"]],
                        plain_tok_s=round(ntok / statistics.median(t["plain"]), 1),
                        knapspec_tok_s=round(ntok / statistics.median(t["knapspec"]), 1),
-                       greedy_equal=f"{eq}/{len(prompts)}", **delta(before, spec_counters(e.llm)),
-                       selections=[dict(skip=h["skip"], gamma=h["gamma"], speculate=h["speculate"],
-                                        pred_speedup=round(h.get("speedup", 0), 3)) for h in sel.history[h0:]][-3:])
+                       greedy_equal=f"{eq}/{len(prompts)}",
+                       **delta(before["knapspec"], last["knapspec"]["counters"]), selections=sels[-3:],
+                       graph_stats=last["knapspec"].get("graph_stats"))
             row["speedup"] = round(row["knapspec_tok_s"] / row["plain_tok_s"], 3)
             log(f"  ab ctx {ctx:6d} bs {bs:3d}: plain {row['plain_tok_s']:8.1f}  knapspec {row['knapspec_tok_s']:8.1f}"
                 f"  x{row['speedup']}  equal {row['greedy_equal']}  drafts {row['draft_tokens']}"
-                f"  acc {row['acceptance']}")
-            e.res["rows"].append(row)
-            e.save()
-    if graphs is not None:
-        e.res["graph_stats"] = dict(graphs.stats)
-    e.save()
+                f"  acc {row['acceptance']}  no-spec steps {row.get('no_spec_steps')}")
+            res["rows"].append(row)
+            save("ab", res)
+    for kind in ends:
+        ends[kind].send(None)
+    for p in procs:
+        p.join(timeout=30)
+    save("ab", res)
 
 
 def phase_ns_plain_v1_full():

@@ -1027,7 +1027,7 @@ def phase_ab():
                        plain_tok_s=round(ntok / statistics.median(t["plain"]), 1),
                        knapspec_tok_s=round(ntok / statistics.median(t["knapspec"]), 1),
                        greedy_equal=f"{eq}/{len(prompts)}",
-                       **delta(before["knapspec"], last["knapspec"]["counters"]), selections=sels[-3:],
+                       **delta(before["knapspec"], last["knapspec"]["counters"]), selection_history=sels[-3:],
                        graph_stats=last["knapspec"].get("graph_stats"))
             row["speedup"] = round(row["knapspec_tok_s"] / row["plain_tok_s"], 3)
             log(f"  ab ctx {ctx:6d} bs {bs:3d}: plain {row['plain_tok_s']:8.1f}  knapspec {row['knapspec_tok_s']:8.1f}"

@@ -945,12 +945,15 @@ def _ab_worker(kind: str, conn):
     state): 'plain' = vLLM's defaults, 'knapspec' = configs/knapspec.yaml as shipped + the graph-draft profile."""
     try:
         setup_process()
-        if kind == "plain":
-            llm, start_s = make_llm(gpu_memory_utilization=0.3)
+        if kind.startswith("plain"):
+            if kind == "plain_v1sync":            # the runner and scheduling vLLM gives a custom_class proposer
+                os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+            llm, start_s = make_llm(gpu_memory_utilization=0.25,
+                                    **({"async_scheduling": False} if kind == "plain_v1sync" else {}))
             sel = draft = None
             info = dict(engine=engine_info(llm), start_s=round(start_s, 1))
         else:
-            e = KnapSpecEngine("ab_ks", compilation_config=KS_GRAPH_CAP, gpu_memory_utilization=0.3)
+            e = KnapSpecEngine("ab_ks", compilation_config=KS_GRAPH_CAP, gpu_memory_utilization=0.25)
             prof = SRC / "configs" / "profiles" / "SmolLM2-135M-Instruct.H100.bf16.graph-draft.json"
             cfg = e.ks_config.parse_knapspec({**e.default_cfg.model_dump(), "latency_profile": str(prof)}) \
                 if prof.exists() else e.default_cfg
@@ -990,7 +993,8 @@ def phase_ab():
     reps = int(os.environ.get("KS_AB_REPS", "3"))
     ctx_mp = mp.get_context("spawn")
     ends, procs, res = {}, [], dict(rows=[])
-    for kind in ("plain", "knapspec"):          # one after the other: startups do not overlap
+    kinds = os.environ.get("KS_AB_KINDS", "plain,knapspec").split(",")
+    for kind in kinds:                          # one after the other: startups do not overlap
         a, b = ctx_mp.Pipe()
         p = ctx_mp.Process(target=_ab_worker, args=(kind, b), daemon=True)
         p.start()
@@ -1022,16 +1026,17 @@ def phase_ab():
                     sels += r["selections"]
             ntok = sum(len(x) for x in outs["plain"])
             eq = sum(x == y for x, y in zip(outs["plain"], outs["knapspec"]))
-            row = dict(ctx=ctx, bs=bs, n_out=P["n_out"], plain_s=[round(x, 4) for x in t["plain"]],
-                       knapspec_s=[round(x, 4) for x in t["knapspec"]],
-                       plain_tok_s=round(ntok / statistics.median(t["plain"]), 1),
-                       knapspec_tok_s=round(ntok / statistics.median(t["knapspec"]), 1),
-                       greedy_equal=f"{eq}/{len(prompts)}",
+            row = dict(ctx=ctx, bs=bs, n_out=P["n_out"], greedy_equal=f"{eq}/{len(prompts)}",
+                       **{f"{k}_s": [round(x, 4) for x in t[k]] for k in ends},
+                       **{f"{k}_tok_s": round(ntok / statistics.median(t[k]), 1) for k in ends},
                        **delta(before["knapspec"], last["knapspec"]["counters"]), selection_history=sels[-3:],
                        graph_stats=last["knapspec"].get("graph_stats"))
             row["speedup"] = round(row["knapspec_tok_s"] / row["plain_tok_s"], 3)
+            if "plain_v1sync" in ends:
+                row["vs_v1sync"] = round(row["knapspec_tok_s"] / row["plain_v1sync_tok_s"], 3)
             log(f"  ab ctx {ctx:6d} bs {bs:3d}: plain {row['plain_tok_s']:8.1f}  knapspec {row['knapspec_tok_s']:8.1f}"
-                f"  x{row['speedup']}  equal {row['greedy_equal']}  drafts {row['draft_tokens']}"
+                f"  x{row['speedup']}  v1sync {row.get('plain_v1sync_tok_s')} (x{row.get('vs_v1sync')})"
+                f"  equal {row['greedy_equal']}  drafts {row['draft_tokens']}"
                 f"  acc {row['acceptance']}  no-spec steps {row.get('no_spec_steps')}")
             res["rows"].append(row)
             save("ab", res)

@@ -192,3 +192,26 @@ def test_runner_treats_q_token_batches_as_uniform_while_dispatching():
     det(runner, 12, 2, None, 6, False)                   # gamma_max + 1: vLLM's way
     assert seen == [(1, 1), (3, 3), (6, None), (6, None)]
     assert runner.uniform_decode_query_len == 6 and runner.cudagraph_dispatcher._ks_q is None
+
+
+# patch 6: steps without drafts take vLLM's plain sampling path ----------------------------------------------
+def test_step_without_drafts_takes_the_plain_path():
+    seen = []
+    prep = patches._make_prepare(lambda self, so: seen.append(self.speculative_config))
+    spec = SimpleNamespace(model=ks.PROPOSER_PATH)
+    runner = SimpleNamespace(speculative_config=spec)
+    prep(runner, SimpleNamespace(scheduled_spec_decode_tokens={}))              # nobody drafted
+    prep(runner, SimpleNamespace(scheduled_spec_decode_tokens={"r1": [5, 6]}))  # a verification step
+    other = SimpleNamespace(speculative_config=SimpleNamespace(model="ngram"))
+    prep(other, SimpleNamespace(scheduled_spec_decode_tokens={}))               # not KnapSpec: untouched
+    assert seen == [None, spec, other.speculative_config] and runner.speculative_config is spec
+
+
+def test_plain_path_patch_matches_this_vllm():
+    import inspect
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    patches.patch_plain_steps()
+    patches.patch_plain_steps()                                                # idempotent
+    fn = GPUModelRunner.__dict__["_prepare_inputs"]
+    src = inspect.getsource(getattr(fn, "__wrapped__", fn))
+    assert getattr(fn, patches._MARK, False) == (patches._ALWAYS_SPEC in src)

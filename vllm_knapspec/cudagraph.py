@@ -28,7 +28,8 @@ per-bucket buffers before each replay; rows past the real batch size are padding
 row-wise, so padding rows never mix into real ones). Entries live in a bounded LRU; capture (and validation)
 time is reported as selection overhead (`KnapSpecStats.selection_seconds`) and in `DraftGraphs.stats`.
 
-Usage (after the engine is up, in the worker process):
+The proposer installs this at load time on a CUDA device (config `draft_graphs: auto`, unless enforce_eager).
+By hand (after the engine is up, in the worker process):
     from vllm_knapspec.cudagraph import install
     graphs = install(proposer)          # proposer.draft.step now replays graphs; uninstall(proposer) undoes it
 """

@@ -220,28 +220,24 @@ class _QueryLen:
     """While dispatching or capturing a uniform batch of q tokens per request, tell the runner (its
     _is_uniform_decode and _dummy_run read uniform_decode_query_len) and the dispatcher which q it is."""
 
-    def __init__(self, runner, q: int):
-        self.runner, self.q = runner, q
+    def __init__(self, runner, q: int, desc=None):
+        self.runner, self.q, self.desc = runner, q, desc
 
     def __enter__(self):
         self.saved = self.runner.uniform_decode_query_len
         self.runner.uniform_decode_query_len = self.q
-        self.runner.cudagraph_dispatcher._ks_q = self.q
+        d = self.runner.cudagraph_dispatcher
+        d._ks_q, d._ks_found = self.q, self.desc      # the key the runner already looked up, for dispatch
 
     def __exit__(self, *exc):
         self.runner.uniform_decode_query_len = self.saved
-        self.runner.cudagraph_dispatcher._ks_q = None
+        d = self.runner.cudagraph_dispatcher
+        d._ks_q = d._ks_found = None
 
 
 def _ks_desc(dispatcher, q: int, num_tokens: int):
-    """Our FULL key for num_tokens at q tokens per request, if it was captured."""
-    from vllm.forward_context import BatchDescriptor
-    sizes = (getattr(dispatcher, "_ks_sizes", None) or {}).get(q)
-    p = pad_uniform(num_tokens, q, sizes) if sizes else None
-    if p is None:
-        return None
-    desc = BatchDescriptor(num_tokens=p, num_reqs=p // q, uniform=True)
-    return desc if desc in dispatcher.cudagraph_keys_full_ks else None
+    """Our FULL key for num_tokens at q tokens per request, if it was captured (keys: (num_tokens, q))."""
+    return dispatcher._ks_index.get((num_tokens, q))
 
 
 def _uniform_graphs_wanted(vllm_config) -> bool:
@@ -261,7 +257,8 @@ def _make_init(orig):
         from vllm.config import CUDAGraphMode
         from vllm.forward_context import BatchDescriptor
         orig(self, cudagraph_mode, uniform_decode_query_len)
-        self._ks_q, self._ks_sizes, self.cudagraph_keys_full_ks = None, {}, set()
+        self._ks_q = self._ks_found = None
+        self._ks_sizes, self._ks_index, self.cudagraph_keys_full_ks = {}, {}, set()
         if not (_uniform_graphs_wanted(self.vllm_config) and cudagraph_mode.decode_mode() == CUDAGraphMode.FULL
                 and cudagraph_mode.separate_routine()):
             return
@@ -273,6 +270,11 @@ def _make_init(orig):
                 desc = BatchDescriptor(num_tokens=p, num_reqs=p // q, uniform=True)
                 self.cudagraph_keys_full_ks.add(desc)
                 self.add_cudagraph_key(CUDAGraphMode.FULL, desc)
+            # every batch of q tokens per request that pads into a graph -> that graph's key (one dict lookup
+            # per decode step instead of padding + building a descriptor)
+            for n in range(q, (self._ks_sizes[q] or [0])[-1] + 1, q):
+                p = pad_uniform(n, q, self._ks_sizes[q])
+                self._ks_index[(n, q)] = BatchDescriptor(num_tokens=p, num_reqs=p // q, uniform=True)
     return initialize_cudagraph_keys
 
 
@@ -291,7 +293,10 @@ def _make_dispatch(orig):
             if mode == CUDAGraphMode.FULL or CUDAGraphMode.FULL not in allowed:
                 return mode, desc
         q = self._ks_q or self.uniform_decode_query_len
-        ks = _ks_desc(self, q, num_tokens) if CUDAGraphMode.FULL in allowed else None
+        ks = None
+        if CUDAGraphMode.FULL in allowed:
+            ks = self._ks_found if self._ks_found is not None and self._ks_found.num_tokens >= num_tokens \
+                else _ks_desc(self, q, num_tokens)
         if ks is not None:
             return CUDAGraphMode.FULL, ks
         return (mode, desc) if native else orig(self, num_tokens, False, *args)
@@ -303,10 +308,12 @@ def _make_determine(orig):
     def _determine_batch_execution_and_padding(self, num_tokens, num_reqs, num_scheduled_tokens_np,
                                                max_num_scheduled_tokens, *a, **kw):
         d, q = self.cudagraph_dispatcher, int(max_num_scheduled_tokens)
+        desc = None
         if (getattr(d, "_ks_sizes", None) and kw.get("force_uniform_decode") is None
-                and q != self.uniform_decode_query_len and num_tokens == q * num_reqs
-                and _ks_desc(d, q, num_tokens) is not None):
-            with _QueryLen(self, q):
+                and q != self.uniform_decode_query_len and num_tokens == q * num_reqs):
+            desc = _ks_desc(d, q, num_tokens)
+        if desc is not None:
+            with _QueryLen(self, q, desc):
                 return orig(self, num_tokens, num_reqs, num_scheduled_tokens_np, max_num_scheduled_tokens, *a, **kw)
         return orig(self, num_tokens, num_reqs, num_scheduled_tokens_np, max_num_scheduled_tokens, *a, **kw)
     return _determine_batch_execution_and_padding

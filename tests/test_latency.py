@@ -438,3 +438,34 @@ def test_roofline_prior_is_sane():
     ta, tm = m.sublayer_times([512])
     assert 1.5 < tm / ta < 6
     assert 1e-5 < ta < 1e-3 and 1e-5 < tm < 1e-3
+
+
+def test_fit_draft_steps_prior_keeps_context_slope_from_few_noisy_steps():
+    """The profiler's quick grid (2 contexts x 2 batches x 4 skip sets, 10 % timing noise) barely separates seven
+    coefficients: without the sublayer fit as a prior the per-context-token attention cost is sometimes fitted to 0
+    (CI saw it once); with it, never, and whole steps are predicted better."""
+    sub = {"attn_base_s": 4.8e-4, "attn_per_ctx_token_s": 1.5e-7, "attn_per_query_token_s": 2.8e-4,
+           "mlp_base_s": 7.0e-4, "mlp_per_token_s": 1.8e-4, "draft_overhead_s": 3.2e-3,
+           "draft_overhead_per_token_s": 8.8e-4}                       # a CPU sublayer fit of SmolLM2 (30 layers)
+    true = dict(sub, attn_base_s=6e-4, mlp_base_s=8e-4, attn_per_ctx_token_s=1.2e-7)   # whole steps cost more
+    n_layers, res = 30, {}
+    for name, ps in (("none", 0.0), ("prior", None)):
+        zeros, errs = 0, []
+        for seed in range(60):
+            rng = np.random.default_rng(seed)
+            m = LatencyModel(n_layers, {k: v * (1 + 0.1 * rng.standard_normal()) for k, v in sub.items()})
+            samples, probes = [], []
+            for n in (512, 2048):
+                for B in (1, 2):
+                    for _ in range(4):
+                        na, nm = (int(x) for x in rng.integers(0, n_layers + 1, 2))
+                        sec = true_draft(na, nm, [n] * B, true) * (1 + 0.1 * rng.standard_normal())
+                        samples.append(dict(n_attn_kept=na, n_mlp_kept=nm, ctx_lens=[n] * B, seconds=sec))
+                        probes.append((int(rng.integers(0, n_layers + 1)), int(rng.integers(0, n_layers + 1)), n, B))
+            m.fit_draft_steps(samples, prior_sigma=ps)
+            zeros += m.coefficients()["attn_per_ctx_token_s"] == 0
+            errs += [rel(m.draft_step_time((na, nm), [n] * B), true_draft(na, nm, [n] * B, true))
+                     for na, nm, n, B in probes]
+        res[name] = zeros, float(np.median(errs))
+    assert res["none"][0] > 0 and res["prior"][0] == 0, res
+    assert res["prior"][1] < res["none"][1], res

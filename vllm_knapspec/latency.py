@@ -192,6 +192,15 @@ def _tokens(tokens, num_reqs: int) -> float:
     return float(np.sum(np.asarray(tokens, dtype=np.float64)))
 
 
+# Relative sd of the sublayer fit as a prior for the whole-step fit: what a step adds between its
+# sublayers is per-step and per-sublayer overhead (caches, OpenMP wake-ups, allocator: up to ~1.5x on
+# a 2-core CPU), not per-context-token work, so the context slope measured sublayer by sublayer is
+# trusted more than the intercepts.
+STEP_FIT_PRIOR_SIGMA = {"attn_per_ctx_token_s": 0.25, "attn_base_s": 1.0, "attn_per_query_token_s": 1.0,
+                        "mlp_base_s": 1.0, "mlp_per_token_s": 1.0,
+                        "draft_overhead_s": 1.0, "draft_overhead_per_token_s": 1.0}
+
+
 def _nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Exact non-negative least squares for a few columns (≤ ~6): best feasible subset solve."""
     n = A.shape[1]
@@ -210,13 +219,18 @@ def _nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _robust_nnls(X: np.ndarray, y: np.ndarray, iters: int = 30, k: float = 1.345,
-                 trials: int = 64) -> np.ndarray:
+                 trials: int = 64, prior: tuple[np.ndarray, float] | None = None) -> np.ndarray:
     """Robust θ ≥ 0 for y ≈ Xθ with relative errors: min Σ ρ_Huber((y - Xθ)/(Xθ) / σ).
 
     Start: least median of relative residuals over random minimal subsets plus the plain
     relative-error NNLS (a few wild samples, e.g. timer glitches reading 100x too short, would
     dominate a 1/y-weighted start).  Then IRLS with Huber weights on the residual relative to the
     prediction and σ = 1.4826·MAD.
+    prior = (θ0, s): a Gaussian prior θ_j/θ0_j - 1 ~ N(0, s_j²) on each θ0_j > 0 (s: one sd per column
+    or one for all), added to the IRLS solves as rows of weight σ/s_j (the samples' noise against the
+    prior's), so a coefficient the
+    samples barely identify stays near θ0 instead of jumping to 0, and plenty of good samples
+    still outweigh a wrong θ0.
     """
     n, p = X.shape
     rng = np.random.default_rng(0)                       # deterministic
@@ -227,6 +241,13 @@ def _robust_nnls(X: np.ndarray, y: np.ndarray, iters: int = 30, k: float = 1.345
             idx = rng.choice(n, size=p, replace=False)
             cands.append(_nnls(X[idx] * ry[idx, None], np.ones(p)))
     floor = 1e-6 * float(np.median(y))
+    if prior is not None:
+        th0, s = prior
+        pj = np.flatnonzero(th0 > 0)
+        P = np.zeros((pj.size, p))
+        P[np.arange(pj.size), pj] = 1.0 / th0[pj]
+        ps = np.broadcast_to(np.asarray(s, dtype=np.float64), (p,))[pj]
+        cands.append(np.where(th0 > 0, th0, 0.0))
 
     def med_rel(th):
         pred = np.maximum(X @ th, floor)
@@ -240,7 +261,10 @@ def _robust_nnls(X: np.ndarray, y: np.ndarray, iters: int = 30, k: float = 1.345
         a = np.abs(e) / sigma
         w = np.where(a <= k, 1.0, k / np.maximum(a, 1e-12))
         sw = np.sqrt(w) / pred
-        new = _nnls(X * sw[:, None], y * sw)
+        A, b = X * sw[:, None], y * sw
+        if prior is not None:
+            A, b = np.vstack([A, P * (sigma / ps)[:, None]]), np.concatenate([b, sigma / ps])
+        new = _nnls(A, b)
         done = np.allclose(new, theta, rtol=1e-7, atol=0.0)
         theta = new
         if done:
@@ -528,7 +552,8 @@ class LatencyModel:
         self._reset_online()
         return out
 
-    def fit_draft_steps(self, samples: Iterable[Mapping]) -> dict:
+    def fit_draft_steps(self, samples: Iterable[Mapping],
+                        prior_sigma: Mapping[str, float] | float | None = None) -> dict:
         """Robust non-negative fit of the draft-step law on whole draft steps.
 
         Sublayers timed one by one (fit_sublayers) miss what a real step adds between them: on a
@@ -537,6 +562,10 @@ class LatencyModel:
         additive law on whole steps with random skip sets keeps the per-sublayer form the DP needs
         and prices the sublayers as they run inside a step.  Each sample: n_attn_kept, n_mlp_kept,
         ctx_lens (per request), seconds.  Verify-side coefficients are left as they are.
+        The current coefficients (the sublayer fit) are the prior, with relative sd prior_sigma (per
+        coefficient name or one for all; 0 or absent: no prior; default STEP_FIT_PRIOR_SIGMA): 16
+        noisy steps barely separate seven coefficients, and without it a term the sublayer timings
+        measure clearly (the per-context-token attention cost) was once fitted to 0 in CI.
         Returns the fitted draft coefficients with n and the in-sample median |relative residual|.
         """
         cols = (_A_ATTN, _B_ATTN, _C_ATTN, _A_MLP, _B_MLP, _OD0, _OD1)
@@ -554,7 +583,11 @@ class LatencyModel:
         X, y = np.asarray(X), np.asarray(y)
         # Scale columns to O(1) so the NNLS subset solves are well conditioned (S·n_attn ~ 1e5).
         scale = np.maximum(np.abs(X).max(0), 1e-12)
-        sol = _robust_nnls(X / scale, y) / scale
+        ps = STEP_FIT_PRIOR_SIGMA if prior_sigma is None else prior_sigma
+        ps = np.array([ps.get(COEF_NAMES[j], 0.0) if isinstance(ps, Mapping) else ps for j in cols], float)
+        th0 = np.where(ps > 0, self._theta[list(cols)], 0.0) * scale
+        prior = (th0, np.where(ps > 0, ps, 1.0)) if np.any(th0 > 0) else None
+        sol = _robust_nnls(X / scale, y, prior=prior) / scale
         for j, c in zip(cols, sol):
             self._theta[j] = c
         self.source = "profile"

@@ -227,3 +227,13 @@ def test_estimate_acceptance_top1_agreement():
     # stack_hidden feeds DP candidates straight in
     cs = [Candidate(SkipSet.empty(L), 0, 1.0, full), Candidate(SkipSet.empty(L), 1, 0.9, noisy)]
     assert torch.equal(estimate_acceptance(stack_hidden(cs), full, logits_fn), alpha[[0, 2]])
+
+
+def test_warmup_kernels_runs_every_specialisation_class_or_nothing():
+    """The load-time warm-up compiles the DP kernel for each value class of r and w (interpreted here); with the
+    torch path there is nothing to compile and it does no work."""
+    from vllm_knapspec.dp import warmup_kernels
+    assert warmup_kernels(64, torch.float32, "cpu", 32, impl="torch") == 0
+    if HAS_TRITON and interpret_mode():
+        assert warmup_kernels(64, torch.float32, "cpu", 32, impl="auto") == 2 * 4
+        assert warmup_kernels(64, torch.float32, "cpu", 1, impl="auto") == 4      # r = 1 has one class

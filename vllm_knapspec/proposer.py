@@ -46,6 +46,7 @@ class KnapSpecProposer:
         self.max_model_len = vllm_config.model_config.max_model_len
         self.stats = metrics.KnapSpecStats.get()
         self.model = None
+        self.warmup_s = 0.0            # DP kernel compilation at load (GPU)
         self._last_end = None          # end of the previous propose(): the gap is the verify step
         self._proposed: dict[str, int] = {}   # req_id -> draft length proposed last step
         self._prev_reqs: set[str] = set()
@@ -61,12 +62,30 @@ class KnapSpecProposer:
         self.runner = runner
         self.model = model
         self.selector = make_selector(self.cfg, self.draft, self.vllm_config)
+        self._warmup_kernels()
         if (self.cfg.draft_graphs == "auto" and self.draft.device.type == "cuda"
                 and not self.vllm_config.model_config.enforce_eager):
             from vllm_knapspec import cudagraph
             cudagraph.install(self)       # captured lazily per (skip set, batch bucket); eager fallback
         logger.info("KnapSpec draft ready: %d layers, gamma_max=%d, selector=%s",
                     self.draft.num_layers, self.k_max, type(self.selector).__name__)
+
+    def _warmup_kernels(self) -> None:
+        """Compile the selector's Triton DP kernel now (GPU only; CI's interpreter and the CPU torch path
+        have nothing to compile), so that the first selection is not charged for JIT."""
+        if not hasattr(self.selector, "adapter") or self.draft.device.type != "cuda":
+            return
+        from vllm_knapspec import dp
+        t0 = time.perf_counter()
+        try:
+            n = dp.warmup_kernels(self.draft.vllm_config.model_config.hf_config.hidden_size,
+                                  self.vllm_config.model_config.dtype, self.draft.device,
+                                  self.cfg.reference_tokens, self.cfg.kernels)
+        except Exception:                     # a failed warm-up only moves the cost to the first selection
+            logger.warning("KnapSpec kernel warm-up failed", exc_info=True)
+            return
+        self.warmup_s = time.perf_counter() - t0
+        logger.info("KnapSpec DP kernel warm-up: %d calls, %.2f s", n, self.warmup_s)
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None):
         start = time.perf_counter()

@@ -25,6 +25,10 @@ Phases (results: $KS_STATE/<phase>.json, copied to $OUT; a phase that fails leav
             weights
   ksfull    KnapSpec with cudagraph_mode FULL + draft graphs: outputs vs plain_v1, timings
   plainfull plain decoding with cudagraph_mode FULL: outputs vs plain_v1 (is FULL itself output-exact?)
+  val8b(g)  latency profile + held-out validation, Llama-3.1-8B shape, 512..32K x 1..32: eager steps (val8b) or
+            graphed steps as the proposer runs them (val8bg; KS_VAL_REPEATS, KS_VAL_CTXS, KS_VAL_BSS)
+  ab        side by side, one process per engine (KS_AB_KINDS=plain,plain_v1sync,knapspec), timed runs
+            interleaved; per cell greedy equality, selection share and a per-step host-time breakdown
   ksuni     KnapSpec, default graph mode + patch 5 (full graphs for 1..gamma+1 tokens per request) + draft
             graphs: outputs vs plain_v1, timings without drafts, with the selector, with a static set
 KS_CTXS=1024,4096 shortens the timing grid.
@@ -73,7 +77,7 @@ else:
 
 PHASE_EST = dict(env=20, convert=90, plain_v1=150, plain_v2=120, knapspec=300, ksgraph=240, ngram=150, cost8b=330,
                  ns_plain_v2=60, ns_plain_v1=60, ns_ks_default=60, ns_ks_full=60, ns_plain_v1_full=60, ksfull=120, plainfull=60, ksuni=240,
-                 ns_plain_v1_sync=60, val8b=420, ab=300)
+                 ns_plain_v1_sync=60, val8b=420, ab=300, val8bg=420)
 if os.environ.get("KS_CTXS"):                      # e.g. KS_CTXS=1024,4096 for a shorter run
     P["ctxs"] = [int(x) for x in os.environ["KS_CTXS"].split(",")]
 
@@ -910,9 +914,10 @@ def phase_ns_plain_v1_sync():
                                   timings=timed_workloads(llm, "ns_plain_v1_sync", corpus_ids(tokenizer()))))
 
 
-def phase_val8b():
+def _val8b(name: str, step_path: str, repeats: int):
     """Latency profile + held-out validation of the Llama-3.1-8B shape (dummy weights) through the package's
-    own CLI (knapspec-profile): contexts 512..32K, batches 1..32, eager draft steps."""
+    own CLI (knapspec-profile): contexts 512..32K, batches 1..32; whole draft steps timed eagerly ('forward')
+    or as the proposer runs them ('proposer': CUDA-graph replays, cudagraph.py)."""
     from transformers import LlamaConfig
     import shutil
     import tempfile
@@ -929,15 +934,70 @@ def phase_val8b():
     from vllm_knapspec import profiler
     out = profiler.main(["--model", path, "--load-format", "dummy", "--dtype", "bfloat16",
                          "--contexts", os.environ.get("KS_VAL_CTXS", "512,1024,2048,4096,8192,16384,32768"),
-                         "--batches", "1,2,4,8,16,32", "--validate", "--repeats", "2",
-                         "--out-dir", str(STATE / "profiles"), "--json", str(STATE / "val8b_full.json")])
-    save("val8b", out)
+                         "--batches", os.environ.get("KS_VAL_BSS", "1,2,4,8,16,32"), "--validate",
+                         "--repeats", str(repeats), "--step-path", step_path,
+                         "--out-dir", str(STATE / "profiles"), "--json", str(STATE / f"{name}_full.json")])
+    save(name, out)
     try:
-        shutil.copy(out["profile"], OUT / "profile_llama8b_eager.json")
+        shutil.copy(out["profile"], OUT / f"profile_llama8b_{step_path}.json")
     except OSError:
         pass
-    log("val8b", json.dumps({k: out["fit"].get(k) for k in ("sublayers_only_validation",)}),
-        f"validation median {out['validation'].get('median_abs_rel_error')}")
+    v = out["validation"]
+    by = {}
+    for p in v["points"]:
+        by.setdefault(p["ctx"], []).append(abs(p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"])
+    out["validation_by_ctx"] = {c: round(statistics.median(e), 4) for c, e in sorted(by.items())}
+    save(name, out)
+    log(name, f"validation median {v.get('median_abs_rel_error')} max {v.get('max_abs_rel_error')}",
+        json.dumps(out["validation_by_ctx"]), json.dumps(out.get("draft_graphs")))
+
+
+def phase_val8b():
+    _val8b("val8b", "forward", 2)
+
+
+def phase_val8bg():
+    _val8b("val8bg", "proposer", int(os.environ.get("KS_VAL_REPEATS", "1")))
+
+
+class StepClock:
+    """Where an engine step's host time goes: wall time and calls of the engine core's step, the scheduler's
+    schedule/update_from_output, the runner's execute_model/sample_tokens/propose_draft_token_ids and (KnapSpec)
+    the proposer's propose. Instance-level wrappers (in-process engine); `take()` returns and resets."""
+
+    def __init__(self, llm):
+        core = llm.llm_engine.engine_core.engine_core
+        runner = model_runner(llm)
+        self.acc: dict[str, list] = {}
+        targets = [(core, "step_fn", "core_step"), (core, "post_step", "core_post_step"),
+                   (core.scheduler, "schedule", "schedule"), (core.scheduler, "update_from_output", "update"),
+                   (runner, "execute_model", "execute_model"), (runner, "sample_tokens", "sample_tokens"),
+                   (runner, "propose_draft_token_ids", "propose_draft"),
+                   (getattr(runner, "drafter", None), "propose", "proposer_propose")]
+        for obj, attr, name in targets:
+            fn = getattr(obj, attr, None) if obj is not None else None
+            if callable(fn):
+                setattr(obj, attr, self._wrap(fn, name))
+
+    def _wrap(self, fn, name):
+        acc = self.acc.setdefault(name, [0.0, 0])
+        clock = time.perf_counter
+
+        def timed(*a, **k):
+            t0 = clock()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[0] += clock() - t0
+                acc[1] += 1
+        return timed
+
+    def take(self) -> dict:
+        steps = max(self.acc.get("core_step", [0, 0])[1], 1)
+        out = {k: dict(ms_per_step=round(v[0] * 1e3 / steps, 4), calls=v[1]) for k, v in self.acc.items()}
+        for v in self.acc.values():
+            v[0], v[1] = 0.0, 0
+        return out
 
 
 def _ab_worker(kind: str, conn):
@@ -961,6 +1021,9 @@ def _ab_worker(kind: str, conn):
             llm, draft = e.llm, e.d
             info = dict(engine=e.res["engine"], start_s=e.res["start_s"],
                         draft_graphs_installed=getattr(e.d, "_knapspec_graphs", None) is not None)
+        clock = StepClock(llm)
+        if sel is not None:
+            info["kernel_warmup_s"] = round(getattr(e.prop, "warmup_s", 0.0), 3)
         conn.send(info)
         while True:
             msg = conn.recv()
@@ -969,17 +1032,21 @@ def _ab_worker(kind: str, conn):
             op, prompts, n = msg
             if op == "warm":
                 llm.generate(prompts, greedy(n), use_tqdm=False)
+                clock.take()
                 conn.send(spec_counters(llm))
                 continue
             h0 = len(sel.history) if sel else 0
+            sel_s0 = sel.total_selection_s if sel else 0.0
             t0 = time.perf_counter()
             o = llm.generate(prompts, greedy(n), use_tqdm=False)
             dt = time.perf_counter() - t0
             hist = [dict(skip=h["skip"], gamma=h["gamma"], speculate=h["speculate"],
-                         pred_speedup=round(h.get("speedup", 0), 3)) for h in sel.history[h0:]] if sel else []
+                         pred_speedup=round(h.get("speedup", 0), 3), cost_s=h.get("cost_s"))
+                    for h in sel.history[h0:]] if sel else []
             g = getattr(draft, "_knapspec_graphs", None)
             conn.send(dict(seconds=dt, outputs=[list(x.outputs[0].token_ids) for x in o], counters=spec_counters(llm),
-                           selections=hist, graph_stats=dict(g.stats) if g else None))
+                           selections=hist, graph_stats=dict(g.stats) if g else None, step_clock=clock.take(),
+                           selection_s=(sel.total_selection_s - sel_s0) if sel else 0.0))
     except Exception:           # noqa: BLE001
         conn.send(dict(error=traceback.format_exc()))
 
@@ -1014,7 +1081,7 @@ def phase_ab():
                 ends[kind].send(("warm", prompts, 8))
                 before[kind] = ends[kind].recv()
             t, outs, last = {k: [] for k in ends}, {}, {}
-            sels = []
+            sels, sel_s = [], 0.0
             for _ in range(reps):
                 for kind in ends:
                     ends[kind].send(("run", prompts, P["n_out"]))
@@ -1024,20 +1091,26 @@ def phase_ab():
                     t[kind].append(r["seconds"])
                     outs[kind], last[kind] = r["outputs"], r
                     sels += r["selections"]
+                    sel_s += r.get("selection_s", 0.0)
             ntok = sum(len(x) for x in outs["plain"])
             eq = sum(x == y for x, y in zip(outs["plain"], outs["knapspec"]))
             row = dict(ctx=ctx, bs=bs, n_out=P["n_out"], greedy_equal=f"{eq}/{len(prompts)}",
                        **{f"{k}_s": [round(x, 4) for x in t[k]] for k in ends},
                        **{f"{k}_tok_s": round(ntok / statistics.median(t[k]), 1) for k in ends},
                        **delta(before["knapspec"], last["knapspec"]["counters"]), selection_history=sels[-3:],
-                       graph_stats=last["knapspec"].get("graph_stats"))
+                       graph_stats=last["knapspec"].get("graph_stats"),
+                       selection_share=round(sel_s / sum(t["knapspec"]), 5),
+                       step_clock={k: last[k].get("step_clock") for k in ends})
             row["speedup"] = round(row["knapspec_tok_s"] / row["plain_tok_s"], 3)
             if "plain_v1sync" in ends:
                 row["vs_v1sync"] = round(row["knapspec_tok_s"] / row["plain_v1sync_tok_s"], 3)
+            log("  step clock (ms/step):", json.dumps({k: {n: v["ms_per_step"] for n, v in (c or {}).items()}
+                                                       for k, c in row["step_clock"].items()}))
             log(f"  ab ctx {ctx:6d} bs {bs:3d}: plain {row['plain_tok_s']:8.1f}  knapspec {row['knapspec_tok_s']:8.1f}"
                 f"  x{row['speedup']}  v1sync {row.get('plain_v1sync_tok_s')} (x{row.get('vs_v1sync')})"
                 f"  equal {row['greedy_equal']}  drafts {row['draft_tokens']}"
-                f"  acc {row['acceptance']}  no-spec steps {row.get('no_spec_steps')}")
+                f"  acc {row['acceptance']}  no-spec steps {row.get('no_spec_steps')}  selections {row.get('selections')}"
+                f" share {row['selection_share']}")
             res["rows"].append(row)
             save("ab", res)
     for kind in ends:
@@ -1056,7 +1129,8 @@ PHASES = dict(env=phase_env, convert=phase_convert, plain_v1=phase_plain_v1, pla
               ns_plain_v2=phase_ns_plain_v2, ns_plain_v1=phase_ns_plain_v1, ns_ks_default=phase_ns_ks_default,
               ns_ks_full=phase_ns_ks_full, ns_plain_v1_full=phase_ns_plain_v1_full,
               ksfull=phase_ksfull, plainfull=phase_plainfull, ksuni=phase_ksuni,
-              ns_plain_v1_sync=phase_ns_plain_v1_sync, val8b=phase_val8b, ab=phase_ab)
+              ns_plain_v1_sync=phase_ns_plain_v1_sync, val8b=phase_val8b, ab=phase_ab,
+              val8bg=phase_val8bg)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -101,6 +101,28 @@ class Bench:
             torch.softmax(logits.float(), -1).max(-1)[0].cpu()
         return run
 
+    def proposer_step(self, n, B, skip: SkipSet):
+        """A whole draft step the way the proposer runs it: `draft.step` (a CUDA-graph replay where the draft
+        graphs are installed, cudagraph.py) + logits + top-1. Rows 0..B-1 of the runner's block table are
+        pointed at distinct blocks (no request is live while profiling); the step writes KV at position n."""
+        from vllm_knapspec.draft import DraftBatch
+        bt = self.d.builder.block_table_obj
+        table = bt.get_device_tensor(bt.max_num_reqs)             # a view of the runner's persistent table
+        nb = n // self.bs + 1
+        if B > table.shape[0] or nb > table.shape[1]:
+            raise ValueError(f"batch {B} x context {n} does not fit the block table {tuple(table.shape)}")
+        ids = (torch.arange(B * nb) % (self.num_blocks - 1) + 1).view(B, nb).to(table.dtype).to(self.dev)
+        pos_np = np.full(B, n, np.int64)
+        batch = DraftBatch(rows=torch.arange(B, device=self.dev), rows_np=np.arange(B),
+                           token_ids=torch.zeros(B, dtype=torch.int64, device=self.dev),
+                           positions=torch.from_numpy(pos_np).to(self.dev), positions_np=pos_np)
+
+        def run():
+            table[:B, :nb].copy_(ids)                             # cheap; keeps the rows ours between calls
+            h = self.d.step(batch, skip)
+            torch.softmax(self.d.logits(h).float(), -1).max(-1)[0].cpu()
+        return run
+
     def draft_step(self, n, B, skip: SkipSet):
         ids = torch.zeros(B, dtype=torch.int64, device=self.dev)
         _, pos = self.inputs(n, B)
@@ -131,12 +153,14 @@ def measure(draft, contexts, batches, iters=10, warmup=3, log=print) -> list[dic
 
 
 @torch.inference_mode()
-def time_steps(draft, contexts, batches, sets=4, iters=5, seed=0, repeats=1) -> list[dict]:
+def time_steps(draft, contexts, batches, sets=4, iters=5, seed=0, repeats=1, path="forward") -> list[dict]:
     """Whole draft steps with random skip sets (any mix of attention and MLP, 0..L sublayers skipped).
     `repeats` > 1 times every point again in later passes over the whole grid and keeps the median: on a
     shared VM the same step measured twice a few seconds apart differs by 7-14 % (median), more than the
-    model's error, so single timings cannot tell a 5 % model from a 10 % one."""
+    model's error, so single timings cannot tell a 5 % model from a 10 % one.
+    path: "forward" (eager sublayers on directly addressed blocks) or "proposer" (Bench.proposer_step)."""
     b, rng, L = Bench(draft), random.Random(seed), draft.num_layers
+    step = b.proposer_step if path == "proposer" else b.draft_step
     points = []
     for B in batches:
         for n in contexts:
@@ -147,17 +171,18 @@ def time_steps(draft, contexts, batches, sets=4, iters=5, seed=0, repeats=1) -> 
                                    B=B, ctx=n, skipped=k, skip=skip, times=[]))
     for _ in range(max(repeats, 1)):
         for p in points:
-            p["times"].append(_median_time(b.draft_step(p["ctx"], p["B"], p["skip"]), b.dev, iters, 2))
+            p["times"].append(_median_time(step(p["ctx"], p["B"], p["skip"]), b.dev, iters, 2))
     for p in points:
         p["seconds"] = statistics.median(p["times"])
     return points
 
 
-def validate(draft, model: LatencyModel, contexts, batches, sets=4, iters=5, seed=0, log=print, repeats=1) -> dict:
+def validate(draft, model: LatencyModel, contexts, batches, sets=4, iters=5, seed=0, log=print, repeats=1,
+             path="forward") -> dict:
     """Whole draft steps with random skip sets (held out: a seed the calibration did not use) vs the
     model's prediction."""
     errors, rows = [], []
-    for s in time_steps(draft, contexts, batches, sets, iters, seed, repeats):
+    for s in time_steps(draft, contexts, batches, sets, iters, seed, repeats, path):
         pred = model.draft_step_time(s["skip"], s["ctx_lens"])
         errors.append(abs(pred - s["seconds"]) / s["seconds"])
         rows.append(dict(B=s["B"], ctx=s["ctx"], skipped=s["skipped"], measured_ms=s["seconds"] * 1e3,
@@ -190,6 +215,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=1,
                     help="time every whole-step point this many times (interleaved passes) and use the median")
     ap.add_argument("--load-format", default="auto", help="'dummy' profiles a shape without weights")
+    ap.add_argument("--step-path", choices=("auto", "forward", "proposer"), default="auto",
+                    help="how whole draft steps are timed: 'proposer' = draft.step as the proposer runs it "
+                         "(CUDA-graph replays where installed), 'forward' = eager sublayers; auto: proposer "
+                         "when draft graphs are installed")
     ap.add_argument("--json", help="also write the fit + validation summary here")
     a = ap.parse_args(argv)
     contexts = [int(x) for x in a.contexts.split(",")]
@@ -207,26 +236,34 @@ def main(argv=None) -> dict:
               distributed_executor_backend="uni" if a.tensor_parallel_size == 1 else None,
               speculative_config={"method": "knapspec", "num_speculative_tokens": 1, "skip_set": ""})
     draft = drafter_of(llm).draft
+    graphs = getattr(draft, "_knapspec_graphs", None)
+    path = a.step_path if a.step_path != "auto" else ("proposer" if graphs is not None else "forward")
     t0 = time.time()
     samples = measure(draft, contexts, batches, a.iters)
     mc = llm.llm_engine.vllm_config.model_config
     key = ProfileKey.make(mc.model, device_name(), str(mc.dtype), a.tensor_parallel_size)
     model = LatencyModel(draft.num_layers, key=key, source="profile")
     fit = model.fit_sublayers(samples)
-    if a.validate:          # what sublayer timings alone predict, for the record
+    if a.validate and path == "forward":      # what sublayer timings alone predict, for the record
         fit["sublayers_only_validation"] = {k: v for k, v in validate(
             draft, model, contexts, batches, log=lambda m: print("sublayers only: " + m),
-            repeats=a.repeats).items() if k != "points"}
+            repeats=a.repeats, path=path).items() if k != "points"}
     if a.calibration_sets:
+        # Graphed steps are not eager sublayers added up (no host launch cost): the eager sublayer fit is no
+        # prior for them.
         fit["steps"] = model.fit_draft_steps(time_steps(draft, contexts, batches, a.calibration_sets, seed=1,
-                                                        repeats=a.repeats))
-    path = profile_path(os.path.expanduser(a.out_dir), mc.model, device_name(), str(mc.dtype),
-                        a.tensor_parallel_size)
-    model.save(path)
-    out = dict(profile=path, seconds=time.time() - t0, fit=fit, coefficients=model.coefficients())
-    print(f"wrote {path} ({out['seconds']:.0f} s)")
+                                                        repeats=a.repeats, path=path),
+                                             prior_sigma=0.0 if graphs is not None and path == "proposer" else None)
+    ppath = profile_path(os.path.expanduser(a.out_dir), mc.model, device_name(), str(mc.dtype),
+                         a.tensor_parallel_size)
+    model.save(ppath)
+    out = dict(profile=ppath, seconds=time.time() - t0, fit=fit, coefficients=model.coefficients(),
+               step_path=path, draft_graphs=dict(graphs.stats) if graphs is not None else None)
+    print(f"wrote {ppath} ({out['seconds']:.0f} s)")
     if a.validate:
-        out["validation"] = validate(draft, model, contexts, batches, repeats=a.repeats)
+        out["validation"] = validate(draft, model, contexts, batches, repeats=a.repeats, path=path)
+        if graphs is not None:
+            out["draft_graphs"] = dict(graphs.stats)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2, default=str)

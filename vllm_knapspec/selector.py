@@ -90,6 +90,8 @@ class KnapSpecSelector:
                 self.selection_s = time.perf_counter() - t0
                 self._cost_scale = self.selection_s / max(estimate, 1e-9)
             self.total_selection_s += self.selection_s
+            if self.history:
+                self.history[-1]["cost_s"] = self.selection_s
             self.stats.inc("selections")
             self.stats.inc("selection_seconds", self.selection_s)
             self.stats.set("selection_overhead_ratio",

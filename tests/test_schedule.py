@@ -38,3 +38,56 @@ def test_cost_scale_tracks_measured_selection_cost():
     sel.since_selection_s = 1e9
     sel.plan(np.arange(2), ctx)
     assert sel.selection_s < 0.01 and sel._cost_scale < 0.1          # far cheaper than the estimate
+
+
+def _speculating(sel, ctx):
+    from vllm_knapspec.skipset import SkipSet
+    sel.current = (SkipSet.parse(L, "a3,a4,m5"), 2)
+    sel._reset_window(ctx)
+    sel.predicted_alpha = 0.5
+    sel.selection_s = 1e9                     # no new selection during the test (adapter=None: no model)
+    sel.cfg = sel.cfg.model_copy(update={"online_refit": False})     # plain step time fixed: exact ratios
+
+
+def test_guard_stops_a_plan_slower_than_plain_decoding():
+    """A plan predicted to pay but measured slower than plain decoding (here: each step costs 2x a plain step and
+    yields 1.5 tokens per request) is switched off after GUARD_STEPS steps, without a new selection."""
+    from vllm_knapspec.selector import GUARD_STEPS
+    sel = selector(max_selection_overhead=0.02, reselect_interval=10_000)
+    ctx = np.array([1000, 1200])
+    t_plain = sel.target.plain_step_time(ctx)
+    _speculating(sel, ctx)
+    sel.selected_ctx = float(ctx.mean())
+    for step in range(GUARD_STEPS):
+        assert sel.plan(np.arange(2), ctx) is not None, step          # not before GUARD_STEPS measured steps
+        sel.observe_draft(sel.current[0], ctx, [[1], [1]], t_plain)
+        sel.observe_verify(ctx, proposed=2, accepted=1, seconds=t_plain)   # 3 tokens for 2 requests
+    assert sel.plan(np.arange(2), ctx) is None
+    assert sel.guard_events and abs(sel.guard_events[0]["realised_speedup"] - 0.75) < 1e-6
+    assert sel.stats.counters["guard_stops"] >= 1
+
+
+def test_guard_keeps_a_plan_that_pays():
+    sel = selector(max_selection_overhead=0.02, reselect_interval=10_000)
+    ctx = np.array([1000, 1200])
+    t_plain = sel.target.plain_step_time(ctx)
+    _speculating(sel, ctx)
+    sel.selected_ctx = float(ctx.mean())
+    for _ in range(4 * 16):
+        assert sel.plan(np.arange(2), ctx) is not None
+        sel.observe_draft(sel.current[0], ctx, [[1, 2], [1, 2]], 0.3 * t_plain)
+        sel.observe_verify(ctx, proposed=4, accepted=3, seconds=1.1 * t_plain)   # 5 tokens in 1.4 plain steps
+    assert not sel.guard_events and abs(sel._realised_speedup() - 2.5 / 1.4) < 1e-6
+
+
+def test_plain_steps_calibrate_the_plain_step_time():
+    """The first selection may come before the online refit has moved the target model from its prior: the
+    plain-step time used against the drafts is scaled by what the last plain steps measured."""
+    sel = selector()
+    ctx = np.array([3000])
+    predicted = sel.target.plain_step_time(ctx)
+    assert sel._t_plain(ctx) == predicted                              # nothing measured yet
+    sel.cfg = sel.cfg.model_copy(update={"online_refit": False})       # isolate the calibration from the refit
+    for _ in range(12):
+        sel.observe_verify(ctx, proposed=0, accepted=0, seconds=0.5 * predicted)
+    assert abs(sel._t_plain(ctx) - 0.5 * predicted) < 1e-9 * predicted

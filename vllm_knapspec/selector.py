@@ -6,7 +6,13 @@ KnapSpecSelector (the paper's method, batch-aware):
   3. alpha per candidate and request: top-1 agreement with the full model on the reference tokens;
   4. argmax over (candidate, gamma) of the batch's sum_r E[tokens_r] / (gamma t_draft(S) + t_verify(gamma));
   5. speculate only if that beats plain decoding (B / t_plain) by `min_speedup`; otherwise draft nothing
-     until the next selection.
+     until the next selection. t_plain is the target model's prediction scaled by what the last plain steps
+     measured (the model may still be converging from its prior when the first selection runs);
+  6. guard: while speculating, the measured tokens per second of the plan (accepted + bonus tokens over
+     draft + verify time) is compared with plain decoding's; after GUARD_STEPS steps at or below it (times
+     min(1, min_speedup)), drafting
+     stops until the next selection (no DP needed). A plan that a wrong prediction or the confidence stop
+     makes slower than plain decoding costs GUARD_STEPS steps, not the rest of the selection interval.
 Re-selection: every `reselect_interval` steps, or earlier when the context grew by `context_change` or the
 realised acceptance left the prediction by `acceptance_change`; never more often than keeps selection time
 under `max_selection_overhead` of the decode wall time.
@@ -16,6 +22,7 @@ No vLLM imports: the model side comes in through `adapter` (draft.ReferenceBuild
 from __future__ import annotations
 
 import copy
+from collections import deque
 import logging
 import time
 
@@ -28,6 +35,9 @@ from vllm_knapspec.metrics import KnapSpecStats
 from vllm_knapspec.skipset import SkipSet
 
 logger = logging.getLogger("vllm_knapspec")
+
+GUARD_STEPS = 16           # steps of a plan measured before the guard may stop it
+PLAIN_WINDOW = 32          # recent plain steps that calibrate t_plain
 
 
 class FixedSelector:
@@ -70,12 +80,18 @@ class KnapSpecSelector:
         self.since_selection_s = 0.0         # decode wall time since the last selection
         self.total_selection_s = self.total_decode_s = 0.0
         self.history: list[dict] = []        # one entry per selection (benchmarks, tests)
+        self.guard_events: list[dict] = []   # one entry per guard stop
+        self._plain_steps: deque = deque(maxlen=PLAIN_WINDOW)   # (ctx, seconds) of steady plain steps
+        self._plain_scale = 1.0              # measured / predicted plain step time, set at each selection
+        self._spec = self._new_spec()        # the current plan's measured record since its selection
         for name in ("drafting_enabled", "skipped_attention", "skipped_mlp", "draft_length"):
             self.stats.set(name, 0)              # until the first selection: plain decoding
 
     # -- per step ------------------------------------------------------------------------------------
     def plan(self, rows: np.ndarray, ctx: np.ndarray):
         self.steps += 1
+        if self.current is not None and self.sync(self._guard()):
+            self._stop_drafting(ctx)
         if self.sync(self._due(ctx)):
             estimate = self._estimated_selection_s(ctx)
             t0 = time.perf_counter()
@@ -97,6 +113,29 @@ class KnapSpecSelector:
             self.stats.set("selection_overhead_ratio",
                            self.total_selection_s / max(self.total_decode_s + self.total_selection_s, 1e-9))
         return self.current
+
+    def _guard(self) -> bool:
+        """True when the current plan has measurably decoded no faster than plain decoding would have
+        (min_speedup < 1 lowers the bar; 0 turns the guard off, as it makes every plan draft)."""
+        return self._spec["steps"] >= GUARD_STEPS and self._realised_speedup() <= min(1.0, self.cfg.min_speedup)
+
+    def _realised_speedup(self) -> float:
+        """(tokens / s of the plan since the selection) / (tokens / s plain decoding gives the same steps)."""
+        sp = self._spec
+        if sp["seconds"] <= 0 or sp["plain_s"] <= 0 or sp["plain_tokens"] <= 0:
+            return float("nan")
+        return (sp["tokens"] / sp["seconds"]) / (sp["plain_tokens"] / sp["plain_s"])
+
+    def _stop_drafting(self, ctx):
+        r, n = self._realised_speedup(), self._spec["steps"]
+        self.guard_events.append(dict(ctx=float(ctx.mean()) if len(ctx) else 0.0, steps=n, realised_speedup=r,
+                                      skip=str(self.current[0]), gamma=self.current[1]))
+        logger.info("KnapSpec guard: plan %s measured %.3fx of plain decoding over %d steps; drafting off until "
+                    "the next selection", self.current[0], r, n)
+        self.current = None
+        self.stats.inc("guard_stops")
+        self.stats.set("drafting_enabled", 0)
+        self.stats.set("draft_length", 0)
 
     def _due(self, ctx: np.ndarray) -> bool:
         if self.selected_ctx is None:          # first selection: once plain decoding has paid for it
@@ -152,11 +191,31 @@ class KnapSpecSelector:
         self.since_selection_s += seconds
         self.total_decode_s += seconds
         self.stats.inc("verify_seconds", seconds)
+        if steady and len(ctx):
+            self._account(ctx, proposed, accepted, seconds)
         if steady and self.cfg.online_refit and len(ctx):
             self.target.observe_verify(ctx, len(ctx) + proposed, seconds)
             self._latency_metrics()
 
+    def _account(self, ctx, proposed, accepted, seconds):
+        """Steady steps: plain ones calibrate t_plain; a plan's steps (drafted or not: a confidence stop
+        still paid for its draft step) feed the guard."""
+        if self.current is None:
+            if not proposed:
+                self._plain_steps.append((np.array(ctx, copy=True), seconds))
+            return
+        sp = self._spec
+        sp["tokens"] += accepted + len(ctx)
+        sp["seconds"] += seconds + sp.pop("pending_draft_s", 0.0)
+        sp["plain_tokens"] += len(ctx)
+        sp["plain_s"] += self.target.plain_step_time(ctx) * self._plain_scale
+        sp["steps"] += 1
+        if sp["steps"] % GUARD_STEPS == 0:
+            self.stats.set("realised_tpt_speedup", self._realised_speedup())
+
     def observe_draft(self, skip: SkipSet, ctx, drafts, seconds, steps=1):
+        if self.current is not None:          # charged to the plan with the next verify step
+            self._spec["pending_draft_s"] = self._spec.get("pending_draft_s", 0.0) + seconds
         self.since_selection_s += seconds
         self.total_decode_s += seconds
         self.stats.inc("draft_seconds", seconds)
@@ -202,9 +261,10 @@ class KnapSpecSelector:
         return a.float().cpu()
 
     def _choose(self, cands, alpha, ctx):
-        t_plain = self.target.plain_step_time(ctx)
+        t_model = self.target.plain_step_time(ctx)
+        t_plain = self._t_plain(ctx)
         # verify(gamma) is linear in gamma (T = B(1+gamma)): fold its slope into the per-draft-token cost.
-        slope = max(self.target.verify_step_time(ctx, 2) - t_plain, 0.0)
+        slope = max(self.target.verify_step_time(ctx, 2) - t_model, 0.0) * self._plain_scale
         t_draft = torch.tensor([self.latency.draft_step_time(c.skipset, ctx) + slope for c in cands],
                                dtype=torch.float32)
         choice = tpt.choose(alpha, t_draft, t_plain, self.cfg.num_speculative_tokens, t_plain=t_plain,
@@ -221,7 +281,20 @@ class KnapSpecSelector:
         return [dict(skip=str(cands[c].skipset), alpha=round(float(alpha[c].mean()), 3), gamma=int(g[c]) + 1,
                      speedup=round(float(best[c]) / plain, 3), cos=round(cands[c].cos, 4)) for c in order]
 
+    @staticmethod
+    def _new_spec() -> dict:
+        return dict(tokens=0.0, seconds=0.0, plain_tokens=0.0, plain_s=0.0, steps=0)
+
+    def _t_plain(self, ctx) -> float:
+        """The target model's plain step time, scaled by the median measured/predicted ratio of the last plain
+        steps (the model refits online but may not have converged from its prior at the first selection)."""
+        if len(self._plain_steps) >= 8:
+            ratios = [sec / max(self.target.plain_step_time(c), 1e-12) for c, sec in self._plain_steps]
+            self._plain_scale = float(np.median(ratios))
+        return self.target.plain_step_time(ctx) * self._plain_scale
+
     def _reset_window(self, ctx):
+        self._spec = self._new_spec()
         self.steps, self.selected_ctx = 0, float(ctx.mean())
         self.proposed = self.accepted = 0
         self.since_selection_s = 0.0
@@ -246,6 +319,9 @@ class KnapSpecSelector:
 class ClaspSelector(KnapSpecSelector):
     """CLaSp-style baseline: whole layers, cosine DP, a fixed number of skipped layers, fixed gamma,
     re-selected on the same schedule (no latency model, no TPT, always speculates)."""
+
+    def _guard(self) -> bool:          # the baseline as published: no guard
+        return False
 
     def select(self, rows, ctx):
         L, M = self.L, min(self.cfg.clasp_skip_layers, self.L - 2)

@@ -1036,16 +1036,20 @@ def _ab_worker(kind: str, conn):
                 conn.send(spec_counters(llm))
                 continue
             h0 = len(sel.history) if sel else 0
+            g0 = len(getattr(sel, "guard_events", [])) if sel else 0
             sel_s0 = sel.total_selection_s if sel else 0.0
             t0 = time.perf_counter()
             o = llm.generate(prompts, greedy(n), use_tqdm=False)
             dt = time.perf_counter() - t0
             hist = [dict(skip=h["skip"], gamma=h["gamma"], speculate=h["speculate"],
-                         pred_speedup=round(h.get("speedup", 0), 3), cost_s=h.get("cost_s"))
+                         pred_speedup=round(h.get("speedup", 0), 3), cost_s=h.get("cost_s"),
+                         phases_s=h.get("phases_s"), alpha=round(h.get("alpha", 0), 3))
                     for h in sel.history[h0:]] if sel else []
+            guards = list(getattr(sel, "guard_events", [])[g0:]) if sel else []
             g = getattr(draft, "_knapspec_graphs", None)
             conn.send(dict(seconds=dt, outputs=[list(x.outputs[0].token_ids) for x in o], counters=spec_counters(llm),
-                           selections=hist, graph_stats=dict(g.stats) if g else None, step_clock=clock.take(),
+                           selections=hist, guards=guards, graph_stats=dict(g.stats) if g else None,
+                           step_clock=clock.take(),
                            selection_s=(sel.total_selection_s - sel_s0) if sel else 0.0))
     except Exception:           # noqa: BLE001
         conn.send(dict(error=traceback.format_exc()))
@@ -1081,7 +1085,7 @@ def phase_ab():
                 ends[kind].send(("warm", prompts, 8))
                 before[kind] = ends[kind].recv()
             t, outs, last = {k: [] for k in ends}, {}, {}
-            sels, sel_s = [], 0.0
+            sels, sel_s, guards = [], 0.0, []
             for _ in range(reps):
                 for kind in ends:
                     ends[kind].send(("run", prompts, P["n_out"]))
@@ -1092,6 +1096,7 @@ def phase_ab():
                     outs[kind], last[kind] = r["outputs"], r
                     sels += r["selections"]
                     sel_s += r.get("selection_s", 0.0)
+                    guards += r.get("guards", [])
             ntok = sum(len(x) for x in outs["plain"])
             eq = sum(x == y for x, y in zip(outs["plain"], outs["knapspec"]))
             row = dict(ctx=ctx, bs=bs, n_out=P["n_out"], greedy_equal=f"{eq}/{len(prompts)}",
@@ -1099,7 +1104,7 @@ def phase_ab():
                        **{f"{k}_tok_s": round(ntok / statistics.median(t[k]), 1) for k in ends},
                        **delta(before["knapspec"], last["knapspec"]["counters"]), selection_history=sels[-3:],
                        graph_stats=last["knapspec"].get("graph_stats"),
-                       selection_share=round(sel_s / sum(t["knapspec"]), 5),
+                       selection_share=round(sel_s / sum(t["knapspec"]), 5), guard_events=guards,
                        step_clock={k: last[k].get("step_clock") for k in ends})
             row["speedup"] = round(row["knapspec_tok_s"] / row["plain_tok_s"], 3)
             if "plain_v1sync" in ends:
@@ -1110,7 +1115,7 @@ def phase_ab():
                 f"  x{row['speedup']}  v1sync {row.get('plain_v1sync_tok_s')} (x{row.get('vs_v1sync')})"
                 f"  equal {row['greedy_equal']}  drafts {row['draft_tokens']}"
                 f"  acc {row['acceptance']}  no-spec steps {row.get('no_spec_steps')}  selections {row.get('selections')}"
-                f" share {row['selection_share']}")
+                f" share {row['selection_share']}  guard stops {len(guards)}")
             res["rows"].append(row)
             save("ab", res)
     for kind in ends:

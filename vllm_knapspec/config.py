@@ -45,8 +45,8 @@ class KnapSpecConfig(BaseModel):
     budget_fraction: float = Field(0.5, gt=0.0, le=1.0, description="at most this share of weight is skipped")
     min_speedup: float = Field(1.02, ge=0.0, le=10.0,
                                description="speculate only if predicted TPT beats plain decoding by this factor "
-                                                                "(0: always draft with the best candidate); a plan "
-                                           "measured at or below min(1, this) x plain over 16 steps is stopped")
+                                           "(0: always draft with the best candidate); a plan measured at or "
+                                           "below min(1, this) x plain over 16 steps is stopped")
     context_change: float = Field(0.5, gt=0.0, le=100.0,
                                   description="re-select early when mean context grew by this fraction")
     acceptance_change: float = Field(0.2, gt=0.0, le=1.0,

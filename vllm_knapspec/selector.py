@@ -40,6 +40,21 @@ GUARD_STEPS = 16           # steps of a plan measured before the guard may stop 
 PLAIN_WINDOW = 32          # recent plain steps that calibrate t_plain
 
 
+class _PhaseClock:
+    """Wall time of the phases of one selection (device work included: synchronised on the phase's tensor)."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str, tensor) -> None:
+        if tensor is not None and tensor.is_cuda:
+            torch.cuda.synchronize(tensor.device)
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._t, 6)
+        self._t = now
+
+
 class FixedSelector:
     """A fixed skip set (config `skip_set`) drafting gamma tokens: debugging and the static baseline."""
 
@@ -237,11 +252,16 @@ class KnapSpecSelector:
         w_attn, w_mlp = self.sync(dp.integer_weights(*self._sublayer_times(ctx), cfg.weight_cap))
         budget = int(cfg.budget_fraction * (w_attn + w_mlp) * L)
         r = min(cfg.reference_tokens, self.adapter.max_reference_tokens(budget + 1))  # DP memory <= 1 % of KV
+        clock = _PhaseClock()
         ref = self.adapter.build(rows, ctx, r)
+        clock.lap("reference", ref.refs)
         cands = dp.knapsack_dp(ref.run_item, ref.refs, dp.item_weights(L, w_attn, w_mlp), budget,
                                cfg.sim_threshold, dp.default_frozen_items(L), impl=cfg.kernels)
+        clock.lap("dp", ref.refs)
         alpha = self._alpha(cands, ref, len(ctx))
+        clock.lap("alpha", None)
         choice, t_plain, t_draft = self._choose(cands, alpha, ctx)
+        clock.lap("choose", None)
         choice = choice._replace(**dict(zip(("index", "gamma", "speculate"),
                                             self.sync((choice.index, choice.gamma, choice.speculate)))))
         best = cands[choice.index]
@@ -250,6 +270,7 @@ class KnapSpecSelector:
         self.predicted_alpha = float(alpha[choice.index].mean())
         self._reset_window(ctx)
         self._record(best.skipset, choice, t_plain, w_attn, w_mlp, len(cands), ctx)
+        self.history[-1]["phases_s"] = clock.laps
 
     def _alpha(self, cands, ref, batch: int) -> torch.Tensor:
         """alpha[C, B]: per sampled request from its own reference tokens; unsampled requests get the mean."""

@@ -4,7 +4,7 @@ import numpy as np
 
 from vllm_knapspec.config import parse_knapspec
 from vllm_knapspec.latency import LatencyModel
-from vllm_knapspec.selector import KnapSpecSelector
+from vllm_knapspec.selector import PLAIN_WINDOW, KnapSpecSelector
 
 L = 30
 
@@ -91,3 +91,6 @@ def test_plain_steps_calibrate_the_plain_step_time():
     for _ in range(12):
         sel.observe_verify(ctx, proposed=0, accepted=0, seconds=0.5 * predicted)
     assert abs(sel._t_plain(ctx) - 0.5 * predicted) < 1e-9 * predicted
+    for _ in range(PLAIN_WINDOW):                                     # slower than predicted: never scaled up
+        sel.observe_verify(ctx, proposed=0, accepted=0, seconds=2.0 * predicted)
+    assert sel._t_plain(ctx) == predicted

@@ -307,11 +307,14 @@ class KnapSpecSelector:
         return dict(tokens=0.0, seconds=0.0, plain_tokens=0.0, plain_s=0.0, steps=0)
 
     def _t_plain(self, ctx) -> float:
-        """The target model's plain step time, scaled by the median measured/predicted ratio of the last plain
-        steps (the model refits online but may not have converged from its prior at the first selection)."""
+        """The target model's plain step time, scaled down by the median measured/predicted ratio of the last
+        plain steps (the model refits online but may not have converged from its prior at the first selection;
+        on an H100 the graphed-draft prior priced the compiled target step 1.8x too high). Only down: plain
+        steps measured slower than predicted (a busy host) would slow the drafts too, which no draft timing
+        has shown yet, so scaling up would favour speculation on a guess."""
         if len(self._plain_steps) >= 8:
             ratios = [sec / max(self.target.plain_step_time(c), 1e-12) for c, sec in self._plain_steps]
-            self._plain_scale = float(np.median(ratios))
+            self._plain_scale = min(1.0, float(np.median(ratios)))
         return self.target.plain_step_time(ctx) * self._plain_scale
 
     def _reset_window(self, ctx):

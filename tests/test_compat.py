@@ -215,3 +215,22 @@ def test_plain_path_patch_matches_this_vllm():
     fn = GPUModelRunner.__dict__["_prepare_inputs"]
     src = inspect.getsource(getattr(fn, "__wrapped__", fn))
     assert getattr(fn, patches._MARK, False) == (patches._ALWAYS_SPEC in src)
+
+
+def test_patch7_runs_the_drafter_warmup_after_graph_capture():
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm_knapspec import patches
+    patches.apply_all()
+    assert getattr(GPUModelRunner.__dict__["capture_model"], patches._MARK, False)
+    calls = []
+
+    class Drafter:
+        def warmup_after_kv_cache(self):
+            calls.append("warm")
+
+    class Runner:
+        drafter = Drafter()
+    capture = patches._make_capture_model(lambda self: calls.append("capture") or 7)
+    assert capture(Runner()) == 7 and calls == ["capture", "warm"]
+    Runner.drafter = object()                 # another proposer (or none): untouched
+    assert capture(Runner()) == 7 and calls == ["capture", "warm", "capture"]

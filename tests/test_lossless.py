@@ -1,6 +1,7 @@
 """Lossless is the first law: greedy output with KnapSpec == greedy output without speculation, token for
 token, on the real model (SmolLM2-135M-Instruct), at batch 1 and batch 8, for several skip sets."""
 import numpy as np
+import torch
 import pytest
 from vllm import SamplingParams
 
@@ -124,3 +125,16 @@ def test_draft_failure_falls_back_to_plain_decoding(knapspec_llm, baseline, batc
         drafter.draft.logits = orig
     assert got == baseline["b8"]
     assert spec_counters(knapspec_llm)["vllm:knapspec_draft_fallbacks"] > before
+
+
+def test_reference_warmup_writes_no_kv_and_keeps_outputs(knapspec_llm, baseline, batch8):
+    """The load-time warm-up (GPU: after the target's graph capture, patches.py patch 7) runs the selection's
+    shapes on synthetic inputs in the real KV cache: it must write nothing there and change no output."""
+    from vllm_knapspec.draft import ReferenceBuilder
+    drafter = drafter_of(knapspec_llm)
+    caches = [t for t in drafter.draft.runner.kv_caches if isinstance(t, torch.Tensor)]
+    before = [float(t.double().sum()) for t in caches]
+    ReferenceBuilder(drafter.draft).warmup(8)
+    assert [float(t.double().sum()) for t in caches] == before
+    drafter.selector = FixedSelector(SkipSet.parse(drafter.draft.num_layers, SKIP_SETS["attn_only"]), GAMMA)
+    assert generate(knapspec_llm, batch8, False) == baseline["b8"]

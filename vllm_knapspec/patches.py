@@ -25,6 +25,10 @@ versions it was checked on; each is idempotent (general plugins load in every vL
    drafts still builds spec-decode metadata and runs the rejection sampler (for recurrent backends, which
    KnapSpec does not support). For KnapSpec such a step takes the plain path, as in 0.26: the same logits,
    vLLM's plain sampler, ~1 ms less per step on 2 CPU cores.
+7. GPUModelRunner.capture_model                (0.26.0 GPU; same symbol in 0.32.0)
+   After the target's graphs are captured (the KV cache exists by then), the KnapSpec proposer runs one
+   synthetic selection-shaped pass (KnapSpecProposer.warmup_after_kv_cache): custom_class proposers get no
+   dummy_run, and on an H100 the first selection otherwise paid ~1.1 s of first-call costs in decode time.
 """
 from __future__ import annotations
 
@@ -368,6 +372,24 @@ def patch_plain_steps():
         _wrap(GPUModelRunner, "_prepare_inputs", _make_prepare)
 
 
+# 7 ---------------------------------------------------------------------------------------------------
+def _make_capture_model(orig):
+    @functools.wraps(orig)
+    def capture_model(self, *a, **kw):
+        out = orig(self, *a, **kw)
+        warm = getattr(getattr(self, "drafter", None), "warmup_after_kv_cache", None)
+        if warm is not None:
+            warm()
+        return out
+    return capture_model
+
+
+def patch_drafter_warmup():
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    if "capture_model" in GPUModelRunner.__dict__:
+        _wrap(GPUModelRunner, "capture_model", _make_capture_model)
+
+
 def apply_all() -> None:
     patch_create_speculative_config()
     patch_parse_args()
@@ -375,3 +397,4 @@ def apply_all() -> None:
     patch_cpu_expand()
     patch_uniform_graphs()
     patch_plain_steps()
+    patch_drafter_warmup()

@@ -38,6 +38,7 @@ logger = logging.getLogger("vllm_knapspec")
 
 GUARD_STEPS = 16           # steps of a plan measured before the guard may stop it
 PLAIN_WINDOW = 32          # recent plain steps that calibrate t_plain
+METRIC_EVERY = 32          # latency-model gauges are refreshed every this many refit steps
 
 
 class _PhaseClock:
@@ -96,6 +97,7 @@ class KnapSpecSelector:
         self.total_selection_s = self.total_decode_s = 0.0
         self.history: list[dict] = []        # one entry per selection (benchmarks, tests)
         self.guard_events: list[dict] = []   # one entry per guard stop
+        self._metric_steps = 0
         self._plain_steps: deque = deque(maxlen=PLAIN_WINDOW)   # (ctx, seconds) of steady plain steps
         self._plain_scale = 1.0              # measured / predicted plain step time, set at each selection
         self._spec = self._new_spec()        # the current plan's measured record since its selection
@@ -210,7 +212,9 @@ class KnapSpecSelector:
             self._account(ctx, proposed, accepted, seconds)
         if steady and self.cfg.online_refit and len(ctx):
             self.target.observe_verify(ctx, len(ctx) + proposed, seconds)
-            self._latency_metrics()
+            self._metric_steps += 1
+            if self._metric_steps % METRIC_EVERY == 1:   # medians over windows: not every step (host time)
+                self._latency_metrics()
 
     def _account(self, ctx, proposed, accepted, seconds):
         """Steady steps: plain ones calibrate t_plain; a plan's steps (drafted or not: a confidence stop

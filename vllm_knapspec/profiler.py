@@ -60,9 +60,13 @@ class Bench:
         self.hidden = draft.vllm_config.model_config.hf_config.hidden_size
         self.dtype = draft.vllm_config.model_config.dtype
 
+    def block_ids(self, B: int, nb: int) -> torch.Tensor:
+        """[B, nb] distinct KV blocks (1.., wrapping; block 0 left alone) for B requests of nb blocks."""
+        return (torch.arange(B * nb) % (self.num_blocks - 1) + 1).view(B, nb).to(torch.int32).to(self.dev)
+
     def metadata(self, n: int, B: int):
         nb = n // self.bs + 1
-        ids = (torch.arange(B * nb) % (self.num_blocks - 1) + 1).view(B, nb).to(torch.int32).to(self.dev)
+        ids = self.block_ids(B, nb)
         rows = torch.zeros(B, dtype=torch.int64, device=self.dev)
         slots = torch.full((B,), -1, dtype=torch.int64, device=self.dev)
         return self.d.builder.build(rows, np.ones(B, np.int64), np.full(B, n + 1, np.int64), slots, block_table=ids)
@@ -111,7 +115,7 @@ class Bench:
         nb = n // self.bs + 1
         if B > table.shape[0] or nb > table.shape[1]:
             raise ValueError(f"batch {B} x context {n} does not fit the block table {tuple(table.shape)}")
-        ids = (torch.arange(B * nb) % (self.num_blocks - 1) + 1).view(B, nb).to(table.dtype).to(self.dev)
+        ids = self.block_ids(B, nb).to(table.dtype)
         pos_np = np.full(B, n, np.int64)
         batch = DraftBatch(rows=torch.arange(B, device=self.dev), rows_np=np.arange(B),
                            token_ids=torch.zeros(B, dtype=torch.int64, device=self.dev),

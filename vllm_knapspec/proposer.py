@@ -46,7 +46,7 @@ class KnapSpecProposer:
         self.max_model_len = vllm_config.model_config.max_model_len
         self.stats = metrics.KnapSpecStats.get()
         self.model = None
-        self.warmup_s = 0.0            # DP kernel compilation at load (GPU)
+        self.warmup_s = 0.0            # load-time warm-ups (GPU): DP kernel JIT, first-call costs
         self._last_end = None          # end of the previous propose(): the gap is the verify step
         self._proposed: dict[str, int] = {}   # req_id -> draft length proposed last step
         self._prev_reqs: set[str] = set()
@@ -70,39 +70,34 @@ class KnapSpecProposer:
         logger.info("KnapSpec draft ready: %d layers, gamma_max=%d, selector=%s",
                     self.draft.num_layers, self.k_max, type(self.selector).__name__)
 
-    def _warmup_kernels(self) -> None:
-        """Compile the selector's Triton DP kernel now (GPU only; CI's interpreter and the CPU torch path
-        have nothing to compile), so that the first selection is not charged for JIT."""
-        if not hasattr(self.selector, "adapter") or self.draft.device.type != "cuda":
-            return
-        from vllm_knapspec import dp
-        t0 = time.perf_counter()
-        try:
-            n = dp.warmup_kernels(self.draft.vllm_config.model_config.hf_config.hidden_size,
-                                  self.vllm_config.model_config.dtype, self.draft.device,
-                                  self.cfg.reference_tokens, self.cfg.kernels)
-        except Exception:                     # a failed warm-up only moves the cost to the first selection
-            logger.warning("KnapSpec kernel warm-up failed", exc_info=True)
-            return
-        self.warmup_s = time.perf_counter() - t0
-        logger.info("KnapSpec DP kernel warm-up: %d calls, %.2f s", n, self.warmup_s)
-
-    def warmup_after_kv_cache(self) -> None:
-        """Called once the KV cache exists (patches.py, patch 7): one synthetic selection-shaped pass, so the
-        first selection is not charged for first-call costs (GPU only)."""
-        adapter = getattr(self.selector, "adapter", None)
-        if adapter is None or self.draft.device.type != "cuda":
+    def _warmup(self, what: str, fn) -> None:
+        """Run a warm-up (GPU, selectors with a model adapter only), time it, log it; a failure only moves the
+        cost it would have saved to the first selection."""
+        if getattr(self.selector, "adapter", None) is None or self.draft.device.type != "cuda":
             return
         t0 = time.perf_counter()
         try:
-            adapter.warmup(self.cfg.reference_tokens)
+            fn()
             torch.cuda.synchronize(self.draft.device)
-        except Exception:                     # only moves the cost to the first selection
-            logger.warning("KnapSpec reference warm-up failed", exc_info=True)
+        except Exception:
+            logger.warning("KnapSpec %s warm-up failed", what, exc_info=True)
             return
         dt = time.perf_counter() - t0
         self.warmup_s += dt
-        logger.info("KnapSpec reference warm-up: %.2f s", dt)
+        logger.info("KnapSpec %s warm-up: %.2f s", what, dt)
+
+    def _warmup_kernels(self) -> None:
+        """Compile the selector's Triton DP kernel now (CI's interpreter and the CPU torch path have nothing
+        to compile), so that the first selection is not charged for JIT."""
+        from vllm_knapspec import dp
+        self._warmup("DP kernel", lambda: dp.warmup_kernels(
+            self.vllm_config.model_config.hf_config.hidden_size, self.vllm_config.model_config.dtype,
+            self.draft.device, self.cfg.reference_tokens, self.cfg.kernels))
+
+    def warmup_after_kv_cache(self) -> None:
+        """Called once the KV cache exists (patches.py, patch 7): one synthetic selection-shaped pass, so the
+        first selection is not charged for first-call costs."""
+        self._warmup("reference", lambda: self.selector.adapter.warmup(self.cfg.reference_tokens))
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None):
         start = time.perf_counter()

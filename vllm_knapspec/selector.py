@@ -10,8 +10,7 @@ KnapSpecSelector (the paper's method, batch-aware):
      measured (the model may still be converging from its prior when the first selection runs);
   6. guard: while speculating, the measured tokens per second of the plan (accepted + bonus tokens over
      draft + verify time) is compared with plain decoding's; after GUARD_STEPS steps at or below it (times
-     min(1, min_speedup)), drafting
-     stops until the next selection (no DP needed). A plan that a wrong prediction or the confidence stop
+     min(1, min_speedup)), drafting stops until the next selection (no DP needed). A plan that a wrong prediction or the confidence stop
      makes slower than plain decoding costs GUARD_STEPS steps, not the rest of the selection interval.
 Re-selection: every `reselect_interval` steps, or earlier when the context grew by `context_change` or the
 realised acceptance left the prediction by `acceptance_change`; never more often than keeps selection time
@@ -22,9 +21,9 @@ No vLLM imports: the model side comes in through `adapter` (draft.ReferenceBuild
 from __future__ import annotations
 
 import copy
-from collections import deque
 import logging
 import time
+from collections import deque
 
 import numpy as np
 import torch
@@ -225,7 +224,8 @@ class KnapSpecSelector:
             return
         sp = self._spec
         sp["tokens"] += accepted + len(ctx)
-        sp["seconds"] += seconds + sp.pop("pending_draft_s", 0.0)
+        sp["seconds"] += seconds + sp["pending_draft_s"]
+        sp["pending_draft_s"] = 0.0
         sp["plain_tokens"] += len(ctx)
         sp["plain_s"] += self.target.plain_step_time(ctx) * self._plain_scale
         sp["steps"] += 1
@@ -234,7 +234,7 @@ class KnapSpecSelector:
 
     def observe_draft(self, skip: SkipSet, ctx, drafts, seconds, steps=1):
         if self.current is not None:          # charged to the plan with the next verify step
-            self._spec["pending_draft_s"] = self._spec.get("pending_draft_s", 0.0) + seconds
+            self._spec["pending_draft_s"] += seconds
         self.since_selection_s += seconds
         self.total_decode_s += seconds
         self.stats.inc("draft_seconds", seconds)
@@ -308,7 +308,7 @@ class KnapSpecSelector:
 
     @staticmethod
     def _new_spec() -> dict:
-        return dict(tokens=0.0, seconds=0.0, plain_tokens=0.0, plain_s=0.0, steps=0)
+        return dict(tokens=0.0, seconds=0.0, plain_tokens=0.0, plain_s=0.0, steps=0, pending_draft_s=0.0)
 
     def _t_plain(self, ctx) -> float:
         """The target model's plain step time, scaled down by the median measured/predicted ratio of the last

@@ -9,7 +9,7 @@ from vllm_knapspec.latency import LatencyModel
 
 def test_profile_fits_and_predicts_draft_steps(model_path, tmp_path):
     out = profiler.main(["--model", model_path, "--dtype", "float32", "--contexts", "512,2048", "--batches", "1,2",
-                         "--iters", "5", "--out-dir", str(tmp_path), "--validate", "--json", str(tmp_path / "p.json")])
+                         "--iters", "5", "--repeats", "3", "--out-dir", str(tmp_path), "--validate", "--json", str(tmp_path / "p.json")])
     model = LatencyModel.load(out["profile"])
     t_short, _ = model.sublayer_times([512])
     t_long, _ = model.sublayer_times([2048])

@@ -687,7 +687,8 @@ def phase_knapspec():
             (OUT / "profile_smollm2.json").write_text(Path(path).read_text())
         except OSError:
             pass
-        val = profiler.validate(e.d, lm, [1024, 8192] if not CPU else [256], [1, 16] if not CPU else [1], log=log)
+        held = profiler.plan_steps(e.L, [1024, 8192] if not CPU else [256], [1, 16] if not CPU else [1])
+        val = profiler.validate(lm, profiler.time_steps(e.d, held), log=log)
         e.res["profile"] = dict(path=path, seconds=round(time.perf_counter() - t0, 1), fit=fit,
                                 coefficients=lm.coefficients(),
                                 validation={k: v for k, v in val.items() if k != "points"}, samples=samples)

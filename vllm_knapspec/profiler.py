@@ -156,16 +156,9 @@ def measure(draft, contexts, batches, iters=10, warmup=3, log=print) -> list[dic
     return samples
 
 
-@torch.inference_mode()
-def time_steps(draft, contexts, batches, sets=4, iters=5, seed=0, repeats=1, path="forward") -> list[dict]:
-    """Whole draft steps with random skip sets (any mix of attention and MLP, 0..L sublayers skipped).
-    `repeats` > 1 times every point again in later passes over the whole grid and keeps the median: on a
-    shared VM the same step measured twice a few seconds apart differs by 7-14 % (median), more than the
-    model's error, so single timings cannot tell a 5 % model from a 10 % one.
-    path: "forward" (eager sublayers on directly addressed blocks) or "proposer" (Bench.proposer_step)."""
-    b, rng, L = Bench(draft), random.Random(seed), draft.num_layers
-    step = b.proposer_step if path == "proposer" else b.draft_step
-    points = []
+def plan_steps(num_layers: int, contexts, batches, sets=4, seed=0) -> list[dict]:
+    """`sets` random skip sets per (context, batch): any mix of attention and MLP, 0..L sublayers skipped."""
+    rng, L, points = random.Random(seed), num_layers, []
     for B in batches:
         for n in contexts:
             for _ in range(sets):
@@ -173,27 +166,46 @@ def time_steps(draft, contexts, batches, sets=4, iters=5, seed=0, repeats=1, pat
                 skip = SkipSet.from_items(L, rng.sample(range(2 * L), k))
                 points.append(dict(n_attn_kept=skip.n_attn_kept, n_mlp_kept=skip.n_mlp_kept, ctx_lens=[n] * B,
                                    B=B, ctx=n, skipped=k, skip=skip, times=[]))
+    return points
+
+
+@torch.inference_mode()
+def time_steps(draft, points: list[dict], iters=5, repeats=1, path="forward", seed=0) -> list[dict]:
+    """Time whole draft steps in `repeats` passes over all points, each pass in a fresh random order, and keep
+    each point's median. On a shared VM the same step timed twice a few seconds apart differs by 7-14 %
+    (median) and the machine drifts over minutes: interleaving calibration and held-out points in the same
+    passes makes drift hit both alike instead of showing up as model error.
+    path: "forward" (eager sublayers on directly addressed blocks) or "proposer" (Bench.proposer_step)."""
+    b, rng = Bench(draft), random.Random(seed)
+    step = b.proposer_step if path == "proposer" else b.draft_step
     for _ in range(max(repeats, 1)):
-        for p in points:
+        for p in rng.sample(points, len(points)):
             p["times"].append(_median_time(step(p["ctx"], p["B"], p["skip"]), b.dev, iters, 2))
     for p in points:
         p["seconds"] = statistics.median(p["times"])
     return points
 
 
-def validate(draft, model: LatencyModel, contexts, batches, sets=4, iters=5, seed=0, log=print, repeats=1,
-             path="forward") -> dict:
-    """Whole draft steps with random skip sets (held out: a seed the calibration did not use) vs the
-    model's prediction."""
+def remeasure_spread(points) -> float | None:
+    """Half the relative range of a point's passes, median over points: how well this machine re-measures
+    the same step; no latency model's error can be checked more finely than that."""
+    dev = [(max(p["times"]) - min(p["times"])) / 2 / p["seconds"] for p in points if len(p["times"]) > 1]
+    return statistics.median(dev) if dev else None
+
+
+def validate(model: LatencyModel, points, log=print) -> dict:
+    """Timed whole draft steps (held out: skip sets the fit did not see) vs the model's prediction."""
     errors, rows = [], []
-    for s in time_steps(draft, contexts, batches, sets, iters, seed, repeats, path):
+    for s in points:
         pred = model.draft_step_time(s["skip"], s["ctx_lens"])
         errors.append(abs(pred - s["seconds"]) / s["seconds"])
         rows.append(dict(B=s["B"], ctx=s["ctx"], skipped=s["skipped"], measured_ms=s["seconds"] * 1e3,
                          predicted_ms=pred * 1e3))
-    res = dict(median_abs_rel_error=statistics.median(errors), max_abs_rel_error=max(errors), points=rows)
+    res = dict(median_abs_rel_error=statistics.median(errors), max_abs_rel_error=max(errors),
+               remeasure_spread=remeasure_spread(points), points=rows)
+    spread = "" if res["remeasure_spread"] is None else f" (re-measurement spread {res['remeasure_spread']:.1%})"
     log(f"draft-step prediction: median |err| {res['median_abs_rel_error']:.1%}, max {res['max_abs_rel_error']:.1%} "
-        f"over {len(errors)} (context, batch, skip set) points")
+        f"over {len(errors)} (context, batch, skip set) points{spread}")
     return res
 
 
@@ -244,20 +256,22 @@ def main(argv=None) -> dict:
     path = a.step_path if a.step_path != "auto" else ("proposer" if graphs is not None else "forward")
     t0 = time.time()
     samples = measure(draft, contexts, batches, a.iters)
+    # calibration (seed 1) and held-out (seed 0) whole steps, timed together in interleaved passes
+    cal = plan_steps(draft.num_layers, contexts, batches, a.calibration_sets, seed=1)
+    held = plan_steps(draft.num_layers, contexts, batches, 4 if a.validate else 0, seed=0)
+    time_steps(draft, cal + held, repeats=a.repeats, path=path)
     mc = llm.llm_engine.vllm_config.model_config
     key = ProfileKey.make(mc.model, device_name(), str(mc.dtype), a.tensor_parallel_size)
     model = LatencyModel(draft.num_layers, key=key, source="profile")
     fit = model.fit_sublayers(samples)
-    if a.validate and path == "forward":      # what sublayer timings alone predict, for the record
+    if held and path == "forward":      # what sublayer timings alone predict, for the record
         fit["sublayers_only_validation"] = {k: v for k, v in validate(
-            draft, model, contexts, batches, log=lambda m: print("sublayers only: " + m),
-            repeats=a.repeats, path=path).items() if k != "points"}
-    if a.calibration_sets:
+            model, held, log=lambda m: print("sublayers only: " + m)).items() if k != "points"}
+    if cal:
         # Graphed steps are not eager sublayers added up (no host launch cost): the eager sublayer fit is no
         # prior for them.
-        fit["steps"] = model.fit_draft_steps(time_steps(draft, contexts, batches, a.calibration_sets, seed=1,
-                                                        repeats=a.repeats, path=path),
-                                             prior_sigma=0.0 if graphs is not None and path == "proposer" else None)
+        fit["steps"] = model.fit_draft_steps(cal, prior_sigma=0.0 if graphs is not None and path == "proposer"
+                                             else None)
     ppath = profile_path(os.path.expanduser(a.out_dir), mc.model, device_name(), str(mc.dtype),
                          a.tensor_parallel_size)
     model.save(ppath)
@@ -265,7 +279,7 @@ def main(argv=None) -> dict:
                step_path=path, draft_graphs=dict(graphs.stats) if graphs is not None else None)
     print(f"wrote {ppath} ({out['seconds']:.0f} s)")
     if a.validate:
-        out["validation"] = validate(draft, model, contexts, batches, repeats=a.repeats, path=path)
+        out["validation"] = validate(model, held)
         if graphs is not None:
             out["draft_graphs"] = dict(graphs.stats)
     if a.json:

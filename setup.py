@@ -14,6 +14,6 @@ setup(
                     "bench": ["matplotlib", "tqdm"]},
     entry_points={
         "vllm.general_plugins": ["knapspec = vllm_knapspec.plugin:register"],
-        "console_scripts": ["knapspec-profile = vllm_knapspec.profiler:main"],
+        "console_scripts": ["knapspec-profile = vllm_knapspec.profiler:cli"],
     },
 )

@@ -4,14 +4,21 @@ own re-measurement spread, whichever is larger: on a loaded CI machine one pass 
 median of its passes, and no model can be checked more finely than the clock it is checked against (the figure
 on a quiet machine comes from the full profiler run, see the issue note)."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
-from vllm_knapspec import profiler
 from vllm_knapspec.latency import LatencyModel
 
 
 def test_profile_fits_and_predicts_draft_steps(model_path, tmp_path):
-    out = profiler.main(["--model", model_path, "--dtype", "float32", "--contexts", "512,2048", "--batches", "1,2",
-                         "--iters", "5", "--repeats", "3", "--out-dir", str(tmp_path), "--validate", "--json", str(tmp_path / "p.json")])
+    cli = Path(sys.executable).parent / "knapspec-profile"          # the installed console script
+    p = subprocess.run([str(cli), "--model", model_path, "--dtype", "float32", "--contexts", "512,2048",
+                        "--batches", "1,2", "--iters", "5", "--repeats", "3", "--out-dir", str(tmp_path),
+                        "--validate", "--json", str(tmp_path / "p.json")], capture_output=True, text=True, timeout=900)
+    print(p.stdout[-3000:])
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads((tmp_path / "p.json").read_text())
     model = LatencyModel.load(out["profile"])
     t_short, _ = model.sublayer_times([512])
     t_long, _ = model.sublayer_times([2048])
@@ -25,4 +32,4 @@ def test_profile_fits_and_predicts_draft_steps(model_path, tmp_path):
     assert t_long > t_short > 0                                   # attention cost grows with context
     assert out["fit"]["steps"]["n"] == 2 * 2 * 4                  # the whole-step fit ran on its own skip sets
     assert err < max(0.15, 2 * spread)
-    assert json.loads((tmp_path / "p.json").read_text())["profile"] == out["profile"]
+    assert Path(out["profile"]).parent == tmp_path

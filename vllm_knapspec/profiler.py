@@ -288,5 +288,11 @@ def main(argv=None) -> dict:
     return out
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """Console entry point: main() returns its summary for callers; a shell only needs the exit status."""
     main(sys.argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

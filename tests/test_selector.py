@@ -18,9 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Selection is costly on 2 CPU cores (a DP pass ~ a prefill of (K+1)*r tokens): small r, no overhead cap,
 # and min_speedup 0 so the chosen sets really draft (on CPU plain decoding often wins, which is the point
-# of the selector; here we test that what it chooses is lossless).
+# of the selector; here we test that what it chooses is lossless). kernels "torch": what "auto" is on a CPU
+# deployment; under the suite's TRITON_INTERPRET=1 "auto" would run the DP in Triton's interpreter
+# (Triton == torch is tested in test_kernels.py and test_dp.py).
 SELECTOR = {"method": "knapspec", "num_speculative_tokens": 4, "reference_tokens": 8, "reselect_interval": 12,
-            "max_selection_overhead": 1.0, "min_speedup": 0.0, "confidence_threshold": 0.0}
+            "max_selection_overhead": 1.0, "min_speedup": 0.0, "confidence_threshold": 0.0, "kernels": "torch"}
 GREEDY = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
 PROMPTS = PROSE[:4] + CODE[:4]
 

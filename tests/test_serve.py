@@ -41,6 +41,7 @@ def server(model_path, tmp_path_factory):
         {"pid": 1, "time": 0, "counters": {"draft_steps": STALE_STEPS}, "gauges": {}}))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_KNAPSPEC_METRICS_DIR": str(stale)}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)          # the real multiprocess server
+    env.pop("TRITON_INTERPRET", None)   # as deployed on CPU (the suite sets it for the kernel tests): torch DP
     log = open(path.parent / "server.log", "w")
     proc = subprocess.Popen([VLLM, "serve", model_path, "--host", "127.0.0.1", "--port", str(port),
                              "--speculative-config", str(path), "--dtype", "float32", "--enforce-eager",

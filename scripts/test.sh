@@ -5,5 +5,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 bash "$ROOT/scripts/install.sh"
 cd "$ROOT"
+# TRITON_INTERPRET=1: the Triton kernels' tests run in Triton's interpreter (it must be set before triton is
+# imported); the real-model engine tests pick kernels "torch", as "auto" resolves on a CPU deployment.
 export TRITON_INTERPRET=1 HF_HUB_OFFLINE=1
 exec "$ROOT/.venv/bin/python" -m pytest tests -m "not slow" -q -p no:cacheprovider --timeout 1800 "$@"

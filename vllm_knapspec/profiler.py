@@ -8,7 +8,8 @@ the engine's KV cache; nothing is written), the MLP for B tokens, and the per-st
 final norm, lm_head, top-1, metadata build); these give the sublayer law. Then whole draft steps with random skip
 sets are timed and the same additive law is refit on them (`--calibration-sets`, LatencyModel.fit_draft_steps):
 inside a real step a sublayer costs more than alone. `--validate` times whole steps with other random skip sets
-and reports the model's median absolute relative error against them (before and after the step fit).
+and reports the model's median absolute relative error against them (before and after the step fit). Calibration
+and held-out steps are timed together in `--repeats` shuffled passes, so the machine's drift cannot pass for error.
 """
 from __future__ import annotations
 

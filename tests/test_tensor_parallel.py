@@ -15,6 +15,7 @@ HERE = Path(__file__).resolve().parent
 def run(mode, out, model):
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    env.pop("TRITON_INTERPRET", None)          # as deployed on CPU: the DP runs in torch
     subprocess.run([sys.executable, str(HERE / "tp_check.py"), "3", mode, str(out), model], check=True, env=env,
                    timeout=900, capture_output=True)
     return json.loads(out.read_text())

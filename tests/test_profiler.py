@@ -25,8 +25,8 @@ def test_profile_fits_and_predicts_draft_steps(model_path, tmp_path):
     err = out["validation"]["median_abs_rel_error"]
     before = out["fit"]["sublayers_only_validation"]["median_abs_rel_error"]
     spread = out["validation"]["remeasure_spread"]
-    for p in out["validation"]["points"]:                        # shown when the test fails (CI log)
-        print({k: round(v, 2) if isinstance(v, float) else v for k, v in p.items()})
+    for pt in out["validation"]["points"]:                       # shown when the test fails (CI log)
+        print({k: round(v, 2) if isinstance(v, float) else v for k, v in pt.items()})
     print("fit:", json.dumps(out["fit"]))
     print(f"draft-step median |error| {err:.1%} (sublayer timings only: {before:.1%}; re-measurement {spread:.1%})")
     assert t_long > t_short > 0                                   # attention cost grows with context

@@ -10,8 +10,9 @@ KnapSpecSelector (the paper's method, batch-aware):
      measured (the model may still be converging from its prior when the first selection runs);
   6. guard: while speculating, the measured tokens per second of the plan (accepted + bonus tokens over
      draft + verify time) is compared with plain decoding's; after GUARD_STEPS steps at or below it (times
-     min(1, min_speedup)), drafting stops until the next selection (no DP needed). A plan that a wrong prediction or the confidence stop
-     makes slower than plain decoding costs GUARD_STEPS steps, not the rest of the selection interval.
+     min(1, min_speedup)), drafting stops until the next selection (no DP needed). A plan that a wrong
+     prediction or the confidence stop makes slower than plain decoding costs GUARD_STEPS steps, not the
+     rest of the selection interval.
 Re-selection: every `reselect_interval` steps, or earlier when the context grew by `context_change` or the
 realised acceptance left the prediction by `acceptance_change`; never more often than keeps selection time
 under `max_selection_overhead` of the decode wall time.

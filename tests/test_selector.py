@@ -160,43 +160,68 @@ def test_selector_skips_more_attention_when_context_prices_it_higher(spec_llm, m
     assert l["attn"] / (l["attn"] + l["mlp"]) > s["attn"] / max(s["attn"] + s["mlp"], 1)
 
 
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
 def test_latency_model_follows_an_injected_slowdown(spec_llm):
     """Online refit in the live engine: from the middle of a run every draft loop takes 2x as long (a sleep
-    equal to its own duration); the draft-time predictions must follow within a bounded number of drafts."""
+    equal to its own duration); the draft-time model must follow within 30 drafts.
+
+    Control: a copy of the model taken at the switch is fed the same draft steps with the injected sleep
+    taken out. The live stream also has the machine's own speed changes (on a shared 2-core machine,
+    1.5-3x bursts that the model follows too; in CI one right at the switch once hid the injected one from
+    a plain before/after comparison); against the control they cancel, so what is asserted is what the
+    injected slowdown alone did to the model."""
+    import copy
     import time
     sel = fresh_selector(spec_llm)
     d = drafter_of(spec_llm)
-    lat, seen, slow = sel.latency, [], {"on": False}
+    lat, slow = sel.latency, {"on": False, "slept": 0.0}
+    seen = []                      # (slowed, predicted, measured, injected sleep, observe_draft arguments)
     orig_observe, orig_draft = lat.observe_draft, d._draft
 
     def observe(n_attn, n_mlp, ctx, seconds, **kw):
         pred = orig_observe(n_attn, n_mlp, ctx, seconds, **kw)
-        seen.append((slow["on"], pred, seconds))
+        seen.append((slow["on"], pred, seconds, slow["slept"], (n_attn, n_mlp, np.array(ctx, copy=True)), kw))
+        slow["slept"] = 0.0
         return pred
 
     def draft(*a, **kw):
+        slow["slept"] = 0.0
         t0 = time.perf_counter()
         out = orig_draft(*a, **kw)
         if slow["on"]:
-            time.sleep(time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            time.sleep(t1 - t0)
+            slow["slept"] = time.perf_counter() - t1
         return out
 
     lat.observe_draft, d._draft = observe, draft
     try:
         prompts = PROMPTS * 2
         spec_llm.generate(prompts[:8], GREEDY, use_tqdm=False)
-        n_before = len(seen)
+        control = copy.deepcopy(lat)
+        del control.observe_draft          # the copy took the wrapper below along; the control is unobserved
         slow["on"] = True
         spec_llm.generate(prompts[8:], GREEDY, use_tqdm=False)
     finally:
         lat.observe_draft, d._draft = orig_observe, orig_draft
-    after = [abs(p - s) / s for on, p, s in seen if on]
-    assert n_before >= 20 and len(after) >= 40, (n_before, len(after))
-    first = after[:3]
-    settled = sorted(after[30:])[len(after[30:]) // 2]
-    ratio_before = sorted(s / p for on, p, s in seen if not on)[n_before // 2]   # measured / predicted
-    ratio_first = max(s / p for on, p, s in [x for x in seen if x[0]][:3])
-    print(f"draft-time error right after the x2 slowdown {first}, median after 30 drafts {settled:.3f}; "
-          f"measured/predicted {ratio_before:.2f} before, {ratio_first:.2f} right after")
-    assert ratio_first > 1.5 * ratio_before    # the slowdown was real and unpredicted ...
-    assert settled < 0.25                      # ... and the model followed it within 30 drafts
+    live = [x for x in seen if x[0]]
+    print("live (slowed, predicted ms, measured ms):",
+          [(on, round(p * 1e3, 1), round(s * 1e3, 1)) for on, p, s, *_ in seen])
+    assert len(seen) - len(live) >= 20 and len(live) >= 40, (len(seen) - len(live), len(live))
+    ctrl = [(control.observe_draft(*args, s - slept, **kw), s - slept) for _, _, s, slept, args, kw in live]
+    err = lambda rows: [abs(p - s) / s for p, s in rows]
+    live_ps = [(p, s) for _, p, s, *_ in live]
+    jump = _median([s / p for p, s in live_ps[:3]]) / _median([s / p for p, s in ctrl[:3]])
+    settled, settled_ctrl = _median(err(live_ps)[30:]), _median(err(ctrl)[30:])
+    level = _median([p / pc for (p, _), (pc, _) in zip(live_ps[30:], ctrl[30:])])
+    print("control (predicted ms, measured ms):", [(round(p * 1e3, 1), round(s * 1e3, 1)) for p, s in ctrl])
+    print(f"measured/predicted x{jump:.2f} of the control's right after the slowdown; median error after 30 "
+          f"drafts {settled:.3f} (control {settled_ctrl:.3f}); predictions x{level:.2f} of the control's; "
+          f"regime changes {lat.regime_changes} (control {control.regime_changes})")
+    assert jump > 1.5                                   # the slowdown was real and unpredicted ...
+    assert settled < max(0.25, 1.5 * settled_ctrl)     # ... followed within 30 drafts as well as no change is
+    assert 1.5 < level < 2.7                            # ... by doubling the model's predictions

@@ -67,7 +67,8 @@ least squares with forgetting on live step timings.  Details:
   Plain exponential forgetting at 0.97 on all of θ was tried: it fits the live stream but lets
   those weak directions wander by 10-25 % within a few hundred steps (worst-case predictions off by
   that much under a slow drift).  P's diagonal is clamped as a safety net (a diagonal congruence
-  keeps P positive definite); θ is projected onto θ ≥ 0.
+  keeps P positive definite).  θ ≥ 0: a step whose posterior mean leaves the orthant takes the
+  mean conditioned on those coordinates being 0, so correlated coordinates move back with them.
 * O(d²) per update with d = 9, into preallocated buffers.
 """
 from __future__ import annotations
@@ -666,9 +667,7 @@ class LatencyModel:
         # form: R ← R + ε·z zᵀ, ε = λ_s - (1-λ_s)/(zᵀPz).
         np.multiply(x, self._ref, out=z)
         z /= scale
-        np.dot(P, z, out=pz)
-        r = float(z @ pz)
-        self._phi += pz * (e_used / (1.0 + r))
+        r = self._constrained_step(z, e_used)
         if r > 1e-12:
             lam = self.shape_forgetting
             coef = (lam - (1.0 - lam) / r) / (lam * (1.0 + r))     # = ε / (1 + ε r)
@@ -676,9 +675,38 @@ class LatencyModel:
             self._outer *= coef
             P -= self._outer
         self._clamp_P()
-        np.maximum(self._phi, 0.0, out=self._phi)
         np.multiply(self._phi, self._ref, out=self._theta)
         return yhat
+
+    def _constrained_step(self, z: np.ndarray, e: float) -> float:
+        """RLS measurement step for φ ≥ 0: the posterior mean projected onto φ ≥ 0 in the posterior's
+        own metric (the mean conditional on the coordinates that would go negative being 0).  Leaves
+        P·z in self._pz and returns r = zᵀ·P·z.  Clipping φ at 0 after the unconstrained step is not
+        enough: P correlates the coefficients (attention vs MLP trade off when the skip set barely
+        changes), so the step that takes one below 0 raises another, and the clip then undoes only the
+        first half - this very step's prediction moved AWAY from its measurement (seen live on CPU:
+        predictions climbing 2x while every step measured below them).  Conditioning moves the
+        correlated coordinates back with it."""
+        P, pz, phi = self._P, self._pz, self._phi
+        np.dot(P, z, out=pz)
+        r = float(z @ pz)
+        mu = phi + pz * (e / (1.0 + r))
+        fixed = mu < 0.0
+        if fixed.any():
+            S = P - np.outer(pz, pz) / (1.0 + r)          # posterior covariance
+            for _ in range(mu.size):
+                free = ~fixed
+                S_aa = S[np.ix_(fixed, fixed)] + 1e-12 * np.eye(int(fixed.sum()))
+                cond = mu.copy()
+                cond[free] -= S[np.ix_(free, fixed)] @ np.linalg.solve(S_aa, mu[fixed])
+                cond[fixed] = 0.0
+                more = free & (cond < 0.0)
+                if not more.any():
+                    break
+                fixed |= more
+            mu = np.maximum(cond, 0.0)
+        phi[:] = mu
+        return r
 
     def _clamp_P(self):
         P = self._P

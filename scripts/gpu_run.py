@@ -390,6 +390,9 @@ class TimedSelector:
         if steps:
             self.draft_s.append(seconds / steps)
 
+    def charge_capture(self, seconds):
+        pass
+
 
 def med_ms(xs):
     return round(statistics.median(xs) * 1e3, 4) if xs else None

@@ -94,3 +94,26 @@ def test_plain_steps_calibrate_the_plain_step_time():
     for _ in range(PLAIN_WINDOW):                                     # slower than predicted: never scaled up
         sel.observe_verify(ctx, proposed=0, accepted=0, seconds=2.0 * predicted)
     assert sel._t_plain(ctx) == predicted
+
+
+def test_graph_capture_is_charged_to_the_selection_not_to_the_plan():
+    """A new plan's first draft step captures its CUDA graphs (GPU); the proposer takes that time out of the
+    step and charges it here: it counts in the selection-overhead share and delays the next selection, and
+    the guard judges the plan on its steps alone."""
+    from vllm_knapspec.selector import GUARD_STEPS
+    sel = selector(max_selection_overhead=0.02, reselect_interval=10_000)
+    ctx = np.array([1000, 1200])
+    t_plain = sel.target.plain_step_time(ctx)
+    _speculating(sel, ctx)
+    sel.selection_s, sel.total_selection_s = 0.2, 0.2
+    sel.history.append({})
+    before = sel.stats.counters.get("selection_seconds", 0.0)      # process-wide counters
+    sel.charge_capture(0.7)
+    assert abs(sel.selection_s - 0.9) < 1e-12 and abs(sel.total_selection_s - 0.9) < 1e-12
+    assert sel.history[-1]["capture_s"] == 0.7 and sel._spec["pending_draft_s"] == 0.0
+    assert abs(sel.stats.counters["selection_seconds"] - before - 0.7) < 1e-9
+    for _ in range(2 * GUARD_STEPS):                                  # the plan pays: 5 tokens in 1.4 plain steps
+        sel.observe_draft(sel.current[0], ctx, [[1, 2], [1, 2]], 0.3 * t_plain)
+        sel.observe_verify(ctx, proposed=4, accepted=3, seconds=1.1 * t_plain)
+        assert sel.plan(np.arange(2), ctx) is not None
+    assert not sel.guard_events

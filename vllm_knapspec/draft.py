@@ -155,7 +155,7 @@ class ReferenceBuilder:
         cfg = d.vllm_config
         dev, dtype = d.device, cfg.model_config.dtype
         num_blocks = max(2, int(cfg.cache_config.num_gpu_blocks or 2))
-        nb = r // d.block_size + 1
+        nb = -(-2 * r // d.block_size)      # the queries sit after an r-token prefix: 2r tokens of KV
         for J in branches:
             rows = torch.zeros(J, dtype=torch.int64, device=dev)
             table = (torch.arange(J * nb) % (num_blocks - 1) + 1).view(J, nb).to(torch.int32).to(dev)

@@ -142,9 +142,16 @@ class KnapSpecProposer:
         pos_np = ctx.astype(np.int64) - 1     # position of the bonus token
         limit = np.minimum(self.draft.capacity(rows_np) - pos_np, self.max_model_len - 1 - pos_np)
         limit = np.minimum(limit, min(gamma, self.k_max))
+        graphs = getattr(self.draft, "_knapspec_graphs", None)
+        captured = graphs.stats["capture_seconds"] if graphs is not None else 0.0
         t0 = time.perf_counter()
         drafts, steps = self._draft(rows_np, [sampled[i][-1] for i in rows_np], pos_np, limit, skip)
-        self.selector.observe_draft(skip, ctx, drafts, time.perf_counter() - t0, steps)
+        seconds = time.perf_counter() - t0
+        if graphs is not None and graphs.stats["capture_seconds"] > captured:   # a new plan's graphs: selection cost
+            captured = graphs.stats["capture_seconds"] - captured
+            self.selector.charge_capture(captured)
+            seconds = max(seconds - captured, 0.0)
+        self.selector.observe_draft(skip, ctx, drafts, seconds, steps)
         for j, row in enumerate(rows_np):
             out[row] = drafts[j]
             if drafts[j]:

@@ -117,3 +117,20 @@ def test_graph_capture_is_charged_to_the_selection_not_to_the_plan():
         sel.observe_verify(ctx, proposed=4, accepted=3, seconds=1.1 * t_plain)
         assert sel.plan(np.arange(2), ctx) is not None
     assert not sel.guard_events
+
+
+def test_guard_caps_a_one_off_slow_step():
+    """One step of a paying plan takes 0.2 s (vLLM's rejection sampler JIT-compiling on the process's first
+    speculative step, on the H100): the guard counts it as OUTLIER_X typical steps and keeps the plan; a plan
+    that is slow on every step is still stopped (test_guard_stops_a_plan_slower_than_plain_decoding)."""
+    from vllm_knapspec.selector import GUARD_STEPS
+    sel = selector(max_selection_overhead=0.02, reselect_interval=10_000)
+    ctx = np.array([1000, 1200])
+    t_plain = sel.target.plain_step_time(ctx)
+    _speculating(sel, ctx)
+    sel._spec["pred_step_s"] = 1.4 * t_plain
+    for step in range(2 * GUARD_STEPS):
+        sel.observe_draft(sel.current[0], ctx, [[1, 2], [1, 2]], 0.3 * t_plain)
+        sel.observe_verify(ctx, proposed=4, accepted=3, seconds=(2000 if step == 0 else 1.1) * t_plain)
+        assert sel.plan(np.arange(2), ctx) is not None, step
+    assert not sel.guard_events and sel._realised_speedup() > 1.4

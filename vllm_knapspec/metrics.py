@@ -24,7 +24,8 @@ COUNTERS = {
     "no_spec_steps": "Engine steps where the selector chose plain decoding",
     "selections": "Skip-set selections (DP runs)",
     "guard_stops": "Times drafting was switched off because the plan decoded slower than plain decoding",
-    "selection_seconds": "Time spent selecting skip sets",
+    "guard_capped_steps": "Plan steps counted as at most 4 typical steps by the guard (one-off costs: JIT, capture)",
+    "selection_seconds": "Time spent selecting skip sets (DP runs and the new plan's draft-graph captures)",
     "draft_seconds": "Time spent drafting",
     "verify_seconds": "Time between drafts (verification step and engine overhead)",
 }

@@ -37,6 +37,7 @@ from vllm_knapspec.skipset import SkipSet
 logger = logging.getLogger("vllm_knapspec")
 
 GUARD_STEPS = 16           # steps of a plan measured before the guard may stop it
+OUTLIER_X = 4.0            # a plan step counts as at most this many typical steps in the guard
 PLAIN_WINDOW = 32          # recent plain steps that calibrate t_plain
 METRIC_EVERY = 32          # latency-model gauges are refreshed every this many refit steps
 
@@ -227,9 +228,20 @@ class KnapSpecSelector:
                 self._plain_steps.append((np.array(ctx, copy=True), seconds))
             return
         sp = self._spec
-        sp["tokens"] += accepted + len(ctx)
-        sp["seconds"] += seconds + sp["pending_draft_s"]
+        step_s = seconds + sp["pending_draft_s"]
         sp["pending_draft_s"] = 0.0
+        # One-off costs land on single steps (on an H100 vLLM's rejection-sampler kernel JIT-compiles on the
+        # first speculative step of the process: one step of a 1.87x plan took ~0.2 s and the guard read
+        # 0.15x). Such a step counts as at most OUTLIER_X times the plan's typical step: the median of its
+        # recent steps, or the selection's prediction before there are any.
+        recent = sp["recent"]
+        typical = float(np.median(recent)) if len(recent) >= 4 else sp["pred_step_s"]
+        if typical and step_s > OUTLIER_X * typical:
+            step_s = OUTLIER_X * typical
+            self.stats.inc("guard_capped_steps")
+        recent.append(step_s)
+        sp["tokens"] += accepted + len(ctx)
+        sp["seconds"] += step_s
         sp["plain_tokens"] += len(ctx)
         sp["plain_s"] += self.target.plain_step_time(ctx) * self._plain_scale
         sp["steps"] += 1
@@ -290,6 +302,8 @@ class KnapSpecSelector:
         self.current = (best.skipset, choice.gamma) if choice.speculate else None
         self.predicted_alpha = float(alpha[choice.index].mean())
         self._reset_window(ctx)
+        if choice.speculate:      # what one step of the plan should cost: gamma drafts (verify slope folded in) + plain
+            self._spec["pred_step_s"] = choice.gamma * float(t_draft[choice.index]) + t_plain
         self._record(best.skipset, choice, t_plain, w_attn, w_mlp, len(cands), ctx)
         self.history[-1]["phases_s"] = clock.laps
 
@@ -324,8 +338,9 @@ class KnapSpecSelector:
                      speedup=round(float(best[c]) / plain, 3), cos=round(cands[c].cos, 4)) for c in order]
 
     @staticmethod
-    def _new_spec() -> dict:
-        return dict(tokens=0.0, seconds=0.0, plain_tokens=0.0, plain_s=0.0, steps=0, pending_draft_s=0.0)
+    def _new_spec(pred_step_s: float = 0.0) -> dict:
+        return dict(tokens=0.0, seconds=0.0, plain_tokens=0.0, plain_s=0.0, steps=0, pending_draft_s=0.0,
+                    recent=deque(maxlen=32), pred_step_s=pred_step_s)
 
     def _t_plain(self, ctx) -> float:
         """The target model's plain step time, scaled down by the median measured/predicted ratio of the last

@@ -41,7 +41,7 @@ prep)
   rm -rf .gpukit/src && mkdir -p .gpukit/src/tests .gpukit/src/scripts .gpukit/src/configs
   cp -r vllm_knapspec kernels .gpukit/src/
   cp tests/prompts.py .gpukit/src/tests/ && cp scripts/get_model.py .gpukit/src/scripts/
-  cp configs/knapspec.yaml .gpukit/src/configs/
+  cp configs/knapspec.yaml .gpukit/src/configs/ && cp -r configs/profiles .gpukit/src/configs/   # ab: H100 profile
   find .gpukit/src -name __pycache__ -prune -exec rm -rf {} +
   (git rev-parse HEAD; git status --short; git diff | sha256sum) > .gpukit/src/SNAPSHOT.txt
   # a later device session can reuse the greedy reference of an earlier one: KS_SEED_STATE=out/gpu

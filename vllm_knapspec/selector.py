@@ -126,13 +126,10 @@ class KnapSpecSelector:
             finally:
                 self.selection_s = time.perf_counter() - t0
                 self._cost_scale = self.selection_s / max(estimate, 1e-9)
-            self.total_selection_s += self.selection_s
             if self.history:
                 self.history[-1]["cost_s"] = self.selection_s
             self.stats.inc("selections")
-            self.stats.inc("selection_seconds", self.selection_s)
-            self.stats.set("selection_overhead_ratio",
-                           self.total_selection_s / max(self.total_decode_s + self.total_selection_s, 1e-9))
+            self._count_selection_cost(self.selection_s)
         return self.current
 
     def _guard(self) -> bool:
@@ -235,7 +232,7 @@ class KnapSpecSelector:
         # 0.15x). Such a step counts as at most OUTLIER_X times the plan's typical step: the median of its
         # recent steps, or the selection's prediction before there are any.
         recent = sp["recent"]
-        typical = float(np.median(recent)) if len(recent) >= 4 else sp["pred_step_s"]
+        typical = sorted(recent)[len(recent) // 2] if len(recent) >= 4 else sp["pred_step_s"]   # per step: no numpy
         if typical and step_s > OUTLIER_X * typical:
             step_s = OUTLIER_X * typical
             self.stats.inc("guard_capped_steps")
@@ -254,9 +251,12 @@ class KnapSpecSelector:
         the plan's steps - charged to them, it once made the guard stop a plan predicted at 1.69x after 16
         steps (0.06x "measured": one 0.7 s capture against 16 steps of 2.3 ms)."""
         self.selection_s += seconds
-        self.total_selection_s += seconds
         if self.history:
             self.history[-1]["capture_s"] = self.history[-1].get("capture_s", 0.0) + seconds
+        self._count_selection_cost(seconds)
+
+    def _count_selection_cost(self, seconds: float) -> None:
+        self.total_selection_s += seconds
         self.stats.inc("selection_seconds", seconds)
         self.stats.set("selection_overhead_ratio",
                        self.total_selection_s / max(self.total_decode_s + self.total_selection_s, 1e-9))
@@ -338,9 +338,9 @@ class KnapSpecSelector:
                      speedup=round(float(best[c]) / plain, 3), cos=round(cands[c].cos, 4)) for c in order]
 
     @staticmethod
-    def _new_spec(pred_step_s: float = 0.0) -> dict:
+    def _new_spec() -> dict:
         return dict(tokens=0.0, seconds=0.0, plain_tokens=0.0, plain_s=0.0, steps=0, pending_draft_s=0.0,
-                    recent=deque(maxlen=32), pred_step_s=pred_step_s)
+                    recent=deque(maxlen=32), pred_step_s=0.0)
 
     def _t_plain(self, ctx) -> float:
         """The target model's plain step time, scaled down by the median measured/predicted ratio of the last

@@ -69,11 +69,12 @@ def _check_solution(sol, values, weights, budget, frozen):
     assert len(set(sol.items)) == len(sol.items)
 
 
-def test_additive_equals_brute_force():
+@pytest.mark.parametrize("branches", ["live", "prefix"])
+def test_additive_equals_brute_force(branches):
     rng = random.Random(1234)
     for _ in range(60):
         values, weights, budget, frozen = _problem(rng)
-        sol = knapsack_additive(values, weights, budget, frozen_items=frozen, impl="torch")
+        sol = knapsack_additive(values, weights, budget, frozen_items=frozen, impl="torch", branches=branches)
         _check_solution(sol, values, weights, budget, frozen)
 
 
@@ -134,9 +135,10 @@ class ToyModel:
         return h
 
 
-def _run(model, budget=None, thr=0.5, impl="torch"):
+def _run(model, budget=None, thr=0.5, impl="torch", branches="live"):
     budget = default_budget(L, 2, 1) if budget is None else budget
-    return knapsack_dp(model.run_item, model.refs(), W, budget, sim_threshold=thr, frozen_items=FROZEN, impl=impl)
+    return knapsack_dp(model.run_item, model.refs(), W, budget, sim_threshold=thr, frozen_items=FROZEN, impl=impl,
+                       branches=branches)
 
 
 def test_dp_finds_near_identity_items():
@@ -169,6 +171,24 @@ def test_dp_runs_only_live_states_once_per_item():
     assert [i for i, _ in model.calls] == list(range(2 * L))   # one batched call per item
     assert model.calls[0][1] == 1                               # only j = 0 is live at the start
     assert max(n for _, n in model.calls) <= default_budget(L, 2, 1) + 1
+
+
+@pytest.mark.parametrize("thr", [0.5, 0.99, -2.0])
+def test_dp_prefix_branches_equal_live_branches(thr):
+    """"prefix" (no host sync: the first reachable states, rounded up to a power of two) gives the same
+    candidates as "live" (exactly the valid states), and run_item sees only powers of two or K+1 rows."""
+    live, pre = ToyModel(), ToyModel()
+    a, b = _run(live, thr=thr), _run(pre, thr=thr, branches="prefix")
+    assert [(c.weight, c.skipset) for c in a] == [(c.weight, c.skipset) for c in b]
+    for x, y in zip(a, b):
+        assert x.cos == pytest.approx(y.cos, abs=1e-6) and torch.allclose(x.hidden, y.hidden, atol=1e-6)
+    K = default_budget(L, 2, 1)
+    sizes = [n for _, n in pre.calls]
+    assert [i for i, _ in pre.calls] == list(range(2 * L)) and sizes == sorted(sizes)
+    assert set(sizes) <= {1, 2, 4, 8, K + 1} and sizes[0] == 1
+    assert all(n >= m for n, (_, m) in zip(sizes, live.calls))    # every live state was run
+    with pytest.raises(ValueError, match="branches"):
+        _run(ToyModel(), branches="all")
 
 
 def test_dp_budget_and_pruning():

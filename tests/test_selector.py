@@ -160,6 +160,30 @@ def test_selector_skips_more_attention_when_context_prices_it_higher(spec_llm, m
     assert l["attn"] / (l["attn"] + l["mlp"]) > s["attn"] / max(s["attn"] + s["mlp"], 1)
 
 
+def test_dp_prefix_branches_equal_live_branches_on_the_real_model(spec_llm, monkeypatch):
+    """The GPU's DP mode ("prefix": the first reachable states rounded up to a power of two, no host sync per
+    item) and the CPU's ("live": exactly the valid states) on the same real reference states: the paged
+    attention of the extra (dead, all-zero) branches must not leak into the live ones."""
+    from vllm_knapspec import dp
+    runs, orig = [], dp.knapsack_dp
+
+    def both(*a, **kw):
+        runs.append({b: orig(*a, **kw, branches=b) for b in ("live", "prefix")})
+        return runs[-1]["live"]
+    monkeypatch.setattr(dp, "knapsack_dp", both)
+    fresh_selector(spec_llm)
+    spec_llm.generate([PROSE[0]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    assert runs, "no selection ran"
+    live, pre = runs[0]["live"], runs[0]["prefix"]
+    print(f"{len(live)} candidates; differing sets:",
+          [(str(a.skipset), str(b.skipset)) for a, b in zip(live, pre) if a.skipset != b.skipset])
+    assert len(live) > 3 and [c.weight for c in live] == [c.weight for c in pre]
+    for a, b in zip(live, pre):
+        assert a.cos == pytest.approx(b.cos, abs=1e-4)
+    same = sum(a.skipset == b.skipset for a, b in zip(live, pre))
+    assert same >= 0.9 * len(live)        # fp32 GEMMs of another row count may flip a near-tie, rarely
+
+
 def _median(xs):
     xs = sorted(xs)
     return xs[len(xs) // 2]

@@ -194,8 +194,7 @@ class ReferenceBuilder:
 
         def run_item(item: int, h: torch.Tensor) -> torch.Tensor:
             J, R, D = h.shape
-            if J not in md_cache:
-                md_cache.clear()
+            if J not in md_cache:     # one build per branch count ("prefix" DP: a few powers of two)
                 md_cache[J] = self._metadata(rows_np, qlens, committed, J)
             x = h.reshape(J * R, D)
             layer = d.layers[item // 2]

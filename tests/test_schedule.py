@@ -134,3 +134,27 @@ def test_guard_caps_a_one_off_slow_step():
         sel.observe_verify(ctx, proposed=4, accepted=3, seconds=(2000 if step == 0 else 1.1) * t_plain)
         assert sel.plan(np.arange(2), ctx) is not None, step
     assert not sel.guard_events and sel._realised_speedup() > 1.4
+
+
+def test_plain_steps_reach_the_target_model_averaged():
+    """Plain steps of one batch size go to the target model PLAIN_BATCH at a time, as their mean step (same
+    shape, one online update instead of eight: host time per step); a step with drafts or another batch size
+    flushes what is pending first; what it learns matches feeding every step."""
+    from vllm_knapspec.selector import PLAIN_BATCH
+    sel, each = selector(), selector()
+    seen = []
+    orig = sel.target.observe_verify
+    sel.target.observe_verify = lambda *a, **kw: seen.append((a, kw)) or orig(*a, **kw)
+    ctx = np.array([1000, 3000])
+    true_s = 2.0 * sel.target.plain_step_time(ctx)            # the machine is 2x slower than the prior
+    for k in range(3 * PLAIN_BATCH):
+        for s in (sel, each):
+            s.observe_verify(ctx + k, 0, 0, true_s)
+        each._flush_plain()                                    # the control: one update per step
+    assert len(seen) == 3 and seen[0][0][0] == float((ctx + (PLAIN_BATCH - 1) / 2).sum())   # mean Σctx
+    sel.observe_verify(ctx, 0, 0, true_s)
+    sel.observe_verify(ctx[:1], 0, 0, true_s)                  # another batch size: the pending step goes
+    sel.observe_verify(ctx[:1], 3, 2, true_s)                  # a verify step: pending plain step, then it
+    assert [a[1] for a, _ in seen[3:]] == [2, 1, 4]
+    a, b = sel.target.plain_step_time(ctx), each.target.plain_step_time(ctx)
+    assert abs(a / true_s - 1) < 0.25 and abs(b / true_s - 1) < 0.25, (a / true_s, b / true_s)

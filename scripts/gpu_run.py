@@ -1028,6 +1028,7 @@ def _ab_worker(kind: str, conn):
         clock = StepClock(llm)
         if sel is not None:
             info["kernel_warmup_s"] = round(getattr(e.prop, "warmup_s", 0.0), 3)
+            info["warmups_s"] = getattr(e.prop, "warmups", None)
         conn.send(info)
         while True:
             msg = conn.recv()

@@ -47,6 +47,7 @@ class KnapSpecProposer:
         self.stats = metrics.KnapSpecStats.get()
         self.model = None
         self.warmup_s = 0.0            # load-time warm-ups (GPU): DP kernel JIT, first-call costs
+        self.warmups: dict[str, float] = {}   # seconds per warm-up
         self._last_end = None          # end of the previous propose(): the gap is the verify step
         self._proposed: dict[str, int] = {}   # req_id -> draft length proposed last step
         self._prev_reqs: set[str] = set()
@@ -84,6 +85,7 @@ class KnapSpecProposer:
             return
         dt = time.perf_counter() - t0
         self.warmup_s += dt
+        self.warmups[what] = round(dt, 4)
         logger.info("KnapSpec %s warm-up: %.2f s", what, dt)
 
     def _warmup_kernels(self) -> None:
@@ -98,6 +100,10 @@ class KnapSpecProposer:
         """Called once the KV cache exists (patches.py, patch 7): one synthetic selection-shaped pass, so the
         first selection is not charged for first-call costs."""
         self._warmup("reference", lambda: self.selector.adapter.warmup(self.cfg.reference_tokens))
+        graphs = getattr(self.draft, "_knapspec_graphs", None)
+        if graphs is not None:
+            from vllm_knapspec.skipset import SkipSet
+            self._warmup("draft graph capture", lambda: graphs.warmup(SkipSet.empty(self.draft.num_layers)))
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None):
         start = time.perf_counter()

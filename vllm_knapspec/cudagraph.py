@@ -93,6 +93,7 @@ class DraftGraphs:
         forced = os.environ.get("KNAPSPEC_DRAFT_GRAPH_BREAK")
         self.modes = [forced] if forced else list(MODES)
         self._warm: set = set()
+        self._anchor: _Entry | None = None     # the warm-up's entry: keeps the graph pool alive
         self.stats = dict(captures=0, capture_seconds=0.0, replays=0, evictions=0, eager_fallbacks=0,
                           graphs_per_entry=0, breaks_per_entry=0, mode=None, rejected_modes={},
                           validations=0, max_validation_rel_err=0.0)
@@ -221,7 +222,10 @@ class DraftGraphs:
         first mode on synthetic inputs (token 0 at position 0 of row 0, no KV written) and drop it. The first
         capture of the process paid ~0.85 s of one-off costs on an H100 (0.96 s against ~0.1 s for later
         ones), charged to the first plan's selection; the eager warm-up pass per (mode, bucket) is done here
-        too. A failure here changes nothing: the real capture tries every mode again."""
+        too. A failure here changes nothing: the real capture tries every mode again.
+        The entry is kept (`_anchor`), never freed: graphs captured into a shared private pool hold it alive,
+        and freeing the only one released the pool, so that the next capture_begin(pool=...) hit an internal
+        assert of PyTorch's caching allocator (H100, torch 2.11) and every mode was rejected."""
         from vllm_knapspec.draft import DraftBatch
         if self.disabled or not self.modes or self.modes[0] != "full":
             return False
@@ -244,7 +248,7 @@ class DraftGraphs:
             logger.warning("KnapSpec draft graph warm-up failed (the first plan pays the first capture)",
                            exc_info=True)
             return False
-        del entry
+        self._anchor = entry
         return True
 
     # ---------------------------------------------------------------------------------------------

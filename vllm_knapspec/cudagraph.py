@@ -40,9 +40,11 @@ import os
 import time
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 from vllm_knapspec import compat
+from vllm_knapspec.draft import DraftBatch
 
 logger = logging.getLogger("vllm_knapspec")
 
@@ -219,17 +221,15 @@ class DraftGraphs:
 
     def warmup(self, skip) -> bool:
         """At load time (patches.py patch 7, after the KV cache exists): capture one bucket-1 entry in the
-        first mode on synthetic inputs (token 0 at position 0 of row 0, no KV written) and drop it. The first
+        first mode on synthetic inputs (token 0 at position 0 of row 0, no KV written) and keep it. The first
         capture of the process paid ~0.85 s of one-off costs on an H100 (0.96 s against ~0.1 s for later
         ones), charged to the first plan's selection; the eager warm-up pass per (mode, bucket) is done here
         too. A failure here changes nothing: the real capture tries every mode again.
-        The entry is kept (`_anchor`), never freed: graphs captured into a shared private pool hold it alive,
+        The entry is never freed (`_anchor`): graphs captured into a shared private pool hold it alive,
         and freeing the only one released the pool, so that the next capture_begin(pool=...) hit an internal
         assert of PyTorch's caching allocator (H100, torch 2.11) and every mode was rejected."""
-        from vllm_knapspec.draft import DraftBatch
         if self.disabled or not self.modes or self.modes[0] != "full":
             return False
-        import numpy as np
         d, nb = self.d, self.buckets[0]
         rows = torch.zeros(1, dtype=torch.int64, device=d.device)
         batch = DraftBatch(rows=rows, rows_np=np.zeros(1, np.int64), token_ids=rows.clone(), positions=rows.clone(),

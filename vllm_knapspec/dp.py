@@ -61,8 +61,6 @@ def default_frozen_items(num_layers: int) -> tuple[int, ...]:
 # -- the DP -------------------------------------------------------------------------------------------
 
 RunItem = Callable[[int, torch.Tensor], torch.Tensor]
-
-
 BRANCHES = ("live", "prefix", "auto")
 
 
@@ -96,6 +94,10 @@ def knapsack_dp(run_item: RunItem, refs: torch.Tensor, weights: Sequence[int], b
     K = int(budget)
     if K < 0:
         raise ValueError("budget must be >= 0")
+    if branches not in BRANCHES:
+        raise ValueError(f"branches must be one of {BRANCHES}, got {branches!r}")
+    if branches == "auto":
+        branches = "prefix" if refs.is_cuda else "live"
     frozen = set(int(i) for i in frozen_items)
     _, r, d = refs.shape
     dev, dtype = refs.device, refs.dtype
@@ -111,10 +113,6 @@ def knapsack_dp(run_item: RunItem, refs: torch.Tensor, weights: Sequence[int], b
     score = torch.full((K + 1,), float("-inf"), device=dev)
     parent_skip = torch.zeros(n, K + 1, dtype=torch.bool, device=dev)  # the backtracking table, 1 bit/(i,j)
 
-    if branches == "auto":
-        branches = "prefix" if refs.is_cuda else "live"
-    if branches not in ("live", "prefix"):
-        raise ValueError(f"branches must be one of {BRANCHES}, got {branches!r}")
     reach = 0                                       # largest j any state can have before item i
     for i in range(n):
         w = K + 1 if i in frozen else weights[i]    # w > K: the skip candidate never exists -> always run

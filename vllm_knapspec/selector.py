@@ -43,6 +43,14 @@ METRIC_EVERY = 32          # latency-model gauges are refreshed every this many 
 PLAIN_BATCH = 8            # plain steps of one batch size averaged into one observation of the target model
 
 
+class _PlainSteps:
+    """Plain steps of one batch size not yet fed to the target model (see KnapSpecSelector._refit_target)."""
+    __slots__ = ("batch", "steps", "ctx_sum", "seconds")
+
+    def __init__(self):
+        self.batch, self.steps, self.ctx_sum, self.seconds = 0, 0, 0.0, 0.0
+
+
 class _PhaseClock:
     """Wall time of the phases of one selection (device work included: synchronised on the phase's tensor)."""
 
@@ -106,7 +114,7 @@ class KnapSpecSelector:
         self._plain_steps: deque = deque(maxlen=PLAIN_WINDOW)   # (ctx, seconds) of steady plain steps
         self._plain_scale = 1.0              # measured / predicted plain step time, set at each selection
         self._spec = self._new_spec()        # the current plan's measured record since its selection
-        self._plain_obs = [0, 0, 0.0, 0.0]   # pending plain steps for the target model: batch, steps, Σctx, s
+        self._plain_obs = _PlainSteps()      # plain steps pending for the target model
         for name in ("drafting_enabled", "skipped_attention", "skipped_mlp", "draft_length"):
             self.stats.set(name, 0)              # until the first selection: plain decoding
 
@@ -221,21 +229,22 @@ class KnapSpecSelector:
         averaged PLAIN_BATCH at a time: they all measure the same shape, and one online update costs
         ~170 us of host time - most of what the proposer cost per step without drafts (measured on CPU),
         i.e. several % of a 2.7 ms SmolLM2 step on an H100."""
-        b = self._plain_obs
-        if proposed or (b[1] and b[0] != len(ctx)):
+        if proposed or self._plain_obs.batch != len(ctx):
             self._flush_plain()
         if proposed:
             self._target_observe(ctx, len(ctx) + proposed, seconds)
             return
-        b[0], b[1], b[2], b[3] = len(ctx), b[1] + 1, b[2] + float(ctx.sum()), b[3] + seconds
-        if b[1] >= PLAIN_BATCH:
+        b = self._plain_obs
+        b.batch, b.steps = len(ctx), b.steps + 1
+        b.ctx_sum, b.seconds = b.ctx_sum + float(ctx.sum()), b.seconds + seconds
+        if b.steps >= PLAIN_BATCH:
             self._flush_plain()
 
     def _flush_plain(self):
-        n, k, ctx_sum, seconds = self._plain_obs
-        if k:
-            self._target_observe(ctx_sum / k, n, seconds / k, num_reqs=n)   # the mean step of the k
-        self._plain_obs[:] = [0, 0, 0.0, 0.0]
+        b = self._plain_obs
+        if b.steps:      # the mean step of the pending ones
+            self._target_observe(b.ctx_sum / b.steps, b.batch, b.seconds / b.steps, num_reqs=b.batch)
+            self._plain_obs = _PlainSteps()
 
     def _target_observe(self, ctx, tokens, seconds, **kw):
         self.target.observe_verify(ctx, tokens, seconds, **kw)

@@ -390,6 +390,9 @@ class TimedSelector:
         if steps:
             self.draft_s.append(seconds / steps)
 
+    def observe_plain_steps(self, ctx0, seconds):
+        self.plain_s.extend(seconds)
+
     def charge_capture(self, seconds):
         pass
 

@@ -81,6 +81,9 @@ class FixedSelector:
     def observe_draft(self, skip, ctx, drafts, seconds, steps=1):
         pass
 
+    def observe_plain_steps(self, ctx0, seconds):
+        pass
+
     def charge_capture(self, seconds):
         pass
 
@@ -216,13 +219,33 @@ class KnapSpecSelector:
             self.stats.set("realised_acceptance", self.accepted / self.proposed)
         if seconds is None:
             return
+        self._decode_time(seconds)
+        if steady and len(ctx):
+            self._account(ctx, proposed, accepted, seconds)
+            if self.cfg.online_refit:
+                self._refit_target(ctx, proposed, seconds)
+
+    def observe_plain_steps(self, ctx0: np.ndarray, seconds) -> None:
+        """Steady plain steps reported late (the proposer's quiet path, only while the selector chose plain
+        decoding): step k of them (from 1) had contexts ctx0 + k. Counted as plan() + observe_verify() would
+        have counted them one by one, at the host cost of one step."""
+        n, total = len(seconds), sum(seconds)
+        self.steps += n
+        self._decode_time(total)
+        if not len(ctx0):
+            return
+        b, base = len(ctx0), float(sum(ctx0.tolist()))
+        if self.cfg.online_refit and self._plain_obs.batch != b:
+            self._flush_plain()
+        for k, s in enumerate(seconds, 1):
+            self._plain_steps.append((ctx0 + k, s))
+            if self.cfg.online_refit:            # the same groups of PLAIN_BATCH as step by step
+                self._pend_plain(b, 1, base + b * k, s)
+
+    def _decode_time(self, seconds: float) -> None:
         self.since_selection_s += seconds
         self.total_decode_s += seconds
         self.stats.inc("verify_seconds", seconds)
-        if steady and len(ctx):
-            self._account(ctx, proposed, accepted, seconds)
-        if steady and self.cfg.online_refit and len(ctx):
-            self._refit_target(ctx, proposed, seconds)
 
     def _refit_target(self, ctx, proposed, seconds):
         """Feed the target model. A step with drafts is one observation; plain steps of one batch size are
@@ -234,9 +257,12 @@ class KnapSpecSelector:
         if proposed:
             self._target_observe(ctx, len(ctx) + proposed, seconds)
             return
+        self._pend_plain(len(ctx), 1, float(sum(ctx.tolist())), seconds)   # no numpy reduction per step
+
+    def _pend_plain(self, batch: int, steps: int, ctx_sum: float, seconds: float) -> None:
         b = self._plain_obs
-        b.batch, b.steps = len(ctx), b.steps + 1
-        b.ctx_sum, b.seconds = b.ctx_sum + float(ctx.sum()), b.seconds + seconds
+        b.batch, b.steps = batch, b.steps + steps
+        b.ctx_sum, b.seconds = b.ctx_sum + ctx_sum, b.seconds + seconds
         if b.steps >= PLAIN_BATCH:
             self._flush_plain()
 
@@ -257,7 +283,7 @@ class KnapSpecSelector:
         still paid for its draft step) feed the guard."""
         if self.current is None:
             if not proposed:
-                self._plain_steps.append((np.array(ctx, copy=True), seconds))
+                self._plain_steps.append((ctx.copy(), seconds))
             return
         sp = self._spec
         step_s = seconds + sp["pending_draft_s"]

@@ -1,0 +1,116 @@
+"""The proposer's quiet path (no model needed): while the selector chose plain decoding, plain steps of the same
+requests are only timed and handed to the selector at the next full step - which must then know exactly what it
+would have known step by step."""
+import types
+
+import numpy as np
+import pytest
+
+from vllm_knapspec import proposer as P
+from vllm_knapspec.config import parse_knapspec
+from vllm_knapspec.latency import LatencyModel
+from vllm_knapspec.metrics import KnapSpecStats
+from vllm_knapspec.selector import KnapSpecSelector
+
+L = 30
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def perf_counter(self):
+        return self.t
+
+
+def make(quiet_steps: int, monkeypatch, clock):
+    cfg = parse_knapspec({"num_speculative_tokens": 5})
+    vllm_config = types.SimpleNamespace(speculative_config=types.SimpleNamespace(knapspec=cfg, num_speculative_tokens=5),
+                                        model_config=types.SimpleNamespace(max_model_len=8192))
+    monkeypatch.setattr(P, "time", clock)
+    monkeypatch.setattr(KnapSpecStats, "_instance", None)      # each proposer its own counters
+    prop = P.KnapSpecProposer(vllm_config)
+    prop.quiet_steps = quiet_steps
+    sel = KnapSpecSelector(cfg, adapter=None, latency=LatencyModel.prior(L, unit_s=1e-4), num_layers=L)
+    sel.selection_s = 1e9                      # never due: no model to select with
+    prop.selector = sel
+    prop.runner = types.SimpleNamespace(input_batch=types.SimpleNamespace(req_ids=[]))
+    plans = []
+    orig = sel.plan
+    sel.plan = lambda rows, ctx: plans.append(len(ctx)) or orig(rows, ctx)
+    return prop, plans
+
+
+def drive(prop, clock, steps):
+    """steps: (req_ids, contexts, seconds since the last step); every request sampled one token."""
+    ntok = np.zeros(64, dtype=np.int32)
+    for req_ids, ctx, dt in steps:
+        prop.runner.input_batch.req_ids[:] = req_ids
+        ntok[: len(ctx)] = ctx
+        clock.t += dt
+        out = prop.propose([[7]] * len(ctx), ntok, None)
+        assert out == [[] for _ in ctx]
+
+
+def workload(rng):
+    """Two requests decoding 40 steps, a third joining (its prefill step is not steady), 30 more steps, one leaving."""
+    steps, ctx, ids = [], np.array([1000, 2500]), ["a", "b"]
+    for _ in range(40):
+        ctx = ctx + 1
+        steps.append((list(ids), ctx.copy(), rng.uniform(2e-3, 3e-3)))
+    ids, ctx = ids + ["c"], np.append(ctx + 1, 300)
+    steps.append((list(ids), ctx.copy(), 0.05))
+    for _ in range(30):
+        ctx = ctx + 1
+        steps.append((list(ids), ctx.copy(), rng.uniform(2e-3, 3e-3)))
+    ids, ctx = ids[1:], ctx[1:] + 1
+    for _ in range(20):
+        steps.append((list(ids), ctx.copy(), rng.uniform(2e-3, 3e-3)))
+        ctx = ctx + 1
+    return steps
+
+
+def test_quiet_path_reports_what_step_by_step_reports(monkeypatch):
+    steps = workload(np.random.default_rng(0))
+    clock = Clock()                                          # one module clock: both runs see the same gaps
+    quiet, q_plans = make(P.QUIET_STEPS, monkeypatch, clock)
+    full, f_plans = make(0, monkeypatch, clock)
+    for prop in (quiet, full):
+        drive(prop, clock, steps)
+        prop.propose([[7]], np.array([5000]), None)         # another request set: the quiet run is flushed
+    assert len(f_plans) == len(steps) + 1
+    assert len(q_plans) < len(steps) / 4                     # most steps never reached the selector directly
+    a, b = quiet.selector, full.selector
+    assert a.steps == b.steps
+    assert a.since_selection_s == pytest.approx(b.since_selection_s, rel=1e-12)
+    assert a.total_decode_s == pytest.approx(b.total_decode_s, rel=1e-12)
+    assert [(c.tolist(), s) for c, s in a._plain_steps] == [(c.tolist(), s) for c, s in b._plain_steps]
+    assert a.stats.counters["no_spec_steps"] == b.stats.counters["no_spec_steps"] == len(f_plans)
+    # the target model was fed the same steps in the same groups: the same law
+    for ctx in ([1000, 2500], [1000, 2500, 300], [4000]):
+        assert a.target.plain_step_time(np.array(ctx)) == pytest.approx(b.target.plain_step_time(np.array(ctx)), rel=1e-9)
+
+
+@pytest.mark.parametrize("change", ["new request", "token jump", "not sampled"])
+def test_quiet_path_gives_way_when_anything_changes(monkeypatch, change):
+    clock = Clock()
+    prop, plans = make(P.QUIET_STEPS, monkeypatch, clock)
+    ntok = np.zeros(8, dtype=np.int32)
+    prop.runner.input_batch.req_ids[:] = ["a", "b"]
+    for k in range(3):                                       # a full step opens the run, two quiet ones follow
+        ntok[:2] = [1001 + k, 2001 + k]
+        clock.t += 2e-3
+        prop.propose([[7], [7]], ntok, None)
+    assert len(plans) == 1 and len(prop._quiet.seconds) == 2
+    sampled = [[7], [7]]
+    ntok[:2] = [1004, 2004]
+    if change == "new request":
+        prop.runner.input_batch.req_ids[:] = ["a", "c"]
+    elif change == "token jump":
+        ntok[:2] = [1006, 2006]
+    else:
+        sampled = [[7], []]
+    clock.t += 2e-3
+    prop.propose(sampled, ntok, None)
+    assert len(plans) == 2                                   # the full path ran ...
+    assert prop.selector.steps == 4 and prop.stats.counters["no_spec_steps"] == 4   # ... after the deferred steps

@@ -80,6 +80,8 @@ PHASE_EST = dict(env=20, convert=90, plain_v1=150, plain_v2=120, knapspec=300, k
                  ns_plain_v1_sync=60, val8b=420, ab=300, val8bg=420)
 if os.environ.get("KS_CTXS"):                      # e.g. KS_CTXS=1024,4096 for a shorter run
     P["ctxs"] = [int(x) for x in os.environ["KS_CTXS"].split(",")]
+if os.environ.get("KS_N_OUT"):                     # new tokens per timed request (16K contexts: <= 896)
+    P["n_out"] = int(os.environ["KS_N_OUT"])
 
 
 def log(*a):
@@ -1073,6 +1075,7 @@ def phase_ab():
     ctx_mp = mp.get_context("spawn")
     ends, procs, res = {}, [], dict(rows=[])
     kinds = os.environ.get("KS_AB_KINDS", "plain,knapspec").split(",")
+    ref = "plain" if "plain" in kinds else kinds[0]      # greedy reference and token count
     for kind in kinds:                          # one after the other: startups do not overlap
         a, b = ctx_mp.Pipe()
         p = ctx_mp.Process(target=_ab_worker, args=(kind, b), daemon=True)
@@ -1105,27 +1108,41 @@ def phase_ab():
                     sels += r["selections"]
                     sel_s += r.get("selection_s", 0.0)
                     guards += r.get("guards", [])
-            ntok = sum(len(x) for x in outs["plain"])
-            eq = sum(x == y for x, y in zip(outs["plain"], outs["knapspec"]))
+            ntok = sum(len(x) for x in outs[ref])
+            eq = sum(x == y for x, y in zip(outs[ref], outs["knapspec"]))
             row = dict(ctx=ctx, bs=bs, n_out=P["n_out"], greedy_equal=f"{eq}/{len(prompts)}",
                        **{f"{k}_s": [round(x, 4) for x in t[k]] for k in ends},
                        **{f"{k}_tok_s": round(ntok / statistics.median(t[k]), 1) for k in ends},
                        **delta(before["knapspec"], last["knapspec"]["counters"]), selection_history=sels[-3:],
                        graph_stats=last["knapspec"].get("graph_stats"),
-                       selection_share=round(sel_s / sum(t["knapspec"]), 5), guard_events=guards,
-                       step_clock={k: last[k].get("step_clock") for k in ends})
-            row["speedup"] = round(row["knapspec_tok_s"] / row["plain_tok_s"], 3)
+                       selection_share=round(sel_s / sum(t["knapspec"]), 5), selection_s=round(sel_s, 4),
+                       guard_events=guards, step_clock={k: last[k].get("step_clock") for k in ends})
+            for k in ends:          # per repetition, each engine against the run of the reference next to it
+                if k != "knapspec":
+                    paired = sorted(a / b for a, b in zip(t[k], t["knapspec"]))
+                    row[f"paired_vs_{k}"] = dict(median=round(statistics.median(paired), 4),
+                                                 min=round(paired[0], 4), max=round(paired[-1], 4))
+            if "plain" in ends:
+                row["speedup"] = round(row["knapspec_tok_s"] / row["plain_tok_s"], 3)
             if "plain_v1sync" in ends:
                 row["vs_v1sync"] = round(row["knapspec_tok_s"] / row["plain_v1sync_tok_s"], 3)
             log("  step clock (ms/step):", json.dumps({k: {n: v["ms_per_step"] for n, v in (c or {}).items()}
                                                        for k, c in row["step_clock"].items()}))
-            log(f"  ab ctx {ctx:6d} bs {bs:3d}: plain {row['plain_tok_s']:8.1f}  knapspec {row['knapspec_tok_s']:8.1f}"
-                f"  x{row['speedup']}  v1sync {row.get('plain_v1sync_tok_s')} (x{row.get('vs_v1sync')})"
+            log(f"  ab ctx {ctx:6d} bs {bs:3d}: plain {row.get('plain_tok_s')}  knapspec {row['knapspec_tok_s']:8.1f}"
+                f"  x{row.get('speedup')}  v1sync {row.get('plain_v1sync_tok_s')} (x{row.get('vs_v1sync')})"
+                f"  paired {json.dumps({k: v['median'] for k, v in row.items() if k.startswith('paired_')})}"
                 f"  equal {row['greedy_equal']}  drafts {row['draft_tokens']}"
                 f"  acc {row['acceptance']}  no-spec steps {row.get('no_spec_steps')}  selections {row.get('selections')}"
                 f" share {row['selection_share']}  guard stops {len(guards)}")
             res["rows"].append(row)
             save("ab", res)
+    # the whole run: selection time against KnapSpec's timed decoding, and the engine's own running share
+    sel_total = sum(r["selection_s"] for r in res["rows"])
+    ks_total = sum(sum(r["knapspec_s"]) for r in res["rows"])
+    res["summary"] = dict(selection_s=round(sel_total, 4), knapspec_timed_s=round(ks_total, 3),
+                          selection_share=round(sel_total / max(ks_total, 1e-9), 5),
+                          selections=sum(r.get("selections") or 0 for r in res["rows"]))
+    log("ab summary", json.dumps(res["summary"]))
     for kind in ends:
         ends[kind].send(None)
     for p in procs:

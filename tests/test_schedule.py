@@ -158,3 +158,87 @@ def test_plain_steps_reach_the_target_model_averaged():
     assert [a[1] for a, _ in seen[3:]] == [2, 1, 4]
     a, b = sel.target.plain_step_time(ctx), each.target.plain_step_time(ctx)
     assert abs(a / true_s - 1) < 0.25 and abs(b / true_s - 1) < 0.25, (a / true_s, b / true_s)
+
+
+def test_idle_gaps_and_admission_steps_are_not_decode_time():
+    """The overhead budget counts steady steps (and drafts) only: the gap before a step that admitted new requests
+    may hold an idle server (in an A/B harness: the other engine's whole run) or their prefill."""
+    sel = selector()
+    ctx = np.array([1000, 2000])
+    sel.observe_verify(ctx, 0, 0, 30.0, steady=False)
+    assert sel.since_selection_s == 0.0 and sel.total_decode_s == 0.0
+    sel.observe_verify(ctx, 0, 0, 0.01)
+    assert sel.since_selection_s == 0.01
+
+
+class _ToyAdapter:
+    """Reference states of a toy residual model with L layers (no vLLM): enough for select() to run for real."""
+
+    def __init__(self, r=8, d=16, vocab=64, seed=0):
+        import torch
+        g = torch.Generator().manual_seed(seed)
+        self.A = torch.randn(2 * L, d, d, generator=g) / d ** 0.5
+        self.s = torch.full((2 * L,), 0.3)
+        self.V = torch.randn(d, vocab, generator=g)
+        self.x = torch.randn(r, d, generator=g)
+        self.r = r
+
+    def item(self, i, h):
+        import torch
+        return h + self.s[i] * torch.tanh(h @ self.A[i])
+
+    def max_reference_tokens(self, num_states):
+        return self.r
+
+    def build(self, rows, ctx, r):
+        import types
+        import torch
+        hs = [self.x]
+        for i in range(2 * L):
+            hs.append(self.item(i, hs[-1]))
+        return types.SimpleNamespace(refs=torch.stack(hs), groups=[np.arange(self.r)], rows_np=rows,
+                                     run_item=self.item, logits_fn=lambda h: h @ self.V)
+
+
+def _toy_selector(**cfg):
+    sel = selector(kernels="torch", **cfg)
+    sel.adapter = _ToyAdapter()
+    return sel
+
+
+def test_reselection_backs_off_while_choosing_plain_decoding():
+    from vllm_knapspec.selector import BACKOFF_MAX
+    sel = _toy_selector(reselect_interval=4, min_speedup=10.0)       # nothing beats plain by 10x
+    ctx, rows = np.array([1000]), np.arange(1)
+    intervals = []
+    for _ in range(7):
+        sel.select(rows, ctx)
+        assert sel.current is None
+        intervals.append(sel.interval)
+    assert intervals == [8, 16, 32, 64, 64, 64, 64] and 64 == BACKOFF_MAX * 4
+    sel.cfg = sel.cfg.model_copy(update={"min_speedup": 0.0})        # always draft: the interval resets
+    sel.select(rows, ctx)
+    assert sel.current is not None and sel.interval == 4
+
+
+def test_a_plan_that_fell_short_raises_the_bar_for_the_next():
+    """The guard measured a plan at 0.55x where 1.1x was predicted: later predictions count at half, so a
+    candidate predicted to pay by less than 2x min_speedup is not started; the discount recovers slowly."""
+    from vllm_knapspec.selector import RECOVER
+    sel = _toy_selector(reselect_interval=1)
+    ctx, rows = np.array([1000]), np.arange(1)
+    sel.cfg = sel.cfg.model_copy(update={"min_speedup": 0.0})
+    sel.select(rows, ctx)
+    predicted = sel.history[-1]["speedup"]                            # the toy's best plan, always the same
+    sel.cfg = sel.cfg.model_copy(update={"min_speedup": 0.9 * predicted})
+    sel.select(rows, ctx)
+    assert sel.current is not None                                    # 1.0 x predicted clears 0.9 x predicted
+    sel._plan_pred, sel._spec["steps"] = 1.1, 16                      # what the guard saw of that plan
+    sel._realised_speedup = lambda: 0.55
+    sel._stop_drafting(ctx)
+    assert abs(sel.pred_scale - 0.5) < 1e-9
+    sel.select(rows, ctx)
+    assert sel.current is None                                        # 0.5 * 1.05 x predicted < 0.9 x predicted
+    for _ in range(12):                                               # 0.5 * 1.05^13 > 0.9: drafting again
+        sel.select(rows, ctx)
+    assert sel.current is not None and abs(sel.pred_scale - 0.5 * RECOVER ** 13) < 1e-9

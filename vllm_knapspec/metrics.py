@@ -42,6 +42,7 @@ GAUGES = {
     "realised_acceptance": "Acceptance rate measured since the last selection",
     "realised_tpt_speedup": "Measured tokens-per-time of the current plan relative to plain decoding",
     "selection_overhead_ratio": "Selection time as a share of decode wall time",
+    "prediction_scale": "Measured / predicted speedup of the last plan that ran (<= 1); discounts later predictions",
     "latency_model_error": "Median absolute relative error of the latency model (label kind)",
     "latency_coefficient": "Latency model coefficients in seconds (label name)",
 }

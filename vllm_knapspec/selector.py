@@ -13,9 +13,15 @@ KnapSpecSelector (the paper's method, batch-aware):
      min(1, min_speedup)), drafting stops until the next selection (no DP needed). A plan that a wrong
      prediction or the confidence stop makes slower than plain decoding costs GUARD_STEPS steps, not the
      rest of the selection interval.
+  7. a plan that ran (or was stopped by the guard) measured some share of its predicted speedup: later
+     predictions are discounted by that share (min 1; it recovers by RECOVER per selection), so that a
+     latency model that flatters the draft on this machine (an H100 profile on an H200: plans predicted at
+     1.06-1.14x measured 0.5-0.69x) does not start one losing plan after another.
 Re-selection: every `reselect_interval` steps, or earlier when the context grew by `context_change` or the
 realised acceptance left the prediction by `acceptance_change`; never more often than keeps selection time
-under `max_selection_overhead` of the decode wall time.
+under `max_selection_overhead` of the decode wall time (decode time = steady steps and drafts: an idle
+server's gaps and the steps that admitted new requests do not count). While selections keep choosing plain
+decoding the interval doubles, up to BACKOFF_MAX x `reselect_interval` (the context-change trigger stays).
 
 No vLLM imports: the model side comes in through `adapter` (draft.ReferenceBuilder over LayerSkipModel).
 """
@@ -41,6 +47,8 @@ OUTLIER_X = 4.0            # a plan step counts as at most this many typical ste
 PLAIN_WINDOW = 32          # recent plain steps that calibrate t_plain
 METRIC_EVERY = 32          # latency-model gauges are refreshed every this many refit steps
 PLAIN_BATCH = 8            # plain steps of one batch size averaged into one observation of the target model
+BACKOFF_MAX = 16           # re-selection interval while choosing plain decoding: up to this x reselect_interval
+RECOVER = 1.05             # the plan-measured discount of predictions moves back toward 1 by this per selection
 
 
 class _PlainSteps:
@@ -118,6 +126,9 @@ class KnapSpecSelector:
         self._plain_scale = 1.0              # measured / predicted plain step time, set at each selection
         self._spec = self._new_spec()        # the current plan's measured record since its selection
         self._plain_obs = _PlainSteps()      # plain steps pending for the target model
+        self.interval = cfg.reselect_interval   # steps between selections (doubles while choosing plain)
+        self.pred_scale = 1.0                # measured / predicted speedup of the last plan that ran (<= 1)
+        self._plan_pred = None               # predicted speedup of the current plan
         for name in ("drafting_enabled", "skipped_attention", "skipped_mlp", "draft_length"):
             self.stats.set(name, 0)              # until the first selection: plain decoding
 
@@ -163,10 +174,20 @@ class KnapSpecSelector:
                                       skip=str(self.current[0]), gamma=self.current[1]))
         logger.info("KnapSpec guard: plan %s measured %.3fx of plain decoding over %d steps; drafting off until "
                     "the next selection", self.current[0], r, n)
+        self._measure_plan()
         self.current = None
         self.stats.inc("guard_stops")
         self.stats.set("drafting_enabled", 0)
         self.stats.set("draft_length", 0)
+
+    def _measure_plan(self) -> None:
+        """The plan ran GUARD_STEPS steps or more: its measured share of the predicted speedup discounts later
+        predictions (only down; 1 when it did as predicted or better)."""
+        r = self._realised_speedup()
+        if self._plan_pred and self._spec["steps"] >= GUARD_STEPS and r == r:
+            self.pred_scale = min(1.0, r / self._plan_pred)
+            self.stats.set("prediction_scale", self.pred_scale)
+        self._plan_pred = None
 
     def _due(self, ctx: np.ndarray) -> bool:
         if self.selected_ctx is None:          # first selection: once plain decoding has paid for it
@@ -178,7 +199,7 @@ class KnapSpecSelector:
         return self._wanted(ctx) and self._affordable(ctx)   # cost estimate only when a selection is wanted
 
     def _wanted(self, ctx) -> bool:
-        if self.steps >= self.cfg.reselect_interval:
+        if self.steps >= self.interval:
             return True
         if ctx.mean() >= self.selected_ctx * (1 + self.cfg.context_change):
             return True
@@ -217,10 +238,10 @@ class KnapSpecSelector:
         self.accepted += accepted
         if self.proposed:
             self.stats.set("realised_acceptance", self.accepted / self.proposed)
-        if seconds is None:
+        if seconds is None or not steady:    # the gap may hold an idle server or new requests' prefill
             return
         self._decode_time(seconds)
-        if steady and len(ctx):
+        if len(ctx):
             self._account(ctx, proposed, accepted, seconds)
             if self.cfg.online_refit:
                 self._refit_target(ctx, proposed, seconds)
@@ -344,6 +365,9 @@ class KnapSpecSelector:
     def select(self, rows: np.ndarray, ctx: np.ndarray) -> None:
         cfg, L = self.cfg, self.L
         self._flush_plain()                  # the target model sees every plain step before it prices
+        if self.current is not None:
+            self._measure_plan()
+        self.pred_scale = min(1.0, self.pred_scale * RECOVER)
         w_attn, w_mlp = self.sync(dp.integer_weights(*self._sublayer_times(ctx), cfg.weight_cap))
         budget = int(cfg.budget_fraction * (w_attn + w_mlp) * L)
         r = min(cfg.reference_tokens, self.adapter.max_reference_tokens(budget + 1))  # DP memory <= 1 % of KV
@@ -362,6 +386,9 @@ class KnapSpecSelector:
         best = cands[choice.index]
         self.top = self._top(cands, alpha, t_draft, t_plain)
         self.current = (best.skipset, choice.gamma) if choice.speculate else None
+        self._plan_pred = choice.tpt / choice.plain if choice.speculate else None
+        self.interval = cfg.reselect_interval if choice.speculate else min(
+            2 * self.interval, BACKOFF_MAX * cfg.reselect_interval)
         self.predicted_alpha = float(alpha[choice.index].mean())
         self._reset_window(ctx)
         if choice.speculate:      # what one step of the plan should cost: gamma drafts (verify slope folded in) + plain
@@ -385,8 +412,10 @@ class KnapSpecSelector:
         slope = max(self.target.verify_step_time(ctx, 2) - t_model, 0.0) * self._plain_scale
         t_draft = torch.tensor([self.latency.draft_step_time(c.skipset, ctx) + slope for c in cands],
                                dtype=torch.float32)
+        # min_speedup = 0 drafts always; otherwise the bar rises by what the last plan fell short of its prediction
+        bar = self.cfg.min_speedup / self.pred_scale if self.cfg.min_speedup > 0 else 0.0
         choice = tpt.choose(alpha, t_draft, t_plain, self.cfg.num_speculative_tokens, t_plain=t_plain,
-                            margin=self.cfg.min_speedup - 1.0, impl=self.cfg.kernels)
+                            margin=bar - 1.0, impl=self.cfg.kernels)
         return choice, t_plain, t_draft
 
     def _top(self, cands, alpha, t_draft, t_plain, k: int = 5) -> list[dict]:

@@ -77,7 +77,8 @@ else:
 
 PHASE_EST = dict(env=20, convert=90, plain_v1=150, plain_v2=120, knapspec=300, ksgraph=240, ngram=150, cost8b=330,
                  ns_plain_v2=60, ns_plain_v1=60, ns_ks_default=60, ns_ks_full=60, ns_plain_v1_full=60, ksfull=120, plainfull=60, ksuni=240,
-                 ns_plain_v1_sync=60, val8b=420, ab=300, val8bg=420)
+                 ns_plain_v1_sync=60, val8b=420, ab=300, val8bg=420,
+                 tie_plain=90, tie_ks=150, tie_ngram=90)
 if os.environ.get("KS_CTXS"):                      # e.g. KS_CTXS=1024,4096 for a shorter run
     P["ctxs"] = [int(x) for x in os.environ["KS_CTXS"].split(",")]
 if os.environ.get("KS_N_OUT"):                     # new tokens per timed request (16K contexts: <= 896)
@@ -1154,13 +1155,77 @@ def phase_ns_plain_v1_full():
     _nospec("ns_plain_v1_full", True, "FULL", False)
 
 
+# -- tie: is a greedy mismatch at batch 16 a bf16 near-tie of the verify path or a wrong output? ---------------
+TIE_SKIP = ("a2,a3,a4,a5,a6,a7,a8,a9,a10,a11,a12,a13,a14,a25,m2,m3,m4,m5,m6,m7,m8,m9,m10,m11,m12,m13,m14,m16,m17,"
+            "m19,m25")   # the plan the selector started in the ab cell 1K x 16 that gave 15/16 (session 9, H200)
+
+
+def _tie_prompts():
+    return timing_prompts(corpus_ids(tokenizer()), int(os.environ.get("KS_TIE_CTX", "1024")),
+                          int(os.environ.get("KS_TIE_BS", "16")))
+
+
+def _tie_compare(llm, label, outs, want, prompts) -> dict:
+    """Equality with the plain reference, and at each first divergence the target's own top-5 logprobs there
+    (a prefill of prompt + common prefix in this engine: no drafting on that path)."""
+    cmp = compare({"bn": outs}, {"bn": want})
+    margins = divergence_margins(llm, {"bn": prompts}, {"bn": want}, cmp, limit=16)
+    log(f"tie {label}: equal {cmp['bn']['equal']}/{cmp['bn']['n']}", json.dumps(margins)[:1500])
+    return dict(compare=cmp, margins=margins)
+
+
+def phase_tie_plain():
+    """The reference: plain decoding with the runner and scheduling a custom_class proposer gets (V1, sync)."""
+    setup_process()
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    llm, start_s = make_llm(gpu_memory_utilization=0.25, async_scheduling=False)
+    prompts = _tie_prompts()
+    n = P["n_out"]
+    outs = [list(o.outputs[0].token_ids) for o in llm.generate(tokens_prompts(prompts), greedy(n), use_tqdm=False)]
+    again = [list(o.outputs[0].token_ids) for o in llm.generate(tokens_prompts(prompts), greedy(n), use_tqdm=False)]
+    res = dict(engine=engine_info(llm), n_out=n, outputs=outs, repeat_equal=sum(a == b for a, b in zip(outs, again)))
+    log("tie plain: repeat equal", res["repeat_equal"], "/", len(outs))
+    save("tie_plain", res)
+
+
+def phase_tie_ks():
+    """KnapSpec as in the ab (draft graphs, uniform graphs): a fixed drafting set, the full-model draft '' and
+    the shipped selector; vLLM's ngram as a control of vLLM's own verify path (phase tie_ngram)."""
+    from vllm_knapspec.selector import FixedSelector
+    from vllm_knapspec.skipset import SkipSet
+    ref = load("tie_plain")
+    e = KnapSpecEngine("tie_ks", compilation_config=KS_GRAPH_CAP, gpu_memory_utilization=0.25)
+    prompts, n, res = _tie_prompts(), ref["n_out"], dict(engine=e.res["engine"])
+    for label, skip in (("fixed", TIE_SKIP), ("full_draft", "")):
+        e.prop.cfg = e.default_cfg
+        e.prop.selector = FixedSelector(SkipSet.parse(e.L, skip), GAMMA)
+        before = spec_counters(e.llm)
+        outs = [list(o.outputs[0].token_ids) for o in e.llm.generate(tokens_prompts(prompts), greedy(n), use_tqdm=False)]
+        res[label] = dict(_tie_compare(e.llm, label, outs, ref["outputs"], prompts),
+                          **delta(before, spec_counters(e.llm)))
+        save("tie_ks", res)
+
+
+def phase_tie_ngram():
+    setup_process()
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    ref = load("tie_plain")
+    llm, _ = make_llm(spec={"method": "ngram", "num_speculative_tokens": GAMMA, "prompt_lookup_max": 4,
+                            "prompt_lookup_min": 2}, gpu_memory_utilization=0.25, async_scheduling=False)
+    prompts, n = _tie_prompts(), ref["n_out"]
+    before = spec_counters(llm)
+    outs = [list(o.outputs[0].token_ids) for o in llm.generate(tokens_prompts(prompts), greedy(n), use_tqdm=False)]
+    save("tie_ngram", dict(engine=engine_info(llm), **_tie_compare(llm, "ngram", outs, ref["outputs"], prompts),
+                           **delta(before, spec_counters(llm))))
+
+
 PHASES = dict(env=phase_env, convert=phase_convert, plain_v1=phase_plain_v1, plain_v2=phase_plain_v2,
               knapspec=phase_knapspec, ksgraph=phase_ksgraph, ngram=phase_ngram, cost8b=phase_cost8b,
               ns_plain_v2=phase_ns_plain_v2, ns_plain_v1=phase_ns_plain_v1, ns_ks_default=phase_ns_ks_default,
               ns_ks_full=phase_ns_ks_full, ns_plain_v1_full=phase_ns_plain_v1_full,
               ksfull=phase_ksfull, plainfull=phase_plainfull, ksuni=phase_ksuni,
               ns_plain_v1_sync=phase_ns_plain_v1_sync, val8b=phase_val8b, ab=phase_ab,
-              val8bg=phase_val8bg)
+              val8bg=phase_val8bg, tie_plain=phase_tie_plain, tie_ks=phase_tie_ks, tie_ngram=phase_tie_ngram)
 
 
 # ----------------------------------------------------------------------------------------------------------

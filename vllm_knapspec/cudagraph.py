@@ -46,7 +46,7 @@ import torch
 from vllm_knapspec import compat
 from vllm_knapspec.draft import DraftBatch
 
-logger = logging.getLogger("vllm_knapspec")
+logger = logging.getLogger("vllm.knapspec")
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MODES = ("full", "op", "module")

@@ -47,7 +47,7 @@ import logging
 
 from vllm_knapspec import config as ks
 
-logger = logging.getLogger("vllm_knapspec")
+logger = logging.getLogger("vllm.knapspec")
 _MARK = "__knapspec_patched__"
 
 

@@ -24,7 +24,7 @@ from vllm_knapspec import config as ks_config
 from vllm_knapspec import metrics
 from vllm_knapspec.draft import DraftBatch, LayerSkipModel
 
-logger = logging.getLogger("vllm_knapspec")
+logger = logging.getLogger("vllm.knapspec")
 
 QUIET_STEPS = 16    # plain steps the quiet path defers before a full step reports them (and may select)
 

@@ -40,7 +40,7 @@ from vllm_knapspec.latency import LatencyModel
 from vllm_knapspec.metrics import KnapSpecStats
 from vllm_knapspec.skipset import SkipSet
 
-logger = logging.getLogger("vllm_knapspec")
+logger = logging.getLogger("vllm.knapspec")
 
 GUARD_STEPS = 16           # steps of a plan measured before the guard may stop it
 OUTLIER_X = 4.0            # a plan step counts as at most this many typical steps in the guard
@@ -464,7 +464,10 @@ class KnapSpecSelector:
                      speedup=choice.tpt / choice.plain, w_attn=w_attn, w_mlp=w_mlp, candidates=n_cands)
         entry["top"] = self.top
         self.history.append(entry)
-        logger.info("KnapSpec selection: %s", entry)
+        logger.info("KnapSpec selection at context %.0f x %d: %s, gamma %d, predicted %.3fx of plain decoding "
+                    "(alpha %.2f)", entry["ctx"], entry["batch"], f"draft skipping {skip}" if spec else "plain decoding",
+                    choice.gamma, entry["speedup"], self.predicted_alpha)
+        logger.debug("KnapSpec selection: %s", entry)
 
 
 class ClaspSelector(KnapSpecSelector):

@@ -19,8 +19,8 @@ KnapSpecSelector (the paper's method, batch-aware):
      1.06-1.14x measured 0.5-0.69x) does not start one losing plan after another.
 Re-selection: every `reselect_interval` steps, or earlier when the context grew by `context_change` or the
 realised acceptance left the prediction by `acceptance_change`; never more often than keeps selection time
-under `max_selection_overhead` of the decode wall time (decode time = steady steps and drafts: an idle
-server's gaps and the steps that admitted new requests do not count). While selections keep choosing plain
+under `max_selection_overhead` of the decode wall time (decode time = steps and drafts; the gap before a step
+that admitted new requests counts as at most two steady steps: it may hold an idle server). While selections keep choosing plain
 decoding the interval doubles, up to BACKOFF_MAX x `reselect_interval` (the context-change trigger stays).
 
 No vLLM imports: the model side comes in through `adapter` (draft.ReferenceBuilder over LayerSkipModel).
@@ -127,6 +127,7 @@ class KnapSpecSelector:
         self._spec = self._new_spec()        # the current plan's measured record since its selection
         self._plain_obs = _PlainSteps()      # plain steps pending for the target model
         self.interval = cfg.reselect_interval   # steps between selections (doubles while choosing plain)
+        self._last_steady_s = 0.0            # the last steady step's time: caps what an unsteady gap counts
         self.pred_scale = 1.0                # measured / predicted speedup of the last plan that ran (<= 1)
         self._plan_pred = None               # predicted speedup of the current plan
         for name in ("drafting_enabled", "skipped_attention", "skipped_mlp", "draft_length"):
@@ -238,8 +239,12 @@ class KnapSpecSelector:
         self.accepted += accepted
         if self.proposed:
             self.stats.set("realised_acceptance", self.accepted / self.proposed)
-        if seconds is None or not steady:    # the gap may hold an idle server or new requests' prefill
+        if seconds is None:
             return
+        if not steady:       # the gap may hold an idle server: count it as at most two steps like the last steady one
+            self._decode_time(min(seconds, 2.0 * self._last_steady_s))
+            return
+        self._last_steady_s = seconds
         self._decode_time(seconds)
         if len(ctx):
             self._account(ctx, proposed, accepted, seconds)
@@ -250,8 +255,11 @@ class KnapSpecSelector:
         """Steady plain steps reported late (the proposer's quiet path, only while the selector chose plain
         decoding): step k of them (from 1) had contexts ctx0 + k. Counted as plan() + observe_verify() would
         have counted them one by one, at the host cost of one step."""
+        if not seconds:
+            return
         n, total = len(seconds), sum(seconds)
         self.steps += n
+        self._last_steady_s = seconds[-1]
         self._decode_time(total)
         if not len(ctx0):
             return

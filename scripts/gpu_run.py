@@ -396,6 +396,9 @@ class TimedSelector:
     def observe_plain_steps(self, ctx0, seconds):
         self.plain_s.extend(seconds)
 
+    def quiet_steps(self, ctx):
+        return 16
+
     def charge_capture(self, seconds):
         pass
 

@@ -97,20 +97,43 @@ def test_quiet_path_gives_way_when_anything_changes(monkeypatch, change):
     prop, plans = make(P.QUIET_STEPS, monkeypatch, clock)
     ntok = np.zeros(8, dtype=np.int32)
     prop.runner.input_batch.req_ids[:] = ["a", "b"]
-    for k in range(3):                                       # a full step opens the run, two quiet ones follow
+    for k in range(4):          # admission step, a steady full step opens the run, two quiet steps follow
         ntok[:2] = [1001 + k, 2001 + k]
         clock.t += 2e-3
         prop.propose([[7], [7]], ntok, None)
-    assert len(plans) == 1 and len(prop._quiet.seconds) == 2
+    assert len(plans) == 2 and len(prop._quiet.seconds) == 2
     sampled = [[7], [7]]
-    ntok[:2] = [1004, 2004]
+    ntok[:2] = [1005, 2005]
     if change == "new request":
         prop.runner.input_batch.req_ids[:] = ["a", "c"]
     elif change == "token jump":
-        ntok[:2] = [1006, 2006]
+        ntok[:2] = [1007, 2007]
     else:
         sampled = [[7], []]
     clock.t += 2e-3
     prop.propose(sampled, ntok, None)
-    assert len(plans) == 2                                   # the full path ran ...
-    assert prop.selector.steps == 4 and prop.stats.counters["no_spec_steps"] == 4   # ... after the deferred steps
+    assert len(plans) == 3                                   # the full path ran ...
+    assert prop.selector.steps == 5 and prop.stats.counters["no_spec_steps"] == 5   # ... after the deferred steps
+
+
+def test_quiet_path_does_not_delay_a_selection(monkeypatch):
+    """Selections happen at the same steps with and without the quiet path: the first once the overhead budget
+    allows it, later ones when the re-selection interval is reached."""
+    steps = workload(np.random.default_rng(1))
+    steps = steps[:41] + [(ids, ctx + k, dt) for k in range(1, 4) for ids, ctx, dt in steps[41:71]]   # longer
+    clock = Clock()
+    seen = {}
+    for name, quiet_steps in (("quiet", P.QUIET_STEPS), ("full", 0)):
+        prop, _ = make(quiet_steps, monkeypatch, clock)
+        sel, at = prop.selector, seen.setdefault(name, [])
+        sel.selection_s = 0.002 * sel.cfg.max_selection_overhead * 30      # the budget allows one after ~30 steps
+        sel.cfg = sel.cfg.model_copy(update={"reselect_interval": 24})
+        sel.interval = 24
+
+        def select(rows, ctx, sel=sel, at=at, prop=prop):                  # a selection that chooses plain decoding
+            at.append(sel.steps)
+            sel.current = None
+            sel._reset_window(ctx)
+        sel.select = select
+        drive(prop, clock, steps)
+    assert len(seen["full"]) >= 3 and seen["quiet"] == seen["full"], seen

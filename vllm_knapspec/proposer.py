@@ -32,10 +32,10 @@ QUIET_STEPS = 16    # plain steps the quiet path defers before a full step repor
 class _QuietRun:
     """Plain steps deferred by the quiet path: the requests of the full step that opened the run (contexts
     ctx0 then), each one token longer per step, no drafts; their verify times wait here for the next full step."""
-    __slots__ = ("req_ids", "ctx0", "first", "seconds")
+    __slots__ = ("req_ids", "ctx0", "first", "seconds", "limit")
 
-    def __init__(self, req_ids: list, ctx0: np.ndarray):
-        self.req_ids, self.ctx0, self.first, self.seconds = req_ids, ctx0, int(ctx0[0]), []
+    def __init__(self, req_ids: list, ctx0: np.ndarray, limit: int):
+        self.req_ids, self.ctx0, self.first, self.seconds, self.limit = req_ids, ctx0, int(ctx0[0]), [], limit
 
 
 def knapspec_config_of(vllm_config) -> ks_config.KnapSpecConfig:
@@ -141,7 +141,7 @@ class KnapSpecProposer:
     # changes) hands them to the selector, which sees exactly what it would have seen step by step.
     def _quiet_step(self, sampled, num_tokens_no_spec, start) -> bool:
         q = self._quiet
-        if q is None or len(q.seconds) >= self.quiet_steps or len(sampled) != len(q.req_ids):
+        if q is None or len(q.seconds) >= q.limit or len(sampled) != len(q.req_ids):
             return False
         if (not all(sampled) or int(num_tokens_no_spec[0]) != q.first + len(q.seconds) + 1
                 or self.runner.input_batch.req_ids[: len(sampled)] != q.req_ids):
@@ -192,8 +192,10 @@ class KnapSpecProposer:
         plan = self.selector.plan(rows_np, ctx)
         if plan is None:                      # selector: plain decoding beats every draft right now
             self.stats.no_spec_step()
-            if all_sampled:
-                self._quiet = _QuietRun(self._prev_ids, ctx)
+            if all_sampled:               # the next steps may go quietly, as long as no selection can be due
+                limit = min(self.quiet_steps, self.selector.quiet_steps(ctx))
+                if limit > 0:
+                    self._quiet = _QuietRun(self._prev_ids, ctx, limit)
             return
         skip, gamma = plan
         pos_np = ctx.astype(np.int64) - 1     # position of the bonus token

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections import deque
 
@@ -91,6 +92,9 @@ class FixedSelector:
 
     def observe_plain_steps(self, ctx0, seconds):
         pass
+
+    def quiet_steps(self, ctx):
+        return 0
 
     def charge_capture(self, seconds):
         pass
@@ -270,6 +274,19 @@ class KnapSpecSelector:
             self._plain_steps.append((ctx0 + k, s))
             if self.cfg.online_refit:            # the same groups of PLAIN_BATCH as step by step
                 self._pend_plain(b, 1, base + b * k, s)
+
+    def quiet_steps(self, ctx: np.ndarray) -> int:
+        """Plain steps the proposer may leave unreported (its quiet path) without delaying a selection: until
+        the overhead budget could allow one (counting steps at twice the last steady step's time) or, after the
+        first selection, until one would be wanted (interval, context growth), whichever is later: _due needs
+        both. Timing-dependent, so rank 0's answer on every rank (at the same full step on all ranks)."""
+        step_s = self._last_steady_s
+        wait_s = self.selection_s / self.cfg.max_selection_overhead - self.since_selection_s
+        n = int(wait_s / (2.0 * step_s)) if step_s > 0 and wait_s > 0 else 0
+        if self.selected_ctx is not None and len(ctx):   # the step that makes it wanted must be a full one
+            grow = self.selected_ctx * (1 + self.cfg.context_change) - float(sum(ctx.tolist())) / len(ctx)
+            n = max(n, min(self.interval - self.steps, math.ceil(grow)) - 1)
+        return int(self.sync(max(n, 0)))
 
     def _decode_time(self, seconds: float) -> None:
         self.since_selection_s += seconds

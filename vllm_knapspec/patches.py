@@ -416,35 +416,18 @@ def patch_ray_cpu() -> None:
         return
     if getattr(rx, "ray", None) is None:   # ray not installed
         return
-
-    def _kwargs(orig):
-        def _get_actor_resource_kwargs():
-            return {"num_gpus": 0} if current_platform.ray_device_key == "CPU" else orig()
-        return staticmethod(_get_actor_resource_kwargs)
-
-    def _ids(orig):
-        def get_node_and_physical_gpu_ids(self):
-            if current_platform.ray_device_key == "CPU":
-                return rx.ray.get_runtime_context().get_node_id(), []
-            return orig(self)
-        return get_node_and_physical_gpu_ids
+    # Installed on the CPU platform only, so the wrappers need not ask which platform they run on.
+    _wrap(rx.RayExecutorV2, "_get_actor_resource_kwargs", lambda orig: staticmethod(lambda: {"num_gpus": 0}))
+    _wrap(rx.RayWorkerProc, "get_node_and_physical_gpu_ids",
+          lambda orig: lambda self: (rx.ray.get_runtime_context().get_node_id(), []))
 
     def _env(orig):
         def _build_runtime_env(self) -> dict:
             env = orig(self)
-            if current_platform.ray_device_key == "CPU":
-                env.setdefault("env_vars", {}).setdefault(RAY_SETUP_HOOK_ENV, f"{__name__}.patch_ray_cpu")
+            env.setdefault("env_vars", {}).setdefault(RAY_SETUP_HOOK_ENV, f"{__name__}.patch_ray_cpu")
             return env
         return _build_runtime_env
-
-    owner = rx.RayExecutorV2
-    if not getattr(owner.__dict__["_get_actor_resource_kwargs"], _MARK, False):
-        orig = owner.__dict__["_get_actor_resource_kwargs"].__func__
-        new = _kwargs(orig)
-        setattr(new, _MARK, True)
-        owner._get_actor_resource_kwargs = new
-    _wrap(rx.RayWorkerProc, "get_node_and_physical_gpu_ids", _ids)
-    _wrap(owner, "_build_runtime_env", _env)
+    _wrap(rx.RayExecutorV2, "_build_runtime_env", _env)
 
 
 def apply_all() -> None:

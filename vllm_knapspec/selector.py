@@ -20,8 +20,9 @@ KnapSpecSelector (the paper's method, batch-aware):
 Re-selection: every `reselect_interval` steps, or earlier when the context grew by `context_change` or the
 realised acceptance left the prediction by `acceptance_change`; never more often than keeps selection time
 under `max_selection_overhead` of the decode wall time (decode time = steps and drafts; the gap before a step
-that admitted new requests counts as at most two steady steps: it may hold an idle server). While selections keep choosing plain
-decoding the interval doubles, up to BACKOFF_MAX x `reselect_interval` (the context-change trigger stays).
+that admitted new requests counts as at most two steady steps: it may hold an idle server). While selections
+keep choosing plain decoding the interval doubles, up to BACKOFF_MAX x `reselect_interval` (the context-change
+trigger stays).
 
 No vLLM imports: the model side comes in through `adapter` (draft.ReferenceBuilder over LayerSkipModel).
 """

@@ -209,18 +209,28 @@ def _toy_selector(**cfg):
 
 
 def test_reselection_backs_off_while_choosing_plain_decoding():
-    from vllm_knapspec.selector import BACKOFF_MAX
-    sel = _toy_selector(reselect_interval=4, min_speedup=10.0)       # nothing beats plain by 10x
+    """Interval and overhead share back off together while nothing pays; both reset once a plan is chosen."""
+    from vllm_knapspec.selector import BACKOFF_MAX, BUDGET_BACKOFF_MAX
+    sel = _toy_selector(reselect_interval=4, min_speedup=10.0, max_selection_overhead=0.02)  # nothing beats 10x
     ctx, rows = np.array([1000]), np.arange(1)
-    intervals = []
+    intervals, shares = [], []
     for _ in range(7):
         sel.select(rows, ctx)
         assert sel.current is None
         intervals.append(sel.interval)
+        shares.append(sel._share())
     assert intervals == [8, 16, 32, 64, 64, 64, 64] and 64 == BACKOFF_MAX * 4
+    assert shares == [0.01, 0.005] + [0.02 / BUDGET_BACKOFF_MAX] * 5
+    # the budget gate follows the share: a selection that cost 1 s waits for 1 / 0.005 s of decoding
+    sel.selection_s, sel.steps, sel.selected_ctx = 1.0, 10_000, 1000.0
+    sel.since_selection_s = 0.99 / 0.005
+    assert not sel._due(ctx) and sel.quiet_steps(ctx) == 0          # no step time known: no quiet steps
+    sel.since_selection_s = 1.01 / 0.005
+    sel._cost_scale = 1.0 / sel._estimated_selection_s(ctx)         # predicted cost == the last one
+    assert sel._due(ctx)
     sel.cfg = sel.cfg.model_copy(update={"min_speedup": 0.0})        # always draft: the interval resets
     sel.select(rows, ctx)
-    assert sel.current is not None and sel.interval == 4
+    assert sel.current is not None and sel.interval == 4 and sel._share() == 0.02
 
 
 def test_a_plan_that_fell_short_raises_the_bar_for_the_next():

@@ -316,42 +316,68 @@ async def flush_knapspec(client, server: Server, prompt) -> dict[str, float]:
     return await scrape(client, server.url)
 
 
-async def run_cell(client, server: Server, prompts, n: int, conc: int, mode: str, max_tokens: int, seed: int,
-                   poll_interval: float, bar=None, flush: bool = False) -> tuple[dict, dict]:
-    """n requests, at most conc in flight. Returns (cell measurements, {prompt index: output}).
-    vLLM's spec-decode counters are read right after the cell; KnapSpec's after a flush (see flush_knapspec)."""
-    temperature = 0.0 if mode == "greedy" else SAMPLED_TEMPERATURE
-    sem = asyncio.Semaphore(conc)
-    outputs: dict[int, dict] = {}
+def rounds_of(n: int, conc: int) -> list[list[int]]:
+    """A cell's requests in waves of `conc`: the interleaved schedule's rounds (one request each at concurrency 1)."""
+    return [list(range(i, min(n, i + conc))) for i in range(0, n, conc)]
 
-    async def one(i):
-        async with sem:
-            outputs[i] = await complete(client, server.url, prompts[i].token_ids, max_tokens, temperature,
-                                        None if mode == "greedy" else seed + i)
-            if bar is not None:
-                bar.update(1)
 
-    before = await scrape(client, server.url)
-    samples: list = []
-    stop = asyncio.Event()
-    poller = asyncio.create_task(poll_gauges(client, server.url, samples, stop, poll_interval))
-    t0 = time.perf_counter()
-    try:
-        await asyncio.gather(*(one(i) for i in range(n)))
-    finally:
-        wall = time.perf_counter() - t0
-        stop.set()
-        await poller
-    after = await scrape(client, server.url)
-    if flush:
-        ks_after = await flush_knapspec(client, server, prompts[0])
-        after.update({k: v for k, v in ks_after.items() if k.startswith("vllm:knapspec")})
+class CellMeter:
+    """One method's measurements of one cell, taken over one or more rounds (waves of requests). vLLM's
+    spec-decode counters are read before the first round and after the last; KnapSpec's after a flush."""
+
+    def __init__(self, client, server: Server, prompts, mode: str, args, bar=None, flush: bool = False):
+        self.client, self.server, self.prompts, self.mode, self.args = client, server, prompts, mode, args
+        self.bar, self.flush = bar, flush
+        self.outputs: dict[int, dict] = {}
+        self.rounds: list[tuple[int, float]] = []          # (output tokens, wall seconds) per round
+        self.samples: list = []
+
+    async def begin(self) -> None:
+        self.before = await scrape(self.client, self.server.url)
+
+    async def run(self, idx: list[int], conc: int) -> None:
+        temperature = 0.0 if self.mode == "greedy" else SAMPLED_TEMPERATURE
+        sem = asyncio.Semaphore(conc)
+
+        async def one(i):
+            async with sem:
+                self.outputs[i] = await complete(self.client, self.server.url, self.prompts[i].token_ids,
+                                                 self.args.max_tokens, temperature,
+                                                 None if self.mode == "greedy" else self.args.seed + i)
+                if self.bar is not None:
+                    self.bar.update(1)
+
+        stop = asyncio.Event()
+        poller = asyncio.create_task(poll_gauges(self.client, self.server.url, self.samples, stop,
+                                                 self.args.poll_interval))
+        t0 = time.perf_counter()
+        try:
+            await asyncio.gather(*(one(i) for i in idx))
+        finally:
+            wall = time.perf_counter() - t0
+            stop.set()
+            await poller
+        self.rounds.append((sum(len(self.outputs[i]["token_ids"]) for i in idx), wall))
+
+    async def end(self) -> tuple[dict, dict]:
+        after = await scrape(self.client, self.server.url)
+        if self.flush:
+            ks_after = await flush_knapspec(self.client, self.server, self.prompts[0])
+            after.update({k: v for k, v in ks_after.items() if k.startswith("vllm:knapspec")})
+        return cell_record(self.before, after, self.rounds, self.outputs, self.samples, self.prompts,
+                           self.mode), self.outputs
+
+
+def cell_record(before, after, rounds, outputs, samples, prompts, mode) -> dict:
     d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in COUNTERS}
-    tokens = sum(len(o["token_ids"]) for o in outputs.values())
+    tokens = sum(t for t, _ in rounds)
+    wall = sum(w for _, w in rounds)
+    n = len(outputs)
     drafts, drafted, accepted = (d["vllm:spec_decode_num_drafts_total"], d["vllm:spec_decode_num_draft_tokens_total"],
                                  d["vllm:spec_decode_num_accepted_tokens_total"])
-    cell = {
+    return {
         "requests": n, "output_tokens": tokens, "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 3),
+        "round_tok_s": [round(t / w, 3) for t, w in rounds],
         "mean_latency_s": round(sum(o["latency_s"] for o in outputs.values()) / max(n, 1), 3),
         "drafts": int(drafts), "draft_tokens": int(drafted), "accepted_tokens": int(accepted),
         "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
@@ -373,79 +399,169 @@ async def run_cell(client, server: Server, prompts, n: int, conc: int, mode: str
                          **({"output_token_ids": outputs[i]["token_ids"]} if mode == "greedy" else {})}
                         for i in sorted(outputs)],
     }
-    return cell, outputs
 
 
 # ------------------------------------------------------------------------------------------------ one method
-async def bench_method(name, spec, args, grid, prompts_by_ctx, work_dir: Path, bar) -> dict:
-    import httpx
+class MethodRun:
+    """One method's `vllm serve` process and its results (cells, greedy outputs, prefill times, error)."""
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_space)}
-    env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)          # the real multiprocess server
-    # The server's front-end makes its own metrics folder (and only then registers KnapSpec's collector).
-    env.pop("VLLM_KNAPSPEC_METRICS_DIR", None)
-    srv_args = [args.model, "--served-model-name", SERVED_NAME, "--dtype", "float32",
-                "--max-model-len", str(args.max_model_len), "--seed", "0", "--enable-prefix-caching",
-                "--max-num-seqs", str(max(16, max(n for _, n in grid))), "--disable-uvicorn-access-log"]
-    if args.enforce_eager:
-        srv_args.append("--enforce-eager")
-    if spec is not None:
-        if name == "knapspec" and args.knapspec_config_is_file:
-            srv_args += ["--speculative-config", str(args.knapspec_config)]    # exactly as the README serves it
-        else:
-            srv_args += ["--speculative-config", json.dumps(spec)]
-    server = Server(name, srv_args, env, work_dir / f"{name}.log")
-    res: dict = {"method": name, "spec": spec, "cells": [], "outputs": {}, "prefill": {}, "error": None}
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    timeout = httpx.Timeout(connect=10.0, read=args.request_timeout, write=60.0, pool=None)
+    def __init__(self, name: str, spec, args, grid, work_dir: Path):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_space)}
+        env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)          # the real multiprocess server
+        # The server's front-end makes its own metrics folder (and only then registers KnapSpec's collector).
+        env.pop("VLLM_KNAPSPEC_METRICS_DIR", None)
+        srv_args = [args.model, "--served-model-name", SERVED_NAME, "--dtype", "float32",
+                    "--max-model-len", str(args.max_model_len), "--seed", "0", "--enable-prefix-caching",
+                    "--max-num-seqs", str(max(16, max(n for _, n in grid))), "--disable-uvicorn-access-log"]
+        if args.enforce_eager:
+            srv_args.append("--enforce-eager")
+        if spec is not None:
+            if name == "knapspec" and args.knapspec_config_is_file:
+                srv_args += ["--speculative-config", str(args.knapspec_config)]    # exactly as the README serves it
+            else:
+                srv_args += ["--speculative-config", json.dumps(spec)]
+        self.name, self.args = name, args
+        self.server = Server(name, srv_args, env, work_dir / f"{name}.log")
+        self.res: dict = {"method": name, "spec": spec, "cells": [], "outputs": {}, "prefill": {}, "error": None,
+                          "log": str(self.server.log)}
+
+    async def start(self, client, warm_prompt, bar=None) -> None:
+        if bar is not None:
+            bar.set_description(f"{self.name}: starting server")
+        self.server.start()
+        await self.server.wait_healthy(client, self.args.startup_timeout)
+        self.res["startup_s"] = self.server.ready_s
+        # One short decode: lazy initialisation (and KnapSpec's first steps) off the clock.
+        await complete(client, self.server.url, warm_prompt.token_ids[:64], 16, 0.0)
+
+    async def prefill(self, client, ctx: int, pool, bar=None) -> None:
+        """Fill the prefix cache with this context's prompts: the timed cells measure decoding."""
+        if bar is not None:
+            bar.set_description(f"{self.name}: prefill {len(pool)} x {ctx_label(ctx)}")
+        t0 = time.perf_counter()
+        for p in pool:
+            await complete(client, self.server.url, p.token_ids, 1, 0.0)
+        self.res["prefill"][ctx] = {"prompts": len(pool), "tokens": sum(p.num_tokens for p in pool),
+                                    "seconds": round(time.perf_counter() - t0, 2)}
+
+    def meter(self, client, pool, mode: str, bar=None) -> CellMeter:
+        return CellMeter(client, self.server, pool, mode, self.args, bar, flush=self.name in KNAPSPEC_METHODS)
+
+    def record(self, cell: dict, outs: dict, ctx: int, conc: int, mode: str, pool) -> None:
+        cell.update(method=self.name, context=ctx, nominal_context=self.args.nominal[ctx], concurrency=conc,
+                    mode=mode, prompt_tokens=pool[0].num_tokens)
+        self.res["cells"].append(cell)
+        if mode == "greedy":
+            for i, o in outs.items():
+                self.res["outputs"][(ctx, conc, i)] = {"token_ids": o["token_ids"], "text": o["text"]}
+
+    def fail(self, e: Exception) -> None:
+        self.res["error"] = f"{type(e).__name__}: {e}"
+        if self.server.alive() is False and self.server.proc is not None:
+            self.res["error"] += f"\n--- {self.server.log} (tail)\n{self.server.tail()}"
+
+    async def final_metrics(self, client) -> None:
+        try:
+            self.res["final_metrics"] = {k: v for k, v in (await scrape(client, self.server.url)).items()
+                                         if k.startswith("vllm:knapspec") or k.startswith("vllm:spec_decode")}
+        except Exception:
+            pass
+
+
+def http_client(read_timeout: float):
+    import httpx
+    return httpx.AsyncClient(limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+                             timeout=httpx.Timeout(connect=10.0, read=read_timeout, write=60.0, pool=None))
+
+
+def cells_at(grid, ctx, args):
+    return [(conc, requests_per_cell(ctx, conc, args.requests, args.cell_tokens), mode)
+            for c, conc in grid if c == ctx for mode in args.modes]
+
+
+async def bench_sequential(run: MethodRun, args, grid, prompts_by_ctx, bar) -> dict:
+    """One method alone: its server, every context's prefill and cells, stop."""
     try:
-        async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-            if bar is not None:
-                bar.set_description(f"{name}: starting server")
-            server.start()
-            await server.wait_healthy(client, args.startup_timeout)
-            res["startup_s"] = server.ready_s
-            # One short decode: lazy initialisation (and KnapSpec's first steps) off the clock.
-            await complete(client, server.url, prompts_by_ctx[min(prompts_by_ctx)][0].token_ids[:64], 16, 0.0)
-            for ctx in sorted({c for c, _ in grid}):
+        async with http_client(args.request_timeout) as client:
+            await run.start(client, prompts_by_ctx[min(prompts_by_ctx)][0], bar)
+            for ctx in sorted(prompts_by_ctx):
                 pool = prompts_by_ctx[ctx]
-                if bar is not None:
-                    bar.set_description(f"{name}: prefill {len(pool)} x {ctx_label(ctx)}")
-                t0 = time.perf_counter()
-                for p in pool:          # fill the prefix cache: the timed cells measure decoding
-                    await complete(client, server.url, p.token_ids, 1, 0.0)
-                res["prefill"][ctx] = {"prompts": len(pool), "tokens": sum(p.num_tokens for p in pool),
-                                       "seconds": round(time.perf_counter() - t0, 2)}
-                for c, conc in grid:
-                    if c != ctx:
-                        continue
-                    n = requests_per_cell(ctx, conc, args.requests, args.cell_tokens)
-                    for mode in args.modes:
-                        if bar is not None:
-                            bar.set_description(f"{name}: {ctx_label(ctx)} x{conc} {mode}")
-                        cell, outs = await run_cell(client, server, pool, n, conc, mode, args.max_tokens, args.seed,
-                                                    args.poll_interval, bar, flush=name in KNAPSPEC_METHODS)
-                        cell.update(method=name, context=ctx, nominal_context=args.nominal[ctx], concurrency=conc,
-                                    mode=mode, prompt_tokens=pool[0].num_tokens)
-                        res["cells"].append(cell)
-                        if mode == "greedy":
-                            for i, o in outs.items():
-                                res["outputs"][(ctx, conc, i)] = {"token_ids": o["token_ids"], "text": o["text"]}
-            try:
-                res["final_metrics"] = {k: v for k, v in (await scrape(client, server.url)).items()
-                                        if k.startswith("vllm:knapspec") or k.startswith("vllm:spec_decode")}
-            except Exception:
-                pass
+                await run.prefill(client, ctx, pool, bar)
+                for conc, n, mode in cells_at(grid, ctx, args):
+                    if bar is not None:
+                        bar.set_description(f"{run.name}: {ctx_label(ctx)} x{conc} {mode}")
+                    m = run.meter(client, pool, mode, bar)
+                    await m.begin()
+                    await m.run(list(range(n)), conc)
+                    run.record(*(await m.end()), ctx, conc, mode, pool)
+            await run.final_metrics(client)
     except Exception as e:
-        res["error"] = f"{type(e).__name__}: {e}"
-        if server.alive() is False and server.proc is not None:
-            res["error"] += f"\n--- {server.log} (tail)\n{server.tail()}"
+        run.fail(e)
     finally:
-        server.stop()
-    res["log"] = str(server.log)
-    return res
+        run.server.stop()
+    return run.res
+
+
+async def bench_interleaved(runs: list[MethodRun], args, grid, prompts_by_ctx, bar) -> None:
+    """Every method's server up at once; each cell runs in rounds (waves of `concurrency` requests) and each
+    round runs every method once, the order rotating from round to round, so that the machine's drift (on 2
+    shared cores: +-10-20 % between runs minutes apart) falls on all methods alike and each round gives a
+    paired ratio to plain. Servers start one at a time (a 2-core startup under load is slower, not wrong).
+    A method that fails is dropped from the rounds; plain failing ends the benchmark."""
+    live = []
+    async with http_client(args.request_timeout) as client:
+        try:
+            for run in runs:
+                try:
+                    await run.start(client, prompts_by_ctx[min(prompts_by_ctx)][0], bar)
+                    live.append(run)
+                except Exception as e:
+                    run.fail(e)
+                    run.server.stop()
+                    if run.name == "plain":
+                        return
+            turn = 0
+            for ctx in sorted(prompts_by_ctx):
+                pool = prompts_by_ctx[ctx]
+                for run in list(live):
+                    await _guarded(run, live, run.prefill(client, ctx, pool, bar))
+                for conc, n, mode in cells_at(grid, ctx, args):
+                    if bar is not None:
+                        bar.set_description(f"{ctx_label(ctx)} x{conc} {mode}: {len(live)} methods interleaved")
+                    meters = {run.name: run.meter(client, pool, mode, bar) for run in live}
+                    for run in list(live):
+                        await _guarded(run, live, meters[run.name].begin())
+                    for idx in rounds_of(n, conc):
+                        order = live[turn % len(live):] + live[:turn % len(live)]
+                        turn += 1
+                        for run in order:
+                            if run in live:
+                                await _guarded(run, live, meters[run.name].run(idx, conc))
+                    for run in list(live):
+                        got = await _guarded(run, live, meters[run.name].end())
+                        if got is not None:
+                            run.record(*got, ctx, conc, mode, pool)
+                    if not any(r.name == "plain" for r in live):
+                        return
+            for run in live:
+                await run.final_metrics(client)
+        finally:
+            for run in runs:
+                run.server.stop()
+
+
+async def _guarded(run: MethodRun, live: list, coro):
+    """Await one method's step; on failure record the error and drop the method from the live rounds."""
+    try:
+        return await coro
+    except Exception as e:
+        run.fail(e)
+        if run in live:
+            live.remove(run)
+        run.server.stop()
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -455,6 +571,7 @@ def add_derived(cells: list[dict], static_skip: str | None, clasp_layers: int) -
     for c in cells:
         p = plain.get((c["context"], c["concurrency"], c["mode"]))
         c["speedup"] = round(c["tok_s"] / p["tok_s"], 3) if p and p["tok_s"] else None
+        c["paired"] = paired_ratios(c, p)
         g = c.get("gauges_end", {})
         c["skip_attn"] = c["skip_mlp"] = c["skip_source"] = None
         drafts, no_spec = c.get("drafts", 0), c.get("no_spec_steps", 0)
@@ -478,6 +595,45 @@ def add_derived(cells: list[dict], static_skip: str | None, clasp_layers: int) -
         elif c["method"] == "clasp" and drafts:
             c["skip_attn"] = c["skip_mlp"] = clasp_layers
             c["skip_source"] = "config"
+
+
+def paired_ratios(c: dict, plain: dict | None) -> dict | None:
+    """Per-round tok/s ratios to plain (the interleaved schedule's rounds: the same requests, run back to back):
+    median, min, max and count; None unless both cells have the same two or more rounds."""
+    a, b = c.get("round_tok_s") or [], (plain or {}).get("round_tok_s") or []
+    if c["method"] == "plain" or len(a) < 2 or len(a) != len(b) or not all(b):
+        return None
+    r = sorted(x / y for x, y in zip(a, b))
+    mid = len(r) // 2
+    med = r[mid] if len(r) % 2 else (r[mid - 1] + r[mid]) / 2
+    return {"median": round(med, 3), "min": round(r[0], 3), "max": round(r[-1], 3), "n": len(r)}
+
+
+def target_check(cells: list[dict]) -> list[str]:
+    """The project's target, cell by cell: KnapSpec within 2 % of plain decoding, and ahead of every baseline."""
+    ks = [c for c in cells if c["method"] == "knapspec" and c.get("speedup") is not None]
+    if not ks:
+        return []
+    others = {}
+    for c in cells:
+        if c["method"] not in ("plain", "knapspec") and c.get("speedup") is not None:
+            others.setdefault((c["context"], c["concurrency"], c["mode"]), []).append(c)
+    within = [c for c in ks if c["speedup"] >= 0.98]
+    ahead = [c for c in ks if all(c["speedup"] > o["speedup"] for o in
+                                  others.get((c["context"], c["concurrency"], c["mode"]), []))]
+    out = [f"- KnapSpec >= 0.98x of plain decoding in {len(within)}/{len(ks)} cells (cell tok/s; worst "
+           f"{min(c['speedup'] for c in ks):.3f}x)"]
+    paired = [c for c in ks if c.get("paired")]
+    if paired:
+        worst = min(paired, key=lambda c: c["paired"]["median"])
+        out.append(f"- paired per-round medians >= 0.98x in {sum(c['paired']['median'] >= 0.98 for c in paired)}"
+                   f"/{len(paired)} cells with 2+ rounds (worst {worst['paired']['median']:.3f}x at "
+                   f"{ctx_label(worst['nominal_context'])} x{worst['concurrency']} {worst['mode']})")
+    behind = sorted({o["method"] for c in ks for o in others.get((c["context"], c["concurrency"], c["mode"]), [])
+                     if o["speedup"] >= c["speedup"]})
+    out.append(f"- KnapSpec ahead of every baseline in {len(ahead)}/{len(ks)} cells"
+               + (f" (behind or level with: {', '.join(behind)} somewhere)" if behind else ""))
+    return out
 
 
 def sampled_acceptance_warnings(cells: list[dict]) -> list[str]:
@@ -505,8 +661,8 @@ def _f(x, fmt="{:.2f}", none="–"):
     return none if x is None else fmt.format(x)
 
 
-TABLE_HEADER = ("| context | conc | mode | method | tok/s | speedup | accept | mean acc. len | sel. overhead "
-                "| skipped attn/MLP | drafting | greedy = plain |")
+TABLE_HEADER = ("| context | conc | mode | method | tok/s | speedup | paired (min-max) | accept | mean acc. len "
+                "| sel. overhead | skipped attn/MLP | drafting | greedy = plain |")
 
 
 def format_table(cells: list[dict], method_order=METHODS) -> str:
@@ -525,8 +681,10 @@ def format_table(cells: list[dict], method_order=METHODS) -> str:
         eq = c.get("greedy_equal")
         eq_s = "–" if c["mode"] != "greedy" or c["method"] == "plain" else ("yes" if eq else "**NO**")
         sel = _f(c.get("selection_share") * 100 if c["method"] in ("knapspec", "clasp") else None, "{:.1f} %")
+        pr = c.get("paired")
+        pair = f"{pr['median']:.2f}x ({pr['min']:.2f}-{pr['max']:.2f})" if pr else "–"
         lines.append(f"| {ctx_label(c.get('nominal_context', c['context']))} | {c['concurrency']} | {c['mode']} | "
-                     f"{c['method']} | {c['tok_s']:.1f} | {_f(c.get('speedup'), '{:.2f}x')} | "
+                     f"{c['method']} | {c['tok_s']:.1f} | {_f(c.get('speedup'), '{:.2f}x')} | {pair} | "
                      f"{_f(c.get('acceptance_rate'), '{:.2f}')} | {_f(c.get('mean_accepted_length'), '{:.2f}')} | "
                      f"{sel} | {skip} | {drafting} | {eq_s} |")
     return "\n".join(lines)
@@ -558,7 +716,11 @@ def markdown_report(meta: dict, cells: list[dict], mismatches: list[dict], plots
     lines = ["# KnapSpec benchmark", "", *header_lines(meta), "",
              format_table(cells, meta["settings"]["methods"]), "",
              "tok/s: output tokens / wall time of the cell (all its requests; prompts already in the prefix "
-             "cache). speedup: vs plain in the same row group. accept: accepted / drafted tokens; mean acc. len: "
+             "cache). speedup: vs plain in the same row group. paired: " + (
+                 "median (min-max) over the cell's rounds of the round's tok/s / plain's in the same round (rounds: "
+                 "waves of `concurrency` requests; every method runs each round, servers up at once, order "
+                 "rotating). " if not meta["settings"].get("sequential") else "(sequential run: none). ") +
+             "accept: accepted / drafted tokens; mean acc. len: "
              "1 + accepted / drafts (tokens per verification step that had a draft). sel. overhead: "
              "selection seconds / cell wall time. skipped attn/MLP: KnapSpec's gauges at the end of the cell "
              "(`*`: fixed by configuration); drafting: whether the method drafted in the cell (KnapSpec: mean of "
@@ -575,6 +737,9 @@ def markdown_report(meta: dict, cells: list[dict], mismatches: list[dict], plots
     if meta.get("startup_s"):
         lines.append("Server startup (s): " + ", ".join(f"{k} {v}" for k, v in meta["startup_s"].items()))
         lines.append("")
+    check = target_check(cells)
+    if check:
+        lines += ["Target (KnapSpec within 2 % of plain everywhere, ahead of every baseline):", "", *check, ""]
     warns = sampled_acceptance_warnings(cells)
     if warns:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warns] + [""]
@@ -693,7 +858,11 @@ def parse_args(argv=None):
     ap.add_argument("--calibration-tokens", type=int, default=128, help="tokens generated for the static calibration")
     ap.add_argument("--clasp-skip-layers", type=int, default=8)
     ap.add_argument("--max-model-len", type=int, default=8192)
-    ap.add_argument("--kv-cache-space", type=float, default=2, help="VLLM_CPU_KVCACHE_SPACE in GiB (default 2)")
+    ap.add_argument("--kv-cache-space", type=float, default=None,
+                    help="VLLM_CPU_KVCACHE_SPACE in GiB per server (default 1 interleaved: all servers are up at "
+                         "once; 2 with --sequential)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="one method's server at a time (less memory; drift between methods is not paired out)")
     ap.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false",
                     help="let vLLM compile (slow startup on CPU); default: --enforce-eager")
     ap.add_argument("--seed", type=int, default=1234, help="sampled mode: request i uses seed + i")
@@ -714,6 +883,8 @@ def parse_args(argv=None):
             args.max_tokens = 32
         if "--requests" not in (argv if argv is not None else sys.argv):
             args.requests = 2
+    if args.kv_cache_space is None:
+        args.kv_cache_space = 2.0 if args.sequential else 1.0
     args.contexts = parse_int_list(args.contexts) if args.contexts else list(DEFAULT_CONTEXTS)
     args.concurrency = parse_int_list(args.concurrency) if args.concurrency else list(DEFAULT_CONCURRENCY)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -815,17 +986,23 @@ def main(argv=None) -> int:
                dynamic_ncols=True) if tqdm is not None else None
     results, mismatches, errors = {}, [], {}
     try:
-        for name in args.methods:
-            res = asyncio.run(bench_method(name, specs[name], args, grid, prompts_by_ctx, work, bar))
-            results[name] = res
+        if args.sequential:
+            for name in args.methods:
+                run = MethodRun(name, specs[name], args, grid, work)
+                results[name] = asyncio.run(bench_sequential(run, args, grid, prompts_by_ctx, bar))
+                if results[name]["error"] and name == "plain":
+                    break
+        else:
+            runs = [MethodRun(name, specs[name], args, grid, work) for name in args.methods]
+            asyncio.run(bench_interleaved(runs, args, grid, prompts_by_ctx, bar))
+            results = {r.name: r.res for r in runs}
+        for name, res in results.items():
             if res["error"]:
                 errors[name] = res["error"]
                 msg = f"{name}: FAILED: {res['error']}"
                 (bar.write(msg) if bar is not None else print(msg, file=sys.stderr))
-                if name == "plain":
-                    break
                 continue
-            if name != "plain" and "greedy" in args.modes:
+            if name != "plain" and "greedy" in args.modes and not errors.get("plain"):
                 mm = compare_greedy(results["plain"]["outputs"], res["outputs"], name)
                 bad = {(m["context"], m["concurrency"]) for m in mm}
                 for c in res["cells"]:

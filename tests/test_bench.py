@@ -118,3 +118,21 @@ def test_collapsed_sampled_acceptance_is_flagged():
     assert bench.sampled_acceptance_warnings(ok) == []
     w = bench.sampled_acceptance_warnings(ok + bad)
     assert len(w) == 1 and w[0].startswith("static:")
+
+
+def test_interleaved_rounds_and_paired_ratios():
+    assert bench.rounds_of(4, 1) == [[0], [1], [2], [3]] and bench.rounds_of(16, 16) == [list(range(16))]
+    assert bench.rounds_of(5, 2) == [[0, 1], [2, 3], [4]]
+    plain = _cell("plain", 10.0, round_tok_s=[10.0, 8.0, 12.0, 10.0])
+    ks = _cell("knapspec", 9.9, round_tok_s=[9.9, 8.4, 11.4, 9.5])
+    ng = _cell("ngram", 15.0, round_tok_s=[15.0, 15.0])               # different rounds: not paired
+    cells = [plain, ks, ng]
+    bench.add_derived(cells, None, 8)
+    assert ks["paired"] == {"median": 0.97, "min": 0.95, "max": 1.05, "n": 4}
+    assert plain["paired"] is None and ng["paired"] is None
+    row = next(line for line in bench.format_table(cells).splitlines() if "| knapspec |" in line)
+    assert "| 0.99x | 0.97x (0.95-1.05) |" in row
+    check = bench.target_check(cells)
+    assert check[0].startswith("- KnapSpec >= 0.98x of plain decoding in 1/1 cells")
+    assert "paired per-round medians >= 0.98x in 0/1" in check[1]
+    assert "ahead of every baseline in 0/1 cells (behind or level with: ngram" in check[2]

@@ -1072,7 +1072,8 @@ def _ab_worker(kind: str, conn):
 def phase_ab():
     """Side by side: vLLM's defaults without speculation vs KnapSpec as shipped (selector, draft graphs, uniform
     graphs), both engines up at once (one process each, 0.3 of the GPU each), the timed runs interleaved
-    (plain, KnapSpec, plain, ...) so that drift of the host hits both alike; greedy outputs compared per cell."""
+    (plain, KnapSpec, KnapSpec, plain, ...: the order alternates) so that drift of the host hits both alike;
+    greedy outputs compared per cell."""
     import multiprocessing as mp
     setup_process()
     reps = int(os.environ.get("KS_AB_REPS", "3"))
@@ -1101,8 +1102,9 @@ def phase_ab():
                 before[kind] = ends[kind].recv()
             t, outs, last = {k: [] for k in ends}, {}, {}
             sels, sel_s, guards = [], 0.0, []
-            for _ in range(reps):
-                for kind in ends:
+            for rep in range(reps):
+                # the order alternates: neither engine always runs right after the other's run
+                for kind in (list(ends) if rep % 2 == 0 else list(ends)[::-1]):
                     ends[kind].send(("run", prompts, P["n_out"]))
                     r = ends[kind].recv()
                     if "error" in r:

@@ -407,7 +407,7 @@ class MethodRun:
 
     def __init__(self, name: str, spec, args, grid, work_dir: Path):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_space)}
+               "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_space)}      # vLLM-CPU parses an int (GiB)
         env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)          # the real multiprocess server
         # The server's front-end makes its own metrics folder (and only then registers KnapSpec's collector).
@@ -764,6 +764,8 @@ def make_plots(cells: list[dict], out: Path, prefix: str, methods) -> list[str]:
         return []
     paths = []
     concs = sorted({c["concurrency"] for c in cells})
+    if not concs:
+        return paths
     fig, axes = plt.subplots(1, len(concs), figsize=(4.5 * len(concs), 3.8), squeeze=False, sharey=True)
     for ax, conc in zip(axes[0], concs):
         for m in methods:
@@ -858,7 +860,7 @@ def parse_args(argv=None):
     ap.add_argument("--calibration-tokens", type=int, default=128, help="tokens generated for the static calibration")
     ap.add_argument("--clasp-skip-layers", type=int, default=8)
     ap.add_argument("--max-model-len", type=int, default=8192)
-    ap.add_argument("--kv-cache-space", type=float, default=None,
+    ap.add_argument("--kv-cache-space", type=int, default=None,
                     help="VLLM_CPU_KVCACHE_SPACE in GiB per server (default 1 interleaved: all servers are up at "
                          "once; 2 with --sequential)")
     ap.add_argument("--sequential", action="store_true",
@@ -884,7 +886,7 @@ def parse_args(argv=None):
         if "--requests" not in (argv if argv is not None else sys.argv):
             args.requests = 2
     if args.kv_cache_space is None:
-        args.kv_cache_space = 2.0 if args.sequential else 1.0
+        args.kv_cache_space = 2 if args.sequential else 1
     args.contexts = parse_int_list(args.contexts) if args.contexts else list(DEFAULT_CONTEXTS)
     args.concurrency = parse_int_list(args.concurrency) if args.concurrency else list(DEFAULT_CONCURRENCY)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -991,6 +991,17 @@ class StepClock:
             fn = getattr(obj, attr, None) if obj is not None else None
             if callable(fn):
                 setattr(obj, attr, self._wrap(fn, name))
+        import gc                    # Python's collector: pauses that land inside or between steps
+        gc_acc = self.acc.setdefault("gc", [0.0, 0])
+        t_gc = [0.0]
+
+        def on_gc(phase, info):
+            if phase == "start":
+                t_gc[0] = time.perf_counter()
+            else:
+                gc_acc[0] += time.perf_counter() - t_gc[0]
+                gc_acc[1] += 1
+        gc.callbacks.append(on_gc)
 
     def _wrap(self, fn, name):
         acc = self.acc.setdefault(name, [0.0, 0])
@@ -1100,7 +1111,7 @@ def phase_ab():
             for kind in ends:
                 ends[kind].send(("warm", prompts, 8))
                 before[kind] = ends[kind].recv()
-            t, outs, last = {k: [] for k in ends}, {}, {}
+            t, outs, last, clocks = {k: [] for k in ends}, {}, {}, {k: [] for k in ends}
             sels, sel_s, guards = [], 0.0, []
             for rep in range(reps):
                 # the order alternates: neither engine always runs right after the other's run
@@ -1111,6 +1122,9 @@ def phase_ab():
                         raise RuntimeError(r["error"])
                     t[kind].append(r["seconds"])
                     outs[kind], last[kind] = r["outputs"], r
+                    c = r.get("step_clock") or {}
+                    clocks[kind].append({n: (v["ms_per_step"], v["calls"]) for n, v in c.items()
+                                         if n in ("core_step", "proposer_propose", "gc")})
                     sels += r["selections"]
                     sel_s += r.get("selection_s", 0.0)
                     guards += r.get("guards", [])
@@ -1122,7 +1136,8 @@ def phase_ab():
                        **delta(before["knapspec"], last["knapspec"]["counters"]), selection_history=sels[-3:],
                        graph_stats=last["knapspec"].get("graph_stats"),
                        selection_share=round(sel_s / sum(t["knapspec"]), 5), selection_s=round(sel_s, 4),
-                       guard_events=guards, step_clock={k: last[k].get("step_clock") for k in ends})
+                       guard_events=guards, step_clock={k: last[k].get("step_clock") for k in ends},
+                       step_clock_reps=clocks)
             for k in ends:          # per repetition, each engine against the run of the reference next to it
                 if k != "knapspec":
                     paired = sorted(a / b for a, b in zip(t[k], t["knapspec"]))

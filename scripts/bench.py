@@ -509,6 +509,10 @@ async def bench_interleaved(runs: list[MethodRun], args, grid, prompts_by_ctx, b
     round runs every method once, the order rotating from round to round, so that the machine's drift (on 2
     shared cores: +-10-20 % between runs minutes apart) falls on all methods alike and each round gives a
     paired ratio to plain. Servers start one at a time (a 2-core startup under load is slower, not wrong).
+    Before each method's turn the benchmark waits `--settle` seconds: vLLM's shared-memory queue readers
+    (engine core, workers) busy-poll for 1 s after their last message before they sleep, and on 2 cores the
+    previous server's poll otherwise takes a core from the next one's first second (measured: plain decoding
+    at 512 x 1 dropped from ~17 to 8-11 tok/s with five servers up and no pause).
     A method that fails is dropped from the rounds; plain failing ends the benchmark."""
     live = []
     async with http_client(args.request_timeout) as client:
@@ -526,6 +530,7 @@ async def bench_interleaved(runs: list[MethodRun], args, grid, prompts_by_ctx, b
             for ctx in sorted(prompts_by_ctx):
                 pool = prompts_by_ctx[ctx]
                 for run in list(live):
+                    await asyncio.sleep(args.settle)
                     await _guarded(run, live, run.prefill(client, ctx, pool, bar))
                 for conc, n, mode in cells_at(grid, ctx, args):
                     if bar is not None:
@@ -538,6 +543,7 @@ async def bench_interleaved(runs: list[MethodRun], args, grid, prompts_by_ctx, b
                         turn += 1
                         for run in order:
                             if run in live:
+                                await asyncio.sleep(args.settle)
                                 await _guarded(run, live, meters[run.name].run(idx, conc))
                     for run in list(live):
                         got = await _guarded(run, live, meters[run.name].end())
@@ -863,6 +869,9 @@ def parse_args(argv=None):
     ap.add_argument("--kv-cache-space", type=int, default=None,
                     help="VLLM_CPU_KVCACHE_SPACE in GiB per server (default 1 interleaved: all servers are up at "
                          "once; 2 with --sequential)")
+    ap.add_argument("--settle", type=float, default=1.2,
+                    help="interleaved: seconds of quiet before each method's turn (vLLM's queue readers "
+                         "busy-poll for 1 s after their last message; default 1.2)")
     ap.add_argument("--sequential", action="store_true",
                     help="one method's server at a time (less memory; drift between methods is not paired out)")
     ap.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false",

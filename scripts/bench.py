@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """KnapSpec vs plain decoding and peer methods, side by side: one run, one model, the same prompts.
 
-Methods (each served by its own `vllm serve` subprocess on 127.0.0.1, one after the other):
+Methods (each served by its own `vllm serve` subprocess on 127.0.0.1; all up at once and interleaved, see below):
   plain     no speculation (the reference: speedups and greedy outputs are measured against it)
   knapspec  `--speculative-config configs/knapspec.yaml`
   static    Draft&Verify-style: one skip set chosen once, offline (KnapSpec's selector on a calibration prompt
@@ -15,6 +15,13 @@ tokens each (ignore_eos), greedy (temperature 0) and sampled (temperature 0.8, a
 Per context, every prompt is prefilled once (max_tokens 1) before that context's cells, so the timed cells
 hit vLLM's prefix cache and measure decoding (what speculation changes), not a 2-core prefill; the prefill
 times are reported separately.
+
+Schedule (default: interleaved): every server is up at once; each cell runs in rounds (waves of `concurrency`
+requests: one request per round at concurrency 1) and every method runs each round, in an order that rotates from
+round to round, after a short pause (`--settle`). On 2 shared cores the machine drifts by +-10-20 % between runs
+minutes apart; interleaving puts that drift on every method alike, and each round gives a paired ratio to plain
+(the `paired` column: median and range over the cell's rounds). `--sequential` serves one method at a time (less
+memory: five servers need ~12 GiB at the default 1 GiB of KV cache each).
 
 Per (method, context, concurrency, greedy/sampled) cell: output tokens/s, speedup vs plain in the same cell,
 acceptance rate and mean accepted length (vllm:spec_decode_* deltas), selection overhead share
@@ -427,10 +434,11 @@ class MethodRun:
         self.res: dict = {"method": name, "spec": spec, "cells": [], "outputs": {}, "prefill": {}, "error": None,
                           "log": str(self.server.log)}
 
-    async def start(self, client, warm_prompt, bar=None) -> None:
+    async def start(self, client, warm_prompt, bar=None, launched: bool = False) -> None:
         if bar is not None:
             bar.set_description(f"{self.name}: starting server")
-        self.server.start()
+        if not launched:
+            self.server.start()
         await self.server.wait_healthy(client, self.args.startup_timeout)
         self.res["startup_s"] = self.server.ready_s
         # One short decode: lazy initialisation (and KnapSpec's first steps) off the clock.
@@ -508,7 +516,8 @@ async def bench_interleaved(runs: list[MethodRun], args, grid, prompts_by_ctx, b
     """Every method's server up at once; each cell runs in rounds (waves of `concurrency` requests) and each
     round runs every method once, the order rotating from round to round, so that the machine's drift (on 2
     shared cores: +-10-20 % between runs minutes apart) falls on all methods alike and each round gives a
-    paired ratio to plain. Servers start one at a time (a 2-core startup under load is slower, not wrong).
+    paired ratio to plain. Servers start together (startup is partly import and I/O bound: ~3 min one at a
+    time on 2 cores).
     Before each method's turn the benchmark waits `--settle` seconds: vLLM's shared-memory queue readers
     (engine core, workers) busy-poll for 1 s after their last message before they sleep, and on 2 cores the
     previous server's poll otherwise takes a core from the next one's first second (measured: plain decoding
@@ -518,8 +527,10 @@ async def bench_interleaved(runs: list[MethodRun], args, grid, prompts_by_ctx, b
     async with http_client(args.request_timeout) as client:
         try:
             for run in runs:
+                run.server.start()
+            for run in runs:
                 try:
-                    await run.start(client, prompts_by_ctx[min(prompts_by_ctx)][0], bar)
+                    await run.start(client, prompts_by_ctx[min(prompts_by_ctx)][0], bar, launched=True)
                     live.append(run)
                 except Exception as e:
                     run.fail(e)
@@ -852,9 +863,9 @@ def parse_args(argv=None):
                          "8K only at x1)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)} (plain is always run)")
     ap.add_argument("--modes", default="greedy,sampled", help="greedy,sampled or one of them")
-    ap.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (default 64)")
-    ap.add_argument("--requests", type=int, default=4,
-                    help="requests per cell at concurrency < this (default 4); at least one full wave otherwise")
+    ap.add_argument("--max-tokens", type=int, default=48, help="output tokens per request (default 48)")
+    ap.add_argument("--requests", type=int, default=3,
+                    help="requests per cell at concurrency < this (default 3); at least one full wave otherwise")
     ap.add_argument("--cell-tokens", type=int, default=4096,
                     help="cap on prompt tokens per cell below full concurrency (default 4096: 4 requests at 512, "
                          "2 at 2K, 1 at 8K)")
@@ -869,9 +880,9 @@ def parse_args(argv=None):
     ap.add_argument("--kv-cache-space", type=int, default=None,
                     help="VLLM_CPU_KVCACHE_SPACE in GiB per server (default 1 interleaved: all servers are up at "
                          "once; 2 with --sequential)")
-    ap.add_argument("--settle", type=float, default=1.2,
+    ap.add_argument("--settle", type=float, default=1.05,
                     help="interleaved: seconds of quiet before each method's turn (vLLM's queue readers "
-                         "busy-poll for 1 s after their last message; default 1.2)")
+                         "busy-poll for 1 s after their last message; default 1.05)")
     ap.add_argument("--sequential", action="store_true",
                     help="one method's server at a time (less memory; drift between methods is not paired out)")
     ap.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false",

@@ -17,11 +17,11 @@ hit vLLM's prefix cache and measure decoding (what speculation changes), not a 2
 times are reported separately.
 
 Schedule (default: interleaved): every server is up at once; each cell runs in rounds (waves of `concurrency`
-requests: one request per round at concurrency 1) and every method runs each round, in an order that rotates from
-round to round, after a short pause (`--settle`). On 2 shared cores the machine drifts by +-10-20 % between runs
-minutes apart; interleaving puts that drift on every method alike, and each round gives a paired ratio to plain
-(the `paired` column: median and range over the cell's rounds). `--sequential` serves one method at a time (less
-memory: five servers need ~12 GiB at the default 1 GiB of KV cache each).
+requests: one request per round at concurrency 1) and every method runs each round, in an order drawn afresh
+for each round (a seeded permutation), after a short pause (`--settle`). On 2 shared cores the machine drifts by
++-10-20 % between runs minutes apart; interleaving puts that drift on every method alike, and each round gives a
+paired ratio to plain (the `paired` column: median and range over the cell's rounds). `--sequential` serves one
+method at a time (less memory: five servers need ~17 GiB at the default 1 GiB of KV cache each).
 
 Per (method, context, concurrency, greedy/sampled) cell: output tokens/s, speedup vs plain in the same cell,
 acceptance rate and mean accepted length (vllm:spec_decode_* deltas), selection overhead share
@@ -514,7 +514,7 @@ async def bench_sequential(run: MethodRun, args, grid, prompts_by_ctx, bar) -> d
 
 async def bench_interleaved(runs: list[MethodRun], args, grid, prompts_by_ctx, bar) -> None:
     """Every method's server up at once; each cell runs in rounds (waves of `concurrency` requests) and each
-    round runs every method once, the order rotating from round to round, so that the machine's drift (on 2
+    round runs every method once, in a fresh seeded order (round_order), so that the machine's drift (on 2
     shared cores: +-10-20 % between runs minutes apart) falls on all methods alike and each round gives a
     paired ratio to plain. Servers start together (startup is partly import and I/O bound: ~3 min one at a
     time on 2 cores).
@@ -550,7 +550,7 @@ async def bench_interleaved(runs: list[MethodRun], args, grid, prompts_by_ctx, b
                     for run in list(live):
                         await _guarded(run, live, meters[run.name].begin())
                     for idx in rounds_of(n, conc):
-                        order = live[turn % len(live):] + live[:turn % len(live)]
+                        order = round_order(live, turn, args.seed)
                         turn += 1
                         for run in order:
                             if run in live:
@@ -567,6 +567,15 @@ async def bench_interleaved(runs: list[MethodRun], args, grid, prompts_by_ctx, b
         finally:
             for run in runs:
                 run.server.stop()
+
+
+def round_order(live: list, turn: int, seed: int) -> list:
+    """The methods' order in one round: a fresh permutation per round (seeded), so that neither the position in
+    the round nor the method run just before (a rotation keeps the same neighbours) favours any method."""
+    import random
+    order = list(live)
+    random.Random(seed * 1_000_003 + turn).shuffle(order)
+    return order
 
 
 async def _guarded(run: MethodRun, live: list, coro):
@@ -736,7 +745,7 @@ def markdown_report(meta: dict, cells: list[dict], mismatches: list[dict], plots
              "cache). speedup: vs plain in the same row group. paired: " + (
                  "median (min-max) over the cell's rounds of the round's tok/s / plain's in the same round (rounds: "
                  "waves of `concurrency` requests; every method runs each round, servers up at once, order "
-                 "rotating). " if not meta["settings"].get("sequential") else "(sequential run: none). ") +
+                 "drawn per round). " if not meta["settings"].get("sequential") else "(sequential run: none). ") +
              "accept: accepted / drafted tokens; mean acc. len: "
              "1 + accepted / drafts (tokens per verification step that had a draft). sel. overhead: "
              "selection seconds / cell wall time. skipped attn/MLP: KnapSpec's gauges at the end of the cell "
@@ -863,7 +872,7 @@ def parse_args(argv=None):
                          "8K only at x1)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)} (plain is always run)")
     ap.add_argument("--modes", default="greedy,sampled", help="greedy,sampled or one of them")
-    ap.add_argument("--max-tokens", type=int, default=48, help="output tokens per request (default 48)")
+    ap.add_argument("--max-tokens", type=int, default=32, help="output tokens per request (default 32)")
     ap.add_argument("--requests", type=int, default=3,
                     help="requests per cell at concurrency < this (default 3); at least one full wave otherwise")
     ap.add_argument("--cell-tokens", type=int, default=4096,

@@ -136,3 +136,13 @@ def test_interleaved_rounds_and_paired_ratios():
     assert check[0].startswith("- KnapSpec >= 0.98x of plain decoding in 1/1 cells")
     assert "paired per-round medians >= 0.98x in 0/1" in check[1]
     assert "ahead of every baseline in 0/1 cells (behind or level with: ngram" in check[2]
+
+
+def test_round_order_is_a_fresh_permutation_per_round():
+    live = ["plain", "knapspec", "static", "clasp", "ngram"]
+    orders = [bench.round_order(live, t, 1234) for t in range(40)]
+    assert all(sorted(o) == sorted(live) for o in orders)
+    assert orders == [bench.round_order(live, t, 1234) for t in range(40)]          # seeded: reproducible
+    before_plain = {o[o.index("plain") - 1] for o in orders if o[0] != "plain"}
+    assert len(before_plain) >= 3                      # plain does not always follow the same method
+    assert len({o[0] for o in orders}) == len(live)    # every method goes first somewhere

@@ -45,6 +45,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
@@ -434,11 +435,10 @@ class MethodRun:
         self.res: dict = {"method": name, "spec": spec, "cells": [], "outputs": {}, "prefill": {}, "error": None,
                           "log": str(self.server.log)}
 
-    async def start(self, client, warm_prompt, bar=None, launched: bool = False) -> None:
+    async def ready(self, client, warm_prompt, bar=None) -> None:
+        """Wait for the launched server (`self.server.start()`), then one short warm-up decode."""
         if bar is not None:
             bar.set_description(f"{self.name}: starting server")
-        if not launched:
-            self.server.start()
         await self.server.wait_healthy(client, self.args.startup_timeout)
         self.res["startup_s"] = self.server.ready_s
         # One short decode: lazy initialisation (and KnapSpec's first steps) off the clock.
@@ -493,7 +493,8 @@ async def bench_sequential(run: MethodRun, args, grid, prompts_by_ctx, bar) -> d
     """One method alone: its server, every context's prefill and cells, stop."""
     try:
         async with http_client(args.request_timeout) as client:
-            await run.start(client, prompts_by_ctx[min(prompts_by_ctx)][0], bar)
+            run.server.start()
+            await run.ready(client, prompts_by_ctx[min(prompts_by_ctx)][0], bar)
             for ctx in sorted(prompts_by_ctx):
                 pool = prompts_by_ctx[ctx]
                 await run.prefill(client, ctx, pool, bar)
@@ -530,7 +531,7 @@ async def bench_interleaved(runs: list[MethodRun], args, grid, prompts_by_ctx, b
                 run.server.start()
             for run in runs:
                 try:
-                    await run.start(client, prompts_by_ctx[min(prompts_by_ctx)][0], bar, launched=True)
+                    await run.ready(client, prompts_by_ctx[min(prompts_by_ctx)][0], bar)
                     live.append(run)
                 except Exception as e:
                     run.fail(e)
@@ -572,7 +573,6 @@ async def bench_interleaved(runs: list[MethodRun], args, grid, prompts_by_ctx, b
 def round_order(live: list, turn: int, seed: int) -> list:
     """The methods' order in one round: a fresh permutation per round (seeded), so that neither the position in
     the round nor the method run just before (a rotation keeps the same neighbours) favours any method."""
-    import random
     order = list(live)
     random.Random(seed * 1_000_003 + turn).shuffle(order)
     return order

@@ -140,3 +140,44 @@ def test_reference_warmup_writes_no_kv_and_keeps_outputs(knapspec_llm, baseline,
     assert [float(t.double().sum()) for t in caches] == before
     drafter.selector = FixedSelector(SkipSet.parse(drafter.draft.num_layers, SKIP_SETS["attn_only"]), GAMMA)
     assert generate(knapspec_llm, batch8, False) == baseline["b8"]
+
+
+def test_quiet_steps_run_as_plain_decoding(knapspec_llm, baseline, batch8):
+    """While the selector chooses plain decoding, steps of an unchanged decode batch never reach the drafter
+    and hand no drafts to the scheduler (patches.py patch 9: the runner runs them with no speculative config);
+    their times still reach the selector. Same outputs as plain decoding."""
+    drafter = drafter_of(knapspec_llm)
+    runner = drafter.runner
+    seen = {"full": 0, "quiet": 0, "handoffs": 0}
+
+    class Plain(FixedSelector):               # always plain decoding; every step in between may go quietly
+        def plan(self, rows, ctx):
+            return None
+
+        def quiet_steps(self, ctx):
+            return 16
+
+        def observe_verify(self, ctx, proposed, accepted, seconds, steady=True):
+            seen["full"] += 1
+
+        def observe_plain_steps(self, ctx0, seconds):
+            assert len(ctx0) == len(batch8) and all(s > 0 for s in seconds)
+            seen["quiet"] += len(seconds)
+
+    take = runner.take_draft_token_ids
+
+    def counted_take():
+        out = take()
+        seen["handoffs"] += out is not None
+        return out
+    drafter.selector = Plain(SkipSet.empty(drafter.draft.num_layers), GAMMA)
+    runner.take_draft_token_ids = counted_take
+    try:
+        got = generate(knapspec_llm, batch8, False)
+        drafter.propose([[1]], np.array([2]), None)     # a full step: the last quiet run is handed over
+    finally:
+        del runner.take_draft_token_ids
+    assert got == baseline["b8"]
+    assert seen["quiet"] >= 100 and seen["full"] <= 12, seen        # 127 decode steps: ~16 quiet per full
+    assert seen["handoffs"] <= seen["full"], seen
+    assert runner.speculative_config is not None

@@ -1,6 +1,6 @@
 """The proposer's quiet path (no model needed): while the selector chose plain decoding, plain steps of the same
-requests are only timed and handed to the selector at the next full step - which must then know exactly what it
-would have known step by step."""
+requests are only timed (the runner asks quiet_begin() before a step, patches.py patch 9) and handed to the
+selector at the next full step - which must then know exactly what it would have known step by step."""
 import types
 
 import numpy as np
@@ -41,15 +41,34 @@ def make(quiet_steps: int, monkeypatch, clock):
     return prop, plans
 
 
+def sched(req_ids, prev_ids, tokens=None, drafts=None):
+    """The SchedulerOutput fields quiet_begin() reads, for a step of req_ids after a step of prev_ids."""
+    tokens = tokens or {r: 1 for r in req_ids}
+    return types.SimpleNamespace(num_scheduled_tokens=tokens, total_num_scheduled_tokens=sum(tokens.values()),
+                                 scheduled_new_reqs=[r for r in req_ids if r not in prev_ids],
+                                 finished_req_ids={r for r in prev_ids if r not in req_ids},
+                                 scheduled_spec_decode_tokens=drafts or {})
+
+
+def step(prop, clock, so, req_ids, sampled, ntok, dt) -> bool:
+    """One engine step as the wrapped runner runs it; True when it went quietly."""
+    clock.t += dt
+    if prop.quiet_begin(so):
+        prop.quiet_end()
+        return True
+    prop.runner.input_batch.req_ids[:] = req_ids
+    assert prop.propose(sampled, ntok, None) == [[] for _ in sampled]
+    return False
+
+
 def drive(prop, clock, steps):
     """steps: (req_ids, contexts, seconds since the last step); every request sampled one token."""
     ntok = np.zeros(64, dtype=np.int32)
+    prev = []
     for req_ids, ctx, dt in steps:
-        prop.runner.input_batch.req_ids[:] = req_ids
         ntok[: len(ctx)] = ctx
-        clock.t += dt
-        out = prop.propose([[7]] * len(ctx), ntok, None)
-        assert out == [[] for _ in ctx]
+        step(prop, clock, sched(req_ids, prev), req_ids, [[7]] * len(ctx), ntok, dt)
+        prev = req_ids
 
 
 def workload(rng):
@@ -91,27 +110,25 @@ def test_quiet_path_reports_what_step_by_step_reports(monkeypatch):
         assert a.target.plain_step_time(np.array(ctx)) == pytest.approx(b.target.plain_step_time(np.array(ctx)), rel=1e-9)
 
 
-@pytest.mark.parametrize("change", ["new request", "token jump", "not sampled"])
+@pytest.mark.parametrize("change", ["new request", "finished", "prefill tokens", "drafts", "run over"])
 def test_quiet_path_gives_way_when_anything_changes(monkeypatch, change):
     clock = Clock()
     prop, plans = make(P.QUIET_STEPS, monkeypatch, clock)
     ntok = np.zeros(8, dtype=np.int32)
-    prop.runner.input_batch.req_ids[:] = ["a", "b"]
+    ids, quiet = ["a", "b"], []
     for k in range(4):          # admission step, a steady full step opens the run, two quiet steps follow
         ntok[:2] = [1001 + k, 2001 + k]
-        clock.t += 2e-3
-        prop.propose([[7], [7]], ntok, None)
-    assert len(plans) == 2 and len(prop._quiet.seconds) == 2
-    sampled = [[7], [7]]
+        quiet.append(step(prop, clock, sched(ids, [] if k == 0 else ids), ids, [[7], [7]], ntok, 2e-3))
+    assert quiet == [False, False, True, True] and len(plans) == 2 and len(prop._quiet.seconds) == 2
     ntok[:2] = [1005, 2005]
-    if change == "new request":
-        prop.runner.input_batch.req_ids[:] = ["a", "c"]
-    elif change == "token jump":
-        ntok[:2] = [1007, 2007]
-    else:
-        sampled = [[7], []]
-    clock.t += 2e-3
-    prop.propose(sampled, ntok, None)
+    so = {"new request": sched(["a", "b", "c"], ids),
+          "finished": sched(["a"], ids),
+          "prefill tokens": sched(ids, ids, tokens={"a": 1, "b": 7}),     # e.g. a request resumed after preemption
+          "drafts": sched(ids, ids, drafts={"a": [3]}),
+          "run over": sched(ids, ids)}[change]
+    if change == "run over":
+        prop._quiet.limit = 2
+    assert not step(prop, clock, so, ids, [[7], [7]], ntok, 2e-3)
     assert len(plans) == 3                                   # the full path ran ...
     assert prop.selector.steps == 5 and prop.stats.counters["no_spec_steps"] == 5   # ... after the deferred steps
 

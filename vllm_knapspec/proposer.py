@@ -32,10 +32,10 @@ QUIET_STEPS = 16    # plain steps the quiet path defers before a full step repor
 class _QuietRun:
     """Plain steps deferred by the quiet path: the requests of the full step that opened the run (contexts
     ctx0 then), each one token longer per step, no drafts; their verify times wait here for the next full step."""
-    __slots__ = ("req_ids", "ctx0", "first", "seconds", "limit")
+    __slots__ = ("ids", "ctx0", "seconds", "limit")
 
     def __init__(self, req_ids: list, ctx0: np.ndarray, limit: int):
-        self.req_ids, self.ctx0, self.first, self.seconds, self.limit = req_ids, ctx0, int(ctx0[0]), [], limit
+        self.ids, self.ctx0, self.seconds, self.limit = frozenset(req_ids), ctx0, [], limit
 
 
 def knapspec_config_of(vllm_config) -> ks_config.KnapSpecConfig:
@@ -68,7 +68,7 @@ class KnapSpecProposer:
 
     # -- vLLM hooks --------------------------------------------------------------------------------
     def load_model(self, model: torch.nn.Module) -> None:
-        from vllm_knapspec import compat
+        from vllm_knapspec import compat, patches
         from vllm_knapspec.selector import make_selector
 
         ks_config.check_architecture(getattr(self.vllm_config.model_config.hf_config, "architectures", None))
@@ -77,6 +77,8 @@ class KnapSpecProposer:
         self.runner = runner
         self.model = model
         self.selector = make_selector(self.cfg, self.draft, self.vllm_config)
+        if not patches.install_quiet_steps(runner, self):
+            self.quiet_steps = 0          # no quiet path on this runner: every step takes the full path
         self._warmup_kernels()
         if (self.cfg.draft_graphs == "auto" and self.draft.device.type == "cuda"
                 and not self.vllm_config.model_config.enforce_eager):
@@ -124,8 +126,7 @@ class KnapSpecProposer:
         n = len(sampled_token_ids)
         out: list[list[int]] = [[] for _ in range(n)]
         try:
-            if not self._quiet_step(sampled_token_ids, num_tokens_no_spec, start):
-                self._propose(sampled_token_ids, num_tokens_no_spec, out, start)
+            self._propose(sampled_token_ids, num_tokens_no_spec, out, start)
         except Exception:
             for o in out:
                 o.clear()
@@ -133,22 +134,33 @@ class KnapSpecProposer:
         self._last_end = time.perf_counter()
         return out
 
-    # -- one step ----------------------------------------------------------------------------------
+    # -- the quiet path -----------------------------------------------------------------------------
     # When the selector chose plain decoding, most steps are plain steps of the same requests, and a SmolLM2
-    # step is ~2.5 ms on an H100: the full path below cost ~0.1 ms of host time there (right after a forward
-    # every numpy call in the engine measured 30-40 us, 1-4 us in a loop of its own). The quiet path only
-    # records such a step's time; the next full step (at most QUIET_STEPS later, or at once when anything
-    # changes) hands them to the selector, which sees exactly what it would have seen step by step.
-    def _quiet_step(self, sampled, num_tokens_no_spec, start) -> bool:
+    # step is ~2.2 ms on an H200: calling the drafter at all, and vLLM's hand-off of its empty drafts to the
+    # scheduler, cost ~0.04 ms of host time there per step (right after a forward every Python call in the
+    # engine runs on cold caches). So such steps do not reach propose(): the runner (patches.py, patch 9) asks
+    # quiet_begin() before the forward and runs the step as plain decoding (no drafter call, no draft
+    # hand-off) when it may; quiet_end() only records the step's time. The next full step (at most
+    # QUIET_STEPS later, or at once when the batch changes) hands those times to the selector, which sees
+    # exactly what it would have seen step by step.
+    def quiet_begin(self, scheduler_output) -> bool:
+        """May this step go quietly? Only a pure decode step of the quiet run's requests: the same set (none
+        new, none finished), one token each, no drafts scheduled."""
         q = self._quiet
-        if q is None or len(q.seconds) >= q.limit or len(sampled) != len(q.req_ids):
+        if q is None or len(q.seconds) >= q.limit:
             return False
-        if (not all(sampled) or int(num_tokens_no_spec[0]) != q.first + len(q.seconds) + 1
-                or self.runner.input_batch.req_ids[: len(sampled)] != q.req_ids):
-            return False
-        q.seconds.append(start - self._last_end)
-        return True
+        so = scheduler_output
+        return (so.total_num_scheduled_tokens == len(q.ids) and not so.scheduled_spec_decode_tokens
+                and not so.scheduled_new_reqs and not so.finished_req_ids
+                and so.num_scheduled_tokens.keys() == q.ids)
 
+    def quiet_end(self) -> None:
+        """After the quiet step's sampling: its time, measured as propose() measures a step (end to end)."""
+        now = time.perf_counter()
+        self._quiet.seconds.append(now - self._last_end)
+        self._last_end = now
+
+    # -- one step ----------------------------------------------------------------------------------
     def _flush_quiet(self) -> None:
         q, self._quiet = self._quiet, None
         if q is not None and q.seconds:

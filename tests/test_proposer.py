@@ -53,7 +53,9 @@ def sched(req_ids, prev_ids, tokens=None, drafts=None):
 def step(prop, clock, so, req_ids, sampled, ntok, dt) -> bool:
     """One engine step as the wrapped runner runs it; True when it went quietly."""
     clock.t += dt
-    if prop.quiet_begin(so):
+    quiet = prop.quiet_begin(so)
+    prop.hand_over()                    # patch 9: right after the forward's launch, every step
+    if quiet:
         prop.quiet_end()
         return True
     prop.runner.input_batch.req_ids[:] = req_ids

@@ -26,16 +26,17 @@ from vllm_knapspec.draft import DraftBatch, LayerSkipModel
 
 logger = logging.getLogger("vllm.knapspec")
 
-QUIET_STEPS = 16    # plain steps the quiet path defers before a full step reports them (and may select)
+QUIET_STEPS = 64    # plain steps the quiet path may take in a row before a full step (which may select)
 
 
 class _QuietRun:
     """Plain steps deferred by the quiet path: the requests of the full step that opened the run (contexts
     ctx0 then), each one token longer per step, no drafts; their verify times wait here for the next full step."""
-    __slots__ = ("ids", "ctx0", "seconds", "limit")
+    __slots__ = ("ids", "ctx0", "seconds", "limit", "handed")
 
     def __init__(self, req_ids: list, ctx0: np.ndarray, limit: int):
         self.ids, self.ctx0, self.seconds, self.limit = frozenset(req_ids), ctx0, [], limit
+        self.handed = 0           # seconds already handed to the selector
 
 
 def knapspec_config_of(vllm_config) -> ks_config.KnapSpecConfig:
@@ -65,6 +66,7 @@ class KnapSpecProposer:
         self._rows: dict[int, np.ndarray] = {}  # n -> arange(n): rows when every request sampled
         self._quiet: _QuietRun | None = None
         self.quiet_steps = QUIET_STEPS          # 0: every step takes the full path
+        self.went_quiet = False                 # the last step went quietly (patches.py, patch 10 reads it)
 
     # -- vLLM hooks --------------------------------------------------------------------------------
     def load_model(self, model: torch.nn.Module) -> None:
@@ -136,16 +138,18 @@ class KnapSpecProposer:
 
     # -- the quiet path -----------------------------------------------------------------------------
     # When the selector chose plain decoding, most steps are plain steps of the same requests, and a SmolLM2
-    # step is ~2.2 ms on an H200: calling the drafter at all, and vLLM's hand-off of its empty drafts to the
-    # scheduler, cost ~0.04 ms of host time there per step (right after a forward every Python call in the
-    # engine runs on cold caches). So such steps do not reach propose(): the runner (patches.py, patch 9) asks
-    # quiet_begin() before the forward and runs the step as plain decoding (no drafter call, no draft
-    # hand-off) when it may; quiet_end() only records the step's time. The next full step (at most
-    # QUIET_STEPS later, or at once when the batch changes) hands those times to the selector, which sees
-    # exactly what it would have seen step by step.
+    # step is ~2.2 ms on an H200: calling the drafter, vLLM's hand-off of its empty drafts to the scheduler,
+    # and the selector's bookkeeping cost ~0.04 ms of host time per step there (right after a forward every
+    # Python call in the engine runs on cold caches). So such steps do not reach propose(): the runner
+    # (patches.py, patch 9) asks quiet_begin() before the forward and runs the step as plain decoding (no
+    # drafter call, no draft hand-off) when it may; quiet_end() records the step's time; hand_over(), called
+    # right after each forward is launched (the GPU busy, the host otherwise idle until sampling), passes
+    # the times so far to the selector, which sees exactly what it would have seen step by step. A full step
+    # comes at most QUIET_STEPS later, when the selector may want to select, or at once when the batch changes.
     def quiet_begin(self, scheduler_output) -> bool:
         """May this step go quietly? Only a pure decode step of the quiet run's requests: the same set (none
         new, none finished), one token each, no drafts scheduled."""
+        self.went_quiet = False
         q = self._quiet
         if q is None or len(q.seconds) >= q.limit:
             return False
@@ -159,12 +163,19 @@ class KnapSpecProposer:
         now = time.perf_counter()
         self._quiet.seconds.append(now - self._last_end)
         self._last_end = now
+        self.went_quiet = True
+
+    def hand_over(self) -> None:
+        q = self._quiet
+        if q is not None and q.handed < len(q.seconds):
+            self.selector.observe_plain_steps(q.ctx0 + q.handed, q.seconds[q.handed:])
+            q.handed = len(q.seconds)
 
     # -- one step ----------------------------------------------------------------------------------
     def _flush_quiet(self) -> None:
+        self.hand_over()
         q, self._quiet = self._quiet, None
         if q is not None and q.seconds:
-            self.selector.observe_plain_steps(q.ctx0, q.seconds)
             self.stats.inc("no_spec_steps", len(q.seconds))
 
     def _observe(self, req_ids, sampled, all_sampled, ctx, start):

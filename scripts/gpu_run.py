@@ -986,7 +986,8 @@ class StepClock:
                    (core.scheduler, "schedule", "schedule"), (core.scheduler, "update_from_output", "update"),
                    (runner, "execute_model", "execute_model"), (runner, "sample_tokens", "sample_tokens"),
                    (runner, "propose_draft_token_ids", "propose_draft"),
-                   (getattr(runner, "drafter", None), "propose", "proposer_propose")]
+                   (getattr(runner, "drafter", None), "propose", "proposer_propose"),
+                   (getattr(runner, "drafter", None), "hand_over", "hand_over")]
         for obj, attr, name in targets:
             fn = getattr(obj, attr, None) if obj is not None else None
             if callable(fn):
@@ -1124,7 +1125,7 @@ def phase_ab():
                     outs[kind], last[kind] = r["outputs"], r
                     c = r.get("step_clock") or {}
                     clocks[kind].append({n: (v["ms_per_step"], v["calls"]) for n, v in c.items()
-                                         if n in ("core_step", "proposer_propose", "gc")})
+                                         if n in ("core_step", "proposer_propose", "hand_over", "gc")})
                     sels += r["selections"]
                     sel_s += r.get("selection_s", 0.0)
                     guards += r.get("guards", [])

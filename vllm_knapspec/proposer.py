@@ -27,6 +27,7 @@ from vllm_knapspec.draft import DraftBatch, LayerSkipModel
 logger = logging.getLogger("vllm.knapspec")
 
 QUIET_STEPS = 64    # plain steps the quiet path may take in a row before a full step (which may select)
+HAND_OVER = 8       # quiet steps' times handed to the selector together (its PLAIN_BATCH: one target refit)
 
 
 class _QuietRun:
@@ -144,8 +145,9 @@ class KnapSpecProposer:
     # (patches.py, patch 9) asks quiet_begin() before the forward and runs the step as plain decoding (no
     # drafter call, no draft hand-off) when it may; quiet_end() records the step's time; hand_over(), called
     # right after each forward is launched (the GPU busy, the host otherwise idle until sampling), passes
-    # the times so far to the selector, which sees exactly what it would have seen step by step. A full step
-    # comes at most QUIET_STEPS later, when the selector may want to select, or at once when the batch changes.
+    # them to the selector HAND_OVER at a time: it sees exactly what it would have seen step by step.
+    # A full step comes at most QUIET_STEPS later, when the selector may want to select, or at once when
+    # the batch changes.
     def quiet_begin(self, scheduler_output) -> bool:
         """May this step go quietly? Only a pure decode step of the quiet run's requests: the same set (none
         new, none finished), one token each, no drafts scheduled."""
@@ -167,15 +169,19 @@ class KnapSpecProposer:
 
     def hand_over(self) -> None:
         q = self._quiet
-        if q is not None and q.handed < len(q.seconds):
+        if q is not None and len(q.seconds) - q.handed >= HAND_OVER:
+            self._hand_over(q)
+
+    def _hand_over(self, q: _QuietRun) -> None:
+        if q.handed < len(q.seconds):
             self.selector.observe_plain_steps(q.ctx0 + q.handed, q.seconds[q.handed:])
             q.handed = len(q.seconds)
 
     # -- one step ----------------------------------------------------------------------------------
     def _flush_quiet(self) -> None:
-        self.hand_over()
         q, self._quiet = self._quiet, None
         if q is not None and q.seconds:
+            self._hand_over(q)
             self.stats.inc("no_spec_steps", len(q.seconds))
 
     def _observe(self, req_ids, sampled, all_sampled, ctx, start):

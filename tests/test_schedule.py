@@ -29,6 +29,15 @@ def test_next_selection_waits_for_its_predicted_cost():
     assert not sel._due(long_)                                       # ... not for the dearer one
     sel.since_selection_s = predicted_long / 0.02 * 1.01
     assert sel._due(long_)
+    # the quiet path (proposer) may skip full steps until the dearer selection is affordable, and no longer
+    step_s = sel._last_steady_s = 0.002
+    sel.since_selection_s = sel.selection_s / 0.02 * 1.01
+    n = sel.quiet_steps(long_)
+    assert n == int((predicted_long / 0.02 - sel.since_selection_s) / (2 * step_s)) > 100
+    sel.since_selection_s += 2 * n * step_s
+    assert not sel._due(long_)
+    sel.since_selection_s += 2 * step_s + 1e-9
+    assert sel._due(long_)
 
 
 def test_cost_scale_tracks_measured_selection_cost():

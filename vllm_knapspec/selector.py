@@ -287,11 +287,14 @@ class KnapSpecSelector:
 
     def quiet_steps(self, ctx: np.ndarray) -> int:
         """Plain steps the proposer may leave unreported (its quiet path) without delaying a selection: until
-        the overhead budget could allow one (counting steps at twice the last steady step's time) or, after the
-        first selection, until one would be wanted (interval, context growth), whichever is later: _due needs
-        both. Timing-dependent, so rank 0's answer on every rank (at the same full step on all ranks)."""
+        the overhead budget could allow one - the last selection's cost and, after the first, the predicted
+        cost at this context (counting steps at twice the last steady step's time) - or, after the first
+        selection, until one would be wanted (interval, context growth), whichever is later: _due needs all. Timing-dependent, so rank 0's answer on every rank (at the same full step on all ranks)."""
         step_s = self._last_steady_s
-        wait_s = self.selection_s / self._share() - self.since_selection_s
+        cost = self.selection_s
+        if self.selected_ctx is not None and len(ctx):   # _due also waits for the predicted cost (_affordable)
+            cost = max(cost, self._estimated_selection_s(ctx) * self._cost_scale)
+        wait_s = cost / self._share() - self.since_selection_s
         n = int(wait_s / (2.0 * step_s)) if step_s > 0 and wait_s > 0 else 0
         if self.selected_ctx is not None and len(ctx):   # the step that makes it wanted must be a full one
             grow = self.selected_ctx * (1 + self.cfg.context_change) - float(sum(ctx.tolist())) / len(ctx)

@@ -31,8 +31,8 @@ HAND_OVER = 8       # quiet steps' times handed to the selector together (its PL
 
 
 class _QuietRun:
-    """Plain steps deferred by the quiet path: the requests of the full step that opened the run (contexts
-    ctx0 then), each one token longer per step, no drafts; their verify times wait here for the next full step."""
+    """Plain steps taken by the quiet path: the requests of the full step that opened the run (contexts ctx0
+    then), each one token longer per step, no drafts; their times, until handed to the selector."""
     __slots__ = ("ids", "ctx0", "seconds", "limit", "handed")
 
     def __init__(self, req_ids: list, ctx0: np.ndarray, limit: int):

@@ -289,7 +289,8 @@ class KnapSpecSelector:
         """Plain steps the proposer may leave unreported (its quiet path) without delaying a selection: until
         the overhead budget could allow one - the last selection's cost and, after the first, the predicted
         cost at this context (counting steps at twice the last steady step's time) - or, after the first
-        selection, until one would be wanted (interval, context growth), whichever is later: _due needs all. Timing-dependent, so rank 0's answer on every rank (at the same full step on all ranks)."""
+        selection, until one would be wanted (interval, context growth), whichever is later: _due needs all.
+        Timing-dependent, so rank 0's answer on every rank (at the same full step on all ranks)."""
         step_s = self._last_steady_s
         cost = self.selection_s
         if self.selected_ctx is not None and len(ctx):   # _due also waits for the predicted cost (_affordable)

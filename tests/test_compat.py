@@ -234,3 +234,66 @@ def test_patch7_runs_the_drafter_warmup_after_graph_capture():
     assert capture(Runner()) == 7 and calls == ["capture", "warm"]
     Runner.drafter = object()                 # another proposer (or none): untouched
     assert capture(Runner()) == 7 and calls == ["capture", "warm", "capture"]
+
+
+class _QuietProposer:
+    """Stands in for KnapSpecProposer's quiet-path hooks: steps 2 and 3 may go quietly."""
+    def __init__(self):
+        self.step, self.calls, self.went_quiet = 0, [], False
+        self.stats = SimpleNamespace(fallback=lambda log: self.calls.append("fallback"))
+
+    def quiet_begin(self, so):
+        self.step += 1
+        self.went_quiet = False
+        if so == "boom":
+            raise RuntimeError("injected")
+        return self.step in (2, 3)
+
+    def quiet_end(self):
+        self.went_quiet = True
+        self.calls.append("end")
+
+    def hand_over(self):
+        self.calls.append("hand_over")
+
+
+def test_patch9_runs_quiet_steps_without_the_speculative_config():
+    spec, seen = object(), []
+
+    class Runner:                    # execute_model / sample_tokens as vLLM's runner has them (class methods)
+        speculative_config = spec
+
+        def execute_model(self, so, intermediate_tensors=None):
+            seen.append(("execute", self.speculative_config is spec))
+
+        def sample_tokens(self, grammar_output):
+            seen.append(("sample", self.speculative_config is spec))
+            return "out"
+    runner, prop = Runner(), _QuietProposer()
+    assert patches.install_quiet_steps(runner, prop) and patches.install_quiet_steps(runner, prop)  # idempotent
+    for _ in range(4):
+        runner.execute_model("so")
+        assert runner.sample_tokens(None) == "out"
+    assert seen == [("execute", True), ("sample", True)] + [("execute", False), ("sample", False)] * 2 + \
+        [("execute", True), ("sample", True)]
+    assert runner.speculative_config is spec and Runner.speculative_config is spec
+    assert prop.calls == ["hand_over", "hand_over", "end", "hand_over", "end", "hand_over"]
+    runner.execute_model("boom")               # a quiet-path error: counted, and the step runs as a full one
+    assert seen[-1] == ("execute", True) and "fallback" in prop.calls
+    assert "execute_model" not in Runner().__dict__          # other runners (plain engines) untouched
+
+
+def test_patch10_answers_no_drafts_after_a_quiet_step_without_the_rpc():
+    rpc = []
+    take = patches._make_take(lambda self: rpc.append(1) or "drafts")
+    drafter = SimpleNamespace(went_quiet=True)
+    executor = SimpleNamespace(driver_worker=SimpleNamespace(worker=SimpleNamespace(
+        model_runner=SimpleNamespace(drafter=drafter))))
+    assert take(executor) is None and rpc == []
+    drafter.went_quiet = False
+    assert take(executor) == "drafts" and rpc == [1]
+    executor.driver_worker.worker.model_runner.drafter = None           # another method (or none): vLLM's path
+    assert take(executor) == "drafts" and rpc == [1, 1]
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+    patches.apply_all()
+    assert getattr(UniProcExecutor.__dict__["take_draft_token_ids"], patches._MARK, False)

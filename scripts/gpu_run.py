@@ -1124,8 +1124,7 @@ def phase_ab():
                     t[kind].append(r["seconds"])
                     outs[kind], last[kind] = r["outputs"], r
                     c = r.get("step_clock") or {}
-                    clocks[kind].append({n: (v["ms_per_step"], v["calls"]) for n, v in c.items()
-                                         if n in ("core_step", "proposer_propose", "hand_over", "gc")})
+                    clocks[kind].append({n: (v["ms_per_step"], v["calls"]) for n, v in c.items()})
                     sels += r["selections"]
                     sel_s += r.get("selection_s", 0.0)
                     guards += r.get("guards", [])

@@ -23,11 +23,12 @@ import torch
 from vllm_knapspec import config as ks_config
 from vllm_knapspec import metrics
 from vllm_knapspec.draft import DraftBatch, LayerSkipModel
+from vllm_knapspec.selector import PLAIN_BATCH
 
 logger = logging.getLogger("vllm.knapspec")
 
 QUIET_STEPS = 64    # plain steps the quiet path may take in a row before a full step (which may select)
-HAND_OVER = 8       # quiet steps' times handed to the selector together (its PLAIN_BATCH: one target refit)
+HAND_OVER = PLAIN_BATCH   # quiet steps' times handed to the selector together: one target refit each
 
 
 class _QuietRun:

@@ -222,8 +222,12 @@ class KnapSpecSelector:
         attends over the context): predict it from the cost model, scaled by how far the last measured cost was
         from that model's estimate, so the overhead share holds while contexts grow (on an H100 a 1K -> 4K
         context step tripled the DP cost and a last-cost rule let the share reach 5-9 % per cell)."""
-        predicted = self._estimated_selection_s(ctx) * self._cost_scale
-        return self.since_selection_s * self._share() >= predicted
+        return self.since_selection_s * self._share() >= self._predicted_selection_s(ctx)
+
+    def _predicted_selection_s(self, ctx) -> float:
+        """The next selection's cost at this context: the cost model, scaled by how far the last measured
+        cost was from its estimate (_affordable and quiet_steps must agree on it)."""
+        return self._estimated_selection_s(ctx) * self._cost_scale
 
     def _share(self) -> float:
         """The selection-overhead share allowed now: max_selection_overhead, divided by the interval's backoff
@@ -294,7 +298,7 @@ class KnapSpecSelector:
         step_s = self._last_steady_s
         cost = self.selection_s
         if self.selected_ctx is not None and len(ctx):   # _due also waits for the predicted cost (_affordable)
-            cost = max(cost, self._estimated_selection_s(ctx) * self._cost_scale)
+            cost = max(cost, self._predicted_selection_s(ctx))
         wait_s = cost / self._share() - self.since_selection_s
         n = int(wait_s / (2.0 * step_s)) if step_s > 0 and wait_s > 0 else 0
         if self.selected_ctx is not None and len(ctx):   # the step that makes it wanted must be a full one

@@ -1031,14 +1031,14 @@ def _ab_worker(kind: str, conn):
     try:
         setup_process()
         if kind.startswith("plain"):
-            if kind == "plain_v1sync":            # the runner and scheduling vLLM gives a custom_class proposer
+            v1sync = kind.startswith("plain_v1sync")   # _aa: a second such engine, the A/A control
+            if v1sync:                            # the runner and scheduling vLLM gives a custom_class proposer
                 os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-            llm, start_s = make_llm(gpu_memory_utilization=0.25,
-                                    **({"async_scheduling": False} if kind == "plain_v1sync" else {}))
+            llm, start_s = make_llm(gpu_memory_utilization=0.2, **({"async_scheduling": False} if v1sync else {}))
             sel = draft = None
             info = dict(engine=engine_info(llm), start_s=round(start_s, 1))
         else:
-            e = KnapSpecEngine("ab_ks", compilation_config=KS_GRAPH_CAP, gpu_memory_utilization=0.25)
+            e = KnapSpecEngine("ab_ks", compilation_config=KS_GRAPH_CAP, gpu_memory_utilization=0.2)
             prof = SRC / "configs" / "profiles" / "SmolLM2-135M-Instruct.H100.bf16.graph-draft.json"
             cfg = e.ks_config.parse_knapspec({**e.default_cfg.model_dump(), "latency_profile": str(prof)}) \
                 if prof.exists() else e.default_cfg
@@ -1079,6 +1079,18 @@ def _ab_worker(kind: str, conn):
                            selection_s=(sel.total_selection_s - sel_s0) if sel else 0.0))
     except Exception:           # noqa: BLE001
         conn.send(dict(error=traceback.format_exc()))
+
+
+def paired_stats(ref_s, s, boot=2000) -> dict:
+    """ref / s per repetition: median, min, max, a 90 % bootstrap interval of the median, and the ratio of the
+    sums (every repetition weighted by its length)."""
+    import random
+    paired = sorted(a / b for a, b in zip(ref_s, s))
+    rng, n = random.Random(0), len(paired)
+    meds = sorted(statistics.median(rng.choices(paired, k=n)) for _ in range(boot))
+    return dict(median=round(statistics.median(paired), 4), min=round(paired[0], 4), max=round(paired[-1], 4),
+                ci90=[round(meds[int(0.05 * boot)], 4), round(meds[int(0.95 * boot) - 1], 4)],
+                sum_ratio=round(sum(ref_s) / sum(s), 4), n=n)
 
 
 def phase_ab():
@@ -1140,9 +1152,9 @@ def phase_ab():
                        step_clock_reps=clocks)
             for k in ends:          # per repetition, each engine against the run of the reference next to it
                 if k != "knapspec":
-                    paired = sorted(a / b for a, b in zip(t[k], t["knapspec"]))
-                    row[f"paired_vs_{k}"] = dict(median=round(statistics.median(paired), 4),
-                                                 min=round(paired[0], 4), max=round(paired[-1], 4))
+                    row[f"paired_vs_{k}"] = paired_stats(t[k], t["knapspec"])
+            if "plain_v1sync" in ends and "plain_v1sync_aa" in ends:   # A/A: the same engine twice, the noise
+                row["aa_paired"] = paired_stats(t["plain_v1sync"], t["plain_v1sync_aa"])
             if "plain" in ends:
                 row["speedup"] = round(row["knapspec_tok_s"] / row["plain_tok_s"], 3)
             if "plain_v1sync" in ends:
@@ -1151,7 +1163,7 @@ def phase_ab():
                                                        for k, c in row["step_clock"].items()}))
             log(f"  ab ctx {ctx:6d} bs {bs:3d}: plain {row.get('plain_tok_s')}  knapspec {row['knapspec_tok_s']:8.1f}"
                 f"  x{row.get('speedup')}  v1sync {row.get('plain_v1sync_tok_s')} (x{row.get('vs_v1sync')})"
-                f"  paired {json.dumps({k: v['median'] for k, v in row.items() if k.startswith('paired_')})}"
+                f"  paired {json.dumps({k: v['median'] for k, v in row.items() if 'paired' in k})}"
                 f"  equal {row['greedy_equal']}  drafts {row['draft_tokens']}"
                 f"  acc {row['acceptance']}  no-spec steps {row.get('no_spec_steps')}  selections {row.get('selections')}"
                 f" share {row['selection_share']}  guard stops {len(guards)}")
@@ -1297,7 +1309,32 @@ def report(d: Path) -> str:
             for x in sc:
                 lines.append(f"| {x['ctx']} | {x['bs']} | {x['skip']} ({x['frac']}) | {x['mode']} | {x['draft_step_ms']} | "
                              f"{x['verify_step_ms']} | {x['plain_step_ms']} | {x['draft_over_verify']} |")
+    lines += ab_table(ld("ab"))
     return "\n".join(lines)
+
+
+def ab_table(ab) -> list[str]:
+    """The A/B per cell: paired = plain time / KnapSpec time per repetition (median [90 % bootstrap interval],
+    ratio of sums), and the A/A control (plain against a second plain engine) where it ran."""
+    if not ab or not ab.get("rows"):
+        return []
+    ref = "plain_v1sync" if "plain_v1sync_s" in ab["rows"][0] else "plain"
+    fmt = lambda p: f"**{p['median']:.3f}** [{p['ci90'][0]:.3f}, {p['ci90'][1]:.3f}] / {p['sum_ratio']:.3f}" \
+        if p and "ci90" in p else (f"{p['median']:.3f}" if p else "-")
+    out = ["", f"| ctx | bs | reps | {ref} tok/s | KnapSpec tok/s | paired median [90 % CI] / sum ratio | "
+               "A/A plain/plain | core step KnapSpec/plain | drafts | selections | sel. share | equal |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in ab["rows"]:
+        reps = r.get("step_clock_reps") or {}
+        cs = [b["core_step"][0] / a["core_step"][0] for a, b in zip(reps.get(ref, []), reps.get("knapspec", []))
+              if a.get("core_step") and b.get("core_step")]
+        out.append(f"| {r['ctx']} | {r['bs']} | {len(r['knapspec_s'])} | {r.get(ref + '_tok_s')} | "
+                   f"{r['knapspec_tok_s']} | {fmt(r.get('paired_vs_' + ref))} | {fmt(r.get('aa_paired'))} | "
+                   f"{statistics.median(cs) if cs else float('nan'):.3f} | {r.get('draft_tokens')} | "
+                   f"{r.get('selections')} | {100 * r['selection_share']:.2f} % | {r['greedy_equal']} |")
+    if ab.get("summary"):
+        out.append(f"whole run: {json.dumps(ab['summary'])}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def test_quiet_path_reports_what_step_by_step_reports(monkeypatch):
     assert a.steps == b.steps
     assert a.since_selection_s == pytest.approx(b.since_selection_s, rel=1e-12)
     assert a.total_decode_s == pytest.approx(b.total_decode_s, rel=1e-12)
-    assert [(c.tolist(), s) for c, s in a._plain_steps] == [(c.tolist(), s) for c, s in b._plain_steps]
+    assert [((c + k).tolist(), s) for c, k, s in a._plain_steps] == [((c + k).tolist(), s) for c, k, s in b._plain_steps]
     assert a.stats.counters["no_spec_steps"] == b.stats.counters["no_spec_steps"] == len(f_plans)
     # the target model was fed the same steps in the same groups: the same law
     for ctx in ([1000, 2500], [1000, 2500, 300], [4000]):

@@ -50,7 +50,7 @@ GUARD_STEPS = 16           # steps of a plan measured before the guard may stop 
 OUTLIER_X = 4.0            # a plan step counts as at most this many typical steps in the guard
 PLAIN_WINDOW = 32          # recent plain steps that calibrate t_plain
 METRIC_EVERY = 32          # latency-model gauges are refreshed every this many refit steps
-PLAIN_BATCH = 8            # plain steps of one batch size averaged into one observation of the target model
+PLAIN_BATCH = 32           # plain steps of one batch size averaged into one observation of the target model
 BACKOFF_MAX = 16           # re-selection interval while choosing plain decoding: up to this x reselect_interval
 BUDGET_BACKOFF_MAX = 4     # ... and the overhead share down to max_selection_overhead / this
 RECOVER = 1.05             # the plan-measured discount of predictions moves back toward 1 by this per selection
@@ -130,7 +130,7 @@ class KnapSpecSelector:
         self.history: list[dict] = []        # one entry per selection (benchmarks, tests)
         self.guard_events: list[dict] = []   # one entry per guard stop
         self._metric_steps = 0
-        self._plain_steps: deque = deque(maxlen=PLAIN_WINDOW)   # (ctx, seconds) of steady plain steps
+        self._plain_steps: deque = deque(maxlen=PLAIN_WINDOW)   # (ctx, k, seconds): steady plain steps at ctx + k
         self._plain_scale = 1.0              # measured / predicted plain step time, set at each selection
         self._spec = self._new_spec()        # the current plan's measured record since its selection
         self._plain_obs = _PlainSteps()      # plain steps pending for the target model
@@ -284,8 +284,9 @@ class KnapSpecSelector:
         b, base = len(ctx0), float(sum(ctx0.tolist()))
         if self.cfg.online_refit and self._plain_obs.batch != b:
             self._flush_plain()
+        for k, s in enumerate(seconds[-PLAIN_WINDOW:], n - min(n, PLAIN_WINDOW) + 1):
+            self._plain_steps.append((ctx0, k, s))          # contexts ctx0 + k, added when read (host time)
         for k, s in enumerate(seconds, 1):
-            self._plain_steps.append((ctx0 + k, s))
             if self.cfg.online_refit:            # the same groups of PLAIN_BATCH as step by step
                 self._pend_plain(b, 1, base + b * k, s)
 
@@ -347,7 +348,7 @@ class KnapSpecSelector:
         still paid for its draft step) feed the guard."""
         if self.current is None:
             if not proposed:
-                self._plain_steps.append((ctx.copy(), seconds))
+                self._plain_steps.append((ctx.copy(), 0, seconds))
             return
         sp = self._spec
         step_s = seconds + sp["pending_draft_s"]
@@ -483,7 +484,7 @@ class KnapSpecSelector:
         steps measured slower than predicted (a busy host) would slow the drafts too, which no draft timing
         has shown yet, so scaling up would favour speculation on a guess."""
         if len(self._plain_steps) >= 8:
-            ratios = [sec / max(self.target.plain_step_time(c), 1e-12) for c, sec in self._plain_steps]
+            ratios = [sec / max(self.target.plain_step_time(c + k), 1e-12) for c, k, sec in self._plain_steps]
             self._plain_scale = min(1.0, float(np.median(ratios)))
         return self.target.plain_step_time(ctx) * self._plain_scale
 

@@ -1029,6 +1029,8 @@ def _ab_worker(kind: str, conn):
     """One engine of the A/B in its own process (two vLLM engines in one process share global graph-capture
     state): 'plain' = vLLM's defaults, 'knapspec' = configs/knapspec.yaml as shipped + the graph-draft profile."""
     try:
+        if os.environ.get("KS_AB_CORES"):      # every engine on the same cores (the one running at a time)
+            os.sched_setaffinity(0, {int(c) for c in os.environ["KS_AB_CORES"].split(",")})
         setup_process()
         if kind.startswith("plain"):
             v1sync = kind.startswith("plain_v1sync")   # _aa: a second such engine, the A/A control
@@ -1095,14 +1097,23 @@ def paired_stats(ref_s, s, boot=2000) -> dict:
 
 def phase_ab():
     """Side by side: vLLM's defaults without speculation vs KnapSpec as shipped (selector, draft graphs, uniform
-    graphs), both engines up at once (one process each, 0.3 of the GPU each), the timed runs interleaved
+    graphs), all engines up at once (one process each, 0.2 of the GPU each), the timed runs interleaved
     (plain, KnapSpec, KnapSpec, plain, ...: the order alternates) so that drift of the host hits both alike;
-    greedy outputs compared per cell."""
+    greedy outputs compared per cell. KS_AB_KINDS=plain_v1sync,knapspec,plain_v1sync_aa adds a second plain
+    engine: the A/A control, i.e. how far two identical engines differ in this run."""
     import multiprocessing as mp
     setup_process()
     reps = int(os.environ.get("KS_AB_REPS", "3"))
     ctx_mp = mp.get_context("spawn")
-    ends, procs, res = {}, [], dict(rows=[])
+    # Two identical plain engines differed by up to 14 % at 16K x 16 (A/A control, session 12 run 1), in host
+    # time (schedule, input preparation): where the scheduler happened to place each process. So the engines
+    # share one fixed set of cores - only one runs at a time - and this driver keeps to the others.
+    cores = sorted(os.sched_getaffinity(0))
+    if os.environ.get("KS_AB_PIN", "1") == "1" and len(cores) >= 4:
+        os.environ["KS_AB_CORES"] = ",".join(map(str, cores[: len(cores) // 2]))
+        os.sched_setaffinity(0, set(cores[len(cores) // 2:]))
+    ends, procs = {}, []
+    res = dict(rows=[], cores=dict(engines=os.environ.get("KS_AB_CORES"), driver=sorted(os.sched_getaffinity(0))))
     kinds = os.environ.get("KS_AB_KINDS", "plain,knapspec").split(",")
     ref = "plain" if "plain" in kinds else kinds[0]      # greedy reference and token count
     for kind in kinds:                          # one after the other: startups do not overlap

@@ -193,9 +193,13 @@ class _ToyAdapter:
         self.V = torch.randn(d, vocab, generator=g)
         self.x = torch.randn(r, d, generator=g)
         self.r = r
+        self.delay = 0.0        # seconds per sublayer run (a launch-bound device)
 
     def item(self, i, h):
+        import time
         import torch
+        if self.delay:
+            time.sleep(self.delay)
         return h + self.s[i] * torch.tanh(h @ self.A[i])
 
     def max_reference_tokens(self, num_states):
@@ -209,6 +213,9 @@ class _ToyAdapter:
             hs.append(self.item(i, hs[-1]))
         return types.SimpleNamespace(refs=torch.stack(hs), groups=[np.arange(self.r)], rows_np=rows,
                                      run_item=self.item, logits_fn=lambda h: h @ self.V)
+
+    def synthetic(self, r):
+        return self.build(np.zeros(1, np.int64), np.array([2 * r]), r)
 
 
 def _toy_selector(**cfg):
@@ -263,3 +270,21 @@ def test_a_plan_that_fell_short_raises_the_bar_for_the_next():
     for _ in range(12):                                               # 0.5 * 1.05^13 > 0.9: drafting again
         sel.select(rows, ctx)
     assert sel.current is not None and abs(sel.pred_scale - 0.5 * RECOVER ** 13) < 1e-9
+
+
+def test_first_selection_waits_for_its_calibrated_cost():
+    """calibrate() (GPU start-up) times a selection-shaped pass on the adapter's synthetic reference; the first
+    selection then waits until decode time x share covers that cost, not only the cost model's estimate, which
+    prices compute only (a launch-bound DP on an H200 cost ~10x it)."""
+    sel = _toy_selector(max_selection_overhead=0.01)
+    ctx = np.array([1000])
+    est = sel._estimated_selection_s(ctx)
+    sel.adapter.delay = 4 * est / L                          # every sublayer run: the pass costs >> the estimate
+    cost = sel.calibrate()
+    assert cost > 5 * est and sel.current is None and not sel.history   # a measurement, not a selection
+    pred = sel._predicted_selection_s(ctx)
+    assert pred >= 0.99 * cost                                # the context here is longer than the calibration's
+    sel.since_selection_s = 0.9 * pred / 0.01
+    assert not sel._due(ctx)                                  # the uncalibrated estimate would have let it run
+    sel.since_selection_s = 1.1 * pred / 0.01
+    assert sel._due(ctx)

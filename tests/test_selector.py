@@ -249,3 +249,23 @@ def test_latency_model_follows_an_injected_slowdown(spec_llm):
     assert jump > 1.5                                   # the slowdown was real and unpredicted ...
     assert settled < max(0.25, 1.5 * settled_ctrl)     # ... followed within 30 drafts as well as no change is
     assert 1.5 < level < 2.7                            # ... by doubling the model's predictions
+
+
+def test_calibration_runs_a_selection_pass_on_the_real_model(spec_llm, baseline):
+    """The start-up calibration (GPU: patches.py 7) on the real model and KV cache: a reference, DP and
+    acceptance pass on synthetic inputs that writes no KV, makes no selection, and sets the scale that prices
+    the first selection; the outputs stay those of plain decoding."""
+    import torch
+    sel = fresh_selector(spec_llm, first_now=False)
+    caches = [t for t in drafter_of(spec_llm).runner.kv_caches if isinstance(t, torch.Tensor)]
+    before = [float(t.double().sum()) for t in caches]
+    cost = sel.calibrate()
+    r = sel.cfg.reference_tokens
+    assert cost > 0 and sel._cost_scale == pytest.approx(cost / sel._estimated_selection_s(np.array([2 * r])))
+    assert [float(t.double().sum()) for t in caches] == before and not sel.history and sel.current is None
+    ref = sel.adapter.synthetic(r)                 # its branches see the same prefix: a copy runs like the reference
+    h = ref.refs[:-1].unsqueeze(1).expand(-1, 2, -1, -1)
+    for item in (0, 1, 2 * sel.L - 2):
+        assert torch.allclose(ref.run_item(item, h[item].contiguous())[1], ref.refs[item + 1], atol=1e-4)
+    out = [list(o.outputs[0].token_ids) for o in spec_llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    assert out == baseline

@@ -137,42 +137,13 @@ class ReferenceBuilder:
         per_token = (2 * d.num_layers + 1 + 3 * num_states) * hidden * d.vllm_config.model_config.dtype.itemsize
         return max(1, int(self.memory_share * kv_bytes // per_token)) if kv_bytes else 1 << 30
 
-    def _metadata(self, rows_np, qlens, seqlens, copies: int):
+    def _metadata(self, rows_np, qlens, seqlens, copies: int, table=None):
         d = self.m
         rows = np.tile(rows_np, copies)
         n_tok = int(qlens.sum()) * copies
         slots = torch.full((n_tok,), -1, dtype=torch.int64, device=d.device)   # -1 = padding: never written
         return d.builder.build(torch.from_numpy(rows).to(d.device), np.tile(qlens, copies),
-                               np.tile(seqlens, copies), slots)
-
-    @torch.inference_mode()
-    def warmup(self, r: int, branches=(1, 2)) -> None:
-        """Run what a selection runs (all 2L sublayers as queries over a cached prefix, one and several
-        branches, logits) on synthetic inputs: blocks addressed directly, no KV written (slots -1). On an
-        H100 the first eager pass through the target's modules cost ~1.1 s (first calls of each kernel and
-        shape), which the first selection would otherwise pay in decode time. Needs the KV cache."""
-        d = self.m
-        cfg = d.vllm_config
-        dev, dtype = d.device, cfg.model_config.dtype
-        num_blocks = max(2, int(cfg.cache_config.num_gpu_blocks or 2))
-        nb = -(-2 * r // d.block_size)      # the queries sit after an r-token prefix: 2r tokens of KV
-        for J in branches:
-            rows = torch.zeros(J, dtype=torch.int64, device=dev)
-            table = (torch.arange(J * nb) % (num_blocks - 1) + 1).view(J, nb).to(torch.int32).to(dev)
-            slots = torch.full((J * r,), -1, dtype=torch.int64, device=dev)
-            md = d.builder.build(rows, np.full(J, r, np.int64), np.full(J, 2 * r, np.int64), slots,
-                                 block_table=table)
-            pos = torch.arange(r, 2 * r, device=dev).repeat(J)
-            x = d.embed(torch.zeros(J * r, dtype=torch.int64, device=dev)).to(dtype)
-            for item in range(2 * d.num_layers):
-                layer = d.layers[item // 2]
-                if item % 2 == 0:
-                    with compat.forward_context(md, cfg, J * r, {}):
-                        y = layer.self_attn(positions=pos, hidden_states=layer.input_layernorm(x))
-                else:
-                    y = layer.mlp(layer.post_attention_layernorm(x))
-                x = x + y
-            d.logits(d.lm.norm(x))
+                               np.tile(seqlens, copies), slots, block_table=None if table is None else table(copies))
 
     @torch.inference_mode()
     def build(self, rows_np: np.ndarray, ctx_np: np.ndarray, r: int) -> Reference:
@@ -184,8 +155,40 @@ class ReferenceBuilder:
         qlens = np.maximum(1, np.minimum(committed, max(1, r // len(rows_np))))
         ids = np.concatenate([token_ids[row, c - q:c] for row, c, q in zip(rows_np, committed, qlens)])
         pos = np.concatenate([np.arange(c - q, c) for c, q in zip(committed, qlens)])
-        ids_t = torch.from_numpy(ids.astype(np.int64)).to(d.device)
-        pos_t = torch.from_numpy(pos).to(d.device)
+        return self._reference(torch.from_numpy(ids.astype(np.int64)).to(d.device),
+                               torch.from_numpy(pos).to(d.device), rows_np, qlens, committed)
+
+    @torch.inference_mode()
+    def synthetic(self, r: int) -> Reference:
+        """What a selection runs, on synthetic inputs: r zero tokens as queries after an r-token prefix (one
+        request of context 2r), blocks addressed directly, no KV written (slots -1). For start-up: the
+        warm-up and the selector's cost calibration. Needs the KV cache."""
+        d = self.m
+        num_blocks = max(2, int(d.vllm_config.cache_config.num_gpu_blocks or 2))
+        nb = -(-2 * r // d.block_size)
+
+        def table(copies: int) -> torch.Tensor:      # the copies (DP branches) share the prefix, as rows do
+            return (torch.arange(nb) % (num_blocks - 1) + 1).to(torch.int32).to(d.device).repeat(copies, 1)
+        return self._reference(torch.zeros(r, dtype=torch.int64, device=d.device),
+                               torch.arange(r, 2 * r, device=d.device), np.zeros(1, np.int64),
+                               np.array([r], np.int64), np.array([2 * r], np.int64), table)
+
+    @torch.inference_mode()
+    def warmup(self, r: int, branches=(1, 2)) -> None:
+        """Run all 2L sublayers of a synthetic reference on one and several branches, and the logits. On an
+        H100 the first eager pass through the target's modules cost ~1.1 s (first calls of each kernel and
+        shape), which the first selection would otherwise pay in decode time."""
+        ref = self.synthetic(r)
+        for J in branches:
+            h = ref.refs[0].expand(J, *ref.refs[0].shape).contiguous()
+            for item in range(2 * self.m.num_layers):
+                h = ref.run_item(item, h)
+            ref.logits_fn(h[0])
+
+    def _reference(self, ids_t, pos_t, rows_np, qlens, committed, table=None) -> Reference:
+        """Full-model states of the queries ids_t (positions pos_t; request i: qlens[i] tokens ending at
+        committed[i]); `table` overrides the rows' block tables (synthetic references)."""
+        d = self.m
         groups, start = [], 0
         for q in qlens:
             groups.append(np.arange(start, start + q))
@@ -195,7 +198,7 @@ class ReferenceBuilder:
         def run_item(item: int, h: torch.Tensor) -> torch.Tensor:
             J, R, D = h.shape
             if J not in md_cache:     # one build per branch count ("prefix" DP: a few powers of two)
-                md_cache[J] = self._metadata(rows_np, qlens, committed, J)
+                md_cache[J] = self._metadata(rows_np, qlens, committed, J, table)
             x = h.reshape(J * R, D)
             layer = d.layers[item // 2]
             if item % 2 == 0:

@@ -117,13 +117,16 @@ class KnapSpecProposer:
             self.draft.device, self.cfg.reference_tokens, self.cfg.kernels))
 
     def warmup_after_kv_cache(self) -> None:
-        """Called once the KV cache exists (patches.py, patch 7): one synthetic selection-shaped pass, so the
-        first selection is not charged for first-call costs."""
+        """Called once the KV cache exists (patches.py, patch 7): synthetic selection-shaped passes, so the
+        first selection is not charged for first-call costs, and then one timed to calibrate its cost."""
         self._warmup("reference", lambda: self.selector.adapter.warmup(self.cfg.reference_tokens))
         graphs = getattr(self.draft, "_knapspec_graphs", None)
         if graphs is not None:
             from vllm_knapspec.skipset import SkipSet
             self._warmup("draft graph capture", lambda: graphs.warmup(SkipSet.empty(self.draft.num_layers)))
+        calibrate = getattr(self.selector, "calibrate", None)
+        if calibrate is not None:        # warm now: the first selection waits for what one really costs
+            self._warmup("selection cost calibration", calibrate)
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None):
         start = time.perf_counter()

@@ -1045,9 +1045,11 @@ def _ab_worker(kind: str, conn):
             cfg = e.ks_config.parse_knapspec({**e.default_cfg.model_dump(), "latency_profile": str(prof)}) \
                 if prof.exists() else e.default_cfg
             sel = e.use("sel", cfg=cfg)
+            calibration_s = sel.calibrate()      # the start-up calibration, for this (replaced) selector
             llm, draft = e.llm, e.d
             info = dict(engine=e.res["engine"], start_s=e.res["start_s"],
-                        draft_graphs_installed=getattr(e.d, "_knapspec_graphs", None) is not None)
+                        draft_graphs_installed=getattr(e.d, "_knapspec_graphs", None) is not None,
+                        calibration_s=round(calibration_s, 4), cost_scale=round(sel._cost_scale, 3))
         clock = StepClock(llm)
         if sel is not None:
             info["kernel_warmup_s"] = round(getattr(e.prop, "warmup_s", 0.0), 3)

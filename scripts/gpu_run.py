@@ -4,6 +4,7 @@
     python3 scripts/gpu_run.py run PHASE[,PHASE...] [--budget SECONDS]   # each phase in its own process
     python3 scripts/gpu_run.py phase PHASE                               # one phase, this process
     python3 scripts/gpu_run.py report [DIR]                              # tables from the phases' JSON
+    python3 scripts/gpu_run.py abpool AB.json [AB.json ...]              # A/B runs with the A/A control, pooled
     python3 scripts/gpu_run.py profiles [DIR]                            # configs/profiles/*.json from them
 
 Phases (results: $KS_STATE/<phase>.json, copied to $OUT; a phase that fails leaves its traceback there):
@@ -1326,6 +1327,31 @@ def report(d: Path) -> str:
     return "\n".join(lines)
 
 
+def ab_pool(paths) -> str:
+    """Several A/B runs with the A/A control pooled per cell: every repetition's KnapSpec time against each
+    plain engine's and against both (geometric mean), and plain against plain; medians with 90 % bootstrap
+    intervals (resampling repetitions). One run's cell resolves no better than its A/A spread."""
+    import math
+    import random
+    cells: dict = {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["rows"]:
+            c = cells.setdefault((r["ctx"], r["bs"]), dict(a=[], b=[], both=[], aa=[]))
+            for p, q, k in zip(r["plain_v1sync_s"], r["plain_v1sync_aa_s"], r["knapspec_s"]):
+                c["a"].append(p / k), c["b"].append(q / k), c["both"].append(math.sqrt(p * q) / k), c["aa"].append(p / q)
+
+    def med_ci(x, boot=4000):
+        rng = random.Random(0)
+        m = sorted(statistics.median(rng.choices(x, k=len(x))) for _ in range(boot))
+        return f"{statistics.median(x):.3f} [{m[int(0.05 * boot)]:.3f}, {m[int(0.95 * boot) - 1]:.3f}]"
+    out = ["| ctx | bs | reps | KnapSpec vs plain A | vs plain A' | vs both plain engines | A/A: plain A / plain A' |",
+           "|---|---|---|---|---|---|---|"]
+    for (ctx, bs), c in sorted(cells.items()):
+        out.append(f"| {ctx} | {bs} | {len(c['a'])} | {med_ci(c['a'])} | {med_ci(c['b'])} | **{med_ci(c['both'])}** | "
+                   f"{med_ci(c['aa'])} |")
+    return "\n".join(out)
+
+
 def ab_table(ab) -> list[str]:
     """The A/B per cell: paired = plain time / KnapSpec time per repetition (median [90 % bootstrap interval],
     ratio of sums), and the A/A control (plain against a second plain engine) where it ran."""
@@ -1419,8 +1445,9 @@ def build_profiles(d: Path, dest: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["run", "phase", "report", "profiles"])
+    ap.add_argument("cmd", choices=["run", "phase", "report", "profiles", "abpool"])
     ap.add_argument("arg", nargs="?")
+    ap.add_argument("more", nargs="*")
     ap.add_argument("--budget", type=float, default=540)
     a = ap.parse_args()
     if a.cmd == "phase":
@@ -1431,6 +1458,9 @@ def main():
             log(tb)
             save(f"{a.arg}_error", {"traceback": tb})
             sys.exit(1)
+        return
+    if a.cmd == "abpool":
+        print(ab_pool([a.arg, *a.more]))
         return
     if a.cmd == "report":
         log(report(Path(a.arg) if a.arg else STATE))

@@ -275,7 +275,7 @@ def test_a_plan_that_fell_short_raises_the_bar_for_the_next():
 def test_first_selection_waits_for_its_calibrated_cost():
     """calibrate() (GPU start-up) times a selection-shaped pass on the adapter's synthetic reference; the first
     selection then waits until decode time x share covers that cost, not only the cost model's estimate, which
-    prices compute only (a launch-bound DP on an H200 cost ~10x it)."""
+    prices compute only (a launch-bound DP on an H200 cost 3-10x it)."""
     sel = _toy_selector(max_selection_overhead=0.01)
     ctx = np.array([1000])
     est = sel._estimated_selection_s(ctx)

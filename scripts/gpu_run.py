@@ -1086,16 +1086,21 @@ def _ab_worker(kind: str, conn):
         conn.send(dict(error=traceback.format_exc()))
 
 
-def paired_stats(ref_s, s, boot=2000) -> dict:
+def median_ci90(x, boot=2000) -> tuple[float, float, float]:
+    """Median of x and a 90 % bootstrap interval of it (resampling the values: repetitions)."""
+    import random
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(x, k=len(x))) for _ in range(boot))
+    return statistics.median(x), meds[int(0.05 * boot)], meds[int(0.95 * boot) - 1]
+
+
+def paired_stats(ref_s, s) -> dict:
     """ref / s per repetition: median, min, max, a 90 % bootstrap interval of the median, and the ratio of the
     sums (every repetition weighted by its length)."""
-    import random
-    paired = sorted(a / b for a, b in zip(ref_s, s))
-    rng, n = random.Random(0), len(paired)
-    meds = sorted(statistics.median(rng.choices(paired, k=n)) for _ in range(boot))
-    return dict(median=round(statistics.median(paired), 4), min=round(paired[0], 4), max=round(paired[-1], 4),
-                ci90=[round(meds[int(0.05 * boot)], 4), round(meds[int(0.95 * boot) - 1], 4)],
-                sum_ratio=round(sum(ref_s) / sum(s), 4), n=n)
+    paired = [a / b for a, b in zip(ref_s, s)]
+    med, lo, hi = median_ci90(paired)
+    return dict(median=round(med, 4), min=round(min(paired), 4), max=round(max(paired), 4),
+                ci90=[round(lo, 4), round(hi, 4)], sum_ratio=round(sum(ref_s) / sum(s), 4), n=len(paired))
 
 
 def phase_ab():
@@ -1109,8 +1114,8 @@ def phase_ab():
     reps = int(os.environ.get("KS_AB_REPS", "3"))
     ctx_mp = mp.get_context("spawn")
     # Two identical plain engines differed by up to 14 % at 16K x 16 (A/A control, session 12 run 1), in host
-    # time (schedule, input preparation): where the scheduler happened to place each process. So the engines
-    # share one fixed set of cores - only one runs at a time - and this driver keeps to the others.
+    # time (schedule, input preparation). The engines share one fixed set of cores (only one runs at a time)
+    # and this driver keeps to the others; the A/A spread stayed (run 2), so read cells against the control.
     cores = sorted(os.sched_getaffinity(0))
     if os.environ.get("KS_AB_PIN", "1") == "1" and len(cores) >= 4:
         os.environ["KS_AB_CORES"] = ",".join(map(str, cores[: len(cores) // 2]))
@@ -1332,7 +1337,6 @@ def ab_pool(paths) -> str:
     plain engine's and against both (geometric mean), and plain against plain; medians with 90 % bootstrap
     intervals (resampling repetitions). One run's cell resolves no better than its A/A spread."""
     import math
-    import random
     cells: dict = {}
     for path in paths:
         for r in json.loads(Path(path).read_text())["rows"]:
@@ -1340,10 +1344,8 @@ def ab_pool(paths) -> str:
             for p, q, k in zip(r["plain_v1sync_s"], r["plain_v1sync_aa_s"], r["knapspec_s"]):
                 c["a"].append(p / k), c["b"].append(q / k), c["both"].append(math.sqrt(p * q) / k), c["aa"].append(p / q)
 
-    def med_ci(x, boot=4000):
-        rng = random.Random(0)
-        m = sorted(statistics.median(rng.choices(x, k=len(x))) for _ in range(boot))
-        return f"{statistics.median(x):.3f} [{m[int(0.05 * boot)]:.3f}, {m[int(0.95 * boot) - 1]:.3f}]"
+    def med_ci(x):
+        return "{:.3f} [{:.3f}, {:.3f}]".format(*median_ci90(x, boot=4000))
     out = ["| ctx | bs | reps | KnapSpec vs plain A | vs plain A' | vs both plain engines | A/A: plain A / plain A' |",
            "|---|---|---|---|---|---|---|"]
     for (ctx, bs), c in sorted(cells.items()):

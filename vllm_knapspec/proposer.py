@@ -119,12 +119,13 @@ class KnapSpecProposer:
     def warmup_after_kv_cache(self) -> None:
         """Called once the KV cache exists (patches.py, patch 7): synthetic selection-shaped passes, so the
         first selection is not charged for first-call costs, and then one timed to calibrate its cost."""
-        self._warmup("reference", lambda: self.selector.adapter.warmup(self.cfg.reference_tokens))
+        calibrate = getattr(self.selector, "calibrate", None)
+        if calibrate is None:            # else the cold selection pass below runs these first calls too
+            self._warmup("reference", lambda: self.selector.adapter.warmup(self.cfg.reference_tokens))
         graphs = getattr(self.draft, "_knapspec_graphs", None)
         if graphs is not None:
             from vllm_knapspec.skipset import SkipSet
             self._warmup("draft graph capture", lambda: graphs.warmup(SkipSet.empty(self.draft.num_layers)))
-        calibrate = getattr(self.selector, "calibrate", None)
         if calibrate is not None:        # the first selection waits for what one really costs: a warm pass
             self._warmup("selection pass", calibrate)      # (cold, on an H200: 0.40 s; warm: 0.10 s)
             self._warmup("selection cost calibration", calibrate)

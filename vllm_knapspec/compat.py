@@ -101,22 +101,31 @@ class DraftMetadataBuilder:
         """rows [B] (may repeat), query_lens/seq_lens [B] host ints; the last query_len tokens of each
         sequence are the queries, causal within the sequence. `block_table` [B, n] overrides the rows'
         (the profiler addresses blocks directly)."""
+        device = self.runner.device
+        seq_cpu = torch.from_numpy(seq_lens.astype(np.int32))
+        return self._build(rows, query_lens, seq_cpu.to(device, non_blocking=True), seq_cpu, slots, block_table,
+                           num_computed_tokens_cpu=torch.from_numpy((seq_lens - query_lens).astype(np.int32)))
+
+    def build_device(self, rows: torch.Tensor, seq_lens: torch.Tensor, seq_upper: np.ndarray, slots: torch.Tensor):
+        """One query token per row whose sequence lengths live on the device (no host sync): the host knows
+        only an upper bound `seq_upper` (max_seq_len, and what backends may size work by)."""
+        ones = np.ones(len(seq_upper), dtype=np.int64)
+        return self._build(rows, ones, seq_lens.to(torch.int32), torch.from_numpy(seq_upper.astype(np.int32)), slots)
+
+    def _build(self, rows, query_lens, seq_dev, seq_cpu, slots, block_table=None, **extra):
         if self._groups is None:
             self._init_groups()
         device = self.runner.device
         qsl_np = np.zeros(len(query_lens) + 1, dtype=np.int32)
         np.cumsum(query_lens, out=qsl_np[1:])
         qsl_cpu = torch.from_numpy(qsl_np)
-        seq_cpu = torch.from_numpy(seq_lens.astype(np.int32))
         cad = _common_attn_metadata(
             query_start_loc=qsl_cpu.to(device, non_blocking=True), query_start_loc_cpu=qsl_cpu,
-            seq_lens=seq_cpu.to(device, non_blocking=True), seq_lens_cpu=seq_cpu,
-            seq_lens_cpu_upper_bound=seq_cpu,
-            num_computed_tokens_cpu=torch.from_numpy((seq_lens - query_lens).astype(np.int32)),
+            seq_lens=seq_dev, seq_lens_cpu=seq_cpu, seq_lens_cpu_upper_bound=seq_cpu,
             num_reqs=len(query_lens), num_actual_tokens=int(qsl_np[-1]), max_query_len=int(query_lens.max()),
-            max_seq_len=int(seq_lens.max()),
+            max_seq_len=int(seq_cpu.max()),
             block_table_tensor=self.block_table(rows) if block_table is None else block_table, slot_mapping=slots,
-            causal=True)
+            causal=True, **extra)
         md = {}
         for g in self._groups:
             if hasattr(g, "build_metadata_for_drafting"):      # 0.32+: maps to kernel block tables

@@ -7,7 +7,8 @@ A speculative config for KnapSpec looks like (flat, next to vLLM's own keys):
     reselect_interval: 64          # KnapSpec keys (see KnapSpecConfig)
     ...
 
-`split_speculative_config` separates the two and turns it into vLLM's `custom_class` method.
+`split_speculative_config` separates the two and turns it into vLLM's `draft_model` method (the runner then
+drafts with KnapSpecDrafter, the target's own modules).
 No vLLM imports here.
 """
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 METHOD = "knapspec"
-PROPOSER_PATH = "vllm_knapspec.proposer.KnapSpecProposer"
 # vLLM SpeculativeConfig keys that make sense with KnapSpec (the draft is the target itself).
 VLLM_KEYS = {"method", "model", "num_speculative_tokens", "max_model_len", "disable_by_batch_size",
              "draft_tensor_parallel_size", "rejection_sample_method", "disable_log_stats"}
@@ -132,7 +132,7 @@ def parse_knapspec(raw: dict[str, Any]) -> KnapSpecConfig:
 def is_knapspec(spec: dict[str, Any] | None) -> bool:
     if not isinstance(spec, dict):
         return False
-    return spec.get("method") == METHOD or spec.get("model") == PROPOSER_PATH
+    return spec.get("method") == METHOD
 
 
 def split_speculative_config(spec: dict[str, Any]) -> tuple[dict[str, Any], KnapSpecConfig]:
@@ -140,13 +140,12 @@ def split_speculative_config(spec: dict[str, Any]) -> tuple[dict[str, Any], Knap
     spec = {str(k).replace("-", "_"): v for k, v in spec.items()}
     vllm_part = {k: v for k, v in spec.items() if k in VLLM_KEYS and k != "num_speculative_tokens"}
     ks_part = {k: v for k, v in spec.items() if k not in VLLM_KEYS or k == "num_speculative_tokens"}
-    if vllm_part.get("model") not in (None, PROPOSER_PATH):
+    if vllm_part.pop("model", None) is not None:
         raise KnapSpecConfigError(
-            f"invalid KnapSpec speculative config: 'model' = {vllm_part['model']!r}: KnapSpec drafts with the "
+            f"invalid KnapSpec speculative config: 'model' = {spec['model']!r}: KnapSpec drafts with the "
             "target model itself. Allowed: leave 'model' out")
     cfg = parse_knapspec(ks_part)
-    vllm_part.update(method="custom_class", model=PROPOSER_PATH,
-                     num_speculative_tokens=cfg.num_speculative_tokens)
+    vllm_part.update(method="draft_model", num_speculative_tokens=cfg.num_speculative_tokens)
     return vllm_part, cfg
 
 

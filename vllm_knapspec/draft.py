@@ -101,6 +101,18 @@ class LayerSkipModel:
         with compat.forward_context(md, self.vllm_config, len(batch.rows_np), slot_map):
             return self.forward(batch.token_ids, batch.positions, skip)
 
+    def step_device(self, rows: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor,
+                    seq_upper: np.ndarray, capacity: torch.Tensor, skip: SkipSet) -> torch.Tensor:
+        """One draft step whose positions live on the device (async scheduling: the host does not know how
+        many drafts were accepted): 1 token per row, KV written only below each row's `capacity` (allocated
+        slots); `seq_upper` bounds positions + 1 on the host. Returns the final normed hidden states [B, d]."""
+        slots = self.slot_mapping(rows, positions)
+        slots = torch.where(positions < capacity, slots, torch.full_like(slots, -1))
+        md = self.builder.build_device(rows, positions + 1, seq_upper, slots)
+        kept = [n for i, n in enumerate(self.attn_names) if i not in skip.attn]
+        with compat.forward_context(md, self.vllm_config, len(seq_upper), {n: slots for n in kept}):
+            return self.forward(token_ids, positions, skip)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(hidden)
 

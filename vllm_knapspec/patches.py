@@ -75,7 +75,8 @@ def _wrap(owner, name: str, make):
 
 
 def uses_knapspec(speculative_config) -> bool:
-    return speculative_config is not None and getattr(speculative_config, "model", None) == ks.PROPOSER_PATH
+    """A SpeculativeConfig made from a KnapSpec config (translate_config attached its keys)."""
+    return speculative_config is not None and getattr(speculative_config, "knapspec", None) is not None
 
 
 # 1 ---------------------------------------------------------------------------------------------------
@@ -90,6 +91,9 @@ def patch_create_speculative_config():
                 return orig(self, target_model_config, target_parallel_config)
             vllm_part, cfg = ks.split_speculative_config(raw)
             ks.check_architecture(getattr(target_model_config.hf_config, "architectures", None))
+            vllm_part["model"] = target_model_config.model        # the draft is the target itself
+            if getattr(self, "async_scheduling", False) is None and _async_needs_asking():
+                self.async_scheduling = True       # 0.26 turns it on for draft_model only when asked
             self.speculative_config = vllm_part
             try:
                 spec = orig(self, target_model_config, target_parallel_config)
@@ -101,6 +105,12 @@ def patch_create_speculative_config():
         return create_speculative_config
 
     _wrap(EngineArgs, "create_speculative_config", make)
+
+
+def _async_needs_asking() -> bool:
+    """vLLM 0.26 enables async scheduling by default for EAGLE-type methods only; 0.27+ also for draft_model."""
+    from vllm_knapspec.compat import vllm_version
+    return vllm_version() < (0, 27)
 
 
 # 2 ---------------------------------------------------------------------------------------------------
@@ -163,40 +173,41 @@ def patch_parse_args():
 
 
 # 3 ---------------------------------------------------------------------------------------------------
-def patch_lookahead():
-    """The draft writes KV at up to gamma_max positions past the verified ones: reserve them.
-    custom_class gets 0 lookahead upstream; writing past allocated blocks would corrupt other requests."""
-    from vllm.config import VllmConfig
+def patch_draft_length_control():
+    """The scheduler asks KnapSpec how many drafts to schedule per request each step (0 while the selector
+    chooses plain decoding: a plain step), through its dynamic-speculation lookup
+    (`Scheduler.dynamic_sd_lookup[batch_size]`, present in 0.26.0 and 0.32.0)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
 
-    if isinstance(VllmConfig.__dict__.get("num_lookahead_tokens"), property):     # 0.32+
-        patch_lookahead_property(VllmConfig)
-    else:                                                                         # 0.26
-        from vllm.v1.core.sched.scheduler import Scheduler
-        patch_scheduler_lookahead(Scheduler)
-
-
-def patch_lookahead_property(vllm_config_cls):
-    prop = vllm_config_cls.__dict__["num_lookahead_tokens"]
-    if getattr(prop.fget, _MARK, False):
-        return
-
-    def fget(self, _orig=prop.fget):
-        spec = self.speculative_config
-        return spec.num_speculative_tokens if uses_knapspec(spec) else _orig(self)
-    setattr(fget, _MARK, True)
-    vllm_config_cls.num_lookahead_tokens = property(fget)
-
-
-def patch_scheduler_lookahead(scheduler_cls):
     def make(orig):
         @functools.wraps(orig)
         def __init__(self, vllm_config, *a, **kw):
             orig(self, vllm_config, *a, **kw)
-            if uses_knapspec(vllm_config.speculative_config):
-                self.num_lookahead_tokens = vllm_config.speculative_config.num_speculative_tokens
+            spec = vllm_config.speculative_config
+            if uses_knapspec(spec):
+                from vllm_knapspec.control import DraftLengthControl
+                self.dynamic_sd_lookup = DraftLengthControl(spec.num_speculative_tokens)
         return __init__
 
-    _wrap(scheduler_cls, "__init__", make)
+    _wrap(Scheduler, "__init__", make)
+
+
+def patch_runner_drafter():
+    """The model runner drafts with KnapSpecDrafter where it would build vLLM's DraftModelProposer
+    (GPUModelRunner.__init__, 0.26.0 and 0.32.0; CPUModelRunner inherits it): same interface, the target's
+    own modules instead of a second model."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    def make(orig):
+        @functools.wraps(orig)
+        def __init__(self, vllm_config, device, *a, **kw):
+            orig(self, vllm_config, device, *a, **kw)
+            if uses_knapspec(self.speculative_config) and hasattr(self, "drafter"):
+                from vllm_knapspec.drafter import KnapSpecDrafter
+                self.drafter = KnapSpecDrafter(self.vllm_config, self.device, runner=self)
+        return __init__
+
+    _wrap(GPUModelRunner, "__init__", make)
 
 
 # 4 ---------------------------------------------------------------------------------------------------
@@ -443,84 +454,13 @@ def patch_ray_cpu() -> None:
     _wrap(rx.RayExecutorV2, "_build_runtime_env", _env)
 
 
-# 9 ---------------------------------------------------------------------------------------------------
-def install_quiet_steps(runner, proposer) -> bool:
-    """Wrap this runner's execute_model and sample_tokens (instance attributes: plain engines in the same
-    process are untouched). False where this runner has not got both (then no quiet path)."""
-    cls = type(runner)
-    if getattr(runner.__dict__.get("execute_model"), _MARK, False):
-        return True
-    if not (callable(getattr(cls, "execute_model", None)) and callable(getattr(cls, "sample_tokens", None))):
-        return False
-    execute, sample = cls.execute_model, cls.sample_tokens
-    quiet = [False]
-
-    def as_plain(fn, *a, **kw):
-        spec, runner.speculative_config = runner.speculative_config, None
-        try:
-            return fn(runner, *a, **kw)
-        finally:
-            runner.speculative_config = spec
-
-    def safely(fn, *a):       # speculation never fails a step: a quiet-path error only means a full step
-        try:
-            return fn(*a)
-        except Exception:     # noqa: BLE001
-            proposer.stats.fallback(logger)
-            return False
-
-    @functools.wraps(execute)
-    def execute_model(scheduler_output, *a, **kw):
-        quiet[0] = safely(proposer.quiet_begin, scheduler_output)
-        if quiet[0]:
-            out = as_plain(execute, scheduler_output, *a, **kw)
-        else:
-            out = execute(runner, scheduler_output, *a, **kw)
-        safely(proposer.hand_over)       # the forward is launched: host work now overlaps it
-        return out
-
-    @functools.wraps(sample)
-    def sample_tokens(*a, **kw):
-        if not quiet[0]:
-            return sample(runner, *a, **kw)
-        quiet[0] = False
-        out = as_plain(sample, *a, **kw)
-        safely(proposer.quiet_end)
-        return out
-
-    for fn in (execute_model, sample_tokens):
-        setattr(fn, _MARK, True)
-    runner.execute_model, runner.sample_tokens = execute_model, sample_tokens
-    return True
-
-
-# 10 --------------------------------------------------------------------------------------------------
-def _make_take(orig):
-    @functools.wraps(orig)
-    def take_draft_token_ids(self):
-        runner = getattr(getattr(self.driver_worker, "worker", None), "model_runner", None)
-        if getattr(getattr(runner, "drafter", None), "went_quiet", False):
-            return None
-        return orig(self)
-    return take_draft_token_ids
-
-
-def patch_uniproc_take():
-    try:
-        from vllm.v1.executor.uniproc_executor import UniProcExecutor
-    except Exception:          # noqa: BLE001 - no such executor in this vLLM: nothing to patch
-        return
-    if "take_draft_token_ids" in UniProcExecutor.__dict__:
-        _wrap(UniProcExecutor, "take_draft_token_ids", _make_take)
-
-
 def apply_all() -> None:
     patch_create_speculative_config()
     patch_parse_args()
-    patch_lookahead()
+    patch_draft_length_control()
+    patch_runner_drafter()
     patch_cpu_expand()
     patch_uniform_graphs()
     patch_plain_steps()
     patch_drafter_warmup()
     patch_ray_cpu()
-    patch_uniproc_take()

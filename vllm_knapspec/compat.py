@@ -112,20 +112,36 @@ class DraftMetadataBuilder:
         ones = np.ones(len(seq_upper), dtype=np.int64)
         return self._build(rows, ones, seq_lens.to(torch.int32), torch.from_numpy(seq_upper.astype(np.int32)), slots)
 
+    def build_static(self, qsl: torch.Tensor, seq: torch.Tensor, seq_cpu: torch.Tensor, block_table: torch.Tensor,
+                     slots: torch.Tensor):
+        """One query token per row over caller-owned device buffers (CUDA-graph capture: the buffers are
+        refreshed before each replay); `seq_cpu` is the host's bound (max_model_len)."""
+        n = len(seq_cpu)
+        return self._metadata(dict(
+            query_start_loc=qsl, query_start_loc_cpu=torch.arange(n + 1, dtype=torch.int32), seq_lens=seq,
+            seq_lens_cpu=seq_cpu, seq_lens_cpu_upper_bound=seq_cpu, num_computed_tokens_cpu=seq_cpu - 1,
+            num_reqs=n, num_actual_tokens=n, max_query_len=1, max_seq_len=int(seq_cpu.max()),
+            block_table_tensor=block_table, slot_mapping=slots, causal=True))
+
     def _build(self, rows, query_lens, seq_dev, seq_cpu, slots, block_table=None, **extra):
-        if self._groups is None:
-            self._init_groups()
         device = self.runner.device
         qsl_np = np.zeros(len(query_lens) + 1, dtype=np.int32)
         np.cumsum(query_lens, out=qsl_np[1:])
         qsl_cpu = torch.from_numpy(qsl_np)
-        cad = _common_attn_metadata(
+        return self._metadata(dict(
             query_start_loc=qsl_cpu.to(device, non_blocking=True), query_start_loc_cpu=qsl_cpu,
             seq_lens=seq_dev, seq_lens_cpu=seq_cpu, seq_lens_cpu_upper_bound=seq_cpu,
             num_reqs=len(query_lens), num_actual_tokens=int(qsl_np[-1]), max_query_len=int(query_lens.max()),
             max_seq_len=int(seq_cpu.max()),
             block_table_tensor=self.block_table(rows) if block_table is None else block_table, slot_mapping=slots,
-            causal=True, **extra)
+            causal=True, **extra))
+
+    def _metadata(self, fields: dict) -> dict:
+        """{layer name: attention metadata} for the target's attention groups, from CommonAttentionMetadata
+        fields (fresh builders: the target's persistent buffers are never touched)."""
+        if self._groups is None:
+            self._init_groups()
+        cad = _common_attn_metadata(**fields)
         md = {}
         for g in self._groups:
             if hasattr(g, "build_metadata_for_drafting"):      # 0.32+: maps to kernel block tables

@@ -108,6 +108,8 @@ class KnapSpecDrafter(DraftModelProposer):
         self._last_call = None             # host time of the previous propose(): steps are timed call to call
         self._verified_next = 0            # drafts per request the next step verifies
         self._prev_reqs = None
+        self.graphs = None                 # graphs.SublayerGraphs once captured (GPU)
+        self.trace: list | None = None     # benchmarks: (step gap s, draft loop s, draft steps) per step
         self.warmup_s = 0.0
         self.warmups: dict[str, float] = {}
 
@@ -132,6 +134,51 @@ class KnapSpecDrafter(DraftModelProposer):
         plan = getattr(self.selector, "current", None) if not hasattr(self.selector, "gamma") else \
             (self.selector.skip, self.selector.gamma)
         return 0 if plan is None else min(plan[1], self.k_max)
+
+    def warmup_after_kv_cache(self) -> None:
+        """Once the KV cache exists (patches.py, drafter_warmup): capture the draft's sublayer graphs, check
+        one graphed step against the eager step, and calibrate the selector's cost (GPU only)."""
+        if self.draft.device.type != "cuda":
+            return
+        if self._graphs_wanted():
+            self._warmup("draft graph capture", self._capture_graphs)
+        calibrate = getattr(self.selector, "calibrate", None)
+        if calibrate is not None:            # cold, then timed: the first selection waits for a warm pass
+            self._warmup("selection pass", calibrate)
+            self._warmup("selection cost calibration", calibrate)
+
+    def _graphs_wanted(self) -> bool:
+        vc = self.vllm_config
+        return (self.cfg.draft_graphs == "auto" and not vc.model_config.enforce_eager
+                and vc.parallel_config.tensor_parallel_size == 1)
+
+    def _capture_graphs(self) -> None:
+        from vllm_knapspec import graphs
+        from vllm_knapspec.skipset import SkipSet
+        g = graphs.SublayerGraphs(self.draft, int(self.vllm_config.scheduler_config.max_num_seqs))
+        g.capture_all()
+        err = graphs.check(g, SkipSet.empty(self.draft.num_layers))
+        self.warmups["draft graph rel err"] = err
+        if not err <= graphs.CHECK_RTOL:
+            logger.warning("KnapSpec draft graphs disagree with the eager draft (rel. err %.3g): drafting eagerly",
+                           err)
+            return
+        self.graphs = g
+
+    def _warmup(self, what: str, fn) -> None:
+        """Run a start-up step, time it, log it; a failure only moves its cost to later (or keeps drafts
+        eager)."""
+        t0 = time.perf_counter()
+        try:
+            fn()
+            torch.cuda.synchronize(self.draft.device)
+        except Exception:
+            logger.warning("KnapSpec %s warm-up failed", what, exc_info=True)
+            return
+        dt = time.perf_counter() - t0
+        self.warmup_s += dt
+        self.warmups[what] = round(dt, 4)
+        logger.info("KnapSpec %s warm-up: %.2f s", what, dt)
 
     def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
         self.kv_cache_gid = 0              # the draft builds its metadata from the target's groups (compat)
@@ -191,6 +238,8 @@ class KnapSpecDrafter(DraftModelProposer):
         return step
 
     def _report(self, s: _Step) -> None:
+        if self.trace is not None:
+            self.trace.append((s.gap, s.draft_s, s.steps))
         if s.steps and s.skip is not None:
             self.selector.observe_draft(s.skip, s.ctx, None, s.draft_s, s.steps)
         proposed = s.verified * s.n
@@ -220,6 +269,16 @@ class KnapSpecDrafter(DraftModelProposer):
 
     def _draft(self, drafts, steps: int, tokens, pos, cad, n: int, skip) -> None:
         d = self.draft
+        graphs = self.graphs if self.graphs is not None and self.graphs.bucket(n) else None
+        if graphs is not None:
+            capacity = torch.from_numpy(d.capacity(np.arange(n))).to(d.device, non_blocking=True)
+            nb = graphs.load(n, tokens, pos, capacity)
+            for j in range(steps):
+                drafts[:, j] = graphs.step(nb, skip)[:n]
+            if steps < drafts.shape[1]:
+                drafts[:, steps:] = drafts[:, steps - 1: steps]
+            self.stats.drafted(steps)
+            return
         rows = torch.arange(n, device=d.device)
         capacity = torch.from_numpy(d.capacity(np.arange(n))).to(d.device, non_blocking=True)
         upper = self._upper(cad, n)

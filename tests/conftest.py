@@ -36,7 +36,7 @@ def make_llm(model, speculative_config=None, **kw):
 
 
 def drafter_of(llm):
-    """The KnapSpecProposer inside an in-process engine (tests only)."""
+    """The KnapSpecDrafter inside an in-process engine (tests only)."""
     core = llm.llm_engine.engine_core.engine_core
     return core.model_executor.driver_worker.worker.model_runner.drafter
 

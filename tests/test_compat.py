@@ -9,122 +9,31 @@ import torch
 from vllm_knapspec import compat, patches
 from vllm_knapspec import config as ks
 
-KS_SPEC = SimpleNamespace(model=ks.PROPOSER_PATH, num_speculative_tokens=6)
+KS_SPEC = SimpleNamespace(knapspec={}, num_speculative_tokens=6)
 OTHER_SPEC = SimpleNamespace(model="ngram", num_speculative_tokens=3)
 
 
-def test_lookahead_property_032_shape_idempotent():
-    class Cfg:
-        def __init__(self, spec):
-            self.speculative_config = spec
-
-        @property
-        def num_lookahead_tokens(self):
-            return 0
-    patches.patch_lookahead_property(Cfg)
-    patches.patch_lookahead_property(Cfg)         # plugins load more than once per process
-    assert Cfg(KS_SPEC).num_lookahead_tokens == 6
-    assert Cfg(OTHER_SPEC).num_lookahead_tokens == 0
-    assert Cfg(None).num_lookahead_tokens == 0
-
-
-def test_scheduler_lookahead_026_shape_idempotent():
-    calls = []
+def test_draft_length_control_feeds_the_scheduler_lookup():
+    """The scheduler schedules what the drafter plans (0: a plain step); gamma_max without a drafter."""
+    from vllm_knapspec.control import DraftLengthControl
 
     class Scheduler:
-        def __init__(self, vllm_config, *a, **kw):
-            calls.append(1)
-            self.num_lookahead_tokens = 0
-    patches.patch_scheduler_lookahead(Scheduler)
-    patches.patch_scheduler_lookahead(Scheduler)
+        def __init__(self, vllm_config):
+            self.dynamic_sd_lookup = None
+    patches._wrap(Scheduler, "__init__", lambda orig: patches._make_control_init(orig))
+    patches._wrap(Scheduler, "__init__", lambda orig: patches._make_control_init(orig))      # idempotent
     s = Scheduler(SimpleNamespace(speculative_config=KS_SPEC))
-    assert s.num_lookahead_tokens == 6 and len(calls) == 1
-    assert Scheduler(SimpleNamespace(speculative_config=OTHER_SPEC)).num_lookahead_tokens == 0
-
-
-def test_real_vllm_has_the_shape_we_patch():
-    from vllm.config import VllmConfig
-    major, minor = compat.vllm_version()
-    is_prop = isinstance(VllmConfig.__dict__.get("num_lookahead_tokens"), property)
-    assert is_prop == ((major, minor) >= (0, 27)), "lookahead moved: re-check patches.patch_lookahead"
-
-
-def test_common_attn_metadata_drops_fields_this_version_lacks():
-    from vllm.v1.attention.backend import CommonAttentionMetadata
-    t = torch.zeros(2, dtype=torch.int32)
-    md = compat._common_attn_metadata(
-        query_start_loc=t, query_start_loc_cpu=t, seq_lens=t, num_reqs=1, num_actual_tokens=1, max_query_len=1,
-        max_seq_len=1, block_table_tensor=t, slot_mapping=t, field_from_another_version=123)
-    assert isinstance(md, CommonAttentionMetadata)
-    assert "field_from_another_version" not in {f.name for f in dataclasses.fields(md)}
-
-
-class _Builder:
-    def __init__(self):
-        self.seen = []
-
-    def build_for_drafting(self, common_attn_metadata, draft_index):
-        self.seen.append(("builder", common_attn_metadata.num_reqs))
-        return "md-026"
-
-
-class _Group026:           # vLLM 0.26: no AttentionGroup.build_metadata_for_drafting
-    def __init__(self):
-        self.layer_names, self.kv_cache_group_id, self.b = ["l0", "l1"], 0, _Builder()
-
-    def get_metadata_builder(self):
-        return self.b
-
-
-class _Group032(_Group026):  # 0.32: the group maps manager blocks to kernel blocks first
-    def build_metadata_for_drafting(self, cad, draft_index):
-        return "md-032"
-
-
-def _builder_with(group):
-    bt = SimpleNamespace(block_size=32, max_num_reqs=4, num_blocks_per_row=np.array([2, 1, 0, 0]),
-                         get_device_tensor=lambda n: torch.arange(16, dtype=torch.int32).view(4, 4)[:n])
-    runner = SimpleNamespace(device=torch.device("cpu"), input_batch=SimpleNamespace(block_table=[bt]))
-    b = compat.DraftMetadataBuilder(runner, None, {"l0"})
-    b._groups = [group]
-    return b
-
-
-@pytest.mark.parametrize("group,expect", [(_Group026, "md-026"), (_Group032, "md-032")])
-def test_metadata_builder_uses_the_versions_api(group, expect):
-    b = _builder_with(group())
-    md = b.build_decode(torch.tensor([0, 1]), None, np.array([40, 5]), torch.tensor([0, 1]))
-    assert md == {"l0": expect, "l1": expect}
-    assert list(b.capacity(np.array([0, 1]))) == [64, 32]
-    assert b.block_table(torch.tensor([1])).tolist() == [[4, 5, 6, 7]]
-
-
-def test_find_runner_walks_up_to_the_model_runner():
-    class Runner:
-        input_batch = attn_groups = None
-
-        def load_model(self):
-            return compat.find_runner()
-    r = Runner()
-    assert r.load_model() is r
-    with pytest.raises(RuntimeError, match="model runner"):
-        compat.find_runner()
-
-
-def test_cpu_expand_replacement_matches_vllm_contract():
-    x = torch.tensor([0.5, 0.0, 2.0])
-    cu = torch.tensor([2, 5, 6])
-    out = patches.expand_batch_to_tokens(x, cu, 6, replace_from=0.0, replace_to=1.0)
-    assert out.tolist() == [0.5, 0.5, 1.0, 1.0, 1.0, 2.0] and out.dtype == x.dtype
-
-
-def test_cpu_expand_patch_is_applied_on_cpu():
-    import vllm.v1.sample.rejection_sampler as rs
-    patches.patch_cpu_expand()
-    patches.patch_cpu_expand()
-    assert rs.expand_batch_to_tokens is patches.expand_batch_to_tokens
-    temps = rs.expand_batch_to_tokens(torch.tensor([0.8, 0.3]), torch.tensor([3, 5]), 5)
-    assert torch.allclose(temps, torch.tensor([0.8, 0.8, 0.8, 0.3, 0.3]))
+    assert Scheduler(SimpleNamespace(speculative_config=OTHER_SPEC)).dynamic_sd_lookup is None
+    saved = DraftLengthControl.drafter
+    try:
+        DraftLengthControl.drafter = None
+        assert s.dynamic_sd_lookup[3] == 6
+        DraftLengthControl.drafter = SimpleNamespace(next_gamma=0)
+        assert s.dynamic_sd_lookup[3] == 0
+        DraftLengthControl.drafter.next_gamma = 4
+        assert s.dynamic_sd_lookup[16] == 4
+    finally:
+        DraftLengthControl.drafter = saved
 
 
 # patch 5: full CUDA graphs for uniform batches of 1..gamma_max+1 tokens per request ----------------------------
@@ -137,7 +46,7 @@ def _dispatcher(knapspec=None, sizes=(6, 12, 18, 24, 30)):
                            max_cudagraph_capture_size=max(sizes))
     vc = SimpleNamespace(compilation_config=cc, num_speculative_tokens=5, lora_config=None,
                          scheduler_config=SimpleNamespace(max_num_seqs=16, max_num_batched_tokens=8192),
-                         speculative_config=SimpleNamespace(model=ks.PROPOSER_PATH, knapspec=knapspec or {}),
+                         speculative_config=SimpleNamespace(knapspec=knapspec or {}),
                          parallel_config=SimpleNamespace(data_parallel_size=1))
     d = CudagraphDispatcher(vc)                          # a real vLLM dispatcher, keys as the GPU runner makes them
     d.initialize_cudagraph_keys(CUDAGraphMode.FULL_AND_PIECEWISE, 6)
@@ -198,7 +107,7 @@ def test_runner_treats_q_token_batches_as_uniform_while_dispatching():
 def test_step_without_drafts_takes_the_plain_path():
     seen = []
     prep = patches._make_prepare(lambda self, so: seen.append(self.speculative_config))
-    spec = SimpleNamespace(model=ks.PROPOSER_PATH)
+    spec = SimpleNamespace(knapspec={})
     runner = SimpleNamespace(speculative_config=spec)
     prep(runner, SimpleNamespace(scheduled_spec_decode_tokens={}))              # nobody drafted
     prep(runner, SimpleNamespace(scheduled_spec_decode_tokens={"r1": [5, 6]}))  # a verification step
@@ -234,66 +143,3 @@ def test_patch7_runs_the_drafter_warmup_after_graph_capture():
     assert capture(Runner()) == 7 and calls == ["capture", "warm"]
     Runner.drafter = object()                 # another proposer (or none): untouched
     assert capture(Runner()) == 7 and calls == ["capture", "warm", "capture"]
-
-
-class _QuietProposer:
-    """Stands in for KnapSpecProposer's quiet-path hooks: steps 2 and 3 may go quietly."""
-    def __init__(self):
-        self.step, self.calls, self.went_quiet = 0, [], False
-        self.stats = SimpleNamespace(fallback=lambda log: self.calls.append("fallback"))
-
-    def quiet_begin(self, so):
-        self.step += 1
-        self.went_quiet = False
-        if so == "boom":
-            raise RuntimeError("injected")
-        return self.step in (2, 3)
-
-    def quiet_end(self):
-        self.went_quiet = True
-        self.calls.append("end")
-
-    def hand_over(self):
-        self.calls.append("hand_over")
-
-
-def test_patch9_runs_quiet_steps_without_the_speculative_config():
-    spec, seen = object(), []
-
-    class Runner:                    # execute_model / sample_tokens as vLLM's runner has them (class methods)
-        speculative_config = spec
-
-        def execute_model(self, so, intermediate_tensors=None):
-            seen.append(("execute", self.speculative_config is spec))
-
-        def sample_tokens(self, grammar_output):
-            seen.append(("sample", self.speculative_config is spec))
-            return "out"
-    runner, prop = Runner(), _QuietProposer()
-    assert patches.install_quiet_steps(runner, prop) and patches.install_quiet_steps(runner, prop)  # idempotent
-    for _ in range(4):
-        runner.execute_model("so")
-        assert runner.sample_tokens(None) == "out"
-    assert seen == [("execute", True), ("sample", True)] + [("execute", False), ("sample", False)] * 2 + \
-        [("execute", True), ("sample", True)]
-    assert runner.speculative_config is spec and Runner.speculative_config is spec
-    assert prop.calls == ["hand_over", "hand_over", "end", "hand_over", "end", "hand_over"]
-    runner.execute_model("boom")               # a quiet-path error: counted, and the step runs as a full one
-    assert seen[-1] == ("execute", True) and "fallback" in prop.calls
-    assert "execute_model" not in Runner().__dict__          # other runners (plain engines) untouched
-
-
-def test_patch10_answers_no_drafts_after_a_quiet_step_without_the_rpc():
-    rpc = []
-    take = patches._make_take(lambda self: rpc.append(1) or "drafts")
-    drafter = SimpleNamespace(went_quiet=True)
-    executor = SimpleNamespace(driver_worker=SimpleNamespace(worker=SimpleNamespace(
-        model_runner=SimpleNamespace(drafter=drafter))))
-    assert take(executor) is None and rpc == []
-    drafter.went_quiet = False
-    assert take(executor) == "drafts" and rpc == [1]
-    executor.driver_worker.worker.model_runner.drafter = None           # another method (or none): vLLM's path
-    assert take(executor) == "drafts" and rpc == [1, 1]
-    from vllm.v1.executor.uniproc_executor import UniProcExecutor
-    patches.apply_all()
-    assert getattr(UniProcExecutor.__dict__["take_draft_token_ids"], patches._MARK, False)

@@ -21,10 +21,10 @@ def test_defaults_follow_official_code():
         (64, 0.5, 0.7, 5)
 
 
-def test_split_turns_knapspec_into_custom_class():
+def test_split_turns_knapspec_into_draft_model():
     vllm_part, cfg = ks.split_speculative_config({"method": "knapspec", "num_speculative_tokens": 7,
                                                   "reselect-interval": 16})
-    assert vllm_part == {"method": "custom_class", "model": ks.PROPOSER_PATH, "num_speculative_tokens": 7}
+    assert vllm_part == {"method": "draft_model", "num_speculative_tokens": 7}     # model: the target (patches)
     assert cfg.reselect_interval == 16 and cfg.num_speculative_tokens == 7
 
 
@@ -124,8 +124,8 @@ def test_every_cli_form_selects_knapspec(form, model_path, tmp_path):
         argv = ["--config", str(serve)]
     cfg = _engine_config(argv + ["--dtype", "float32", "--max-model-len", "1024"])
     spec = cfg.speculative_config
-    assert spec.method == "custom_class" and spec.model == ks.PROPOSER_PATH
+    assert spec.method == "draft_model" and spec.model == model_path          # the draft is the target itself
     assert spec.knapspec["num_speculative_tokens"] == spec.num_speculative_tokens
-    assert cfg.num_lookahead_tokens == spec.num_speculative_tokens     # the lookahead patch took effect
+    assert cfg.num_lookahead_tokens == spec.num_speculative_tokens     # vLLM reserves the draft's KV slots
     if form == "serve_config_file":
         assert spec.knapspec["reselect_interval"] == 32

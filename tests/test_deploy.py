@@ -376,10 +376,10 @@ def test_configmap_matches_repo_config():
 
 
 def test_configmap_validates():
-    from vllm_knapspec.config import PROPOSER_PATH, split_speculative_config
+    from vllm_knapspec.config import split_speculative_config
 
     vllm_part, cfg = split_speculative_config(configmap_spec())
-    assert vllm_part["method"] == "custom_class" and vllm_part["model"] == PROPOSER_PATH
+    assert vllm_part["method"] == "draft_model" and "model" not in vllm_part
     assert cfg.profile_dir == configmap_spec()["profile_dir"]
 
 

@@ -178,18 +178,18 @@ def patch_draft_length_control():
     chooses plain decoding: a plain step), through its dynamic-speculation lookup
     (`Scheduler.dynamic_sd_lookup[batch_size]`, present in 0.26.0 and 0.32.0)."""
     from vllm.v1.core.sched.scheduler import Scheduler
+    _wrap(Scheduler, "__init__", _make_control_init)
 
-    def make(orig):
-        @functools.wraps(orig)
-        def __init__(self, vllm_config, *a, **kw):
-            orig(self, vllm_config, *a, **kw)
-            spec = vllm_config.speculative_config
-            if uses_knapspec(spec):
-                from vllm_knapspec.control import DraftLengthControl
-                self.dynamic_sd_lookup = DraftLengthControl(spec.num_speculative_tokens)
-        return __init__
 
-    _wrap(Scheduler, "__init__", make)
+def _make_control_init(orig):
+    @functools.wraps(orig)
+    def __init__(self, vllm_config, *a, **kw):
+        orig(self, vllm_config, *a, **kw)
+        spec = vllm_config.speculative_config
+        if uses_knapspec(spec):
+            from vllm_knapspec.control import DraftLengthControl
+            self.dynamic_sd_lookup = DraftLengthControl(spec.num_speculative_tokens)
+    return __init__
 
 
 def patch_runner_drafter():

@@ -273,10 +273,12 @@ class KnapSpecDrafter(DraftModelProposer):
         if graphs is not None:
             capacity = torch.from_numpy(d.capacity(np.arange(n))).to(d.device, non_blocking=True)
             nb = graphs.load(n, tokens, pos, capacity)
-            for j in range(steps):
-                drafts[:, j] = graphs.step(nb, skip)[:n]
+            captured = graphs.loop_capture_s
+            drafts[:, :steps] = graphs.loop(nb, skip, steps)[:n]
             if steps < drafts.shape[1]:
                 drafts[:, steps:] = drafts[:, steps - 1: steps]
+            if graphs.loop_capture_s > captured and hasattr(self.selector, "charge_capture"):
+                self.selector.charge_capture(graphs.loop_capture_s - captured)     # a new plan's one-off cost
             self.stats.drafted(steps)
             return
         rows = torch.arange(n, device=d.device)

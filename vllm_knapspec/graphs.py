@@ -23,12 +23,15 @@ import time
 import numpy as np
 import torch
 
+from collections import OrderedDict
+
 from vllm_knapspec import compat
 
 logger = logging.getLogger("vllm.knapspec")
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 CHECK_RTOL = 2e-2
+MAX_LOOPS = 32          # whole draft loops kept (skip set x bucket x gamma), least recently used dropped
 
 
 @contextlib.contextmanager
@@ -69,9 +72,15 @@ class SublayerGraphs:
         self.hidden = torch.zeros(nb, hidden, dtype=dtype, device=dev)
         self.residual = torch.zeros(nb, hidden, dtype=dtype, device=dev)
         self.tokens = torch.zeros(nb, dtype=torch.int64, device=dev)
+        self.drafts = torch.zeros(nb, 64, dtype=torch.int64, device=dev)
         self.graphs: dict[int, list] = {}      # bucket -> [embed, item 0 .. 2L-1, head]
+        self.fns: dict[int, list] = {}         # bucket -> the functions those graphs captured
+        self.md: dict[int, dict] = {}          # bucket -> static attention metadata
+        self.loops: OrderedDict = OrderedDict()   # (skip, bucket, gamma) -> one graph of the whole draft loop
+        self.loops_ok = True
         self.pool = torch.cuda.graph_pool_handle()
         self.capture_s = 0.0
+        self.loop_capture_s = 0.0
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
@@ -104,6 +113,52 @@ class SublayerGraphs:
         g[-1].replay()
         return self.tokens[:nb]
 
+    def loop(self, nb: int, skip, gamma: int) -> torch.Tensor:
+        """All gamma draft steps as one graph replay (captured on first use of (skip, bucket, gamma): ~one
+        step's worth of capture per draft step; the cost is the selection's). Falls back to `step` per draft
+        step if capture fails. Returns the drafts [nb, gamma]."""
+        key = (skip, nb, gamma)
+        g = self.loops.get(key)
+        if g is None and self.loops_ok:
+            g = self._capture_loop(nb, skip, gamma)
+        if g is None:
+            for j in range(gamma):
+                self.drafts[:nb, j].copy_(self.step(nb, skip))
+        else:
+            self.loops.move_to_end(key)
+            g.replay()
+        return self.drafts[:nb, :gamma]
+
+    def _capture_loop(self, nb: int, skip, gamma: int):
+        t0 = time.perf_counter()
+        if len(self.loops) >= MAX_LOOPS:
+            torch.cuda.synchronize()
+            self.loops.popitem(last=False)
+        fns = self.fns[nb]
+        order = [fns[0]] + [fns[1 + i] for i in range(2 * self.d.num_layers)
+                            if not ((i // 2 in skip.attn) if i % 2 == 0 else (i // 2 in skip.mlp))] + [fns[-1]]
+        stream = torch.cuda.Stream(device=self.d.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        slot_map = {n: self.slots[:nb] for n in self.d.attn_names}
+        g = torch.cuda.CUDAGraph()
+        try:
+            with cuda_kernels(self.d.model), torch.cuda.stream(stream), \
+                    compat.forward_context(self.md[nb], self.d.vllm_config, nb, slot_map):
+                with torch.cuda.graph(g, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
+                    for j in range(gamma):
+                        for fn in order:
+                            fn()
+                        self.drafts[:nb, j].copy_(self.tokens[:nb])
+        except Exception:
+            logger.warning("KnapSpec draft loop graph capture failed: replaying sublayer graphs", exc_info=True)
+            torch.cuda.synchronize()
+            self.loops_ok = False
+            return None
+        torch.cuda.current_stream().wait_stream(stream)
+        self.loops[(skip, nb, gamma)] = g
+        self.loop_capture_s += time.perf_counter() - t0
+        return g
+
     def _advance(self, nb: int, delta: int) -> None:
         """Positions + delta, then the sequence lengths and KV slots they imply (slot -1 past capacity)."""
         pos = self.pos[:nb]
@@ -132,7 +187,7 @@ class SublayerGraphs:
 
     def _capture_bucket(self, nb: int) -> list:
         d = self.d
-        md = self._static_metadata(nb)
+        md = self.md[nb] = self._static_metadata(nb)
         ids, pos, h, r = self.ids[:nb], self.pos[:nb], self.hidden[:nb], self.residual[:nb]
         slot_map = {n: self.slots[:nb] for n in d.attn_names}
 
@@ -153,7 +208,7 @@ class SublayerGraphs:
             self.ids[:nb].copy_(self.tokens[:nb])
             self._advance(nb, 1)
 
-        fns = [embed] + [item_fn(i) for i in range(2 * d.num_layers)] + [head]
+        fns = self.fns[nb] = [embed] + [item_fn(i) for i in range(2 * d.num_layers)] + [head]
         graphs = []
         stream = torch.cuda.Stream(device=d.device)
         stream.wait_stream(torch.cuda.current_stream())

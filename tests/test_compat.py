@@ -1,13 +1,8 @@
 """Code paths that differ between vLLM 0.26 (GPU) and 0.32 (CPU), tested on both shapes with stand-ins."""
-import dataclasses
 from types import SimpleNamespace
 
-import numpy as np
-import pytest
-import torch
-
-from vllm_knapspec import compat, patches
-from vllm_knapspec import config as ks
+from vllm_knapspec import patches
+from vllm_knapspec.patches import base, drafting, uniform_graphs
 
 KS_SPEC = SimpleNamespace(knapspec={}, num_speculative_tokens=6)
 OTHER_SPEC = SimpleNamespace(model="ngram", num_speculative_tokens=3)
@@ -20,8 +15,8 @@ def test_draft_length_control_feeds_the_scheduler_lookup():
     class Scheduler:
         def __init__(self, vllm_config):
             self.dynamic_sd_lookup = None
-    patches._wrap(Scheduler, "__init__", lambda orig: patches._make_control_init(orig))
-    patches._wrap(Scheduler, "__init__", lambda orig: patches._make_control_init(orig))      # idempotent
+    base.wrap(Scheduler, "__init__", lambda orig: drafting.make_control_init(orig))
+    base.wrap(Scheduler, "__init__", lambda orig: drafting.make_control_init(orig))      # idempotent
     s = Scheduler(SimpleNamespace(speculative_config=KS_SPEC))
     assert Scheduler(SimpleNamespace(speculative_config=OTHER_SPEC)).dynamic_sd_lookup is None
     saved = DraftLengthControl.drafter
@@ -36,12 +31,12 @@ def test_draft_length_control_feeds_the_scheduler_lookup():
         DraftLengthControl.drafter = saved
 
 
-# patch 5: full CUDA graphs for uniform batches of 1..gamma_max+1 tokens per request ----------------------------
+# uniform_graphs: full CUDA graphs for uniform batches of 1..gamma_max+1 tokens per request ----------------------------
 def _dispatcher(knapspec=None, sizes=(6, 12, 18, 24, 30)):
     from vllm.config import CompilationConfig, CUDAGraphMode
     from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
-    patches.patch_uniform_graphs()
-    patches.patch_uniform_graphs()                       # idempotent
+    uniform_graphs.patch_uniform_graphs()
+    uniform_graphs.patch_uniform_graphs()                       # idempotent
     cc = CompilationConfig(mode=3, cudagraph_mode="NONE", cudagraph_capture_sizes=list(sizes),
                            max_cudagraph_capture_size=max(sizes))
     vc = SimpleNamespace(compilation_config=cc, num_speculative_tokens=5, lora_config=None,
@@ -54,12 +49,12 @@ def _dispatcher(knapspec=None, sizes=(6, 12, 18, 24, 30)):
 
 
 def test_uniform_graph_sizes_and_padding():
-    assert patches.uniform_graph_sizes(1, 16, 8192, 30) == [1, 2, 4, 8, 16]     # plain decoding's own sizes
-    assert patches.uniform_graph_sizes(6, 16, 8192, 96) == [6, 12, 24, 48, 96]
-    assert patches.uniform_graph_sizes(6, 16, 8192, 30) == [6, 12, 24]          # FA3 graphs stop at max size
-    assert patches.pad_uniform(5, 1, [1, 2, 4, 8]) == 8
-    assert patches.pad_uniform(7, 2, [2, 4, 8]) is None                        # not q tokens per request
-    assert patches.pad_uniform(9, 1, [1, 2, 4, 8]) is None                     # past the largest graph
+    assert uniform_graphs.uniform_graph_sizes(1, 16, 8192, 30) == [1, 2, 4, 8, 16]     # plain decoding's own sizes
+    assert uniform_graphs.uniform_graph_sizes(6, 16, 8192, 96) == [6, 12, 24, 48, 96]
+    assert uniform_graphs.uniform_graph_sizes(6, 16, 8192, 30) == [6, 12, 24]          # FA3 graphs stop at max size
+    assert uniform_graphs.pad_uniform(5, 1, [1, 2, 4, 8]) == 8
+    assert uniform_graphs.pad_uniform(7, 2, [2, 4, 8]) is None                        # not q tokens per request
+    assert uniform_graphs.pad_uniform(9, 1, [1, 2, 4, 8]) is None                     # past the largest graph
 
 
 def test_dispatcher_has_full_graphs_for_every_query_length():
@@ -93,7 +88,7 @@ def test_runner_treats_q_token_batches_as_uniform_while_dispatching():
     def orig(self, num_tokens, num_reqs, sched, max_q, *a, **kw):
         seen.append((self.uniform_decode_query_len, self.cudagraph_dispatcher._ks_q))
 
-    det = patches._make_determine(orig)
+    det = uniform_graphs._make_determine(orig)
     runner = SimpleNamespace(cudagraph_dispatcher=_dispatcher(), uniform_decode_query_len=6)
     det(runner, 4, 4, None, 1, False)                    # 4 requests x 1 token: dispatched as q = 1
     det(runner, 12, 4, None, 3, False)                   # 4 x 3 tokens: q = 3
@@ -103,10 +98,10 @@ def test_runner_treats_q_token_batches_as_uniform_while_dispatching():
     assert runner.uniform_decode_query_len == 6 and runner.cudagraph_dispatcher._ks_q is None
 
 
-# patch 6: steps without drafts take vLLM's plain sampling path ----------------------------------------------
+# plain_steps: steps without drafts take vLLM's plain sampling path ----------------------------------------------
 def test_step_without_drafts_takes_the_plain_path():
     seen = []
-    prep = patches._make_prepare(lambda self, so: seen.append(self.speculative_config))
+    prep = drafting.make_prepare(lambda self, so: seen.append(self.speculative_config))
     spec = SimpleNamespace(knapspec={})
     runner = SimpleNamespace(speculative_config=spec)
     prep(runner, SimpleNamespace(scheduled_spec_decode_tokens={}))              # nobody drafted
@@ -119,18 +114,17 @@ def test_step_without_drafts_takes_the_plain_path():
 def test_plain_path_patch_matches_this_vllm():
     import inspect
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-    patches.patch_plain_steps()
-    patches.patch_plain_steps()                                                # idempotent
+    drafting.patch_plain_steps()
+    drafting.patch_plain_steps()                                                # idempotent
     fn = GPUModelRunner.__dict__["_prepare_inputs"]
     src = inspect.getsource(getattr(fn, "__wrapped__", fn))
-    assert getattr(fn, patches._MARK, False) == (patches._ALWAYS_SPEC in src)
+    assert getattr(fn, base.MARK, False) == (drafting.ALWAYS_SPEC in src)
 
 
-def test_patch7_runs_the_drafter_warmup_after_graph_capture():
+def test_drafter_warmup_runs_after_graph_capture():
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-    from vllm_knapspec import patches
     patches.apply_all()
-    assert getattr(GPUModelRunner.__dict__["capture_model"], patches._MARK, False)
+    assert getattr(GPUModelRunner.__dict__["capture_model"], base.MARK, False)
     calls = []
 
     class Drafter:
@@ -139,7 +133,7 @@ def test_patch7_runs_the_drafter_warmup_after_graph_capture():
 
     class Runner:
         drafter = Drafter()
-    capture = patches._make_capture_model(lambda self: calls.append("capture") or 7)
+    capture = drafting.make_capture_model(lambda self: calls.append("capture") or 7)
     assert capture(Runner()) == 7 and calls == ["capture", "warm"]
     Runner.drafter = object()                 # another proposer (or none): untouched
     assert capture(Runner()) == 7 and calls == ["capture", "warm", "capture"]

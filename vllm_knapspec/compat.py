@@ -10,7 +10,6 @@ Differences handled here:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from contextlib import contextmanager
 
 import numpy as np
@@ -21,25 +20,6 @@ def vllm_version() -> tuple[int, int]:
     import vllm
     major, minor = (int(x) for x in vllm.__version__.split(".")[:2])
     return major, minor
-
-
-def find_runner():
-    """The GPUModelRunner/CPUModelRunner calling `drafter.load_model(model)`.
-
-    `custom_class` proposers are built with only the VllmConfig (create_custom_proposer, same in 0.26 and
-    0.32); the runner calls `self.drafter.load_model(self.model)`, so the runner is `self` one frame up.
-    """
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            obj = frame.f_locals.get("self")
-            if obj is not None and hasattr(obj, "input_batch") and hasattr(obj, "attn_groups"):
-                return obj
-            frame = frame.f_back
-    finally:
-        del frame
-    raise RuntimeError("KnapSpec: could not find vLLM's model runner above drafter.load_model(); "
-                       "is this a V1 GPU/CPU model runner?")
 
 
 def _common_attn_metadata(**kw):

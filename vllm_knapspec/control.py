@@ -8,9 +8,9 @@ from __future__ import annotations
 class DraftLengthControl:
     """What the scheduler schedules as drafts per request next step: the selector's current gamma, 0 when it
     chose plain decoding (the step is then vLLM's plain step: one token per request, no verification).
-    It stands in for the scheduler's dynamic-speculation lookup (`Scheduler.dynamic_sd_lookup[batch_size]`);
-    patches.py installs it. A scheduler in another process than the drafter (multiprocess executors) never
-    sees a drafter and schedules gamma_max."""
+    It stands in for the scheduler's dynamic-speculation lookup (`Scheduler.dynamic_sd_lookup[batch_size]`;
+    the draft_length_control patch installs it). A scheduler in another process than the drafter
+    (multiprocess executors) never sees a drafter and schedules gamma_max."""
 
     drafter: "object | None" = None      # the drafter of this process, if any
 

@@ -38,7 +38,7 @@ logger = logging.getLogger("vllm.knapspec")
 
 
 def knapspec_config_of(vllm_config) -> ks_config.KnapSpecConfig:
-    """The KnapSpecConfig the plugin attached to the SpeculativeConfig (patches.translate_config)."""
+    """The KnapSpecConfig the plugin attached to the SpeculativeConfig (the knapspec_as_draft_model patch)."""
     spec = vllm_config.speculative_config
     cfg = getattr(spec, "knapspec", None)
     if isinstance(cfg, dict):
@@ -136,7 +136,7 @@ class KnapSpecDrafter(DraftModelProposer):
         return 0 if plan is None else min(plan[1], self.k_max)
 
     def warmup_after_kv_cache(self) -> None:
-        """Once the KV cache exists (patches.py, drafter_warmup): capture the draft's sublayer graphs, check
+        """Once the KV cache exists (the drafter_warmup patch): capture the draft's sublayer graphs, check
         one graphed step against the eager step, and calibrate the selector's cost (GPU only)."""
         if self.draft.device.type != "cuda":
             return
@@ -248,10 +248,15 @@ class KnapSpecDrafter(DraftModelProposer):
 
     def _context(self, cad, n: int) -> np.ndarray:
         """Context lengths whose KV is committed on every path (host, no sync): the step's upper bound of
-        seq_lens, less this step's queries and at most k_max rejected drafts of the last one."""
+        seq_lens, less this step's drafts (at most query length - 1, at most k_max: a prefill chunk is all
+        committed) and at most k_max rejected drafts of the last step.
+
+        upper [1000, 160], query lengths [5, 160], k_max 4 -> [1000 - 4 - 4 + 1, 160 - 4 - 4 + 1]
+        """
         upper = self._upper(cad, n)
         qsl = cad.query_start_loc_cpu.numpy()[: n + 1]
-        return np.maximum(upper - np.diff(qsl) - self.k_max, 1) + 1
+        drafts = np.minimum(np.diff(qsl) - 1, self.k_max)
+        return np.maximum(upper - drafts - self.k_max, 1) + 1
 
     @staticmethod
     def _upper(cad, n: int) -> np.ndarray:

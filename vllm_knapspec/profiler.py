@@ -106,10 +106,11 @@ class Bench:
             torch.softmax(logits.float(), -1).max(-1)[0].cpu()
         return run
 
-    def proposer_step(self, n, B, skip: SkipSet):
-        """A whole draft step the way the proposer runs it: `draft.step` (a CUDA-graph replay where the draft
-        graphs are installed, cudagraph.py) + logits + top-1. Rows 0..B-1 of the runner's block table are
-        pointed at distinct blocks (no request is live while profiling); the step writes KV at position n."""
+    def drafter_step(self, n, B, skip: SkipSet, graphs=None):
+        """A whole draft step the way the drafter runs it: the drafter's graphs (graphs.SublayerGraphs:
+        sublayer replays in skip-set order and the head's top-1) where captured, else `draft.step` + logits +
+        top-1. Rows 0..B-1 of the runner's block table are pointed at distinct blocks (no request is live
+        while profiling); the step writes KV at position n."""
         from vllm_knapspec.draft import DraftBatch
         bt = self.d.builder.block_table_obj
         table = bt.get_device_tensor(bt.max_num_reqs)             # a view of the runner's persistent table
@@ -117,10 +118,18 @@ class Bench:
         if B > table.shape[0] or nb > table.shape[1]:
             raise ValueError(f"batch {B} x context {n} does not fit the block table {tuple(table.shape)}")
         ids = self.block_ids(B, nb).to(table.dtype)
+        tokens = torch.zeros(B, dtype=torch.int64, device=self.dev)
         pos_np = np.full(B, n, np.int64)
-        batch = DraftBatch(rows=torch.arange(B, device=self.dev), rows_np=np.arange(B),
-                           token_ids=torch.zeros(B, dtype=torch.int64, device=self.dev),
-                           positions=torch.from_numpy(pos_np).to(self.dev), positions_np=pos_np)
+        positions = torch.from_numpy(pos_np).to(self.dev)
+        if graphs is not None and graphs.bucket(B):
+            cap = torch.full((B,), nb * self.bs, dtype=torch.int64, device=self.dev)
+
+            def run_graphed():
+                table[:B, :nb].copy_(ids)
+                graphs.step(graphs.load(B, tokens, positions, cap), skip).cpu()
+            return run_graphed
+        batch = DraftBatch(rows=torch.arange(B, device=self.dev), rows_np=np.arange(B), token_ids=tokens,
+                           positions=positions, positions_np=pos_np)
 
         def run():
             table[:B, :nb].copy_(ids)                             # cheap; keeps the rows ours between calls
@@ -171,14 +180,14 @@ def plan_steps(num_layers: int, contexts, batches, sets=4, seed=0) -> list[dict]
 
 
 @torch.inference_mode()
-def time_steps(draft, points: list[dict], iters=5, repeats=1, path="forward", seed=0) -> list[dict]:
+def time_steps(draft, points: list[dict], iters=5, repeats=1, path="forward", seed=0, graphs=None) -> list[dict]:
     """Time whole draft steps in `repeats` passes over all points, each pass in a fresh random order, and keep
     each point's median. On a shared VM the same step timed twice a few seconds apart differs by 7-14 %
     (median) and the machine drifts over minutes: interleaving calibration and held-out points in the same
     passes makes drift hit both alike instead of showing up as model error.
-    path: "forward" (eager sublayers on directly addressed blocks) or "proposer" (Bench.proposer_step)."""
+    path: "forward" (eager sublayers on directly addressed blocks) or "drafter" (Bench.drafter_step)."""
     b, rng = Bench(draft), random.Random(seed)
-    step = b.proposer_step if path == "proposer" else b.draft_step
+    step = (lambda n, B, skip: b.drafter_step(n, B, skip, graphs)) if path == "drafter" else b.draft_step
     for _ in range(max(repeats, 1)):
         for p in rng.sample(points, len(points)):
             p["times"].append(_median_time(step(p["ctx"], p["B"], p["skip"]), b.dev, iters, 2))
@@ -211,7 +220,7 @@ def validate(model: LatencyModel, points, log=print) -> dict:
 
 
 def drafter_of(llm):
-    """The KnapSpecProposer of an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    """The KnapSpecDrafter of an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
     core = llm.llm_engine.engine_core.engine_core
     return core.model_executor.driver_worker.worker.model_runner.drafter
 
@@ -232,10 +241,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=1,
                     help="time every whole-step point this many times (interleaved passes) and use the median")
     ap.add_argument("--load-format", default="auto", help="'dummy' profiles a shape without weights")
-    ap.add_argument("--step-path", choices=("auto", "forward", "proposer"), default="auto",
-                    help="how whole draft steps are timed: 'proposer' = draft.step as the proposer runs it "
-                         "(CUDA-graph replays where installed), 'forward' = eager sublayers; auto: proposer "
-                         "when draft graphs are installed")
+    ap.add_argument("--step-path", choices=("auto", "forward", "drafter"), default="auto",
+                    help="how whole draft steps are timed: 'drafter' = as the drafter runs them (its CUDA "
+                         "graphs where captured), 'forward' = eager sublayers; auto: drafter when the drafter "
+                         "captured graphs")
     ap.add_argument("--json", help="also write the fit + validation summary here")
     a = ap.parse_args(argv)
     contexts = [int(x) for x in a.contexts.split(",")]
@@ -252,15 +261,15 @@ def main(argv=None) -> dict:
               tensor_parallel_size=a.tensor_parallel_size, enforce_eager=torch.cuda.device_count() == 0,
               distributed_executor_backend="uni" if a.tensor_parallel_size == 1 else None,
               speculative_config={"method": "knapspec", "num_speculative_tokens": 1, "skip_set": ""})
-    draft = drafter_of(llm).draft
-    graphs = getattr(draft, "_knapspec_graphs", None)
-    path = a.step_path if a.step_path != "auto" else ("proposer" if graphs is not None else "forward")
+    drafter = drafter_of(llm)
+    draft, graphs = drafter.draft, drafter.graphs
+    path = a.step_path if a.step_path != "auto" else ("drafter" if graphs is not None else "forward")
     t0 = time.time()
     samples = measure(draft, contexts, batches, a.iters)
     # calibration (seed 1) and held-out (seed 0) whole steps, timed together in interleaved passes
     cal = plan_steps(draft.num_layers, contexts, batches, a.calibration_sets, seed=1)
     held = plan_steps(draft.num_layers, contexts, batches, 4 if a.validate else 0, seed=0)
-    time_steps(draft, cal + held, repeats=a.repeats, path=path)
+    time_steps(draft, cal + held, repeats=a.repeats, path=path, graphs=graphs)
     mc = llm.llm_engine.vllm_config.model_config
     key = ProfileKey.make(mc.model, device_name(), str(mc.dtype), a.tensor_parallel_size)
     model = LatencyModel(draft.num_layers, key=key, source="profile")
@@ -271,18 +280,16 @@ def main(argv=None) -> dict:
     if cal:
         # Graphed steps are not eager sublayers added up (no host launch cost): the eager sublayer fit is no
         # prior for them.
-        fit["steps"] = model.fit_draft_steps(cal, prior_sigma=0.0 if graphs is not None and path == "proposer"
+        fit["steps"] = model.fit_draft_steps(cal, prior_sigma=0.0 if graphs is not None and path == "drafter"
                                              else None)
     ppath = profile_path(os.path.expanduser(a.out_dir), mc.model, device_name(), str(mc.dtype),
                          a.tensor_parallel_size)
     model.save(ppath)
     out = dict(profile=ppath, seconds=time.time() - t0, fit=fit, coefficients=model.coefficients(),
-               step_path=path, draft_graphs=dict(graphs.stats) if graphs is not None else None)
+               step_path=path, draft_graphs=graphs is not None)
     print(f"wrote {ppath} ({out['seconds']:.0f} s)")
     if a.validate:
         out["validation"] = validate(model, held)
-        if graphs is not None:
-            out["draft_graphs"] = dict(graphs.stats)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2, default=str)

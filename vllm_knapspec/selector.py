@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from collections import deque
 
@@ -93,12 +92,6 @@ class FixedSelector:
 
     def observe_draft(self, skip, ctx, drafts, seconds, steps=1):
         pass
-
-    def observe_plain_steps(self, ctx0, seconds):
-        pass
-
-    def quiet_steps(self, ctx):
-        return 0
 
     def charge_capture(self, seconds):
         pass
@@ -226,7 +219,7 @@ class KnapSpecSelector:
 
     def _predicted_selection_s(self, ctx) -> float:
         """The next selection's cost at this context: the cost model, scaled by how far the last measured
-        cost was from its estimate (_affordable and quiet_steps must agree on it)."""
+        cost was from its estimate."""
         return self._estimated_selection_s(ctx) * self._cost_scale
 
     def _share(self) -> float:
@@ -269,44 +262,6 @@ class KnapSpecSelector:
             if self.cfg.online_refit:
                 self._refit_target(ctx, proposed, seconds)
 
-    def observe_plain_steps(self, ctx0: np.ndarray, seconds) -> None:
-        """Steady plain steps reported late (the proposer's quiet path, only while the selector chose plain
-        decoding): step k of them (from 1) had contexts ctx0 + k. Counted as plan() + observe_verify() would
-        have counted them one by one, at the host cost of one step."""
-        if not seconds:
-            return
-        n, total = len(seconds), sum(seconds)
-        self.steps += n
-        self._last_steady_s = seconds[-1]
-        self._decode_time(total)
-        if not len(ctx0):
-            return
-        b, base = len(ctx0), float(sum(ctx0.tolist()))
-        if self.cfg.online_refit and self._plain_obs.batch != b:
-            self._flush_plain()
-        for k, s in enumerate(seconds[-PLAIN_WINDOW:], n - min(n, PLAIN_WINDOW) + 1):
-            self._plain_steps.append((ctx0, k, s))          # contexts ctx0 + k, added when read (host time)
-        for k, s in enumerate(seconds, 1):
-            if self.cfg.online_refit:            # the same groups of PLAIN_BATCH as step by step
-                self._pend_plain(b, 1, base + b * k, s)
-
-    def quiet_steps(self, ctx: np.ndarray) -> int:
-        """Plain steps the proposer may leave unreported (its quiet path) without delaying a selection: until
-        the overhead budget could allow one - the last selection's cost and, after the first, the predicted
-        cost at this context (counting steps at twice the last steady step's time) - or, after the first
-        selection, until one would be wanted (interval, context growth), whichever is later: _due needs all.
-        Timing-dependent, so rank 0's answer on every rank (at the same full step on all ranks)."""
-        step_s = self._last_steady_s
-        cost = self.selection_s
-        if self.selected_ctx is not None and len(ctx):   # _due also waits for the predicted cost (_affordable)
-            cost = max(cost, self._predicted_selection_s(ctx))
-        wait_s = cost / self._share() - self.since_selection_s
-        n = int(wait_s / (2.0 * step_s)) if step_s > 0 and wait_s > 0 else 0
-        if self.selected_ctx is not None and len(ctx):   # the step that makes it wanted must be a full one
-            grow = self.selected_ctx * (1 + self.cfg.context_change) - float(sum(ctx.tolist())) / len(ctx)
-            n = max(n, min(self.interval - self.steps, math.ceil(grow)) - 1)
-        return int(self.sync(max(n, 0)))
-
     def _decode_time(self, seconds: float) -> None:
         self.since_selection_s += seconds
         self.total_decode_s += seconds
@@ -315,8 +270,7 @@ class KnapSpecSelector:
     def _refit_target(self, ctx, proposed, seconds):
         """Feed the target model. A step with drafts is one observation; plain steps of one batch size are
         averaged PLAIN_BATCH at a time: they all measure the same shape, and one online update costs
-        ~170 us of host time - most of what the proposer cost per step without drafts (measured on CPU),
-        i.e. several % of a 2.7 ms SmolLM2 step on an H100."""
+        ~170 us of host time, several % of a 2.7 ms SmolLM2 step on an H100."""
         if proposed or self._plain_obs.batch != len(ctx):
             self._flush_plain()
         if proposed:
@@ -452,7 +406,7 @@ class KnapSpecSelector:
         return cands, alpha
 
     def calibrate(self) -> float:
-        """At start-up (GPU warm-up, patches.py 7): one selection-shaped pass - reference, DP, acceptance - on
+        """At start-up (GPU: the drafter_warmup patch): one selection-shaped pass - reference, DP, acceptance - on
         the adapter's synthetic reference (one request, context 2r), timed; the cost model's estimates are
         scaled by it until a real selection measures its own. The model prices compute only: on an H200
         SmolLM2's first selection cost 0.215 s (the DP launch-bound, 0.139 s) and, waiting only for the

@@ -17,18 +17,41 @@ def test_draft_length_control_feeds_the_scheduler_lookup():
             self.dynamic_sd_lookup = None
     base.wrap(Scheduler, "__init__", lambda orig: drafting.make_control_init(orig))
     base.wrap(Scheduler, "__init__", lambda orig: drafting.make_control_init(orig))      # idempotent
-    s = Scheduler(SimpleNamespace(speculative_config=KS_SPEC))
-    assert Scheduler(SimpleNamespace(speculative_config=OTHER_SPEC)).dynamic_sd_lookup is None
-    saved = DraftLengthControl.drafter
+    s = Scheduler(SimpleNamespace(speculative_config=KS_SPEC, instance_id="t1"))
+    assert Scheduler(SimpleNamespace(speculative_config=OTHER_SPEC, instance_id="t2")).dynamic_sd_lookup is None
     try:
-        DraftLengthControl.drafter = None
         assert s.dynamic_sd_lookup[3] == 6
-        DraftLengthControl.drafter = SimpleNamespace(next_gamma=0)
+        DraftLengthControl.drafters["t1"] = SimpleNamespace(next_gamma=0)
         assert s.dynamic_sd_lookup[3] == 0
-        DraftLengthControl.drafter.next_gamma = 4
+        DraftLengthControl.drafters["t1"].next_gamma = 4
         assert s.dynamic_sd_lookup[16] == 4
     finally:
-        DraftLengthControl.drafter = saved
+        DraftLengthControl.drafters.pop("t1", None)
+
+
+def _drafter_process(folder, gamma):
+    from vllm_knapspec.control import GammaChannel
+    GammaChannel.open("engine-a", folder).write(gamma)
+
+
+def test_draft_length_crosses_processes(tmp_path):
+    """A scheduler in another process than the drafter (multiprocess executor) reads the plan through the
+    engine's channel; engines do not read each other's."""
+    import multiprocessing
+    from vllm_knapspec.control import DraftLengthControl, GammaChannel
+    assert GammaChannel.open("engine-a", str(tmp_path / "missing")) is None     # no folder: no channel
+
+    control = DraftLengthControl(5, "engine-a")
+    control.channel = GammaChannel.open("engine-a", str(tmp_path))
+    other = DraftLengthControl(5, "engine-b")
+    other.channel = GammaChannel.open("engine-b", str(tmp_path))
+    assert control[1] == 5                              # nothing planned yet: gamma_max
+    for gamma in (0, 3):
+        p = multiprocessing.get_context("spawn").Process(target=_drafter_process, args=(str(tmp_path), gamma))
+        p.start()
+        p.join()
+        assert control[8] == gamma
+    assert other[8] == 5
 
 
 # uniform_graphs: full CUDA graphs for uniform batches of 1..gamma_max+1 tokens per request ----------------------------

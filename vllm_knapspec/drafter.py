@@ -31,7 +31,7 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from vllm_knapspec import config as ks_config
 from vllm_knapspec import metrics
-from vllm_knapspec.control import DraftLengthControl
+from vllm_knapspec.control import DraftLengthControl, GammaChannel
 from vllm_knapspec.draft import LayerSkipModel
 
 logger = logging.getLogger("vllm.knapspec")
@@ -103,6 +103,8 @@ class KnapSpecDrafter(DraftModelProposer):
         self.max_model_len = vllm_config.model_config.max_model_len
         self.runner = runner
         self.stats = metrics.KnapSpecStats.get()
+        self.key = getattr(vllm_config, "instance_id", "")
+        self.channel = GammaChannel.open(self.key)    # to a scheduler in another process
         self.next_gamma = self.k_max       # what the scheduler schedules next (DraftLengthControl)
         self.feedback = _Feedback(torch.device(device))
         self._last_call = None             # host time of the previous propose(): steps are timed call to call
@@ -112,6 +114,16 @@ class KnapSpecDrafter(DraftModelProposer):
         self.trace: list | None = None     # benchmarks: (step gap s, draft loop s, draft steps) per step
         self.warmup_s = 0.0
         self.warmups: dict[str, float] = {}
+
+    @property
+    def next_gamma(self) -> int:
+        return self._next_gamma
+
+    @next_gamma.setter
+    def next_gamma(self, gamma: int) -> None:
+        self._next_gamma = gamma
+        if self.channel is not None:
+            self.channel.write(gamma)
 
     # -- vLLM hooks --------------------------------------------------------------------------------
     def load_model(self, target_model: torch.nn.Module) -> None:
@@ -125,7 +137,7 @@ class KnapSpecDrafter(DraftModelProposer):
         self._drafts = torch.zeros(self.runner.max_num_reqs if hasattr(self.runner, "max_num_reqs")
                                    else self.vllm_config.scheduler_config.max_num_seqs,
                                    self.k_max, dtype=torch.int64, device=self.draft.device)
-        DraftLengthControl.drafter = self
+        DraftLengthControl.drafters[self.key] = self
         self.next_gamma = self._first_gamma()
         logger.info("KnapSpec drafter ready: %d layers, gamma_max=%d, selector=%s",
                     self.draft.num_layers, self.k_max, type(self.selector).__name__)

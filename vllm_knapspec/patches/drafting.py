@@ -49,7 +49,8 @@ def make_control_init(orig):
         spec = vllm_config.speculative_config
         if uses_knapspec(spec):
             from vllm_knapspec.control import DraftLengthControl
-            self.dynamic_sd_lookup = DraftLengthControl(spec.num_speculative_tokens)
+            self.dynamic_sd_lookup = DraftLengthControl(spec.num_speculative_tokens,
+                                                        getattr(vllm_config, "instance_id", ""))
     return __init__
 
 

@@ -19,20 +19,68 @@ import statistics
 import sys
 import time
 
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")   # collective_rpc with this file's functions
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gpu_bench import SHAPES, _Off, probe_set, write_config  # noqa: E402
 from gpu_real import spec_counts  # noqa: E402
 
 
-def drafter_of(llm):
-    core = llm.llm_engine.engine_core.engine_core
-    return core.model_executor.driver_worker.worker.model_runner.drafter
+# -- worker-side (collective_rpc) ----------------------------------------------------------------------------
+def _runner(worker):
+    r = worker.model_runner
+    return type(r).__module__
 
 
-def runner_of(llm):
-    return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+def _plan(worker, skip, gamma):
+    from vllm_knapspec.selector import FixedSelector
+    from vllm_knapspec.skipset import SkipSet
+    d = worker.model_runner.drafter
+    d.selector = FixedSelector(SkipSet.parse(d.draft.num_layers, skip), gamma) if gamma else _Off()
+    d.next_gamma = gamma
+    return True
+
+
+def _prof_start(worker):
+    from torch.profiler import ProfilerActivity, profile
+    worker._ks_prof = profile(activities=[ProfilerActivity.CUDA])
+    worker._ks_prof.__enter__()
+    return True
+
+
+def _prof_stop(worker, per):
+    import torch
+    torch.cuda.synchronize()
+    worker._ks_prof.__exit__(None, None, None)
+    return kernel_table(worker._ks_prof, per)
+
+
+def _prof_draft(worker, skip_str, ctx):
+    """Kernels and event time of one draft step (replays of the captured 4-step loop), and of single
+    sublayer graphs."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from vllm_knapspec.skipset import SkipSet
+    dr = worker.model_runner.drafter
+    g = dr.graphs
+    if g is None:
+        return None
+    skip = SkipSet.parse(dr.draft.num_layers, skip_str)
+    one = torch.ones(1, dtype=torch.int64, device=dr.draft.device)
+    nb = g.load(1, one * 5, one * ctx, one * 0)
+    g.loop(nb, skip, 4)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            g.loop(nb, skip, 4)
+        torch.cuda.synchronize()
+    out = dict(kernels=kernel_table(prof, 40), step_us=event_us(lambda: g.loop(nb, skip, 4)) / 4)
+    for b in (1, g.buckets[-1]):
+        gs = g.graphs[b]
+        out[f"sublayer_us_b{b}"] = dict(embed=event_us(gs[0].replay), attn0=event_us(gs[1].replay),
+                                        mlp0=event_us(gs[2].replay), head=event_us(gs[-1].replay))
+    return out
 
 
 def kernel_table(prof, per: float, top: int = 25) -> list[dict]:
@@ -75,12 +123,8 @@ def main():
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     import torch
-    from torch.profiler import ProfilerActivity, profile
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
-
-    from vllm_knapspec.selector import FixedSelector
-    from vllm_knapspec.skipset import SkipSet
 
     batches = [int(b) for b in a.batches.split(",")]
     max_len = a.ctx + a.new + 64
@@ -89,23 +133,17 @@ def main():
     kw = dict(load_format="dummy", skip_tokenizer_init=True, max_model_len=max_len, max_num_seqs=max(16, *batches),
               gpu_memory_utilization=a.mem, seed=0, disable_log_stats=False)
     engines = {"plain": LLM(path, **kw)}
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"        # read by the engine's own processes
     engines["plainv1"] = LLM(path, **kw)
     engines["knapspec"] = LLM(path, speculative_config={"method": "knapspec", "num_speculative_tokens": 4,
                                                         "skip_set": ""}, **kw)
     del os.environ["VLLM_USE_V2_MODEL_RUNNER"]
-    info = {n: type(runner_of(e)).__module__ for n, e in engines.items()}
+    info = {n: e.collective_rpc(_runner)[0] for n, e in engines.items()}
     print("runners", info, flush=True)
-    ks, dr = engines["knapspec"], drafter_of(engines["knapspec"])
-    s50 = SkipSet.parse(L, probe_set(L, 0.5))
-
-    def set_plan(skip, gamma):
-        dr.selector = FixedSelector(skip, gamma) if gamma else _Off()
-        dr.next_gamma = gamma
-
+    ks = engines["knapspec"]
+    s50 = probe_set(L, 0.5)
     out = dict(shape=a.shape, ctx=a.ctx, runners=info, e2e=[], gpu=torch.cuda.get_device_name(0))
-    variants = [("plain", None), ("plainv1", None), ("ks_off", (SkipSet.empty(L), 0)),
-                ("ks_full", (SkipSet.empty(L), 4)), ("ks_50", (s50, 4))]
+    variants = [("plain", None), ("plainv1", None), ("ks_off", ("", 0)), ("ks_full", ("", 4)), ("ks_50", (s50, 4))]
     for bs in batches:
         prompts = [TokensPrompt(prompt_token_ids=[(1000 + 7 * i + 13 * j) % 30000 + 10 for j in range(a.ctx)])
                    for i in range(bs)]
@@ -117,10 +155,9 @@ def main():
         for rep in range(a.reps + 1):
             for v, plan in variants[rep % 5:] + variants[: rep % 5]:
                 if plan is not None:
-                    set_plan(*plan)
+                    ks.collective_rpc(_plan, args=plan)
                 e = ks if plan is not None else engines[v]
                 before = spec_counts(e).get("draft_tokens", 0)
-                torch.cuda.synchronize()
                 t = time.perf_counter()
                 e.generate(prompts, sp, use_tqdm=False)
                 if rep:
@@ -132,39 +169,24 @@ def main():
         out["e2e"].append(row)
         print(json.dumps(row), flush=True)
 
-    # (2) kernels: plain decode steps (batch 1) vs replays of the captured draft loop
+    # (2) kernels: plain decode steps (batch 1, V2 and V1) vs replays of the captured draft loop
     prompts = [TokensPrompt(prompt_token_ids=list(range(100, 100 + a.ctx)))]
-    e = engines["plain"]
-    e.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    for name in ("plain", "plainv1"):
+        e = engines[name]
+        e.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
+        e.collective_rpc(_prof_start)
         e.generate(prompts, SamplingParams(max_tokens=33, temperature=0.0, ignore_eos=True), use_tqdm=False)
-    out["kernels_plain_step"] = kernel_table(prof, 32)
-    g = dr.graphs
-    if g is None:
-        print("no draft graphs", flush=True)
-    else:
-        dev = dr.draft.device
-        one = torch.ones(1, dtype=torch.int64, device=dev)
-        for name, skip in (("full", SkipSet.empty(L)), ("50", s50)):
-            nb = g.load(1, one * 5, one * a.ctx, one * 0)
-            g.loop(nb, skip, 4)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    g.loop(nb, skip, 4)
-                torch.cuda.synchronize()
-            out[f"kernels_draft_step_{name}"] = kernel_table(prof, 40)
-            out[f"draft_step_{name}_us_events"] = event_us(lambda: g.loop(nb, skip, 4)) / 4
-        # (3) one sublayer graph each
-        for nb in (1, g.buckets[-1]):
-            gs = g.graphs[nb]
-            out[f"sublayer_us_b{nb}"] = dict(embed=event_us(gs[0].replay), attn0=event_us(gs[1].replay),
-                                             mlp0=event_us(gs[2].replay), head=event_us(gs[-1].replay))
+        out[f"kernels_{name}_step"] = e.collective_rpc(_prof_stop, args=(32,))[0]
+    for name, skip in (("full", ""), ("50", s50)):
+        r = ks.collective_rpc(_prof_draft, args=(skip, a.ctx))[0]
+        if r is not None:
+            out[f"kernels_draft_step_{name}"] = r.pop("kernels")
+            out[f"draft_{name}"] = r
     for k in [k for k in out if k.startswith("kernels_")]:
         print(k)
         for r in out[k]:
             print("   %8.1f us %6.2fx  %s" % (r["us_per_step"], r["per_step"], r["kernel"]))
-    for k in [k for k in out if "_us" in k and not k.startswith("kernels")]:
+    for k in [k for k in out if k.startswith("draft_")]:
         print(k, out[k])
     if a.out:
         with open(a.out, "w") as f:

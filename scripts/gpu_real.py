@@ -48,6 +48,30 @@ def _pin(worker, skip, gamma):
     return True
 
 
+def _trace_on(worker):
+    worker.model_runner.drafter.trace = []
+    return True
+
+
+def _trace_take(worker):
+    d = worker.model_runner.drafter
+    t, d.trace = d.trace or [], None
+    return t
+
+
+def step_times(trace) -> dict:
+    """Median step gap, draft step (per drafted token) and verify (gap - draft loop) in ms."""
+    tr = trace[2:]                  # the first reports may belong to the previous run (one step late)
+    gaps = [g for g, _, _ in tr if g]
+    drafts = [ds / s for _, ds, s in tr if s]
+    loops = [ds for _, ds, s in tr if s]
+    if not gaps:
+        return {}
+    return dict(step_ms=statistics.median(gaps) * 1e3,
+                draft_step_ms=statistics.median(drafts) * 1e3 if drafts else None,
+                verify_ms=(statistics.median(gaps) - (statistics.median(loops) if loops else 0)) * 1e3)
+
+
 def _selections(worker):
     d = worker.model_runner.drafter
     sel = getattr(d, "shipped", d.selector)
@@ -153,8 +177,8 @@ def accept(E, tok, L, a, SP, TP):
 
 
 def bench(E, tok, L, a, SP, TP, sync):
-    methods = [("plain", None), ("plain2", None), ("knapspec", None), ("static", probe_set(L, 0.25)),
-               ("ngram", None)]
+    methods = [("plain", None), ("plain2", None), ("knapspec", None), ("static25", probe_set(L, 0.25)),
+               ("static50", probe_set(L, 0.5)), ("ngram", None)]
     res = []
     for cell in a.cells.split(","):
         kind, ctx, bs, temp = cell.split(":")
@@ -164,12 +188,13 @@ def bench(E, tok, L, a, SP, TP, sync):
             e.generate(ps, SP(max_tokens=1), use_tqdm=False)
         sp = SP(max_tokens=a.new, temperature=temp, ignore_eos=True, seed=0 if temp else None)
         times = {m: [] for m, _ in methods}
-        acc = {}
+        acc, steps = {}, {}
         for rep in range(a.reps + 1):
             for m, skip in methods[rep % len(methods):] + methods[: rep % len(methods)]:
-                e = E["knapspec" if m == "static" else m]
+                e = E["knapspec" if m.startswith("static") else m]
                 if e is E["knapspec"]:
                     e.collective_rpc(_pin, args=(skip, 4) if skip else (None, 0))
+                    e.collective_rpc(_trace_on)
                 b = spec_counts(e)
                 sync()
                 t = time.perf_counter()
@@ -177,12 +202,16 @@ def bench(E, tok, L, a, SP, TP, sync):
                 if rep:
                     times[m].append((time.perf_counter() - t) / a.new * 1e3)
                     acc[m] = acceptance(b, spec_counts(e))["rate"] if m not in ("plain", "plain2") else None
+                if e is E["knapspec"]:
+                    tr = e.collective_rpc(_trace_take)[0]
+                    if rep:
+                        steps[m] = step_times(tr)
         ms = {m: statistics.median(t) for m, t in times.items()}
         row = dict(kind=kind, ctx=ctx, bs=bs, temperature=temp, ms_per_token=ms, all_ms=times, acceptance=acc,
-                   speedup={m: ms["plain"] / v for m, v in ms.items()})
+                   speedup={m: ms["plain"] / v for m, v in ms.items()}, steps=steps)
         res.append(row)
         print("bench", json.dumps({k: row[k] for k in ("kind", "ctx", "bs", "temperature", "speedup",
-                                                          "acceptance")}), flush=True)
+                                                          "acceptance", "steps")}), flush=True)
     E["knapspec"].collective_rpc(_pin, args=(None, 0))
     return res
 

@@ -8,7 +8,8 @@ nothing: no capture, no compile, whatever the selector chooses.
     step k:  [embed] [attn 0] [mlp 0] ... [mlp L-1] [head]     (skipped sublayers are not replayed)
              hidden/residual buffers carry the residual stream between graphs (vLLM's fused add + RMSNorm)
 
-Attention reads static metadata per bucket (query_start_loc = arange, seq_lens and block-table rows refreshed
+Each sublayer runs in place on the static (hidden, residual) pair with vLLM's fused add + RMSNorm kernel
+(`LayerSkipModel.run_item_inplace`). Attention reads static metadata per bucket (query_start_loc = arange, seq_lens and block-table rows refreshed
 before the loop, max_seq_len = max_model_len: what vLLM's own FULL decode graphs do). Captured with vLLM's
 CUDA kernels for RMSNorm, SiLU-and-mul and RoPE (`forward_cuda`): with Inductor, vLLM 0.26 dispatches these
 CustomOps to unfused torch code, which the compiled target fuses but modules called one by one do not.
@@ -71,6 +72,7 @@ class SublayerGraphs:
                               dtype=torch.int32, device=dev)
         self.hidden = torch.zeros(nb, hidden, dtype=dtype, device=dev)
         self.residual = torch.zeros(nb, hidden, dtype=dtype, device=dev)
+        self.normed = torch.zeros(nb, hidden, dtype=dtype, device=dev)
         self.tokens = torch.zeros(nb, dtype=torch.int64, device=dev)
         self.drafts = torch.zeros(nb, 64, dtype=torch.int64, device=dev)
         self.graphs: dict[int, list] = {}      # bucket -> [embed, item 0 .. 2L-1, head]
@@ -197,14 +199,12 @@ class SublayerGraphs:
 
         def item_fn(item):
             def run():
-                y, res = d.run_item(item, pos, h, r)
-                h.copy_(y)
-                r.copy_(res)
+                d.run_item_inplace(item, pos, h, r)
             return run
 
         def head():
-            # clones: with vLLM's fused add + RMSNorm kernel the final norm would overwrite h and r in place
-            self.tokens[:nb].copy_(d.logits(d.final_norm(h.clone(), r.clone())).argmax(dim=-1))
+            # h and r stay as they are (graphs.check reads them); the norm goes to its own buffer
+            self.tokens[:nb].copy_(d.logits(d.final_norm_into(h, r, self.normed[:nb])).argmax(dim=-1))
             self.ids[:nb].copy_(self.tokens[:nb])
             self._advance(nb, 1)
 

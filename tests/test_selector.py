@@ -70,6 +70,20 @@ def test_selector_on_the_fly_is_lossless(spec_llm, baseline):
     assert after["vllm:knapspec_selections"] > before.get("vllm:knapspec_selections", 0)
 
 
+def test_min_speedup_zero_drafts_from_the_start(model_path):
+    """`min_speedup: 0` is the documented way to always draft: the first selection runs at once instead of
+    waiting until plain decoding has paid for it (a 14 x 96-token batch never got there at the default
+    reference_tokens). kernels "torch": see SELECTOR."""
+    llm = make_llm(model_path, {"method": "knapspec", "num_speculative_tokens": 4, "min_speedup": 0.0,
+                                "max_selection_overhead": 1.0, "kernels": "torch"})
+    before = spec_counters(llm)
+    llm.generate((PROMPTS * 2)[:14], GREEDY, use_tqdm=False)
+    after = spec_counters(llm)
+    assert after["vllm:knapspec_selections"] > before.get("vllm:knapspec_selections", 0)
+    assert after["vllm:spec_decode_num_draft_tokens"] > before.get("vllm:spec_decode_num_draft_tokens", 0)
+    del llm
+
+
 def long_prompt(tokenizer, n_tokens: int) -> str:
     text = "\n".join(inspect.getsource(m) for m in (json.decoder, json.encoder, inspect))
     return tokenizer.decode(tokenizer(text)["input_ids"][:n_tokens])

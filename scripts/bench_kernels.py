@@ -20,9 +20,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from kernels import HAS_TRITON, interpret_mode  # noqa: E402
-from kernels.dp_step import dp_step  # noqa: E402
-from kernels.tpt_argmax import tpt_argmax  # noqa: E402
+from vllm_knapspec.kernels import HAS_TRITON, interpret_mode  # noqa: E402
+from vllm_knapspec.kernels.dp_step import dp_step  # noqa: E402
+from vllm_knapspec.kernels.tpt_argmax import tpt_argmax  # noqa: E402
 from vllm_knapspec.dp import knapsack_dp  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def dp_inputs(K, r, d, dtype, dev, seed=0):
 
 
 def tune_dp_step(items, r, d):
-    from kernels.dp_step import _blocks, dp_step_triton
+    from vllm_knapspec.kernels.dp_step import _blocks, dp_step_triton
     prev, exe, ref, pv = dp_inputs(160, r, d, torch.bfloat16, "cuda")
     base = dp_step(prev, exe, ref, 3, pv, 0.5, impl="torch")
     buf = torch.empty_like(prev)

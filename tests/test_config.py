@@ -29,9 +29,27 @@ def test_split_turns_knapspec_into_draft_model():
 
 
 def test_yaml_file_is_the_documented_config():
-    raw = ks.load_speculative_config(str(ROOT / "configs" / "knapspec.yaml"))
+    raw = ks.load_speculative_config(str(ks.CONFIG_DIR / "knapspec.yaml"))
     _, cfg = ks.split_speculative_config(raw)
     assert ks.is_knapspec(raw) and cfg.num_speculative_tokens == 5
+    assert (ROOT / "configs" / "knapspec.yaml").resolve() == (ks.CONFIG_DIR / "knapspec.yaml").resolve()
+
+
+def test_shipped_config_and_profiles_found_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                                     # no such files here
+    shipped = ks.load_speculative_config(str(ks.CONFIG_DIR / "knapspec.yaml"))
+    for name in ("knapspec.yaml", "knapspec", "configs/knapspec.yaml"):
+        assert ks.load_speculative_config(name) == shipped
+    profile = ks.PROFILE_DIR / "SmolLM2-135M-Instruct.cpu.float32.json"
+    for name in ("SmolLM2-135M-Instruct.cpu.float32", profile.name, f"configs/profiles/{profile.name}"):
+        assert ks.parse_knapspec({"latency_profile": name}).latency_profile == str(profile)
+    (tmp_path / "knapspec.yaml").write_text("method: knapspec\nnum_speculative_tokens: 3\n")   # a local file wins
+    assert ks.load_speculative_config("knapspec.yaml")["num_speculative_tokens"] == 3
+    for missing in ("elsewhere/knapspec.yaml", "nothing.yaml"):
+        with pytest.raises(ks.KnapSpecConfigError, match="shipped config"):
+            ks.load_speculative_config(missing)
+    with pytest.raises(ks.KnapSpecConfigError, match="shipped profiles"):
+        ks.parse_knapspec({"latency_profile": "elsewhere/" + profile.name})
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +125,15 @@ def _engine_config(argv):
     return AsyncEngineArgs.from_cli_args(ns).create_engine_config()
 
 
-@pytest.mark.parametrize("form", ["yaml_path", "inline_json", "serve_config_file"])
-def test_every_cli_form_selects_knapspec(form, model_path, tmp_path):
+@pytest.mark.parametrize("form", ["yaml_path", "shipped_name", "inline_json", "serve_config_file"])
+def test_every_cli_form_selects_knapspec(form, model_path, tmp_path, monkeypatch):
     import vllm_knapspec.plugin
     vllm_knapspec.plugin.register()
-    yaml_path = str(ROOT / "configs" / "knapspec.yaml")
+    monkeypatch.chdir(tmp_path)
     if form == "yaml_path":
-        argv = ["--model", model_path, "--speculative-config", yaml_path]
+        argv = ["--model", model_path, "--speculative-config", str(ks.CONFIG_DIR / "knapspec.yaml")]
+    elif form == "shipped_name":
+        argv = ["--model", model_path, "--speculative-config", "knapspec.yaml"]
     elif form == "inline_json":
         argv = ["--model", model_path, "--speculative-config",
                 json.dumps({"method": "knapspec", "num_speculative_tokens": 3, "sim_threshold": 0.6})]

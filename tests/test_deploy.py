@@ -7,7 +7,7 @@
   JSON schemas bundled in `kubernetes-validate` (strict: unknown fields fail); the CRDs (ServiceMonitor,
   RayCluster) and kustomizations against small schemas written here, since no offline schema ships for them.
   The CPU overlay's JSON6902 patches are applied and the result validated too. The ConfigMap's knapspec.yaml
-  must equal configs/knapspec.yaml (plus profile_dir, which must be a PVC mount) and pass
+  must equal vllm_knapspec/configs/knapspec.yaml (plus profile_dir, which must be a PVC mount) and pass
   vllm_knapspec.config.split_speculative_config.
 * deploy/grafana/knapspec-dashboard.json: valid JSON, PromQL parses (promql-parser), every metric exists.
 """
@@ -108,18 +108,19 @@ def test_dockerfile_stages():
         hc = values(st, "HEALTHCHECK")
         assert len(hc) == 1 and "/health" in hc[0] and "--start-period" in hc[0]
         assert f"KNAPSPEC_CONFIG={SPEC_PATH}" in " ".join(values(st, "ENV"))
-        assert any("configs/" in v for v in values(st, "COPY"))
+        assert any("vllm_knapspec/" in v for v in values(st, "COPY"))     # with the shipped configs
+        assert any("pyproject.toml" in v for v in values(st, "COPY"))
         assert values(st, "ENTRYPOINT") == ['["knapspec-serve"]']
         assert any("deploy/docker/entrypoint.sh /usr/local/bin/knapspec-serve" in v for v in values(st, "COPY"))
     # Both copy the config to the default --speculative-config location.
     for st in (gpu, cpu):
-        assert f"cp configs/knapspec.yaml {SPEC_PATH}" in " ".join(values(st, "RUN"))
+        assert f"cp vllm_knapspec/configs/knapspec.yaml {SPEC_PATH}" in " ".join(values(st, "RUN"))
 
 
 def test_dockerignore_keeps_build_inputs():
     rules = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
              if ln.strip() and not ln.startswith("#")]
-    for needed in ("setup.py", "scripts", "vllm_knapspec", "kernels", "configs"):
+    for needed in ("pyproject.toml", "README.md", "scripts", "vllm_knapspec"):
         assert needed not in rules
     for excluded in (".venv", ".cache", ".git"):
         assert excluded in rules
@@ -369,7 +370,8 @@ def configmap_spec() -> dict:
 
 
 def test_configmap_matches_repo_config():
-    repo = yaml.safe_load((ROOT / "configs" / "knapspec.yaml").read_text())
+    from vllm_knapspec.config import CONFIG_DIR
+    repo = yaml.safe_load((CONFIG_DIR / "knapspec.yaml").read_text())
     cm = configmap_spec()
     assert {k: v for k, v in cm.items() if k != "profile_dir"} == repo
     assert set(cm) - set(repo) == {"profile_dir"}

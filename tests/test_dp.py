@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from kernels import HAS_TRITON, interpret_mode
+from vllm_knapspec.kernels import HAS_TRITON, interpret_mode
 from vllm_knapspec.dp import (Candidate, cosine_proxy, default_budget, default_frozen_items,
                               estimate_acceptance, integer_weights, item_weights, knapsack_additive,
                               knapsack_dp, stack_hidden)

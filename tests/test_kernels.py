@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import HAS_TRITON, interpret_mode, resolve_impl
-from kernels.dp_step import dp_step, dp_step_torch
-from kernels.tpt_argmax import tpt_argmax, tpt_argmax_torch
+from vllm_knapspec.kernels import HAS_TRITON, interpret_mode, resolve_impl
+from vllm_knapspec.kernels.dp_step import dp_step, dp_step_torch
+from vllm_knapspec.kernels.tpt_argmax import tpt_argmax, tpt_argmax_torch
 from vllm_knapspec.tpt import batch_tpt
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

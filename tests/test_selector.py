@@ -2,7 +2,6 @@
 the context grows (attention cost grows with context, MLP cost does not)."""
 import inspect
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,11 +9,9 @@ from vllm import SamplingParams
 
 from conftest import drafter_of, make_llm, spec_counters
 from prompts import CODE, PROSE
-from vllm_knapspec.config import parse_knapspec
+from vllm_knapspec.config import PROFILE_DIR, parse_knapspec
 from vllm_knapspec.latency import LatencyModel
 from vllm_knapspec.selector import KnapSpecSelector, make_selector
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # Selection is costly on 2 CPU cores (a DP pass ~ a prefill of (K+1)*r tokens): small r, no overhead cap,
 # and min_speedup 0 so the chosen sets really draft (on CPU plain decoding often wins, which is the point
@@ -139,7 +136,7 @@ def test_selector_skips_more_attention_when_context_prices_it_higher(spec_llm, m
     cfg = parse_knapspec({**d.cfg.model_dump(), "reference_tokens": 32})
     sel = d.selector = make_selector(cfg, d.draft, d.vllm_config)
     sel.selection_s = 1e-9
-    profile = LatencyModel.load(ROOT / "configs" / "profiles" / "SmolLM2-135M-Instruct.cpu.float32.json")
+    profile = LatencyModel.load(PROFILE_DIR / "SmolLM2-135M-Instruct.cpu.float32.json")
     runs, select = {}, sel.select
 
     def select_twice(rows, ctx):

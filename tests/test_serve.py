@@ -14,7 +14,8 @@ import httpx
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from vllm_knapspec.config import CONFIG_DIR
+
 VLLM = str(Path(sys.executable).parent / "vllm")
 STALE_STEPS = 1e9
 
@@ -29,7 +30,7 @@ def free_port() -> int:
 def server(model_path, tmp_path_factory):
     # The shipped YAML, with selection made cheap enough to happen within a short test on 2 CPU cores and
     # min_speedup 0 so it drafts (on CPU the selector usually, rightly, prefers plain decoding).
-    cfg = yaml.safe_load((ROOT / "configs" / "knapspec.yaml").read_text())
+    cfg = yaml.safe_load((CONFIG_DIR / "knapspec.yaml").read_text())
     cfg.update(reference_tokens=8, max_selection_overhead=1.0, min_speedup=0.0, reselect_interval=16)
     path = tmp_path_factory.mktemp("serve") / "knapspec.yaml"
     path.write_text(yaml.safe_dump(cfg))

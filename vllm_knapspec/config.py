@@ -9,13 +9,17 @@ A speculative config for KnapSpec looks like (flat, next to vLLM's own keys):
 
 `split_speculative_config` separates the two and turns it into vLLM's `draft_model` method (the runner then
 drafts with KnapSpecDrafter, the target's own modules).
+
+The default config and the latency profiles ship inside the package (`vllm_knapspec/configs/`): a config or
+profile named by its file name (`knapspec.yaml`, `SmolLM2-135M-Instruct.cpu.float32`) or by its path in a source
+checkout (`configs/knapspec.yaml`, `configs/profiles/<name>.json`) that is not a file here is the shipped one.
 No vLLM imports here.
 """
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -25,6 +29,38 @@ METHOD = "knapspec"
 VLLM_KEYS = {"method", "model", "num_speculative_tokens", "max_model_len", "disable_by_batch_size",
              "draft_tensor_parallel_size", "rejection_sample_method", "disable_log_stats"}
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"      # shipped: knapspec.yaml
+PROFILE_DIR = CONFIG_DIR / "profiles"                          # shipped latency profiles (knapspec-profile)
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def shipped_file(name: str, folder: Path = CONFIG_DIR, suffixes=_CONFIG_SUFFIXES) -> Optional[Path]:
+    """The shipped file in `folder` that `name` stands for: its file name with or without the suffix
+    ('knapspec.yaml', 'knapspec'), or its path relative to a source checkout ('configs/knapspec.yaml',
+    'configs/profiles/<name>.json', also 'profiles/<name>.json'); None when it names no shipped file."""
+    p = PurePosixPath(str(name).strip())
+    rel = folder.relative_to(CONFIG_DIR.parent).as_posix()                  # "configs" or "configs/profiles"
+    if str(p.parent) not in {".", rel, rel.partition("/")[2] or "."}:
+        return None
+    for cand in (p.name, *(p.name + s for s in suffixes)):
+        f = folder / cand
+        if f.suffix in suffixes and f.is_file():
+            return f
+    return None
+
+
+def shipped_names(folder: Path = CONFIG_DIR, suffixes=_CONFIG_SUFFIXES) -> list[str]:
+    return sorted(f.name for f in folder.iterdir() if f.suffix in suffixes) if folder.is_dir() else []
+
+
+def resolve_profile(path: str) -> str:
+    """A latency profile path as given when it is a file, else the shipped profile it names."""
+    if Path(os.path.expanduser(path)).is_file():
+        return path
+    f = shipped_file(path, PROFILE_DIR, (".json",))
+    if f is None:
+        raise ValueError(f"file not found: {path} (shipped profiles: {', '.join(shipped_names(PROFILE_DIR, ('.json',)))})")
+    return str(f)
 
 
 class KnapSpecConfigError(ValueError):
@@ -51,7 +87,8 @@ class KnapSpecConfig(BaseModel):
                                   description="re-select early when mean context grew by this fraction")
     acceptance_change: float = Field(0.2, gt=0.0, le=1.0,
                                      description="re-select early when realised acceptance moves this far")
-    latency_profile: Optional[str] = Field(None, description="path of a latency profile JSON (knapspec-profile)")
+    latency_profile: Optional[str] = Field(None, description="path of a latency profile JSON (knapspec-profile), "
+                                                             "or the name of a shipped one")
     profile_dir: Optional[str] = Field(None, description="folder searched for a matching profile")
     online_refit: bool = Field(True, description="refit the latency model from live step timings")
     skip_set: Optional[str] = Field(None, description="fixed skip set for debugging, e.g. 'a3,a5,m7'; "
@@ -77,9 +114,7 @@ class KnapSpecConfig(BaseModel):
     @field_validator("latency_profile")
     @classmethod
     def _profile_exists(cls, v):
-        if v is not None and not Path(os.path.expanduser(v)).is_file():
-            raise ValueError(f"file not found: {v}")
-        return v
+        return v if v is None else resolve_profile(v)
 
     @field_validator("skip_set")
     @classmethod
@@ -149,14 +184,26 @@ def split_speculative_config(spec: dict[str, Any]) -> tuple[dict[str, Any], Knap
     return vllm_part, cfg
 
 
+def config_path(path: str) -> Path:
+    """The config file a `--speculative-config` value names: the path when it is a file, else the shipped config
+    of that name."""
+    p = Path(os.path.expanduser(path.strip()))
+    if p.is_file():
+        return p
+    f = shipped_file(path)
+    if f is None:
+        raise KnapSpecConfigError(f"--speculative-config: {path.strip()!r} is neither JSON nor an existing "
+                                  f".yaml/.json file nor a shipped config ({', '.join(shipped_names())})")
+    return f
+
+
 def load_speculative_config(text_or_path: str) -> dict[str, Any]:
-    """`--speculative-config` value: inline JSON, or a path to a .yaml/.yml/.json file."""
+    """`--speculative-config` value: inline JSON, a path to a .yaml/.yml/.json file, or the name of a shipped
+    config ('knapspec.yaml') when no such file exists here."""
     s = text_or_path.strip()
     if s.startswith("{"):
         return json.loads(s)
-    p = Path(os.path.expanduser(s))
-    if not p.is_file():
-        raise KnapSpecConfigError(f"--speculative-config: {s!r} is neither JSON nor an existing .yaml/.json file")
+    p = config_path(s)
     if p.suffix in (".yaml", ".yml"):
         import yaml
         data = yaml.safe_load(p.read_text())

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
-from kernels.dp_step import COS_EPS, dp_step
+from vllm_knapspec.kernels.dp_step import COS_EPS, dp_step
 from vllm_knapspec.skipset import SkipSet
 
 
@@ -249,7 +249,7 @@ def warmup_kernels(hidden: int, dtype: torch.dtype, device, reference_tokens: in
     the row count r (reference tokens: r, and r - 1 when fewer requests split it) and of the item weight w
     (1, 2..cap, and budget + 1 for frozen items) is run once on a tiny budget. Returns the number of
     dp_step calls made (0 when the torch path would be used: nothing to compile)."""
-    from kernels import resolve_impl
+    from vllm_knapspec.kernels import resolve_impl
     probe = torch.empty(0, device=device)
     if resolve_impl(impl, probe) != "triton":
         return 0

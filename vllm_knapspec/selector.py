@@ -445,7 +445,7 @@ class KnapSpecSelector:
 
     def _top(self, cands, alpha, t_draft, t_plain, k: int = 5) -> list[dict]:
         """The k best candidates by predicted speedup (for logs, benchmarks and tests)."""
-        from kernels.tpt_argmax import tpt_grid_torch
+        from vllm_knapspec.kernels.tpt_argmax import tpt_grid_torch
         grid = tpt_grid_torch(alpha, t_draft, t_plain, self.cfg.num_speculative_tokens)   # [C, gamma]
         best, g = grid.max(1)
         plain = alpha.shape[1] / t_plain

@@ -93,7 +93,7 @@ def choose(alpha, t_draft, t_target: float, gamma_max: int, t_plain: Optional[fl
     """argmax over (candidate, gamma) of the batch TPT, then the speculate-or-not decision.
 
     alpha [C, R] (candidates x requests in the batch), t_draft [C]; t_plain defaults to t_target."""
-    from kernels.tpt_argmax import tpt_argmax  # kernels import torch/triton only
+    from vllm_knapspec.kernels.tpt_argmax import tpt_argmax  # kernels import torch/triton only
     a = torch.as_tensor(alpha)
     res = tpt_argmax(a, t_draft, t_target, gamma_max, impl=impl)
     batch = 1 if a.dim() == 1 else a.shape[1]

@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from kernels import HAS_TRITON, resolve_impl
+from vllm_knapspec.kernels import HAS_TRITON, resolve_impl
 
 
 class TPTArgmax(NamedTuple):

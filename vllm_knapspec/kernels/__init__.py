@@ -31,8 +31,8 @@ def resolve_impl(impl: str, tensor) -> str:
     return impl
 
 
-from kernels.dp_step import dp_step, dp_step_torch  # noqa: E402
-from kernels.tpt_argmax import tpt_argmax, tpt_argmax_torch  # noqa: E402
+from vllm_knapspec.kernels.dp_step import dp_step, dp_step_torch  # noqa: E402
+from vllm_knapspec.kernels.tpt_argmax import tpt_argmax, tpt_argmax_torch  # noqa: E402
 
 __all__ = ["HAS_TRITON", "interpret_mode", "resolve_impl", "dp_step", "dp_step_torch", "tpt_argmax",
            "tpt_argmax_torch"]

@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from kernels import HAS_TRITON, resolve_impl
+from vllm_knapspec.kernels import HAS_TRITON, resolve_impl
 
 # Same as F.normalize: x / max(||x||, eps), so cos = dot / (max(|x|,eps) * max(|y|,eps)).
 COS_EPS = 1e-12

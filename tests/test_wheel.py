@@ -1,11 +1,12 @@
 """The package as a user gets it: build the wheel, install it into a fresh virtual environment outside the
 checkout, and use it from a folder that is not the checkout. The wheel installs one top-level name
 (`vllm_knapspec`), ships the default config and the latency profiles (found by name), registers the vLLM plugin
-and the console scripts, and serves SmolLM2 with the shipped config (as shipped, and with a fixed skip set so that it drafts), greedy
-outputs equal to plain decoding.
+and the console scripts, and serves SmolLM2 with the shipped config (as shipped, and with a fixed skip set so
+that it drafts), greedy outputs equal to plain decoding.
 
 The fresh environment gets vLLM, torch and the rest from the running interpreter's site-packages through a
 path entry (a `.pth` line, so the checkout's editable install hook there is not run): nothing is reinstalled."""
+
 import json
 import os
 import shutil
@@ -32,10 +33,28 @@ def wheel(tmp_path_factory) -> Path:
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "vllm_knapspec", src / "vllm_knapspec",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp / "dist"), str(src)], check=True, cwd=tmp, timeout=300)
+    shutil.copytree(
+        ROOT / "vllm_knapspec",
+        src / "vllm_knapspec",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"),
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp / "dist"),
+            str(src),
+        ],
+        check=True,
+        cwd=tmp,
+        timeout=300,
+    )
     (whl,) = (tmp / "dist").glob("vllm_knapspec-*.whl")
     return whl
 
@@ -49,8 +68,11 @@ def test_wheel_contents(wheel):
         entry_points = z.read(f"{info}/entry_points.txt").decode()
     assert {p.split("/")[0] for p in record} - {info} == {"vllm_knapspec"}
     assert top_level in ([], ["vllm_knapspec"])
-    shipped = {f"vllm_knapspec/configs/{p.relative_to(CONFIG_DIR).as_posix()}"
-               for p in CONFIG_DIR.rglob("*") if p.suffix in (".yaml", ".json")}
+    shipped = {
+        f"vllm_knapspec/configs/{p.relative_to(CONFIG_DIR).as_posix()}"
+        for p in CONFIG_DIR.rglob("*")
+        if p.suffix in (".yaml", ".json")
+    }
     assert "vllm_knapspec/configs/knapspec.yaml" in shipped and len(shipped) >= 2
     assert shipped <= set(record)
     assert "vllm_knapspec/kernels/dp_step.py" in record and "vllm_knapspec/tools/bench.py" in record
@@ -64,11 +86,15 @@ def venv(wheel, tmp_path_factory) -> Path:
     env_dir = tmp_path_factory.mktemp("venv") / "v"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
     py = env_dir / "bin" / "python"
-    site = subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                   text=True).strip()
+    site = subprocess.check_output(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+    ).strip()
     Path(site, "host_site_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)],
-                   check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)],
+        check=True,
+        timeout=300,
+    )
     return env_dir
 
 
@@ -102,14 +128,28 @@ print("ok")
 def test_installed_outside_the_checkout(venv, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    expected = {"config": load_speculative_config(str(CONFIG_DIR / "knapspec.yaml")),
-                "profiles": sorted(p.stem for p in PROFILE_DIR.glob("*.json"))}
-    p = subprocess.run([str(venv / "bin" / "python"), "-c", CHECK, str(venv), json.dumps(expected)],
-                       cwd=elsewhere, env=outside_env(), capture_output=True, text=True, timeout=300)
+    expected = {
+        "config": load_speculative_config(str(CONFIG_DIR / "knapspec.yaml")),
+        "profiles": sorted(p.stem for p in PROFILE_DIR.glob("*.json")),
+    }
+    p = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", CHECK, str(venv), json.dumps(expected)],
+        cwd=elsewhere,
+        env=outside_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
     for script in SCRIPTS:
-        h = subprocess.run([str(venv / "bin" / script), "--help"], cwd=elsewhere, env=outside_env(),
-                           capture_output=True, text=True, timeout=300)
+        h = subprocess.run(
+            [str(venv / "bin" / script), "--help"],
+            cwd=elsewhere,
+            env=outside_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert h.returncode == 0 and "usage" in h.stdout, (script, h.stderr[-2000:])
 
 
@@ -147,9 +187,21 @@ print("served ok", drafts)
 def test_serves_smollm2_with_the_shipped_config(venv, tmp_path, model_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {**outside_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
-    p = subprocess.run([str(venv / "bin" / "python"), "-c", SERVE, str(venv), model_path], cwd=elsewhere, env=env,
-                       capture_output=True, text=True, timeout=600)
+    env = {
+        **outside_env(),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    p = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", SERVE, str(venv), model_path],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     print(p.stdout[-2000:])
     assert p.returncode == 0 and "served ok" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]

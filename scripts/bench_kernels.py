@@ -9,6 +9,7 @@ against the reference before it is timed. On CPU it runs tiny sizes through the 
     python scripts/bench_kernels.py [--quick]
 Prints device / torch / triton versions and a markdown table of median times.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,15 +21,16 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from kernels import HAS_TRITON, interpret_mode  # noqa: E402
-from kernels.dp_step import dp_step  # noqa: E402
-from kernels.tpt_argmax import tpt_argmax  # noqa: E402
 from vllm_knapspec.dp import knapsack_dp  # noqa: E402
+from vllm_knapspec.kernels import HAS_TRITON, interpret_mode  # noqa: E402
+from vllm_knapspec.kernels.dp_step import dp_step  # noqa: E402
+from vllm_knapspec.kernels.tpt_argmax import tpt_argmax  # noqa: E402
 
 
 def median_ms(fn, cuda: bool, reps: int = 50) -> float:
     if cuda:
         import triton.testing
+
         return float(triton.testing.do_bench(fn, warmup=10, rep=max(reps, 20), return_mode="median"))
     fn()
     ts = []
@@ -63,7 +65,8 @@ def dp_inputs(K, r, d, dtype, dev, seed=0):
 
 
 def tune_dp_step(items, r, d):
-    from kernels.dp_step import _blocks, dp_step_triton
+    from vllm_knapspec.kernels.dp_step import _blocks, dp_step_triton
+
     prev, exe, ref, pv = dp_inputs(160, r, d, torch.bfloat16, "cuda")
     base = dp_step(prev, exe, ref, 3, pv, 0.5, impl="torch")
     buf = torch.empty_like(prev)
@@ -91,8 +94,10 @@ def main():
     impls = ["torch", "triton"] if (cuda and HAS_TRITON) else ["torch"]
     tv = __import__("triton").__version__ if HAS_TRITON else "not installed"
     name = torch.cuda.get_device_name() if cuda else "CPU"
-    print(f"device: {name} | torch {torch.__version__} | triton {tv}"
-          + ("" if cuda else " | no CUDA: tiny sizes, torch path only (Triton needs CUDA to be timed)"))
+    print(
+        f"device: {name} | torch {torch.__version__} | triton {tv}"
+        + ("" if cuda else " | no CUDA: tiny sizes, torch path only (Triton needs CUDA to be timed)")
+    )
     if interpret_mode():
         print("note: TRITON_INTERPRET=1 is set; it is ignored for timing (torch path on CPU)")
 

@@ -10,6 +10,7 @@ Measured, per set S, at the moment of the selector's first selection on a real r
 
     .venv/bin/python scripts/bench_selector.py [--random 200] [--context 512] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,11 +75,22 @@ def main(argv=None):
     model = str(get_model())
     tok = AutoTokenizer.from_pretrained(model)
     import json as _j
+
     src = inspect.getsource(_j.decoder) + inspect.getsource(_j.encoder) + inspect.getsource(inspect)
     prompt = tok.decode(tok(src)["input_ids"][: a.context])
-    llm = LLM(model, dtype="float32", enforce_eager=True, distributed_executor_backend="uni", max_model_len=4096,
-              speculative_config={"method": "knapspec", "num_speculative_tokens": 5, "min_speedup": 0.0,
-                                  "max_selection_overhead": 1.0})
+    llm = LLM(
+        model,
+        dtype="float32",
+        enforce_eager=True,
+        distributed_executor_backend="uni",
+        max_model_len=4096,
+        speculative_config={
+            "method": "knapspec",
+            "num_speculative_tokens": 5,
+            "min_speedup": 0.0,
+            "max_selection_overhead": 1.0,
+        },
+    )
     d = drafter_of(llm)
     result = {}
 
@@ -106,13 +118,19 @@ def main(argv=None):
             return float((ev.logits_fn(x[0]).argmax(-1) == want).float().mean())
 
         B = len(rows)
-        pos = ctx.astype(np.int64) - 2            # a committed position: timing only, nothing is written
-        batch = DraftBatch(torch.from_numpy(rows).to(draft.device), rows, torch.zeros(B, dtype=torch.int64,
-                           device=draft.device), torch.from_numpy(pos).to(draft.device), pos)
+        pos = ctx.astype(np.int64) - 2  # a committed position: timing only, nothing is written
+        batch = DraftBatch(
+            torch.from_numpy(rows).to(draft.device),
+            rows,
+            torch.zeros(B, dtype=torch.int64, device=draft.device),
+            torch.from_numpy(pos).to(draft.device),
+            pos,
+        )
 
         def t_step(skip):
             def run():
                 torch.softmax(draft.logits(draft.step(batch, skip, write_kv=False)).float(), -1).max(-1)[0].cpu()
+
             return _median_time(run, draft.device, a.iters, 2)
 
         t_full = t_step(SkipSet.empty(L))
@@ -130,22 +148,39 @@ def main(argv=None):
         rng = random.Random(0)
         rand = [measured_tpt(items) for items in random_feasible(L, w, target, frozen, a.random, rng)]
         best_rand = max(rand, key=lambda r: r["tpt"])
-        return dict(chosen=mine, weight=target, w_attn=h["w_attn"], w_mlp=h["w_mlp"], plain_tpt=B / t_full,
-                    best_random=best_rand, random_median_tpt=statistics.median(r["tpt"] for r in rand),
-                    ratio_to_best_random=mine["tpt"] / best_rand["tpt"],
-                    share_of_random_beaten=sum(r["tpt"] <= mine["tpt"] for r in rand) / len(rand),
-                    n_random=len(rand), probe_seconds=time.time() - t0)
+        return dict(
+            chosen=mine,
+            weight=target,
+            w_attn=h["w_attn"],
+            w_mlp=h["w_mlp"],
+            plain_tpt=B / t_full,
+            best_random=best_rand,
+            random_median_tpt=statistics.median(r["tpt"] for r in rand),
+            ratio_to_best_random=mine["tpt"] / best_rand["tpt"],
+            share_of_random_beaten=sum(r["tpt"] <= mine["tpt"] for r in rand) / len(rand),
+            n_random=len(rand),
+            probe_seconds=time.time() - t0,
+        )
 
     d.selector = make_selector(d.cfg, d.draft, d.vllm_config)
     d.selector.__class__ = Probe
-    d.selector.selection_s = 1e-9          # select at the first decode step
+    d.selector.selection_s = 1e-9  # select at the first decode step
     llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)
     import vllm
-    result["machine"] = dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
-                             torch=torch.__version__, vllm=vllm.__version__, model=model, context=a.context)
+
+    result["machine"] = dict(
+        cpu=platform.processor() or platform.machine(),
+        cores=os.cpu_count(),
+        torch=torch.__version__,
+        vllm=vllm.__version__,
+        model=model,
+        context=a.context,
+    )
     print(json.dumps(result, indent=2))
-    print(f"\nchosen set TPT / best of {result['n_random']} random sets of the same budget: "
-          f"{result['ratio_to_best_random']:.3f} (beats {result['share_of_random_beaten']:.0%} of them)")
+    print(
+        f"\nchosen set TPT / best of {result['n_random']} random sets of the same budget: "
+        f"{result['ratio_to_best_random']:.3f} (beats {result['share_of_random_beaten']:.0%} of them)"
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
     return result

@@ -12,6 +12,7 @@ Each cell (context x batch): per repetition every variant in rotating order; the
 and KnapSpec's per-step device times (draft loop per draft step from CUDA events; verify step = step gap
 minus draft loop; plain step = plain ms/token at batch 1 token per step).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,18 +23,45 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")   # collective_rpc with this file's functions
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with this file's functions
 
 SHAPES = {
-    "qwen2.5-1.5b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=1536,
-                         intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, rope_theta=1e6, tie_word_embeddings=True),
-    "llama-3.1-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096,
-                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, rope_theta=5e5, tie_word_embeddings=False),
-    "tiny": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=256, intermediate_size=512,
-                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=32000,
-                 rope_theta=1e4, tie_word_embeddings=False),      # checks this script on a CPU
+    "qwen2.5-1.5b": dict(
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+    ),
+    "llama-3.1-8b": dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=5e5,
+        tie_word_embeddings=False,
+    ),
+    "tiny": dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=32000,
+        rope_theta=1e4,
+        tie_word_embeddings=False,
+    ),  # checks this script on a CPU
 }
 
 
@@ -50,8 +78,15 @@ def probe_set(L: int, share: float) -> str:
 def write_config(shape: str, max_len: int) -> str:
     d = f"/tmp/ks_shape_{shape}"
     os.makedirs(d, exist_ok=True)
-    cfg = dict(SHAPES[shape], max_position_embeddings=max_len, rms_norm_eps=1e-6, torch_dtype="bfloat16",
-               hidden_act="silu", bos_token_id=1, eos_token_id=2)
+    cfg = dict(
+        SHAPES[shape],
+        max_position_embeddings=max_len,
+        rms_norm_eps=1e-6,
+        torch_dtype="bfloat16",
+        hidden_act="silu",
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     with open(f"{d}/config.json", "w") as f:
         json.dump(cfg, f)
     return d
@@ -61,6 +96,7 @@ def write_config(shape: str, max_len: int) -> str:
 def _set_plan(worker, skip, gamma):
     from vllm_knapspec.selector import FixedSelector
     from vllm_knapspec.skipset import SkipSet
+
     d = worker.model_runner.drafter
     d.selector = FixedSelector(SkipSet.parse(d.draft.num_layers, skip), gamma) if gamma else _Off()
     d.next_gamma = gamma
@@ -87,9 +123,11 @@ def _take_trace(worker):
 
 def _runner_info(worker):
     r = worker.model_runner
-    return dict(runner=type(r).__module__ + "." + type(r).__name__,
-                graphs=getattr(getattr(r, "drafter", None), "graphs", None) is not None,
-                warmups=getattr(getattr(r, "drafter", None), "warmups", None))
+    return dict(
+        runner=type(r).__module__ + "." + type(r).__name__,
+        graphs=getattr(getattr(r, "drafter", None), "graphs", None) is not None,
+        warmups=getattr(getattr(r, "drafter", None), "warmups", None),
+    )
 
 
 def main():
@@ -113,34 +151,56 @@ def main():
     max_bs = max(b for _, b in cells)
     path = write_config(a.shape, max_len)
     L = SHAPES[a.shape]["num_hidden_layers"]
-    kw = dict(load_format="dummy", skip_tokenizer_init=True, max_model_len=max_len, max_num_seqs=max(16, max_bs),
-              gpu_memory_utilization=a.mem, seed=0)
+    kw = dict(
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        max_model_len=max_len,
+        max_num_seqs=max(16, max_bs),
+        gpu_memory_utilization=a.mem,
+        seed=0,
+    )
     t0 = time.time()
-    engines = {"plain": LLM(path, **kw), "plain2": LLM(path, **kw),
-               "knapspec": LLM(path, speculative_config={"method": "knapspec", "num_speculative_tokens": a.gamma,
-                                                          "skip_set": ""}, **kw)}
-    info = {n: dict(v2=bool(e.llm_engine.vllm_config.use_v2_model_runner)
-                    if hasattr(e.llm_engine.vllm_config, "use_v2_model_runner") else None,
-                    async_scheduling=e.llm_engine.vllm_config.scheduler_config.async_scheduling)
-            for n, e in engines.items()}
+    engines = {
+        "plain": LLM(path, **kw),
+        "plain2": LLM(path, **kw),
+        "knapspec": LLM(
+            path, speculative_config={"method": "knapspec", "num_speculative_tokens": a.gamma, "skip_set": ""}, **kw
+        ),
+    }
+    info = {
+        n: dict(
+            v2=bool(e.llm_engine.vllm_config.use_v2_model_runner)
+            if hasattr(e.llm_engine.vllm_config, "use_v2_model_runner")
+            else None,
+            async_scheduling=e.llm_engine.vllm_config.scheduler_config.async_scheduling,
+        )
+        for n, e in engines.items()
+    }
     info["knapspec"].update(engines["knapspec"].collective_rpc(_runner_info)[0])
     info["plain"]["runner_v2_flag"] = info["plain"]["v2"]
     print("engines up in %.0f s" % (time.time() - t0), json.dumps(info), flush=True)
-    variants = [("plain", None), ("plain2", None), ("ks_off", ("", 0)), ("ks_full", ("", a.gamma)),
-                ("ks_25", (probe_set(L, 0.25), a.gamma)), ("ks_50", (probe_set(L, 0.5), a.gamma))]
+    variants = [
+        ("plain", None),
+        ("plain2", None),
+        ("ks_off", ("", 0)),
+        ("ks_full", ("", a.gamma)),
+        ("ks_25", (probe_set(L, 0.25), a.gamma)),
+        ("ks_50", (probe_set(L, 0.5), a.gamma)),
+    ]
     ks = engines["knapspec"]
     results = []
     for ctx, bs in cells:
-        prompts = [TokensPrompt(prompt_token_ids=[(1000 + 7 * i + 13 * j) % 30000 + 10 for j in range(ctx)])
-                   for i in range(bs)]
+        prompts = [
+            TokensPrompt(prompt_token_ids=[(1000 + 7 * i + 13 * j) % 30000 + 10 for j in range(ctx)]) for i in range(bs)
+        ]
         warm = SamplingParams(max_tokens=1, temperature=0.0)
         sp = SamplingParams(max_tokens=a.new, temperature=0.0, ignore_eos=True)
         times = {v: [] for v, _ in variants}
         outs, traces = {}, {v: [] for v, _ in variants}
         for e in engines.values():
             e.generate(prompts, warm, use_tqdm=False)
-        for rep in range(a.reps + 1):                     # rep 0: warm-up (first calls, graphs of the size)
-            order = variants[rep % len(variants):] + variants[: rep % len(variants)]
+        for rep in range(a.reps + 1):  # rep 0: warm-up (first calls, graphs of the size)
+            order = variants[rep % len(variants) :] + variants[: rep % len(variants)]
             for v, plan in order:
                 e = ks if plan is not None else engines[v]
                 if plan is not None:
@@ -152,13 +212,17 @@ def main():
                 if plan is not None:
                     tr = ks.collective_rpc(_take_trace)[0]
                     if rep:
-                        traces[v].extend(tr[2:])     # the first reports may be the previous variant's (lag)
+                        traces[v].extend(tr[2:])  # the first reports may be the previous variant's (lag)
                 if rep:
                     times[v].append(dt / a.new * 1e3)
                 outs[v] = [list(x.outputs[0].token_ids) for x in o]
-        row = dict(ctx=ctx, bs=bs, ms_per_token={v: statistics.median(t) for v, t in times.items()},
-                   all_ms=times, equal_to_plain={v: sum(x == y for x, y in zip(outs[v], outs["plain"]))
-                                                 for v in outs})
+        row = dict(
+            ctx=ctx,
+            bs=bs,
+            ms_per_token={v: statistics.median(t) for v, t in times.items()},
+            all_ms=times,
+            equal_to_plain={v: sum(x == y for x, y in zip(outs[v], outs["plain"])) for v in outs},
+        )
         plain = row["ms_per_token"]["plain"]
         row["ratio_plain_over"] = {v: plain / m for v, m in row["ms_per_token"].items()}
         steps = {}
@@ -168,22 +232,37 @@ def main():
             gaps = [g for g, _, _ in tr if g]
             drafts = [ds / s for _, ds, s in tr if s]
             loop = [ds for _, ds, s in tr if s]
-            steps[v] = dict(step_ms=statistics.median(gaps) * 1e3 if gaps else None,
-                            draft_step_ms=statistics.median(drafts) * 1e3 if drafts else None,
-                            verify_ms=(statistics.median(gaps) - (statistics.median(loop) if loop else 0)) * 1e3
-                            if gaps else None)
+            steps[v] = dict(
+                step_ms=statistics.median(gaps) * 1e3 if gaps else None,
+                draft_step_ms=statistics.median(drafts) * 1e3 if drafts else None,
+                verify_ms=(statistics.median(gaps) - (statistics.median(loop) if loop else 0)) * 1e3 if gaps else None,
+            )
             for k in ("draft_step_ms", "verify_ms", "step_ms"):
                 if steps[v][k] is not None:
                     steps[v][k.replace("_ms", "_over_plain")] = steps[v][k] / plain
         row["steps"] = steps
         results.append(row)
-        print(json.dumps({k: row[k] for k in ("ctx", "bs", "ms_per_token", "ratio_plain_over", "equal_to_plain")}),
-              flush=True)
+        print(
+            json.dumps({k: row[k] for k in ("ctx", "bs", "ms_per_token", "ratio_plain_over", "equal_to_plain")}),
+            flush=True,
+        )
         print("  steps:", json.dumps(steps), flush=True)
-    out = dict(shape=a.shape, gamma=a.gamma, new_tokens=a.new, reps=a.reps, engines=info,
-               skip_25=probe_set(L, 0.25), skip_50=probe_set(L, 0.5),
-               machine=dict(gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor(), python=platform.python_version(),
-                            torch=torch.__version__, vllm=vllm.__version__), cells=results)
+    out = dict(
+        shape=a.shape,
+        gamma=a.gamma,
+        new_tokens=a.new,
+        reps=a.reps,
+        engines=info,
+        skip_25=probe_set(L, 0.25),
+        skip_50=probe_set(L, 0.5),
+        machine=dict(
+            gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor(),
+            python=platform.python_version(),
+            torch=torch.__version__,
+            vllm=vllm.__version__,
+        ),
+        cells=results,
+    )
     if a.out:
         with open(a.out, "w") as f:
             json.dump(out, f, indent=1)

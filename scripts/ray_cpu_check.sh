@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `vllm serve` with vLLM's Ray executor on CPU (patch 8): a local Ray head, a KnapSpec server with tensor parallel 3
+# `vllm serve` with vLLM's Ray executor on CPU (the ray_cpu patch): a local Ray head, a KnapSpec server with tensor parallel 3
 # over it, then a plain single-process server; 3 greedy completions must be equal token for token, and the
 # KnapSpec server's /metrics must carry its workers' vllm:knapspec_* counters.
 #   KNAPSPEC_EXTRAS=ray bash scripts/install.sh && bash scripts/ray_cpu_check.sh

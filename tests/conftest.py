@@ -1,5 +1,6 @@
 """Shared fixtures. vLLM runs in-process and eager on CPU (~4 s per engine instead of ~50 s); engines are
 module-scoped so each test module pays for them once."""
+
 import os
 import subprocess
 import sys
@@ -12,12 +13,16 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # idle OpenMP threads must not spin on the shared cores
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads must not spin on the shared cores
 os.environ.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long-running; excluded from the default run (-m 'not slow')")
+def pytest_collection_modifyitems(items):
+    """Tests that need the real model (an engine, a server or its tokenizer) are `engine` tests (markers: pyproject):
+    `-m "not engine and not slow"` runs the unit tests alone."""
+    for item in items:
+        if "model_path" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.engine)
 
 
 @pytest.fixture(scope="session")
@@ -26,12 +31,20 @@ def model_path() -> str:
     return out.strip().splitlines()[-1]
 
 
-ENGINE_KW = dict(enforce_eager=True, distributed_executor_backend="uni", max_model_len=4096,
-                 dtype="float32", gpu_memory_utilization=0.5, disable_log_stats=False, seed=0)
+ENGINE_KW = dict(
+    enforce_eager=True,
+    distributed_executor_backend="uni",
+    max_model_len=4096,
+    dtype="float32",
+    gpu_memory_utilization=0.5,
+    disable_log_stats=False,
+    seed=0,
+)
 
 
 def make_llm(model, speculative_config=None, **kw):
     from vllm import LLM
+
     return LLM(model, speculative_config=speculative_config, **{**ENGINE_KW, **kw})
 
 

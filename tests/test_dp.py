@@ -1,30 +1,43 @@
 """The knapsack DP: exactness on additive problems (vs brute force), and the real cosine DP on a toy model."""
+
 import itertools
 import random
 
 import pytest
 import torch
 
-from kernels import HAS_TRITON, interpret_mode
-from vllm_knapspec.dp import (Candidate, cosine_proxy, default_budget, default_frozen_items,
-                              estimate_acceptance, integer_weights, item_weights, knapsack_additive,
-                              knapsack_dp, stack_hidden)
+from vllm_knapspec.dp import (
+    Candidate,
+    cosine_proxy,
+    default_budget,
+    default_frozen_items,
+    estimate_acceptance,
+    integer_weights,
+    item_weights,
+    knapsack_additive,
+    knapsack_dp,
+    stack_hidden,
+)
+from vllm_knapspec.kernels import HAS_TRITON, interpret_mode
 from vllm_knapspec.skipset import SkipSet
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(not (HAS_TRITON and (interpret_mode() or torch.cuda.is_available())),
-                                  reason="needs triton with CUDA or TRITON_INTERPRET=1")
+needs_triton = pytest.mark.skipif(
+    not (HAS_TRITON and (interpret_mode() or torch.cuda.is_available())),
+    reason="needs triton with CUDA or TRITON_INTERPRET=1",
+)
 
 
 # -- weights / budget ----------------------------------------------------------------------------------
+
 
 def test_integer_weights_official_rule():
     assert integer_weights(1.0, 1.0) == (1, 1)
     assert integer_weights(3.2, 1.0) == (3, 1)
     assert integer_weights(0.02, 0.01) == (2, 1)
-    assert integer_weights(2.5, 1.0) == (2, 1)        # Python round (banker's), as the official int(round())
+    assert integer_weights(2.5, 1.0) == (2, 1)  # Python round (banker's), as the official int(round())
     assert integer_weights(3.5, 1.0) == (4, 1)
-    assert integer_weights(40.0, 1.0) == (5, 1)       # capped at 5
+    assert integer_weights(40.0, 1.0) == (5, 1)  # capped at 5
     assert integer_weights(40.0, 1.0, cap=3) == (3, 1)
     assert integer_weights(1.0, 2.6) == (1, 3)
     assert integer_weights(1.0, 1.2) == (1, 1)
@@ -33,7 +46,7 @@ def test_integer_weights_official_rule():
 
 
 def test_budget_and_frozen_defaults():
-    assert default_budget(32, 3, 1) == 64             # (w_attn + w_mlp) * L // 2
+    assert default_budget(32, 3, 1) == 64  # (w_attn + w_mlp) * L // 2
     assert default_budget(5, 1, 1) == 5
     assert item_weights(3, 2, 1) == [2, 1, 2, 1, 2, 1]
     assert default_frozen_items(32) == (0, 1, 62, 63)
@@ -41,6 +54,7 @@ def test_budget_and_frozen_defaults():
 
 
 # -- additive mode vs brute force ---------------------------------------------------------------------------
+
 
 def _brute(values, weights, budget, frozen):
     best = 0.0
@@ -81,8 +95,8 @@ def test_additive_equals_brute_force(branches):
 @needs_triton
 def test_additive_equals_brute_force_triton():
     rng = random.Random(99)
-    for _ in range(3):                                 # the interpreter is slow; the kernel is compared in full
-        values, weights, budget, frozen = _problem(rng)   # against torch in test_kernels.py
+    for _ in range(3):  # the interpreter is slow; the kernel is compared in full
+        values, weights, budget, frozen = _problem(rng)  # against torch in test_kernels.py
         sol = knapsack_additive(values, weights, min(budget, 6), frozen_items=frozen, impl="triton", device=DEV)
         _check_solution(sol, values, weights, min(budget, 6), frozen)
 
@@ -98,9 +112,9 @@ def test_additive_known_instance():
 # -- the cosine DP on a toy residual model ------------------------------------------------------------------
 
 L, R, D = 6, 4, 16
-NEAR_ID = {3, 4, 7}              # m1, a2, m3: sublayers whose update is tiny (skippable)
+NEAR_ID = {3, 4, 7}  # m1, a2, m3: sublayers whose update is tiny (skippable)
 FROZEN = default_frozen_items(L)  # (0, 1, 10, 11)
-W = item_weights(L, 2, 1)        # attention weight 2, MLP weight 1 -> NEAR_ID weighs 1 + 2 + 1 = 4
+W = item_weights(L, 2, 1)  # attention weight 2, MLP weight 1 -> NEAR_ID weighs 1 + 2 + 1 = 4
 
 
 class ToyModel:
@@ -108,7 +122,7 @@ class ToyModel:
 
     def __init__(self, seed=0, device="cpu"):
         g = torch.Generator().manual_seed(seed)
-        self.A = (torch.randn(2 * L, D, D, generator=g) / D ** 0.5).to(device)
+        self.A = (torch.randn(2 * L, D, D, generator=g) / D**0.5).to(device)
         self.s = torch.tensor([1e-3 if i in NEAR_ID else 1.0 for i in range(2 * L)]).to(device)
         self.x = torch.randn(R, D, generator=g).to(device)
         self.calls = []
@@ -137,19 +151,20 @@ class ToyModel:
 
 def _run(model, budget=None, thr=0.5, impl="torch", branches="live"):
     budget = default_budget(L, 2, 1) if budget is None else budget
-    return knapsack_dp(model.run_item, model.refs(), W, budget, sim_threshold=thr, frozen_items=FROZEN, impl=impl,
-                       branches=branches)
+    return knapsack_dp(
+        model.run_item, model.refs(), W, budget, sim_threshold=thr, frozen_items=FROZEN, impl=impl, branches=branches
+    )
 
 
 def test_dp_finds_near_identity_items():
     model = ToyModel()
-    budget = default_budget(L, 2, 1)                   # 9
+    budget = default_budget(L, 2, 1)  # 9
     cands = _run(model, budget)
     by_w = {c.weight: c for c in cands}
-    assert [c.weight for c in cands] == sorted(by_w)   # one per budget, sorted
+    assert [c.weight for c in cands] == sorted(by_w)  # one per budget, sorted
     assert by_w[0].skipset == SkipSet.empty(L) and by_w[0].cos == pytest.approx(1.0, abs=1e-6)
-    assert set(by_w[4].skipset.items()) == NEAR_ID     # the full set of harmless items at its exact weight
-    for j in (1, 2, 3):                                 # lighter budgets: subsets of the harmless items
+    assert set(by_w[4].skipset.items()) == NEAR_ID  # the full set of harmless items at its exact weight
+    for j in (1, 2, 3):  # lighter budgets: subsets of the harmless items
         assert set(by_w[j].skipset.items()) <= NEAR_ID
     assert by_w[4].cos > 0.999
     full = model.refs()[-1]
@@ -157,7 +172,7 @@ def test_dp_finds_near_identity_items():
         items = c.skipset.items()
         assert c.weight == sum(W[i] for i in items) <= budget
         assert not set(items) & set(FROZEN)
-        h = model.forward(set(items))                   # the backtracked set really produces this state
+        h = model.forward(set(items))  # the backtracked set really produces this state
         assert torch.allclose(c.hidden, h, atol=1e-5)
         assert c.cos == pytest.approx(cosine_proxy(h[None], full)[0].item(), abs=1e-5)
         assert c.cos >= 0.5
@@ -168,14 +183,14 @@ def test_dp_finds_near_identity_items():
 def test_dp_runs_only_live_states_once_per_item():
     model = ToyModel()
     _run(model, thr=0.5)
-    assert [i for i, _ in model.calls] == list(range(2 * L))   # one batched call per item
-    assert model.calls[0][1] == 1                               # only j = 0 is live at the start
+    assert [i for i, _ in model.calls] == list(range(2 * L))  # one batched call per item
+    assert model.calls[0][1] == 1  # only j = 0 is live at the start
     assert max(n for _, n in model.calls) <= default_budget(L, 2, 1) + 1
 
 
 @pytest.mark.parametrize("thr", [0.5, 0.99, -2.0])
 def test_dp_prefix_branches_equal_live_branches(thr):
-    """"prefix" (no host sync: the first reachable states, rounded up to a power of two) gives the same
+    """ "prefix" (no host sync: the first reachable states, rounded up to a power of two) gives the same
     candidates as "live" (exactly the valid states), and run_item sees only powers of two or K+1 rows."""
     live, pre = ToyModel(), ToyModel()
     a, b = _run(live, thr=thr), _run(pre, thr=thr, branches="prefix")
@@ -186,7 +201,7 @@ def test_dp_prefix_branches_equal_live_branches(thr):
     sizes = [n for _, n in pre.calls]
     assert [i for i, _ in pre.calls] == list(range(2 * L)) and sizes == sorted(sizes)
     assert set(sizes) <= {1, 2, 4, 8, K + 1} and sizes[0] == 1
-    assert all(n >= m for n, (_, m) in zip(sizes, live.calls))    # every live state was run
+    assert all(n >= m for n, (_, m) in zip(sizes, live.calls))  # every live state was run
     with pytest.raises(ValueError, match="branches"):
         _run(ToyModel(), branches="all")
 
@@ -195,7 +210,7 @@ def test_dp_budget_and_pruning():
     model = ToyModel()
     cands = _run(model, budget=2)
     assert max(c.weight for c in cands) <= 2 and set(cands[-1].skipset.items()) <= NEAR_ID
-    strict = _run(model, thr=0.99)                      # prune everything that skips a real sublayer
+    strict = _run(model, thr=0.99)  # prune everything that skips a real sublayer
     assert all(c.cos >= 0.99 for c in strict)
     assert {c.weight for c in strict} <= {0, 1, 2, 3, 4}
     assert len(strict) < len(_run(model, thr=-2.0))
@@ -204,7 +219,10 @@ def test_dp_budget_and_pruning():
 
 def test_dp_always_returns_the_empty_set():
     model = ToyModel()
-    bad = lambda i, h: -h                               # a "model" that disagrees with its refs everywhere
+
+    def bad(i, h):  # a "model" that disagrees with its refs everywhere
+        return -h
+
     cands = knapsack_dp(bad, model.refs(), W, 9, sim_threshold=0.5, frozen_items=FROZEN)
     assert len(cands) == 1 and cands[0].weight == 0 and not cands[0].skipset
     assert torch.equal(cands[0].hidden, model.refs()[-1])
@@ -229,11 +247,15 @@ def test_dp_triton_equals_torch():
 
 # -- acceptance estimate ------------------------------------------------------------------------------------
 
+
 def test_estimate_acceptance_top1_agreement():
     g = torch.Generator().manual_seed(0)
     V = 50
     head = torch.randn(D, V, generator=g)
-    logits_fn = lambda h: h @ head
+
+    def logits_fn(h):
+        return h @ head
+
     full = torch.randn(R, D, generator=g)
     noisy = full + 0.3 * torch.randn(R, D, generator=g)
     cands = torch.stack([full, -full, noisy, torch.randn(R, D, generator=g)])
@@ -253,7 +275,8 @@ def test_warmup_kernels_runs_every_specialisation_class_or_nothing():
     """The load-time warm-up compiles the DP kernel for each value class of r and w (interpreted here); with the
     torch path there is nothing to compile and it does no work."""
     from vllm_knapspec.dp import warmup_kernels
+
     assert warmup_kernels(64, torch.float32, "cpu", 32, impl="torch") == 0
     if HAS_TRITON and interpret_mode():
         assert warmup_kernels(64, torch.float32, "cpu", 32, impl="auto") == 2 * 4
-        assert warmup_kernels(64, torch.float32, "cpu", 1, impl="auto") == 4      # r = 1 has one class
+        assert warmup_kernels(64, torch.float32, "cpu", 1, impl="auto") == 4  # r = 1 has one class

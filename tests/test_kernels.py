@@ -1,25 +1,32 @@
 """Triton kernels vs their torch references (run on CPU with TRITON_INTERPRET=1, or on CUDA)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import HAS_TRITON, interpret_mode, resolve_impl
-from kernels.dp_step import dp_step, dp_step_torch
-from kernels.tpt_argmax import tpt_argmax, tpt_argmax_torch
+from vllm_knapspec.kernels import HAS_TRITON, interpret_mode, resolve_impl
+from vllm_knapspec.kernels.dp_step import dp_step, dp_step_torch
+from vllm_knapspec.kernels.tpt_argmax import tpt_argmax, tpt_argmax_torch
 from vllm_knapspec.tpt import batch_tpt
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(not (HAS_TRITON and (interpret_mode() or torch.cuda.is_available())),
-                                  reason="needs triton with CUDA or TRITON_INTERPRET=1")
+needs_triton = pytest.mark.skipif(
+    not (HAS_TRITON and (interpret_mode() or torch.cuda.is_available())),
+    reason="needs triton with CUDA or TRITON_INTERPRET=1",
+)
 
 
 # -- dp_step ------------------------------------------------------------------------------------------
+
 
 def _oracle(prev, exe, ref, w, pv, thr):
     """Independent per-j loop of the transition rule (F.normalize cosines, float64)."""
     K1 = prev.shape[0]
     refn = F.normalize(ref.double(), dim=-1)
-    score = lambda h: (F.normalize(h.double(), dim=-1) * refn).sum(-1).mean().item()
+
+    def score(h):
+        return (F.normalize(h.double(), dim=-1) * refn).sum(-1).mean().item()
+
     sel, sc, ok = [], [], []
     for j in range(K1):
         cands = []
@@ -50,11 +57,11 @@ def _case(seed, K1, r, d, dtype=torch.float32, p_valid=0.7):
 def _check_same(a, b):
     assert a.parent_skip.tolist() == b.parent_skip.tolist()
     assert a.valid.tolist() == b.valid.tolist()
-    fin = torch.isfinite(b.score)                # -inf = no candidate, in both
+    fin = torch.isfinite(b.score)  # -inf = no candidate, in both
     assert torch.equal(torch.isfinite(a.score), fin)
     assert torch.equal(a.score[~fin], b.score[~fin])
     assert torch.allclose(a.score[fin], b.score[fin], atol=1e-5, rtol=0)
-    assert torch.equal(a.new, b.new)           # a copy of the chosen candidate, bit for bit
+    assert torch.equal(a.new, b.new)  # a copy of the chosen candidate, bit for bit
 
 
 def test_dp_step_torch_matches_oracle():
@@ -73,20 +80,23 @@ def test_dp_step_torch_matches_oracle():
             want = (prev[j - w] if s == "skip" else exe[j]) if ok[j] else torch.zeros_like(ref)
             assert torch.equal(out.new[j], want)
             seen["none" if s is None else s if ok[j] else "pruned"] += 1
-    assert min(seen.values()) > 0, seen          # every branch of the rule was exercised
+    assert min(seen.values()) > 0, seen  # every branch of the rule was exercised
 
 
 @needs_triton
-@pytest.mark.parametrize("K1,r,d,w,dtype,thr,p", [
-    (9, 3, 17, 1, torch.float32, 0.3, 0.7),
-    (9, 3, 17, 0, torch.float32, 0.3, 0.7),      # w = 0: skip and execute compete for the same j
-    (12, 5, 40, 4, torch.float32, 0.2, 0.5),     # w > j for j < 4
-    (6, 2, 40, 7, torch.float32, 0.2, 0.9),      # w > K: skip never possible (how frozen items run)
-    (8, 6, 600, 2, torch.float32, 0.1, 0.8),     # d > BLOCK_D and r > BLOCK_T: both loops, masked tails
-    (7, 9, 24, 2, torch.float16, 0.3, 0.7),      # half precision, non-power-of-2 r
-    (5, 2, 8, 1, torch.float32, 0.3, 0.0),       # nothing valid
-    (5, 2, 8, 1, torch.float32, -2.0, 1.0),      # nothing pruned
-])
+@pytest.mark.parametrize(
+    "K1,r,d,w,dtype,thr,p",
+    [
+        (9, 3, 17, 1, torch.float32, 0.3, 0.7),
+        (9, 3, 17, 0, torch.float32, 0.3, 0.7),  # w = 0: skip and execute compete for the same j
+        (12, 5, 40, 4, torch.float32, 0.2, 0.5),  # w > j for j < 4
+        (6, 2, 40, 7, torch.float32, 0.2, 0.9),  # w > K: skip never possible (how frozen items run)
+        (8, 6, 600, 2, torch.float32, 0.1, 0.8),  # d > BLOCK_D and r > BLOCK_T: both loops, masked tails
+        (7, 9, 24, 2, torch.float16, 0.3, 0.7),  # half precision, non-power-of-2 r
+        (5, 2, 8, 1, torch.float32, 0.3, 0.0),  # nothing valid
+        (5, 2, 8, 1, torch.float32, -2.0, 1.0),  # nothing pruned
+    ],
+)
 def test_dp_step_triton_matches_torch(K1, r, d, w, dtype, thr, p):
     prev, exe, ref, pv = _case(K1 * 100 + d + w, K1, r, d, dtype, p)
     a = dp_step(prev, exe, ref, w, pv, thr, impl="triton")
@@ -101,11 +111,11 @@ def test_dp_step_triton_matches_torch(K1, r, d, w, dtype, thr, p):
 def test_dp_step_tie_goes_to_execute(impl):
     prev, exe, ref, pv = _case(7, 6, 3, 16, p_valid=1.0)
     w = 2
-    exe[3] = prev[1]                              # identical candidates for j = 3: exact tie
+    exe[3] = prev[1]  # identical candidates for j = 3: exact tie
     out = dp_step(prev, exe, ref, w, pv, -2.0, impl=impl)
     assert out.parent_skip[3].item() is False
     # and a strictly better skip wins
-    exe[4] = -ref                                 # cos = -1 for execute at j = 4
+    exe[4] = -ref  # cos = -1 for execute at j = 4
     out = dp_step(prev, exe, ref, w, pv, -2.0, impl=impl)
     assert out.parent_skip[4].item() is True and torch.equal(out.new[4], prev[2])
 
@@ -123,6 +133,7 @@ def test_dp_step_out_buffer_and_alias():
 
 # -- tpt_argmax -------------------------------------------------------------------------------------------
 
+
 def _tpt_brute(alpha, t_draft, t_target, G):
     """Python loop over (c, gamma) with vllm_knapspec.tpt.batch_tpt in float64."""
     best = (-1.0, None, None)
@@ -136,7 +147,7 @@ def _tpt_brute(alpha, t_draft, t_target, G):
 
 def _tpt_case(seed, C, R):
     g = torch.Generator().manual_seed(seed)
-    alpha = torch.rand(C, R, generator=g) ** 0.3    # mostly high acceptance, like real drafts
+    alpha = torch.rand(C, R, generator=g) ** 0.3  # mostly high acceptance, like real drafts
     t_draft = 0.2 + 0.8 * torch.rand(C, generator=g)
     return alpha.to(DEV), t_draft.to(DEV)
 
@@ -167,10 +178,10 @@ def test_tpt_argmax_triton_matches_torch(C, R, G):
 
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_tpt_argmax_ties_and_edges(impl):
-    C, R, G = 300, 3, 8                           # 300 > one Triton block: ties across blocks too
+    C, R, G = 300, 3, 8  # 300 > one Triton block: ties across blocks too
     alpha = torch.full((C, R), 0.5, device=DEV)
     t_draft = torch.ones(C, device=DEV)
-    alpha[200] = 0.9                              # best row, duplicated later and in another block
+    alpha[200] = 0.9  # best row, duplicated later and in another block
     alpha[290] = 0.9
     t_draft[200] = t_draft[290] = 0.3
     res = tpt_argmax(alpha, t_draft, 1.0, G, impl=impl)

@@ -1,4 +1,5 @@
 """Tests for vllm_knapspec.latency (pure numpy, fast)."""
+
 import json
 import math
 import os
@@ -6,17 +7,21 @@ import os
 import numpy as np
 import pytest
 
-from vllm_knapspec.latency import (COEF_NAMES, PRIOR_RATIOS, LatencyModel, ProfileKey,
-                                   profile_path)
+from vllm_knapspec.latency import COEF_NAMES, PRIOR_RATIOS, LatencyModel, ProfileKey, profile_path
 from vllm_knapspec.skipset import SkipSet
 
 L = 32
 # a known "true" law (seconds), deliberately not the prior's scale or ratios
 TRUE = {
-    "attn_base_s": 25e-6, "attn_per_ctx_token_s": 3e-9, "attn_per_query_token_s": 0.1e-6,
-    "mlp_base_s": 90e-6, "mlp_per_token_s": 0.2e-6,
-    "draft_overhead_s": 0.8e-3, "draft_overhead_per_token_s": 3e-6,
-    "verify_overhead_s": 2e-3, "verify_overhead_per_token_s": 4e-6,
+    "attn_base_s": 25e-6,
+    "attn_per_ctx_token_s": 3e-9,
+    "attn_per_query_token_s": 0.1e-6,
+    "mlp_base_s": 90e-6,
+    "mlp_per_token_s": 0.2e-6,
+    "draft_overhead_s": 0.8e-3,
+    "draft_overhead_per_token_s": 3e-6,
+    "verify_overhead_s": 2e-3,
+    "verify_overhead_per_token_s": 4e-6,
 }
 
 
@@ -30,14 +35,12 @@ def true_mlp(T, c=TRUE):
 
 def true_draft(na, nm, ctx, c=TRUE):
     S, T = float(np.sum(ctx)), len(ctx)
-    return (na * true_attn(S, T, c) + nm * true_mlp(T, c) + c["draft_overhead_s"]
-            + c["draft_overhead_per_token_s"] * T)
+    return na * true_attn(S, T, c) + nm * true_mlp(T, c) + c["draft_overhead_s"] + c["draft_overhead_per_token_s"] * T
 
 
 def true_verify(ctx, T, c=TRUE):
     S = float(np.sum(ctx))
-    return (L * (true_attn(S, T, c) + true_mlp(T, c)) + c["verify_overhead_s"]
-            + c["verify_overhead_per_token_s"] * T)
+    return L * (true_attn(S, T, c) + true_mlp(T, c)) + c["verify_overhead_s"] + c["verify_overhead_per_token_s"] * T
 
 
 def scaled(c, f, names=None):
@@ -92,7 +95,7 @@ def simulate(model, rng, steps, truth_at, noise=0.02, outlier_rate=0.0, gamma=4)
                 t = true_verify(ctx, T, c)
             t *= math.exp(noise * rng.standard_normal())
             if outlier_rate and rng.random() < outlier_rate:
-                t *= rng.uniform(5, 50)            # GC pause / preemption
+                t *= rng.uniform(5, 50)  # GC pause / preemption
             if j < gamma:
                 model.observe_draft(na, nm, ctx + j, t)
             else:
@@ -107,7 +110,7 @@ def sublayer_samples(rng, n=400, noise=0.03, outlier_rate=0.0, verify_overhead=F
     samples = []
     for _ in range(n):
         R = int(rng.integers(1, 65))
-        hi = int(np.exp(rng.uniform(np.log(200), np.log(32000))))   # short and long batches
+        hi = int(np.exp(rng.uniform(np.log(200), np.log(32000))))  # short and long batches
         ctx = rng.integers(16, hi, size=R)
         q = int(rng.choice([1, 2, 5]))
         T = R * q
@@ -118,12 +121,12 @@ def sublayer_samples(rng, n=400, noise=0.03, outlier_rate=0.0, verify_overhead=F
                 t *= rng.uniform(10, 100) if rng.random() < 0.7 else rng.uniform(0.01, 0.1)
             samples.append({"kind": kind, "ctx_lens": ctx.tolist(), "num_tokens": T, "seconds": t})
         oh = TRUE["draft_overhead_s"] + TRUE["draft_overhead_per_token_s"] * T
-        samples.append({"kind": "overhead", "num_tokens": T,
-                        "seconds": oh * math.exp(noise * rng.standard_normal())})
+        samples.append({"kind": "overhead", "num_tokens": T, "seconds": oh * math.exp(noise * rng.standard_normal())})
         if verify_overhead:
             ov = TRUE["verify_overhead_s"] + TRUE["verify_overhead_per_token_s"] * T
-            samples.append({"kind": "verify_overhead", "num_tokens": T,
-                            "seconds": ov * math.exp(noise * rng.standard_normal())})
+            samples.append(
+                {"kind": "verify_overhead", "num_tokens": T, "seconds": ov * math.exp(noise * rng.standard_normal())}
+            )
     return samples
 
 
@@ -147,9 +150,9 @@ def test_prior_used_when_nothing_observed():
         assert c[name] == pytest.approx(PRIOR_RATIOS[name] * 40e-6)
     assert m.source == "prior"
     ta, tm = m.sublayer_times([512])
-    assert 1.5 < tm / ta < 2.5                            # MLP ≈ 2x attention at short context
+    assert 1.5 < tm / ta < 2.5  # MLP ≈ 2x attention at short context
     ta_long, _ = m.sublayer_times([200_000])
-    assert ta_long > tm                                   # attention dominates at long context
+    assert ta_long > tm  # attention dominates at long context
     assert all(math.isnan(v) for v in m.prediction_error().values())
     assert c["draft_observations"] == 0 and c["verify_observations"] == 0
     # prior steps are self-consistent: skipping makes the draft cheaper than the full model
@@ -222,8 +225,9 @@ def test_offline_fit_batch1_profile_like_paper():
     samples = []
     for n in range(1000, 26000, 1000):
         for _ in range(3):
-            samples.append({"kind": "attn", "total_ctx": n,
-                            "seconds": true_attn(n, 1) * math.exp(0.01 * rng.standard_normal())})
+            samples.append(
+                {"kind": "attn", "total_ctx": n, "seconds": true_attn(n, 1) * math.exp(0.01 * rng.standard_normal())}
+            )
             samples.append({"kind": "mlp", "seconds": true_mlp(1) * math.exp(0.01 * rng.standard_normal())})
     m = LatencyModel(L)
     m.fit_sublayers(samples)
@@ -232,15 +236,17 @@ def test_offline_fit_batch1_profile_like_paper():
         assert rel(ta, true_attn(n, 1)) < 0.03 and rel(tm, true_mlp(1)) < 0.03
     c = m.coefficients()
     assert c["attn_per_query_token_s"] / c["attn_base_s"] == pytest.approx(
-        PRIOR_RATIOS["attn_per_query_token_s"] / PRIOR_RATIOS["attn_base_s"])
+        PRIOR_RATIOS["attn_per_query_token_s"] / PRIOR_RATIOS["attn_base_s"]
+    )
     # overhead was not profiled: rescaled with the attention base, prior ratios kept
     assert c["draft_overhead_s"] / c["attn_base_s"] == pytest.approx(
-        PRIOR_RATIOS["draft_overhead_s"] / PRIOR_RATIOS["attn_base_s"], rel=0.02)
+        PRIOR_RATIOS["draft_overhead_s"] / PRIOR_RATIOS["attn_base_s"], rel=0.02
+    )
 
 
 def test_online_converges_from_prior():
     rng = np.random.default_rng(3)
-    m = LatencyModel(L)                                   # prior: wrong scale and ratios
+    m = LatencyModel(L)  # prior: wrong scale and ratios
     probes = probe_set()
     for _ in simulate(m, rng, 600, lambda i: TRUE):
         pass
@@ -260,14 +266,17 @@ def test_online_robust_to_outliers():
         n_out += 1
     worst, med = probe_max_err(m, probes, TRUE)
     assert med <= 0.05 and worst <= 0.10, (med, worst)
-    assert m.regime_changes == 0                          # isolated spikes are not a new regime
+    assert m.regime_changes == 0  # isolated spikes are not a new regime
     err = m.prediction_error()
     assert err["draft"] <= 0.05 and err["verify"] <= 0.05, err
 
 
 def _steps_to_adapt(m, rng, new_truth, change_at=400, total=800, tol=0.10):
     probes = probe_set()
-    truth = lambda i: TRUE if i < change_at else new_truth
+
+    def truth(i):
+        return TRUE if i < change_at else new_truth
+
     last_bad = None
     for i, _ in simulate(m, rng, total, truth):
         if i < change_at:
@@ -275,11 +284,11 @@ def _steps_to_adapt(m, rng, new_truth, change_at=400, total=800, tol=0.10):
         worst, _ = probe_max_err(m, probes, new_truth)
         if worst > tol:
             last_bad = i
-    assert last_bad is None or last_bad < total - 100   # settled well before the end
+    assert last_bad is None or last_bad < total - 100  # settled well before the end
     return 0 if last_bad is None else last_bad - change_at + 1
 
 
-ADAPT_BOUND = 20     # observations after a uniform x2 change until every probe is within 10 %
+ADAPT_BOUND = 20  # observations after a uniform x2 change until every probe is within 10 %
 
 
 @pytest.mark.parametrize("seed,start", [(6, "prior"), (16, "profile")])
@@ -311,7 +320,7 @@ def test_online_adapts_to_attention_only_slowdown():
     m = LatencyModel(L)
     names = {"attn_base_s", "attn_per_ctx_token_s", "attn_per_query_token_s"}
     steps = _steps_to_adapt(m, rng, scaled(TRUE, 3.0, names), total=900)
-    assert steps <= 200, steps                            # observed 49-154 over 30 seeds
+    assert steps <= 200, steps  # observed 49-154 over 30 seeds
 
 
 def test_outlier_bursts_are_not_a_regime_change():
@@ -331,11 +340,11 @@ def test_outlier_bursts_are_not_a_regime_change():
             m.observe_draft(na, nm, ctx, true_draft(na, nm, ctx) * f)
         else:
             m.observe_verify(ctx, 5 * len(ctx), true_verify(ctx, 5 * len(ctx)) * f)
-        if i > 300 and i % 97 == 53:                      # right after a burst
+        if i > 300 and i % 97 == 53:  # right after a burst
             worst, med = probe_max_err(m, probes, TRUE)
             assert worst <= 0.10 and med <= 0.05, (i, worst, med)
     baseline = m.regime_changes
-    assert baseline <= 1                                  # at most the initial verify-overhead fix
+    assert baseline <= 1  # at most the initial verify-overhead fix
 
 
 def test_bad_measurements_ignored():
@@ -353,7 +362,10 @@ def test_gradual_drift_tracked():
     rng = np.random.default_rng(9)
     m = LatencyModel(L)
     probes = probe_set()
-    f = lambda i: 1.0 if i < 300 else min(1.5, 1.0 + (i - 300) / 1000)   # +50 % over 1000 steps
+
+    def f(i):  # +50 % over 1000 steps
+        return 1.0 if i < 300 else min(1.5, 1.0 + (i - 300) / 1000)
+
     for i, _ in simulate(m, rng, 1500, lambda i: scaled(TRUE, f(i))):
         if i > 400 and i % 25 == 0:
             worst, _ = probe_max_err(m, probes, scaled(TRUE, f(i)))
@@ -382,9 +394,9 @@ def test_fit_draft_steps_recovers_law_from_whole_steps():
         na, nm = int(rng.integers(0, L + 1)), int(rng.integers(0, L + 1))
         sec = true_draft(na, nm, ctx) * (1 + 0.02 * rng.standard_normal())
         if rng.random() < 0.03:
-            sec *= 5                                          # a GC pause
+            sec *= 5  # a GC pause
         samples.append(dict(n_attn_kept=na, n_mlp_kept=nm, ctx_lens=ctx, seconds=sec))
-    m = LatencyModel(L, scaled(TRUE, 0.3))                      # a sublayer fit 3x too cheap
+    m = LatencyModel(L, scaled(TRUE, 0.3))  # a sublayer fit 3x too cheap
     report = m.fit_draft_steps(samples)
     assert report["n"] == 150 and report["mdape"] < 0.03
     for ctx in (np.array([512]), np.array([8000] * 16)):
@@ -406,8 +418,7 @@ def test_observe_draft_multi_step_matches_sum():
 
 def test_save_load_roundtrip(tmp_path):
     rng = np.random.default_rng(10)
-    key = ProfileKey.make("meta-llama/Llama-3.1-8B-Instruct", "NVIDIA H100 80GB HBM3",
-                          "torch.bfloat16", 2)
+    key = ProfileKey.make("meta-llama/Llama-3.1-8B-Instruct", "NVIDIA H100 80GB HBM3", "torch.bfloat16", 2)
     m = LatencyModel(L, key=key)
     for _ in simulate(m, rng, 200, lambda i: TRUE):
         pass
@@ -417,7 +428,7 @@ def test_save_load_roundtrip(tmp_path):
     assert "bfloat16" in name and "tp2" in name and "torch" not in name
     assert profile_path(tmp_path, "org/m", "d", "fp16", 1) != profile_path(tmp_path, "org_m", "d", "fp16", 1)
     m.save(path)
-    json.load(open(path))                                 # plain JSON
+    json.load(open(path))  # plain JSON
     m2 = LatencyModel.load(path, expect_key=key)
     assert m2.key == key and m2.num_layers == L
     c1, c2 = m.coefficients(), m2.coefficients()
@@ -444,10 +455,16 @@ def test_fit_draft_steps_prior_keeps_context_slope_from_few_noisy_steps():
     """The profiler's quick grid (2 contexts x 2 batches x 4 skip sets, 10 % timing noise) barely separates seven
     coefficients: without the sublayer fit as a prior the per-context-token attention cost is sometimes fitted to 0
     (CI saw it once); with it, never, and whole steps are predicted better."""
-    sub = {"attn_base_s": 4.8e-4, "attn_per_ctx_token_s": 1.5e-7, "attn_per_query_token_s": 2.8e-4,
-           "mlp_base_s": 7.0e-4, "mlp_per_token_s": 1.8e-4, "draft_overhead_s": 3.2e-3,
-           "draft_overhead_per_token_s": 8.8e-4}                       # a CPU sublayer fit of SmolLM2 (30 layers)
-    true = dict(sub, attn_base_s=6e-4, mlp_base_s=8e-4, attn_per_ctx_token_s=1.2e-7)   # whole steps cost more
+    sub = {
+        "attn_base_s": 4.8e-4,
+        "attn_per_ctx_token_s": 1.5e-7,
+        "attn_per_query_token_s": 2.8e-4,
+        "mlp_base_s": 7.0e-4,
+        "mlp_per_token_s": 1.8e-4,
+        "draft_overhead_s": 3.2e-3,
+        "draft_overhead_per_token_s": 8.8e-4,
+    }  # a CPU sublayer fit of SmolLM2 (30 layers)
+    true = dict(sub, attn_base_s=6e-4, mlp_base_s=8e-4, attn_per_ctx_token_s=1.2e-7)  # whole steps cost more
     n_layers, res = 30, {}
     for name, ps in (("none", 0.0), ("prior", None)):
         zeros, errs = 0, []
@@ -464,12 +481,12 @@ def test_fit_draft_steps_prior_keeps_context_slope_from_few_noisy_steps():
                         probes.append((int(rng.integers(0, n_layers + 1)), int(rng.integers(0, n_layers + 1)), n, B))
             m.fit_draft_steps(samples, prior_sigma=ps)
             zeros += m.coefficients()["attn_per_ctx_token_s"] == 0
-            errs += [rel(m.draft_step_time((na, nm), [n] * B), true_draft(na, nm, [n] * B, true))
-                     for na, nm, n, B in probes]
+            errs += [
+                rel(m.draft_step_time((na, nm), [n] * B), true_draft(na, nm, [n] * B, true)) for na, nm, n, B in probes
+            ]
         res[name] = zeros, float(np.median(errs))
     assert res["none"][0] > 0 and res["prior"][0] == 0, res
     assert res["prior"][1] < res["none"][1], res
-
 
 
 # draft-model coefficients as the live CPU engine had them (SmolLM2, 30 layers), seconds

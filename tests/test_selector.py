@@ -1,8 +1,8 @@
 """The selector on the real model: it chooses sets on the fly and stays lossless; it skips more attention as
 the context grows (attention cost grows with context, MLP cost does not)."""
+
 import inspect
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,19 +10,25 @@ from vllm import SamplingParams
 
 from conftest import drafter_of, make_llm, spec_counters
 from prompts import CODE, PROSE
-from vllm_knapspec.config import parse_knapspec
+from vllm_knapspec.config import PROFILE_DIR, parse_knapspec
 from vllm_knapspec.latency import LatencyModel
 from vllm_knapspec.selector import KnapSpecSelector, make_selector
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # Selection is costly on 2 CPU cores (a DP pass ~ a prefill of (K+1)*r tokens): small r, no overhead cap,
 # and min_speedup 0 so the chosen sets really draft (on CPU plain decoding often wins, which is the point
 # of the selector; here we test that what it chooses is lossless). kernels "torch": what "auto" is on a CPU
 # deployment; under the suite's TRITON_INTERPRET=1 "auto" would run the DP in Triton's interpreter
 # (Triton == torch is tested in test_kernels.py and test_dp.py).
-SELECTOR = {"method": "knapspec", "num_speculative_tokens": 4, "reference_tokens": 8, "reselect_interval": 12,
-            "max_selection_overhead": 1.0, "min_speedup": 0.0, "confidence_threshold": 0.0, "kernels": "torch"}
+SELECTOR = {
+    "method": "knapspec",
+    "num_speculative_tokens": 4,
+    "reference_tokens": 8,
+    "reselect_interval": 12,
+    "max_selection_overhead": 1.0,
+    "min_speedup": 0.0,
+    "confidence_threshold": 0.0,
+    "kernels": "torch",
+}
 GREEDY = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
 PROMPTS = PROSE[:4] + CODE[:4]
 
@@ -30,7 +36,7 @@ PROMPTS = PROSE[:4] + CODE[:4]
 def fresh_selector(llm, first_now: bool = True) -> KnapSpecSelector:
     d = drafter_of(llm)
     d.selector = make_selector(d.cfg, d.draft, d.vllm_config)
-    if first_now:                     # don't wait for plain decoding to pay for the first DP
+    if first_now:  # don't wait for plain decoding to pay for the first DP
         d.selector.selection_s = 1e-9
     return d.selector
 
@@ -54,16 +60,17 @@ def test_selector_on_the_fly_is_lossless(spec_llm, baseline):
     sel = fresh_selector(spec_llm)
     plan = sel.plan
 
-    def plan_without_overhead_budget(rows, ctx):   # re-select on the step schedule, whatever a DP costs here
+    def plan_without_overhead_budget(rows, ctx):  # re-select on the step schedule, whatever a DP costs here
         sel.selection_s, sel._cost_scale = 1e-9, 0.0
         return plan(rows, ctx)
+
     sel.plan = plan_without_overhead_budget
     before = spec_counters(spec_llm)
     got = [list(o.outputs[0].token_ids) for o in spec_llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
     after = spec_counters(spec_llm)
     print("selections:", [(h["ctx"], h["skip"], h["gamma"], round(h["alpha"], 3)) for h in sel.history])
     assert got == baseline
-    assert len(sel.history) >= 2                      # re-selected while decoding
+    assert len(sel.history) >= 2  # re-selected while decoding
     assert any(h["attn"] + h["mlp"] > 0 for h in sel.history)
     drafted = after["vllm:spec_decode_num_draft_tokens"] - before.get("vllm:spec_decode_num_draft_tokens", 0)
     assert drafted > 0
@@ -96,13 +103,15 @@ def attn_share(skip: str) -> float:
 
 def test_attention_weight_grows_with_context(spec_llm, model_path):
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(model_path)
     first = {}
     # same kind of text (Python source), same number of reference tokens; only the context length differs
     for name, n in (("short", 160), ("long", 3500)):
         sel = fresh_selector(spec_llm)
-        spec_llm.generate([long_prompt(tok, n)], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
-                          use_tqdm=False)
+        spec_llm.generate(
+            [long_prompt(tok, n)], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False
+        )
         assert sel.history, f"no selection for the {name} prompt"
         first[name] = sel.history[0]
     share = {k: sum(attn_share(t["skip"]) for t in v["top"]) / len(v["top"]) for k, v in first.items()}
@@ -149,11 +158,12 @@ def test_selector_skips_more_attention_when_context_prices_it_higher(spec_llm, m
     at 8000 tokens of context. At 8000 an attention sublayer costs twice an MLP (integer weights 2:1, 1:1 at 256),
     so skipping attention saves more time per similarity lost and the chosen set skips more attention."""
     from transformers import AutoTokenizer
+
     d = drafter_of(spec_llm)
     cfg = parse_knapspec({**d.cfg.model_dump(), "reference_tokens": 32})
     sel = d.selector = make_selector(cfg, d.draft, d.vllm_config)
     sel.selection_s = 1e-9
-    profile = LatencyModel.load(ROOT / "configs" / "profiles" / "SmolLM2-135M-Instruct.cpu.float32.json")
+    profile = LatencyModel.load(PROFILE_DIR / "SmolLM2-135M-Instruct.cpu.float32.json")
     runs, select = {}, sel.select
 
     def select_twice(rows, ctx):
@@ -163,14 +173,18 @@ def test_selector_skips_more_attention_when_context_prices_it_higher(spec_llm, m
                 select(rows, ctx)
                 runs[name] = sel.history[-1]
         return select(rows, ctx)
+
     sel.select = select_twice
     tok = AutoTokenizer.from_pretrained(model_path)
-    spec_llm.generate([long_prompt(tok, 2000)], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True),
-                      use_tqdm=False)
+    spec_llm.generate(
+        [long_prompt(tok, 2000)], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), use_tqdm=False
+    )
     s, l = runs["short"], runs["long"]
-    print({k: (v["w_attn"], v["w_mlp"], v["attn"], v["mlp"], v["gamma"], round(v["speedup"], 3)) for k, v in runs.items()})
-    assert l["w_attn"] / l["w_mlp"] > s["w_attn"] / s["w_mlp"]          # attention got dearer relative to MLP
-    assert l["attn"] > s["attn"]                                         # ... so more of it is skipped
+    print(
+        {k: (v["w_attn"], v["w_mlp"], v["attn"], v["mlp"], v["gamma"], round(v["speedup"], 3)) for k, v in runs.items()}
+    )
+    assert l["w_attn"] / l["w_mlp"] > s["w_attn"] / s["w_mlp"]  # attention got dearer relative to MLP
+    assert l["attn"] > s["attn"]  # ... so more of it is skipped
     assert l["attn"] / (l["attn"] + l["mlp"]) > s["attn"] / max(s["attn"] + s["mlp"], 1)
 
 
@@ -179,23 +193,27 @@ def test_dp_prefix_branches_equal_live_branches_on_the_real_model(spec_llm, monk
     item) and the CPU's ("live": exactly the valid states) on the same real reference states: the paged
     attention of the extra (dead, all-zero) branches must not leak into the live ones."""
     from vllm_knapspec import dp
+
     runs, orig = [], dp.knapsack_dp
 
     def both(*a, **kw):
         runs.append({b: orig(*a, **kw, branches=b) for b in ("live", "prefix")})
         return runs[-1]["live"]
+
     monkeypatch.setattr(dp, "knapsack_dp", both)
     fresh_selector(spec_llm)
     spec_llm.generate([PROSE[0]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), use_tqdm=False)
     assert runs, "no selection ran"
     live, pre = runs[0]["live"], runs[0]["prefix"]
-    print(f"{len(live)} candidates; differing sets:",
-          [(str(a.skipset), str(b.skipset)) for a, b in zip(live, pre) if a.skipset != b.skipset])
+    print(
+        f"{len(live)} candidates; differing sets:",
+        [(str(a.skipset), str(b.skipset)) for a, b in zip(live, pre) if a.skipset != b.skipset],
+    )
     assert len(live) > 3 and [c.weight for c in live] == [c.weight for c in pre]
     for a, b in zip(live, pre):
         assert a.cos == pytest.approx(b.cos, abs=1e-4)
     same = sum(a.skipset == b.skipset for a, b in zip(live, pre))
-    assert same >= 0.9 * len(live)        # fp32 GEMMs of another row count may flip a near-tie, rarely
+    assert same >= 0.9 * len(live)  # fp32 GEMMs of another row count may flip a near-tie, rarely
 
 
 def _median(xs):
@@ -214,10 +232,11 @@ def test_latency_model_follows_an_injected_slowdown(spec_llm):
     injected slowdown alone did to the model."""
     import copy
     import time
+
     sel = fresh_selector(spec_llm)
     d = drafter_of(spec_llm)
     lat, slow = sel.latency, {"on": False, "slept": 0.0}
-    seen = []                      # (slowed, predicted, measured, injected sleep, observe_draft arguments)
+    seen = []  # (slowed, predicted, measured, injected sleep, observe_draft arguments)
     orig_observe, orig_draft = lat.observe_draft, d._draft
 
     def observe(n_attn, n_mlp, ctx, seconds, **kw):
@@ -241,28 +260,35 @@ def test_latency_model_follows_an_injected_slowdown(spec_llm):
         prompts = PROMPTS * 2
         spec_llm.generate(prompts[:8], GREEDY, use_tqdm=False)
         control = copy.deepcopy(lat)
-        del control.observe_draft          # the copy took the wrapper below along; the control is unobserved
+        del control.observe_draft  # the copy took the wrapper below along; the control is unobserved
         slow["on"] = True
         spec_llm.generate(prompts[8:], GREEDY, use_tqdm=False)
     finally:
         lat.observe_draft, d._draft = orig_observe, orig_draft
     live = [x for x in seen if x[0]]
-    print("live (slowed, predicted ms, measured ms):",
-          [(on, round(p * 1e3, 1), round(s * 1e3, 1)) for on, p, s, *_ in seen])
+    print(
+        "live (slowed, predicted ms, measured ms):",
+        [(on, round(p * 1e3, 1), round(s * 1e3, 1)) for on, p, s, *_ in seen],
+    )
     assert len(seen) - len(live) >= 20 and len(live) >= 40, (len(seen) - len(live), len(live))
     ctrl = [(control.observe_draft(*args, s - slept, **kw), s - slept) for _, _, s, slept, args, kw in live]
-    err = lambda rows: [abs(p - s) / s for p, s in rows]
+
+    def err(rows):
+        return [abs(p - s) / s for p, s in rows]
+
     live_ps = [(p, s) for _, p, s, *_ in live]
     jump = _median([s / p for p, s in live_ps[:3]]) / _median([s / p for p, s in ctrl[:3]])
     settled, settled_ctrl = _median(err(live_ps)[30:]), _median(err(ctrl)[30:])
     level = _median([p / pc for (p, _), (pc, _) in zip(live_ps[30:], ctrl[30:])])
     print("control (predicted ms, measured ms):", [(round(p * 1e3, 1), round(s * 1e3, 1)) for p, s in ctrl])
-    print(f"measured/predicted x{jump:.2f} of the control's right after the slowdown; median error after 30 "
-          f"drafts {settled:.3f} (control {settled_ctrl:.3f}); predictions x{level:.2f} of the control's; "
-          f"regime changes {lat.regime_changes} (control {control.regime_changes})")
-    assert jump > 1.5                                   # the slowdown was real and unpredicted ...
-    assert settled < max(0.25, 1.5 * settled_ctrl)     # ... followed within 30 drafts as well as no change is
-    assert 1.5 < level < 2.7                            # ... by doubling the model's predictions
+    print(
+        f"measured/predicted x{jump:.2f} of the control's right after the slowdown; median error after 30 "
+        f"drafts {settled:.3f} (control {settled_ctrl:.3f}); predictions x{level:.2f} of the control's; "
+        f"regime changes {lat.regime_changes} (control {control.regime_changes})"
+    )
+    assert jump > 1.5  # the slowdown was real and unpredicted ...
+    assert settled < max(0.25, 1.5 * settled_ctrl)  # ... followed within 30 drafts as well as no change is
+    assert 1.5 < level < 2.7  # ... by doubling the model's predictions
 
 
 def test_calibration_runs_a_selection_pass_on_the_real_model(spec_llm, baseline):
@@ -270,6 +296,7 @@ def test_calibration_runs_a_selection_pass_on_the_real_model(spec_llm, baseline)
     acceptance pass on synthetic inputs that writes no KV, makes no selection, and sets the scale that prices
     the first selection; the outputs stay those of plain decoding."""
     import torch
+
     sel = fresh_selector(spec_llm, first_now=False)
     caches = [t for t in drafter_of(spec_llm).runner.kv_caches if isinstance(t, torch.Tensor)]
     before = [float(t.double().sum()) for t in caches]
@@ -277,7 +304,7 @@ def test_calibration_runs_a_selection_pass_on_the_real_model(spec_llm, baseline)
     r = sel.cfg.reference_tokens
     assert cost > 0 and sel._cost_scale == pytest.approx(cost / sel._estimated_selection_s(np.array([2 * r])))
     assert [float(t.double().sum()) for t in caches] == before and not sel.history and sel.current is None
-    ref = sel.adapter.synthetic(r)                 # its branches see the same prefix: a copy runs like the reference
+    ref = sel.adapter.synthetic(r)  # its branches see the same prefix: a copy runs like the reference
     h = ref.refs[:-1].unsqueeze(1).expand(-1, 2, -1, -1)
     for item in (0, 1, 2 * sel.L - 2):
         assert torch.allclose(ref.run_item(item, h[item].contiguous())[1], ref.refs[item + 1], atol=1e-4)

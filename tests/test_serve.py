@@ -1,5 +1,6 @@
 """The real thing: `vllm serve MODEL --speculative-config <yaml>` (multiprocess engine, CPU) answers OpenAI
 requests, streams, and exposes vLLM's spec-decode metrics and KnapSpec's own on /metrics."""
+
 import json
 import os
 import re
@@ -14,7 +15,8 @@ import httpx
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from vllm_knapspec.config import CONFIG_DIR
+
 VLLM = str(Path(sys.executable).parent / "vllm")
 STALE_STEPS = 1e9
 
@@ -29,7 +31,7 @@ def free_port() -> int:
 def server(model_path, tmp_path_factory):
     # The shipped YAML, with selection made cheap enough to happen within a short test on 2 CPU cores and
     # min_speedup 0 so it drafts (on CPU the selector usually, rightly, prefers plain decoding).
-    cfg = yaml.safe_load((ROOT / "configs" / "knapspec.yaml").read_text())
+    cfg = yaml.safe_load((CONFIG_DIR / "knapspec.yaml").read_text())
     cfg.update(reference_tokens=8, max_selection_overhead=1.0, min_speedup=0.0, reselect_interval=16)
     path = tmp_path_factory.mktemp("serve") / "knapspec.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -37,16 +39,37 @@ def server(model_path, tmp_path_factory):
     # A metrics folder inherited from a parent process (here: a stale one holding a dead worker's snapshot,
     # as after earlier in-process engines in this pytest run) must be ignored by the server's front-end.
     stale = tmp_path_factory.mktemp("stale-metrics")
-    (stale / "worker-1.json").write_text(json.dumps(
-        {"pid": 1, "time": 0, "counters": {"draft_steps": STALE_STEPS}, "gauges": {}}))
+    (stale / "worker-1.json").write_text(
+        json.dumps({"pid": 1, "time": 0, "counters": {"draft_steps": STALE_STEPS}, "gauges": {}})
+    )
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_KNAPSPEC_METRICS_DIR": str(stale)}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)          # the real multiprocess server
-    env.pop("TRITON_INTERPRET", None)   # as deployed on CPU (the suite sets it for the kernel tests): torch DP
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real multiprocess server
+    env.pop("TRITON_INTERPRET", None)  # as deployed on CPU (the suite sets it for the kernel tests): torch DP
     log = open(path.parent / "server.log", "w")
-    proc = subprocess.Popen([VLLM, "serve", model_path, "--host", "127.0.0.1", "--port", str(port),
-                             "--speculative-config", str(path), "--dtype", "float32", "--enforce-eager",
-                             "--max-model-len", "2048", "--served-model-name", "smollm2"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            VLLM,
+            "serve",
+            model_path,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--speculative-config",
+            str(path),
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--max-model-len",
+            "2048",
+            "--served-model-name",
+            "smollm2",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 300
@@ -77,17 +100,34 @@ def metric(text: str, name: str) -> float:
 
 
 def test_completion_then_streaming_chat_then_metrics(server):
-    r = httpx.post(server + "/v1/completions", timeout=300, json={
-        "model": "smollm2", "prompt": "def fibonacci(n):\n", "max_tokens": 256, "temperature": 0,
-        "ignore_eos": True})
+    r = httpx.post(
+        server + "/v1/completions",
+        timeout=300,
+        json={
+            "model": "smollm2",
+            "prompt": "def fibonacci(n):\n",
+            "max_tokens": 256,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["usage"]["completion_tokens"] == 256 and body["choices"][0]["text"].strip()
 
     chunks = []
-    with httpx.stream("POST", server + "/v1/chat/completions", timeout=300, json={
-            "model": "smollm2", "stream": True, "max_tokens": 48, "temperature": 0,
-            "messages": [{"role": "user", "content": "Write a haiku about the ocean."}]}) as s:
+    with httpx.stream(
+        "POST",
+        server + "/v1/chat/completions",
+        timeout=300,
+        json={
+            "model": "smollm2",
+            "stream": True,
+            "max_tokens": 48,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "Write a haiku about the ocean."}],
+        },
+    ) as s:
         assert s.status_code == 200
         for line in s.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":

@@ -1,27 +1,41 @@
-"""Short soak (scripts/soak.py --short, ~2-3 min): a KnapSpec server under concurrent streaming clients with
+"""Short soak (knapspec-soak --short, ~2-3 min): a KnapSpec server under concurrent streaming clients with
 mid-stream aborts, prompts up to max_model_len and a KV cache small enough to force preemption. Drafting is
 forced on (min_speedup 0) so speculation itself is under load: 0 server errors, every completed greedy
 response equal to the plain server's, memory flat."""
+
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from vllm_knapspec.config import CONFIG_DIR
 
 
 @pytest.mark.slow
 def test_short_soak(tmp_path, model_path):
-    cfg = yaml.safe_load((ROOT / "configs" / "knapspec.yaml").read_text())
+    cfg = yaml.safe_load((CONFIG_DIR / "knapspec.yaml").read_text())
     cfg.update(min_speedup=0.0, max_selection_overhead=1.0, reference_tokens=8, reselect_interval=32)
     spec = tmp_path / "knapspec.yaml"
     spec.write_text(yaml.safe_dump(cfg))
-    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "soak.py"), "--short", "--model", model_path,
-                        "--speculative-config", str(spec), "--log-dir", str(tmp_path / "logs")],
-                       capture_output=True, text=True, timeout=900,
-                       env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})   # as deployed on CPU
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vllm_knapspec.tools.soak",
+            "--short",
+            "--model",
+            model_path,
+            "--speculative-config",
+            str(spec),
+            "--log-dir",
+            str(tmp_path / "logs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+    )  # as deployed on CPU
     print(p.stdout[-4000:], p.stderr[-2000:])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

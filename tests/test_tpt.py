@@ -1,16 +1,25 @@
 """TPT objective: expected tokens, batch-aware TPT and the speculate-or-not decision."""
+
 import math
 
 import pytest
 import torch
 
 from vllm_knapspec.skipset import SkipSet
-from vllm_knapspec.tpt import (batch_tpt, choose, draft_time, expected_tokens, plain_tpt,
-                               speculation_worthwhile, target_time, tpt)
+from vllm_knapspec.tpt import (
+    batch_tpt,
+    choose,
+    draft_time,
+    expected_tokens,
+    plain_tpt,
+    speculation_worthwhile,
+    target_time,
+    tpt,
+)
 
 
 def _series(a, g):
-    return sum(a ** k for k in range(g + 1))
+    return sum(a**k for k in range(g + 1))
 
 
 @pytest.mark.parametrize("g", [0, 1, 4, 10, 17])
@@ -31,15 +40,17 @@ def test_expected_tokens_matches_series_and_is_stable_near_one():
     for eps in [1e-9, 1e-12, 1e-15]:
         a = 1.0 - eps
         assert expected_tokens(a, 10) == pytest.approx(11 - 55 * eps, rel=1e-12)
-    a32 = torch.tensor([1 - 2 ** -24, 1 - 2 ** -20, 0.999, 0.5], dtype=torch.float32)
+    a32 = torch.tensor([1 - 2**-24, 1 - 2**-20, 0.999, 0.5], dtype=torch.float32)
     got = expected_tokens(a32, 10)
     want = torch.tensor([_series(x, 10) for x in a32.double().tolist()], dtype=torch.float64)
     assert torch.isfinite(got).all()
     assert torch.allclose(got.double(), want, rtol=1e-5)
     # tensor gamma broadcasts, and the float and tensor paths agree
     g = torch.arange(0, 6)
-    assert torch.allclose(expected_tokens(torch.tensor(0.8, dtype=torch.float64), g),
-                          torch.tensor([_series(0.8, int(k)) for k in g], dtype=torch.float64))
+    assert torch.allclose(
+        expected_tokens(torch.tensor(0.8, dtype=torch.float64), g),
+        torch.tensor([_series(0.8, int(k)) for k in g], dtype=torch.float64),
+    )
     # monotone in alpha and in gamma, clamped outside [0, 1]
     xs = [expected_tokens(a / 20, 8) for a in range(21)]
     assert all(x < y for x, y in zip(xs, xs[1:]))

@@ -9,22 +9,69 @@ A speculative config for KnapSpec looks like (flat, next to vLLM's own keys):
 
 `split_speculative_config` separates the two and turns it into vLLM's `draft_model` method (the runner then
 drafts with KnapSpecDrafter, the target's own modules).
+
+The default config and the latency profiles ship inside the package (`vllm_knapspec/configs/`): a config or
+profile named by its file name (`knapspec.yaml`, `SmolLM2-135M-Instruct.cpu.float32`) or by its path in a source
+checkout (`configs/knapspec.yaml`, `configs/profiles/<name>.json`) that is not a file here is the shipped one.
 No vLLM imports here.
 """
+
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 METHOD = "knapspec"
 # vLLM SpeculativeConfig keys that make sense with KnapSpec (the draft is the target itself).
-VLLM_KEYS = {"method", "model", "num_speculative_tokens", "max_model_len", "disable_by_batch_size",
-             "draft_tensor_parallel_size", "rejection_sample_method", "disable_log_stats"}
+VLLM_KEYS = {
+    "method",
+    "model",
+    "num_speculative_tokens",
+    "max_model_len",
+    "disable_by_batch_size",
+    "draft_tensor_parallel_size",
+    "rejection_sample_method",
+    "disable_log_stats",
+}
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped: knapspec.yaml
+PROFILE_DIR = CONFIG_DIR / "profiles"  # shipped latency profiles (knapspec-profile)
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def shipped_file(name: str, folder: Path = CONFIG_DIR, suffixes=_CONFIG_SUFFIXES) -> Optional[Path]:
+    """The shipped file in `folder` that `name` stands for: its file name with or without the suffix
+    ('knapspec.yaml', 'knapspec'), or its path relative to a source checkout ('configs/knapspec.yaml',
+    'configs/profiles/<name>.json', also 'profiles/<name>.json'); None when it names no shipped file."""
+    p = PurePosixPath(str(name).strip())
+    rel = folder.relative_to(CONFIG_DIR.parent).as_posix()  # "configs" or "configs/profiles"
+    if str(p.parent) not in {".", rel, rel.partition("/")[2] or "."}:
+        return None
+    for cand in (p.name, *(p.name + s for s in suffixes)):
+        f = folder / cand
+        if f.suffix in suffixes and f.is_file():
+            return f
+    return None
+
+
+def shipped_names(folder: Path = CONFIG_DIR, suffixes=_CONFIG_SUFFIXES) -> list[str]:
+    return sorted(f.name for f in folder.iterdir() if f.suffix in suffixes) if folder.is_dir() else []
+
+
+def resolve_profile(path: str) -> str:
+    """A latency profile path as given when it is a file, else the shipped profile it names."""
+    if Path(os.path.expanduser(path)).is_file():
+        return path
+    f = shipped_file(path, PROFILE_DIR, (".json",))
+    if f is None:
+        raise ValueError(
+            f"file not found: {path} (shipped profiles: {', '.join(shipped_names(PROFILE_DIR, ('.json',)))})"
+        )
+    return str(f)
 
 
 class KnapSpecConfigError(ValueError):
@@ -35,51 +82,72 @@ class KnapSpecConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_speculative_tokens: int = Field(5, ge=1, le=32, description="maximum draft length gamma_max")
-    reselect_interval: int = Field(64, ge=1, le=1_000_000,
-                                   description="re-run the DP every N decode steps (official code: 64)")
+    reselect_interval: int = Field(
+        64, ge=1, le=1_000_000, description="re-run the DP every N decode steps (official code: 64)"
+    )
     reference_tokens: int = Field(32, ge=1, le=512, description="r: reference tokens the DP compares on")
     sim_threshold: float = Field(0.5, ge=0.0, le=1.0, description="DP pruning: drop branches below this cosine")
-    confidence_threshold: float = Field(0.7, ge=0.0, le=1.0,
-                                        description="stop drafting a request when top-1 prob falls below this")
+    confidence_threshold: float = Field(
+        0.7, ge=0.0, le=1.0, description="stop drafting a request when top-1 prob falls below this"
+    )
     weight_cap: int = Field(5, ge=1, le=100, description="cap on the larger integer item weight")
     budget_fraction: float = Field(0.5, gt=0.0, le=1.0, description="at most this share of weight is skipped")
-    min_speedup: float = Field(1.02, ge=0.0, le=10.0,
-                               description="speculate only if predicted TPT beats plain decoding by this factor "
-                                           "(0: always draft with the best candidate); a plan measured at or "
-                                           "below min(1, this) x plain over 16 steps is stopped")
-    context_change: float = Field(0.5, gt=0.0, le=100.0,
-                                  description="re-select early when mean context grew by this fraction")
-    acceptance_change: float = Field(0.2, gt=0.0, le=1.0,
-                                     description="re-select early when realised acceptance moves this far")
-    latency_profile: Optional[str] = Field(None, description="path of a latency profile JSON (knapspec-profile)")
+    min_speedup: float = Field(
+        1.02,
+        ge=0.0,
+        le=10.0,
+        description="speculate only if predicted TPT beats plain decoding by this factor "
+        "(0: always draft with the best candidate); a plan measured at or "
+        "below min(1, this) x plain over 16 steps is stopped",
+    )
+    context_change: float = Field(
+        0.5, gt=0.0, le=100.0, description="re-select early when mean context grew by this fraction"
+    )
+    acceptance_change: float = Field(
+        0.2, gt=0.0, le=1.0, description="re-select early when realised acceptance moves this far"
+    )
+    latency_profile: Optional[str] = Field(
+        None, description="path of a latency profile JSON (knapspec-profile), or the name of a shipped one"
+    )
     profile_dir: Optional[str] = Field(None, description="folder searched for a matching profile")
     online_refit: bool = Field(True, description="refit the latency model from live step timings")
-    skip_set: Optional[str] = Field(None, description="fixed skip set for debugging, e.g. 'a3,a5,m7'; "
-                                                      "'' = draft with the full model; disables the selector")
+    skip_set: Optional[str] = Field(
+        None,
+        description="fixed skip set for debugging, e.g. 'a3,a5,m7'; "
+        "'' = draft with the full model; disables the selector",
+    )
     kernels: Literal["auto", "triton", "torch"] = Field("auto", description="DP / TPT kernels")
     # 1 %: on a model where no draft pays, selections are what KnapSpec costs over plain decoding (its other
     # per-step host cost measured ~0 on CPU and H200), so this share bounds that cost.
-    max_selection_overhead: float = Field(0.01, gt=0.0, le=1.0,
-                                          description="re-select only while selection time stays under this "
-                                                      "share of decode wall time")
+    max_selection_overhead: float = Field(
+        0.01,
+        gt=0.0,
+        le=1.0,
+        description="re-select only while selection time stays under this share of decode wall time",
+    )
     selector: Literal["knapspec", "clasp"] = Field(
-        "knapspec", description="knapspec: latency-weighted DP over 2L sublayers + TPT; clasp: baseline, "
-                                "whole layers, cosine DP, fixed budget clasp_skip_layers, fixed gamma")
+        "knapspec",
+        description="knapspec: latency-weighted DP over 2L sublayers + TPT; clasp: baseline, "
+        "whole layers, cosine DP, fixed budget clasp_skip_layers, fixed gamma",
+    )
     clasp_skip_layers: int = Field(8, ge=1, le=1024, description="CLaSp baseline: whole layers skipped")
     draft_graphs: Literal["auto", "off"] = Field(
-        "auto", description="auto: replay draft steps from CUDA graphs on a CUDA device unless the target runs "
-                            "eagerly (enforce_eager); off: always eager")
-    uniform_graphs: bool = Field(True, description="GPU: also capture full CUDA graphs for decode batches of "
-                                                   "1..gamma_max tokens per request (vLLM captures only "
-                                                   "gamma_max+1), so steps without or with shorter drafts replay "
-                                                   "full graphs instead of piecewise ones")
+        "auto",
+        description="auto: replay draft steps from CUDA graphs on a CUDA device unless the target runs "
+        "eagerly (enforce_eager); off: always eager",
+    )
+    uniform_graphs: bool = Field(
+        True,
+        description="GPU: also capture full CUDA graphs for decode batches of "
+        "1..gamma_max tokens per request (vLLM captures only "
+        "gamma_max+1), so steps without or with shorter drafts replay "
+        "full graphs instead of piecewise ones",
+    )
 
     @field_validator("latency_profile")
     @classmethod
     def _profile_exists(cls, v):
-        if v is not None and not Path(os.path.expanduser(v)).is_file():
-            raise ValueError(f"file not found: {v}")
-        return v
+        return v if v is None else resolve_profile(v)
 
     @field_validator("skip_set")
     @classmethod
@@ -87,6 +155,7 @@ class KnapSpecConfig(BaseModel):
         if v is None:
             return v
         import re
+
         for tok in filter(None, (t.strip() for t in v.split(","))):
             if not re.fullmatch(r"[am]\d+", tok):
                 raise ValueError(f"bad item {tok!r}: use a<layer> (attention) or m<layer> (MLP), e.g. 'a3,m7'")
@@ -103,8 +172,11 @@ def describe(field: str) -> str:
         return ""
     ann = str(f.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
     ann = ann.replace("Optional[str]", "a path/string or null").replace("Literal", "one of ")
-    bounds = [f"{_OPS[type(m).__name__]} {next(iter(vars(m).values())) if hasattr(m, '__dict__') else getattr(m, type(m).__name__.lower())}"
-              for m in f.metadata if type(m).__name__ in _OPS]
+
+    def bound(m):
+        return next(iter(vars(m).values())) if hasattr(m, "__dict__") else getattr(m, type(m).__name__.lower())
+
+    bounds = [f"{_OPS[type(m).__name__]} {bound(m)}" for m in f.metadata if type(m).__name__ in _OPS]
     return ", ".join([ann, *bounds]) + f": {f.description}"
 
 
@@ -143,29 +215,47 @@ def split_speculative_config(spec: dict[str, Any]) -> tuple[dict[str, Any], Knap
     if vllm_part.pop("model", None) is not None:
         raise KnapSpecConfigError(
             f"invalid KnapSpec speculative config: 'model' = {spec['model']!r}: KnapSpec drafts with the "
-            "target model itself. Allowed: leave 'model' out")
+            "target model itself. Allowed: leave 'model' out"
+        )
     cfg = parse_knapspec(ks_part)
     vllm_part.update(method="draft_model", num_speculative_tokens=cfg.num_speculative_tokens)
     return vllm_part, cfg
 
 
+def config_path(path: str) -> Path:
+    """The config file a `--speculative-config` value names: the path when it is a file, else the shipped config
+    of that name."""
+    p = Path(os.path.expanduser(path.strip()))
+    if p.is_file():
+        return p
+    f = shipped_file(path)
+    if f is None:
+        raise KnapSpecConfigError(
+            f"--speculative-config: {path.strip()!r} is neither JSON nor an existing "
+            f".yaml/.json file nor a shipped config ({', '.join(shipped_names())})"
+        )
+    return f
+
+
 def load_speculative_config(text_or_path: str) -> dict[str, Any]:
-    """`--speculative-config` value: inline JSON, or a path to a .yaml/.yml/.json file."""
+    """`--speculative-config` value: inline JSON, a path to a .yaml/.yml/.json file, or the name of a shipped
+    config ('knapspec.yaml') when no such file exists here."""
     s = text_or_path.strip()
     if s.startswith("{"):
         return json.loads(s)
-    p = Path(os.path.expanduser(s))
-    if not p.is_file():
-        raise KnapSpecConfigError(f"--speculative-config: {s!r} is neither JSON nor an existing .yaml/.json file")
+    p = config_path(s)
     if p.suffix in (".yaml", ".yml"):
         import yaml
+
         data = yaml.safe_load(p.read_text())
     else:
         data = json.loads(p.read_text())
     if isinstance(data, dict) and "speculative_config" in data and len(data) == 1:
         data = data["speculative_config"]
     if not isinstance(data, dict):
-        raise KnapSpecConfigError(f"--speculative-config file {s}: expected a mapping of keys, got {type(data).__name__}")
+        raise KnapSpecConfigError(
+            f"--speculative-config file {s}: expected a mapping of keys, got {type(data).__name__}"
+        )
     return data
 
 
@@ -175,4 +265,5 @@ def check_architecture(architectures: list[str] | None) -> None:
         raise KnapSpecConfigError(
             f"KnapSpec does not support architecture {archs or 'unknown'}: the layer-skipping draft needs a dense "
             f"decoder with input_layernorm/self_attn/post_attention_layernorm/mlp sublayers. "
-            f"Supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+            f"Supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )

@@ -11,6 +11,7 @@ then measures acceptance (`estimate_acceptance`) and picks by TPT (`kernels.tpt_
 `knapsack_additive` runs an ordinary 0/1 knapsack through the very same `knapsack_dp` (same dp_step, same
 backtracking) by encoding values as rotation angles, so the DP machinery is testable against brute force.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,19 +20,20 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
-from kernels.dp_step import COS_EPS, dp_step
+from vllm_knapspec.kernels.dp_step import COS_EPS, dp_step
 from vllm_knapspec.skipset import SkipSet
 
 
 @dataclass(frozen=True)
 class Candidate:
     skipset: SkipSet
-    weight: int            # total integer weight of the skipped items (= the DP budget index j)
-    cos: float             # mean over the r tokens of cos(hidden_t, full_t) at the last boundary
-    hidden: torch.Tensor   # [r, d] final hidden state of this draft, before the final norm
+    weight: int  # total integer weight of the skipped items (= the DP budget index j)
+    cos: float  # mean over the r tokens of cos(hidden_t, full_t) at the last boundary
+    hidden: torch.Tensor  # [r, d] final hidden state of this draft, before the final norm
 
 
 # -- weights and budget (official `Knapspec.optimize`) ---------------------------------------------------
+
 
 def integer_weights(t_attn: float, t_mlp: float, cap: int = 5) -> tuple[int, int]:
     """Integerise the two sublayer latencies: Delta = min(t_attn, t_mlp), w = round(t / Delta), the smaller
@@ -65,9 +67,16 @@ BRANCHES = ("live", "prefix", "auto")
 
 
 @torch.no_grad()
-def knapsack_dp(run_item: RunItem, refs: torch.Tensor, weights: Sequence[int], budget: int,
-                sim_threshold: float = 0.5, frozen_items: Iterable[int] = (), impl: str = "auto",
-                branches: str = "auto") -> list[Candidate]:
+def knapsack_dp(
+    run_item: RunItem,
+    refs: torch.Tensor,
+    weights: Sequence[int],
+    budget: int,
+    sim_threshold: float = 0.5,
+    frozen_items: Iterable[int] = (),
+    impl: str = "auto",
+    branches: str = "auto",
+) -> list[Candidate]:
     """Run the DP; return one Candidate per valid final budget j (sorted by weight), always including j = 0.
 
     run_item(i, h): h [J, r, d] are J branches; returns them after item i (residual add included).
@@ -113,14 +122,14 @@ def knapsack_dp(run_item: RunItem, refs: torch.Tensor, weights: Sequence[int], b
     score = torch.full((K + 1,), float("-inf"), device=dev)
     parent_skip = torch.zeros(n, K + 1, dtype=torch.bool, device=dev)  # the backtracking table, 1 bit/(i,j)
 
-    reach = 0                                       # largest j any state can have before item i
+    reach = 0  # largest j any state can have before item i
     for i in range(n):
-        w = K + 1 if i in frozen else weights[i]    # w > K: the skip candidate never exists -> always run
+        w = K + 1 if i in frozen else weights[i]  # w > K: the skip candidate never exists -> always run
         if branches == "live":
-            live = valid.nonzero().squeeze(1)       # host sync: run_item needs the branch count
+            live = valid.nonzero().squeeze(1)  # host sync: run_item needs the branch count
             if live.numel() == 0:
-                break                               # everything pruned: only the empty set will remain
-            out = run_item(i, H.index_select(0, live))   # one batched call over the live branches
+                break  # everything pruned: only the empty set will remain
+            out = run_item(i, H.index_select(0, live))  # one batched call over the live branches
             exe.index_copy_(0, live, out.to(dtype))
         else:
             J = prefix_rows(reach, K)
@@ -140,19 +149,19 @@ def prefix_rows(reach: int, budget: int) -> int:
 def _backtrack(parent_skip, valid, score, H, weights, refs, n) -> list[Candidate]:
     L = n // 2
     js = valid.nonzero().squeeze(1)
-    finals = H.index_select(0, js)                  # copy out, so candidates do not pin the [K+1] buffers
-    bits = parent_skip.cpu().tolist()               # one transfer for the whole table
+    finals = H.index_select(0, js)  # copy out, so candidates do not pin the [K+1] buffers
+    bits = parent_skip.cpu().tolist()  # one transfer for the whole table
     scores = score.index_select(0, js).cpu().tolist()
     cands = []
     for k, j in enumerate(js.cpu().tolist()):
         items, jj = [], j
-        for i in range(n - 1, -1, -1):              # (i, jj) is valid along the path, so its bit is meaningful
+        for i in range(n - 1, -1, -1):  # (i, jj) is valid along the path, so its bit is meaningful
             if bits[i][jj]:
                 items.append(i)
                 jj -= weights[i]
         assert jj == 0, "backtracking must end at budget 0"
         cands.append(Candidate(SkipSet.from_items(L, items), j, scores[k], finals[k]))
-    if not cands or cands[0].weight != 0:          # the full model as a draft is always a candidate
+    if not cands or cands[0].weight != 0:  # the full model as a draft is always a candidate
         full = refs[-1]
         cands.insert(0, Candidate(SkipSet.empty(L), 0, float(cosine_proxy(full[None], full)[0]), full.clone()))
     return cands
@@ -165,9 +174,14 @@ def stack_hidden(cands: Sequence[Candidate]) -> torch.Tensor:
 
 # -- acceptance estimates ---------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def estimate_acceptance(cand_hidden: torch.Tensor, full_hidden: torch.Tensor,
-                        logits_fn: Callable[[torch.Tensor], torch.Tensor], chunk: int = 8) -> torch.Tensor:
+def estimate_acceptance(
+    cand_hidden: torch.Tensor,
+    full_hidden: torch.Tensor,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    chunk: int = 8,
+) -> torch.Tensor:
     """alpha[C]: fraction of the r tokens where the draft's greedy token equals the full model's (the
     official code's alpha). logits_fn maps hidden [N, d] (before the final norm) to logits [N, V]; candidates
     go through it `chunk` at a time so [chunk * r, V] logits are the peak, not [C * r, V]."""
@@ -175,7 +189,7 @@ def estimate_acceptance(cand_hidden: torch.Tensor, full_hidden: torch.Tensor,
     target = logits_fn(full_hidden.reshape(r, d)).argmax(-1)
     out = []
     for s in range(0, C, chunk):
-        h = cand_hidden[s:s + chunk]
+        h = cand_hidden[s : s + chunk]
         top = logits_fn(h.reshape(-1, d)).argmax(-1).view(h.shape[0], r)
         out.append((top == target).float().mean(-1))
     return torch.cat(out)
@@ -191,24 +205,32 @@ def cosine_proxy(cand_hidden: torch.Tensor, full_hidden: torch.Tensor) -> torch.
 
 # -- additive-value mode (same DP, exact 0/1 knapsack) -------------------------------------------------------
 
+
 class AdditiveSolution(NamedTuple):
-    items: list[int]   # skipped items
-    value: float       # sum of their values
-    weight: int        # sum of their weights (<= budget)
+    items: list[int]  # skipped items
+    value: float  # sum of their values
+    weight: int  # sum of their weights (<= budget)
 
 
-def knapsack_additive(values: Sequence[float], weights: Sequence[int], budget: int,
-                      frozen_items: Iterable[int] = (), impl: str = "torch",
-                      dtype: torch.dtype = torch.float32, device=None, branches: str = "auto") -> AdditiveSolution:
+def knapsack_additive(
+    values: Sequence[float],
+    weights: Sequence[int],
+    budget: int,
+    frozen_items: Iterable[int] = (),
+    impl: str = "torch",
+    dtype: torch.dtype = torch.float32,
+    device=None,
+    branches: str = "auto",
+) -> AdditiveSolution:
     """Max sum of values over a set of items with total weight <= budget, solved by `knapsack_dp`.
 
-    Encoding: the "hidden state" is a unit 2-vector at angle theta (r = 1, d = 2), the reference is the
-    fixed vector at angle 0, so the DP score is cos(theta). Theta starts at pi/4 and running item i rotates
-    it by a_i = (pi/2) * v_i / sum(v); skipping leaves it. So theta = pi/4 + (pi/2) * (V - skipped value)/V
-    stays in [pi/4, 3pi/4] where cos is strictly decreasing: keeping the higher cosine at (i, j) is keeping
-    the larger skipped value, i.e. the exact knapsack recurrence over exact weights j; the best final j is
-    the highest cosine. Values must be >= 0. Scores are fp32 (as in the real DP), so the result is exact
-whenever distinct totals differ by more than ~1e-5 * sum(v), e.g. integer values with sum(v) < 10^4.
+        Encoding: the "hidden state" is a unit 2-vector at angle theta (r = 1, d = 2), the reference is the
+        fixed vector at angle 0, so the DP score is cos(theta). Theta starts at pi/4 and running item i rotates
+        it by a_i = (pi/2) * v_i / sum(v); skipping leaves it. So theta = pi/4 + (pi/2) * (V - skipped value)/V
+        stays in [pi/4, 3pi/4] where cos is strictly decreasing: keeping the higher cosine at (i, j) is keeping
+        the larger skipped value, i.e. the exact knapsack recurrence over exact weights j; the best final j is
+        the highest cosine. Values must be >= 0. Scores are fp32 (as in the real DP), so the result is exact
+    whenever distinct totals differ by more than ~1e-5 * sum(v), e.g. integer values with sum(v) < 10^4.
     """
     v = [float(x) for x in values]
     w = [int(x) for x in weights]
@@ -217,7 +239,7 @@ whenever distinct totals differ by more than ~1e-5 * sum(v), e.g. integer values
     if any(x < 0 for x in v):
         raise ValueError("values must be >= 0")
     n_real = len(v)
-    if n_real % 2:                                  # SkipSet counts 2L items: pad one never-skippable item
+    if n_real % 2:  # SkipSet counts 2L items: pad one never-skippable item
         v.append(0.0)
         w.append(int(budget) + 1)
     total = sum(v)
@@ -231,15 +253,17 @@ whenever distinct totals differ by more than ~1e-5 * sum(v), e.g. integer values
         return torch.stack([x * cos_a[i] - y * sin_a[i], x * sin_a[i] + y * cos_a[i]], -1)
 
     refs = torch.tensor([[[1.0, 0.0]]] * (len(v) + 1), dtype=dtype, device=device)  # angle 0 everywhere...
-    refs[0, 0, 0] = refs[0, 0, 1] = math.sqrt(0.5)                      # ...but refs[0] is the input, pi/4
-    cands = knapsack_dp(run_item, refs, w, budget, sim_threshold=-2.0, frozen_items=frozen_items, impl=impl,
-                        branches=branches)
+    refs[0, 0, 0] = refs[0, 0, 1] = math.sqrt(0.5)  # ...but refs[0] is the input, pi/4
+    cands = knapsack_dp(
+        run_item, refs, w, budget, sim_threshold=-2.0, frozen_items=frozen_items, impl=impl, branches=branches
+    )
     best = max(cands, key=lambda c: (c.cos, -c.weight))  # highest cosine = highest skipped value
     items = [i for i in best.skipset.items() if i < n_real]
     return AdditiveSolution(items, float(sum(v[i] for i in items)), int(sum(w[i] for i in items)))
 
 
 # -- kernel warm-up ------------------------------------------------------------------------------------
+
 
 def warmup_kernels(hidden: int, dtype: torch.dtype, device, reference_tokens: int, impl: str = "auto") -> int:
     """Compile the DP kernel for the shapes a selection will use, at load time instead of in the first
@@ -249,7 +273,8 @@ def warmup_kernels(hidden: int, dtype: torch.dtype, device, reference_tokens: in
     the row count r (reference tokens: r, and r - 1 when fewer requests split it) and of the item weight w
     (1, 2..cap, and budget + 1 for frozen items) is run once on a tiny budget. Returns the number of
     dp_step calls made (0 when the torch path would be used: nothing to compile)."""
-    from kernels import resolve_impl
+    from vllm_knapspec.kernels import resolve_impl
+
     probe = torch.empty(0, device=device)
     if resolve_impl(impl, probe) != "triton":
         return 0

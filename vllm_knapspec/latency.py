@@ -71,6 +71,7 @@ least squares with forgetting on live step timings.  Details:
   mean conditioned on those coordinates being 0, so correlated coordinates move back with them.
 * O(d²) per update with d = 9, into preallocated buffers.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -88,21 +89,25 @@ import numpy as np
 from .skipset import SkipSet
 
 __all__ = [
-    "COEF_NAMES", "PRIOR_RATIOS", "DEFAULT_PRIOR_UNIT_S", "ProfileKey", "LatencyModel",
+    "COEF_NAMES",
+    "PRIOR_RATIOS",
+    "DEFAULT_PRIOR_UNIT_S",
+    "ProfileKey",
+    "LatencyModel",
     "profile_path",
 ]
 
 # Order of θ.  Units: *_s = seconds; *_per_ctx_token = s per token of KV read (summed over the batch);
 # *_per_token = s per query token in the step.
 COEF_NAMES = (
-    "attn_base_s",                 # a_attn   (per layer)
-    "attn_per_ctx_token_s",        # b_attn   (per layer, per token of Σ ctx)
-    "attn_per_query_token_s",      # c_attn   (per layer, per query token)
-    "mlp_base_s",                  # a_mlp    (per layer)
-    "mlp_per_token_s",             # b_mlp    (per layer, per query token)
-    "draft_overhead_s",            # od0      (per draft step)
+    "attn_base_s",  # a_attn   (per layer)
+    "attn_per_ctx_token_s",  # b_attn   (per layer, per token of Σ ctx)
+    "attn_per_query_token_s",  # c_attn   (per layer, per query token)
+    "mlp_base_s",  # a_mlp    (per layer)
+    "mlp_per_token_s",  # b_mlp    (per layer, per query token)
+    "draft_overhead_s",  # od0      (per draft step)
     "draft_overhead_per_token_s",  # od1      (per draft step, per query token)
-    "verify_overhead_s",           # ov0      (per verify / plain step)
+    "verify_overhead_s",  # ov0      (per verify / plain step)
     "verify_overhead_per_token_s",  # ov1     (per verify / plain step, per query token)
 )
 _A_ATTN, _B_ATTN, _C_ATTN, _A_MLP, _B_MLP, _OD0, _OD1, _OV0, _OV1 = range(9)
@@ -124,10 +129,10 @@ PRIOR_RATIOS = {
     "verify_overhead_s": 24.0,
     "verify_overhead_per_token_s": 3.0e-2,
 }
-DEFAULT_PRIOR_UNIT_S = 40e-6     # a_attn of the default prior, seconds
+DEFAULT_PRIOR_UNIT_S = 40e-6  # a_attn of the default prior, seconds
 
 _FORMAT_VERSION = 1
-_PRIOR_SOURCES = ("prior", "roofline")   # θ whose shape is a guess, not a measurement
+_PRIOR_SOURCES = ("prior", "roofline")  # θ whose shape is a guess, not a measurement
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -135,12 +140,13 @@ _PRIOR_SOURCES = ("prior", "roofline")   # θ whose shape is a guess, not a meas
 # ----------------------------------------------------------------------------------------------------
 def _dtype_str(dtype) -> str:
     s = str(dtype)
-    return s[len("torch."):] if s.startswith("torch.") else s
+    return s[len("torch.") :] if s.startswith("torch.") else s
 
 
 @dataclass(frozen=True)
 class ProfileKey:
     """What a latency profile is valid for."""
+
     model: str
     device: str
     dtype: str
@@ -151,8 +157,12 @@ class ProfileKey:
         return cls(str(model), str(device), _dtype_str(dtype), int(tp))
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "device": self.device, "dtype": self.dtype,
-                "tensor_parallel_size": self.tensor_parallel_size}
+        return {
+            "model": self.model,
+            "device": self.device,
+            "dtype": self.dtype,
+            "tensor_parallel_size": self.tensor_parallel_size,
+        }
 
 
 def _safe(part: str, maxlen: int = 60) -> str:
@@ -168,8 +178,10 @@ def profile_path(directory, model, device, dtype, tp=1) -> str:
     """
     key = ProfileKey.make(model, device, dtype, tp)
     digest = hashlib.sha1(json.dumps(key.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-    name = (f"latency__{_safe(key.model)}__{_safe(key.device, 40)}__{_safe(key.dtype, 16)}"
-            f"__tp{key.tensor_parallel_size}__{digest}.json")
+    name = (
+        f"latency__{_safe(key.model)}__{_safe(key.device, 40)}__{_safe(key.dtype, 16)}"
+        f"__tp{key.tensor_parallel_size}__{digest}.json"
+    )
     return os.path.join(os.fspath(directory), name)
 
 
@@ -197,9 +209,15 @@ def _tokens(tokens, num_reqs: int) -> float:
 # sublayers is per-step and per-sublayer overhead (caches, OpenMP wake-ups, allocator: up to ~1.5x on
 # a 2-core CPU), not per-context-token work, so the context slope measured sublayer by sublayer is
 # trusted more than the intercepts.
-STEP_FIT_PRIOR_SIGMA = {"attn_per_ctx_token_s": 0.25, "attn_base_s": 1.0, "attn_per_query_token_s": 1.0,
-                        "mlp_base_s": 1.0, "mlp_per_token_s": 1.0,
-                        "draft_overhead_s": 1.0, "draft_overhead_per_token_s": 1.0}
+STEP_FIT_PRIOR_SIGMA = {
+    "attn_per_ctx_token_s": 0.25,
+    "attn_base_s": 1.0,
+    "attn_per_query_token_s": 1.0,
+    "mlp_base_s": 1.0,
+    "mlp_per_token_s": 1.0,
+    "draft_overhead_s": 1.0,
+    "draft_overhead_per_token_s": 1.0,
+}
 
 
 def _nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -219,8 +237,14 @@ def _nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
     return best
 
 
-def _robust_nnls(X: np.ndarray, y: np.ndarray, iters: int = 30, k: float = 1.345,
-                 trials: int = 64, prior: tuple[np.ndarray, float] | None = None) -> np.ndarray:
+def _robust_nnls(
+    X: np.ndarray,
+    y: np.ndarray,
+    iters: int = 30,
+    k: float = 1.345,
+    trials: int = 64,
+    prior: tuple[np.ndarray, float] | None = None,
+) -> np.ndarray:
     """Robust θ ≥ 0 for y ≈ Xθ with relative errors: min Σ ρ_Huber((y - Xθ)/(Xθ) / σ).
 
     Start: least median of relative residuals over random minimal subsets plus the plain
@@ -234,7 +258,7 @@ def _robust_nnls(X: np.ndarray, y: np.ndarray, iters: int = 30, k: float = 1.345
     still outweigh a wrong θ0.
     """
     n, p = X.shape
-    rng = np.random.default_rng(0)                       # deterministic
+    rng = np.random.default_rng(0)  # deterministic
     ry = 1.0 / np.maximum(y, 1e-12)
     cands = [_nnls(X * ry[:, None], np.ones(n))]
     if n > p:
@@ -277,10 +301,10 @@ class _Robust:
     """Per-kind robust residual state and the (pred, meas) window."""
 
     def __init__(self, window: int, s0: float):
-        self.s = s0                       # robust EWMA of |relative residual|
+        self.s = s0  # robust EWMA of |relative residual|
         self.pred = np.zeros(window)
         self.meas = np.zeros(window)
-        self.n = 0                        # observations seen
+        self.n = 0  # observations seen
 
     def record(self, pred: float, meas: float):
         i = self.n % self.pred.size
@@ -319,11 +343,22 @@ class LatencyModel:
         adapt: if False, observations only feed the error windows, θ stays fixed.
     """
 
-    def __init__(self, num_layers: int, coefficients: Mapping[str, float] | None = None, *,
-                 key: ProfileKey | None = None, prior_unit_s: float = DEFAULT_PRIOR_UNIT_S,
-                 forgetting: float = 0.97, shape_forgetting: float = 0.995,
-                 huber_k: float = 3.0, regime_threshold: float = 2.0, regime_alpha: float = 0.25,
-                 window: int = 256, adapt: bool = True, source: str | None = None):
+    def __init__(
+        self,
+        num_layers: int,
+        coefficients: Mapping[str, float] | None = None,
+        *,
+        key: ProfileKey | None = None,
+        prior_unit_s: float = DEFAULT_PRIOR_UNIT_S,
+        forgetting: float = 0.97,
+        shape_forgetting: float = 0.995,
+        huber_k: float = 3.0,
+        regime_threshold: float = 2.0,
+        regime_alpha: float = 0.25,
+        window: int = 256,
+        adapt: bool = True,
+        source: str | None = None,
+    ):
         if num_layers <= 0:
             raise ValueError("num_layers must be positive")
         if not (0.0 < forgetting <= 1.0 and 0.0 < shape_forgetting <= 1.0):
@@ -352,20 +387,19 @@ class LatencyModel:
         # P is in units of the observation noise variance of a relative residual (~(3 %)²), so
         # diag 100 ≈ ±30-40 % prior std per coefficient and 4 ≈ ±6-8 %.
         self._p0_prior = 100.0  # initial diag(P) when θ is the prior (shape largely unknown)
-        self._p0_fitted = 4.0   # initial diag(P) when θ comes from a profile / saved model
-        self._p_max = 100.0     # anti-windup clamp on diag(P)
-        self._p_reset = 100.0   # diag(P) after a regime change
-        self._s0 = 0.04         # initial robust residual scale (relative, EWMA of |e|)
-        self._s_min = 0.002     # floor: timing jitter below 0.2 % is not trusted
-        self._eta = 0.05        # EWMA rate of the residual scale
+        self._p0_fitted = 4.0  # initial diag(P) when θ comes from a profile / saved model
+        self._p_max = 100.0  # anti-windup clamp on diag(P)
+        self._p_reset = 100.0  # diag(P) after a regime change
+        self._s0 = 0.04  # initial robust residual scale (relative, EWMA of |e|)
+        self._s_min = 0.002  # floor: timing jitter below 0.2 % is not trusted
+        self._eta = 0.05  # EWMA rate of the residual scale
         # buffers (allocated once)
         self._x = np.zeros(_D)
         self._z = np.zeros(_D)
         self._pz = np.zeros(_D)
         self._outer = np.zeros((_D, _D))
-        self._robust = {"draft": _Robust(self.window, self._s0),
-                        "verify": _Robust(self.window, self._s0)}
-        self._logr = np.zeros(5)    # last log(measured/predicted), for the regime detector
+        self._robust = {"draft": _Robust(self.window, self._s0), "verify": _Robust(self.window, self._s0)}
+        self._logr = np.zeros(5)  # last log(measured/predicted), for the regime detector
         self.regime_changes = 0
         self._reset_online()
 
@@ -380,11 +414,22 @@ class LatencyModel:
         return cls(num_layers, prior_unit_s=unit_s, **kw)
 
     @classmethod
-    def from_model_shape(cls, num_layers: int, hidden_size: int, intermediate_size: int,
-                         num_heads: int, num_kv_heads: int, head_dim: int | None = None,
-                         vocab_size: int = 128_000, dtype_bytes: int = 2, tp: int = 1,
-                         mem_bw_bytes_per_s: float = 2.0e12, flops_per_s: float = 4.0e14,
-                         launch_s: float = 3e-6, **kw) -> "LatencyModel":
+    def from_model_shape(
+        cls,
+        num_layers: int,
+        hidden_size: int,
+        intermediate_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int | None = None,
+        vocab_size: int = 128_000,
+        dtype_bytes: int = 2,
+        tp: int = 1,
+        mem_bw_bytes_per_s: float = 2.0e12,
+        flops_per_s: float = 4.0e14,
+        launch_s: float = 3e-6,
+        **kw,
+    ) -> "LatencyModel":
         """Roofline prior from the model's shapes (no profile needed); bandwidth is an effective one."""
         hd = head_dim or hidden_size // num_heads
         q, kv = num_heads * hd, num_kv_heads * hd
@@ -397,11 +442,11 @@ class LatencyModel:
             "attn_per_query_token_s": 2 * attn_w / dtype_bytes / flops_per_s,
             "mlp_base_s": mlp_w / mem_bw_bytes_per_s + 3 * launch_s,
             "mlp_per_token_s": 2 * mlp_w / dtype_bytes / flops_per_s,
-            "draft_overhead_s": vocab_size * hidden_size * dtype_bytes / tp / mem_bw_bytes_per_s
-            + 30 * launch_s + 2e-4,
+            "draft_overhead_s": vocab_size * hidden_size * dtype_bytes / tp / mem_bw_bytes_per_s + 30 * launch_s + 2e-4,
             "draft_overhead_per_token_s": 2 * vocab_size * hidden_size / tp / flops_per_s + 1e-6,
             "verify_overhead_s": vocab_size * hidden_size * dtype_bytes / tp / mem_bw_bytes_per_s
-            + 30 * launch_s + 1e-3,
+            + 30 * launch_s
+            + 1e-3,
             "verify_overhead_per_token_s": 2 * vocab_size * hidden_size / tp / flops_per_s + 2e-6,
         }
         return cls(num_layers, coef, source="roofline", **kw)
@@ -429,8 +474,7 @@ class LatencyModel:
         S, R = _ctx_stats(ctx_lens)
         T = float(R if num_tokens is None else num_tokens)
         th = self._theta
-        return (float(th[_A_ATTN] + th[_B_ATTN] * S + th[_C_ATTN] * T),
-                float(th[_A_MLP] + th[_B_MLP] * T))
+        return (float(th[_A_ATTN] + th[_B_ATTN] * S + th[_C_ATTN] * T), float(th[_A_MLP] + th[_B_MLP] * T))
 
     def _draft_features(self, n_attn, n_mlp, S, T, out):
         out[:] = 0.0
@@ -450,8 +494,7 @@ class LatencyModel:
     def _kept(self, skipset_or_counts) -> tuple[int, int]:
         if isinstance(skipset_or_counts, SkipSet):
             if skipset_or_counts.num_layers != self.num_layers:
-                raise ValueError(f"skip set has {skipset_or_counts.num_layers} layers, "
-                                 f"latency model {self.num_layers}")
+                raise ValueError(f"skip set has {skipset_or_counts.num_layers} layers, latency model {self.num_layers}")
             return skipset_or_counts.n_attn_kept, skipset_or_counts.n_mlp_kept
         n_attn, n_mlp = skipset_or_counts
         return int(n_attn), int(n_mlp)
@@ -511,14 +554,16 @@ class LatencyModel:
             rows[kind].append((S, T, sec))
         old = self._theta.copy()
         out = {}
-        spec = {"attn": ((_A_ATTN, None), (_B_ATTN, 0), (_C_ATTN, 1)),
-                "mlp": ((_A_MLP, None), (_B_MLP, 1)),
-                "overhead": ((_OD0, None), (_OD1, 1)),
-                "verify_overhead": ((_OV0, None), (_OV1, 1))}
+        spec = {
+            "attn": ((_A_ATTN, None), (_B_ATTN, 0), (_C_ATTN, 1)),
+            "mlp": ((_A_MLP, None), (_B_MLP, 1)),
+            "overhead": ((_OD0, None), (_OD1, 1)),
+            "verify_overhead": ((_OV0, None), (_OV1, 1)),
+        }
         for kind, cols in spec.items():
             if not rows[kind]:
                 continue
-            data = np.asarray(rows[kind], dtype=np.float64)       # columns S, T, seconds
+            data = np.asarray(rows[kind], dtype=np.float64)  # columns S, T, seconds
             y = data[:, 2]
             intercept = cols[0][0]
             var_cols, const_cols = [], []
@@ -542,19 +587,21 @@ class LatencyModel:
             out[kind] = {COEF_NAMES[j]: float(self._theta[j]) for j, _ in cols}
             out[kind].update(n=int(y.size), mdape=float(np.median(res)))
         if rows["overhead"] and not rows["verify_overhead"]:
-            self._theta[_OV0] = self._theta[_OD0] * (PRIOR_RATIOS["verify_overhead_s"]
-                                                     / PRIOR_RATIOS["draft_overhead_s"])
+            self._theta[_OV0] = self._theta[_OD0] * (
+                PRIOR_RATIOS["verify_overhead_s"] / PRIOR_RATIOS["draft_overhead_s"]
+            )
             self._theta[_OV1] = self._theta[_OD1]
         elif not rows["overhead"] and rows["attn"] and old[_A_ATTN] > 0:
             g = self._theta[_A_ATTN] / old[_A_ATTN]
-            for j in ((_OD0, _OD1) + (() if rows["verify_overhead"] else (_OV0, _OV1))):
+            for j in (_OD0, _OD1) + (() if rows["verify_overhead"] else (_OV0, _OV1)):
                 self._theta[j] = old[j] * g
         self.source = "profile"
         self._reset_online()
         return out
 
-    def fit_draft_steps(self, samples: Iterable[Mapping],
-                        prior_sigma: Mapping[str, float] | float | None = None) -> dict:
+    def fit_draft_steps(
+        self, samples: Iterable[Mapping], prior_sigma: Mapping[str, float] | float | None = None
+    ) -> dict:
         """Robust non-negative fit of the draft-step law on whole draft steps.
 
         Sublayers timed one by one (fit_sublayers) miss what a real step adds between them: on a
@@ -576,8 +623,9 @@ class LatencyModel:
             if not (sec > 0 and math.isfinite(sec)):
                 continue
             S, R = _ctx_stats(s["ctx_lens"])
-            X.append(self._draft_features(int(s["n_attn_kept"]), int(s["n_mlp_kept"]), S, float(R),
-                                          np.empty(_D))[list(cols)])
+            X.append(
+                self._draft_features(int(s["n_attn_kept"]), int(s["n_mlp_kept"]), S, float(R), np.empty(_D))[list(cols)]
+            )
             y.append(sec)
         if len(y) < 2 * len(cols):
             raise ValueError(f"fit_draft_steps needs at least {2 * len(cols)} timed steps, got {len(y)}")
@@ -598,24 +646,30 @@ class LatencyModel:
         return out
 
     # -- online refit -------------------------------------------------------------------------------
-    def observe_draft(self, n_attn_kept: int, n_mlp_kept: int, ctx_lens, seconds: float,
-                      num_steps: int = 1, num_reqs: int | None = None) -> float:
+    def observe_draft(
+        self,
+        n_attn_kept: int,
+        n_mlp_kept: int,
+        ctx_lens,
+        seconds: float,
+        num_steps: int = 1,
+        num_reqs: int | None = None,
+    ) -> float:
         """Feed the measured wall time of `num_steps` consecutive draft steps (1 token per request,
         `ctx_lens` at the first of them).  Returns the prediction made before the update (seconds)."""
         S, R = _ctx_stats(ctx_lens, num_reqs)
         x = self._draft_features(n_attn_kept, n_mlp_kept, S, float(R), self._x)
         if num_steps != 1:
-            x[_B_ATTN] += n_attn_kept * R * (num_steps - 1) / 2.0    # contexts grow by 1 per step
+            x[_B_ATTN] += n_attn_kept * R * (num_steps - 1) / 2.0  # contexts grow by 1 per step
             x *= num_steps
         return self._observe("draft", x, float(seconds))
 
-    def observe_verify(self, ctx_lens, num_tokens, seconds: float,
-                       num_reqs: int | None = None) -> float:
+    def observe_verify(self, ctx_lens, num_tokens, seconds: float, num_reqs: int | None = None) -> float:
         """Feed the measured time of one full-model step over `num_tokens` query tokens (total, or a
         per-request sequence); a plain decode step is num_tokens = number of requests.  Returns the
         prediction made before the update (seconds)."""
         S, R = _ctx_stats(ctx_lens, num_reqs)
-        T = _tokens(num_tokens, 1 if np.isscalar(num_tokens) else R)   # a number is the total
+        T = _tokens(num_tokens, 1 if np.isscalar(num_tokens) else R)  # a number is the total
         x = self._verify_features(S, T, self._x)
         return self._observe("verify", x, float(seconds))
 
@@ -628,10 +682,10 @@ class LatencyModel:
         if not self.adapt:
             return yhat
         scale = max(yhat, 1e-3 * y, 1e-12)
-        e = y / scale - 1.0                             # relative residual
-        sigma = max(1.25 * rb.s, self._s_min)           # E|e| -> σ for a normal law
+        e = y / scale - 1.0  # relative residual
+        sigma = max(1.25 * rb.s, self._s_min)  # E|e| -> σ for a normal law
         thr = self.huber_k * sigma
-        e_used = min(max(e, -thr), thr)                 # Huber: bounded influence
+        e_used = min(max(e, -thr), thr)  # Huber: bounded influence
         # regime detector: EWMA of the clipped residual in σ units (shared by draft and verify).
         # Isolated spikes add at most α·k; a level shift keeps adding k and crosses h after ~4
         # observations (k=3, α=0.25, h=2).  A burst of spikes can cross h too, so a regime change
@@ -670,7 +724,7 @@ class LatencyModel:
         r = self._constrained_step(z, e_used)
         if r > 1e-12:
             lam = self.shape_forgetting
-            coef = (lam - (1.0 - lam) / r) / (lam * (1.0 + r))     # = ε / (1 + ε r)
+            coef = (lam - (1.0 - lam) / r) / (lam * (1.0 + r))  # = ε / (1 + ε r)
             np.outer(pz, pz, out=self._outer)
             self._outer *= coef
             P -= self._outer
@@ -693,7 +747,7 @@ class LatencyModel:
         mu = phi + pz * (e / (1.0 + r))
         fixed = mu < 0.0
         if fixed.any():
-            S = P - np.outer(pz, pz) / (1.0 + r)          # posterior covariance
+            S = P - np.outer(pz, pz) / (1.0 + r)  # posterior covariance
             for _ in range(mu.size):
                 free = ~fixed
                 S_aa = S[np.ix_(fixed, fixed)] + 1e-12 * np.eye(int(fixed.sum()))
@@ -712,7 +766,7 @@ class LatencyModel:
         P = self._P
         d = np.diagonal(P)
         if d.max() > self._p_max or d.min() < 0:
-            f = np.sqrt(self._p_max / np.maximum(d, self._p_max))   # ≤ 1
+            f = np.sqrt(self._p_max / np.maximum(d, self._p_max))  # ≤ 1
             P *= f[:, None]
             P *= f[None, :]
         # keep it symmetric against round-off (in place, O(d²))
@@ -751,12 +805,16 @@ class LatencyModel:
     # -- persistence --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
-            "format": "knapspec-latency", "version": _FORMAT_VERSION,
+            "format": "knapspec-latency",
+            "version": _FORMAT_VERSION,
             "key": self.key.to_dict() if self.key else None,
             "num_layers": self.num_layers,
             "coefficients": {n: float(v) for n, v in zip(COEF_NAMES, self._theta)},
-            "source": ("online" if self.source in _PRIOR_SOURCES and self._robust["draft"].n
-                       + self._robust["verify"].n >= 200 else self.source),
+            "source": (
+                "online"
+                if self.source in _PRIOR_SOURCES and self._robust["draft"].n + self._robust["verify"].n >= 200
+                else self.source
+            ),
             "saved_at": time.time(),
             "stats": {k: v for k, v in self.coefficients().items() if k not in COEF_NAMES},
         }
@@ -788,12 +846,10 @@ class LatencyModel:
         key = ProfileKey(**data["key"]) if data.get("key") else None
         if expect_key is not None and key != expect_key:
             raise ValueError(f"{path}: profile is for {key}, expected {expect_key}")
-        return cls(int(data["num_layers"]), data["coefficients"], key=key,
-                   source=data.get("source", "profile"), **kw)
+        return cls(int(data["num_layers"]), data["coefficients"], key=key, source=data.get("source", "profile"), **kw)
 
     @classmethod
-    def load_or_prior(cls, directory, model, device, dtype, tp, num_layers: int,
-                      **kw) -> "LatencyModel":
+    def load_or_prior(cls, directory, model, device, dtype, tp, num_layers: int, **kw) -> "LatencyModel":
         """The saved profile for this key if one exists (and has num_layers), else the prior."""
         key = ProfileKey.make(model, device, dtype, tp)
         path = profile_path(directory, model, device, dtype, tp)
@@ -805,5 +861,7 @@ class LatencyModel:
 
     def __repr__(self) -> str:
         ta, tm = self.sublayer_times([1024])
-        return (f"LatencyModel(L={self.num_layers}, source={self.source}, "
-                f"t_attn@1k={ta * 1e6:.1f}us, t_mlp={tm * 1e6:.1f}us)")
+        return (
+            f"LatencyModel(L={self.num_layers}, source={self.source}, "
+            f"t_attn@1k={ta * 1e6:.1f}us, t_mlp={tm * 1e6:.1f}us)"
+        )

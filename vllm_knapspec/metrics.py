@@ -8,6 +8,7 @@ stall of the engine step it landed in) into $VLLM_KNAPSPEC_METRICS_DIR; the fron
 prometheus_client Collector that reads them at scrape time. Names start with "vllm:" so `LLM.get_metrics()`
 returns them.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,7 +57,7 @@ class KnapSpecStats:
         self.counters = {k: 0.0 for k in COUNTERS}
         self.gauges: dict[str, float | dict[str, float]] = {}
         self._dirty = False
-        self._writer_pid = None      # pid whose background writer runs (a forked child starts its own)
+        self._writer_pid = None  # pid whose background writer runs (a forked child starts its own)
         self._warned = False
 
     @classmethod
@@ -79,8 +80,10 @@ class KnapSpecStats:
     def fallback(self, logger: logging.Logger) -> None:
         self.counters["draft_fallbacks"] += 1
         if not self._warned:
-            logger.exception("KnapSpec draft failed; this step decodes without speculation "
-                             "(counted in vllm:knapspec_draft_fallbacks_total, logged once)")
+            logger.exception(
+                "KnapSpec draft failed; this step decodes without speculation "
+                "(counted in vllm:knapspec_draft_fallbacks_total, logged once)"
+            )
             self._warned = True
         self._maybe_write(force=True)
 
@@ -92,8 +95,12 @@ class KnapSpecStats:
 
     # -- snapshots -----------------------------------------------------------------------------------
     def snapshot(self) -> dict:
-        return {"pid": os.getpid(), "time": time.time(), "counters": dict(self.counters),
-                "gauges": json.loads(json.dumps(self.gauges))}
+        return {
+            "pid": os.getpid(),
+            "time": time.time(),
+            "counters": dict(self.counters),
+            "gauges": json.loads(json.dumps(self.gauges)),
+        }
 
     def _maybe_write(self, force: bool = False) -> None:
         """Hot path: mark dirty; the background writer (started once per process) writes within SNAPSHOT_S.
@@ -121,7 +128,7 @@ class KnapSpecStats:
         try:
             tmp.write_text(json.dumps(self.snapshot()))
             os.replace(tmp, p)
-        except RuntimeError:          # a gauge dict changed size under the snapshot: next time
+        except RuntimeError:  # a gauge dict changed size under the snapshot: next time
             self._dirty = True
         except OSError:
             pass
@@ -150,7 +157,7 @@ def _in_ray_worker() -> bool:
         return False
     try:
         return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
-    except Exception:          # noqa: BLE001 - an unexpected Ray version: count as a root (old behaviour)
+    except Exception:  # noqa: BLE001 - an unexpected Ray version: count as a root (old behaviour)
         return False
 
 
@@ -162,7 +169,7 @@ def ensure_metrics_dir() -> str:
         if _owned_dir is None:
             _owned_dir = tempfile.mkdtemp(prefix="knapspec-metrics-")
         os.environ[ENV_DIR] = _owned_dir
-    elif not os.environ.get(ENV_DIR):                # e.g. a Ray worker on another node: count locally
+    elif not os.environ.get(ENV_DIR):  # e.g. a Ray worker on another node: count locally
         os.environ[ENV_DIR] = tempfile.mkdtemp(prefix="knapspec-metrics-")
     return os.environ[ENV_DIR]
 
@@ -219,5 +226,6 @@ def register_collector() -> None:
     if _registered:
         return
     from prometheus_client import REGISTRY
+
     REGISTRY.register(KnapSpecCollector())
     _registered = True

@@ -1,4 +1,5 @@
 """`vllm.general_plugins` entry point: loaded by vLLM in every process (front-end, EngineCore, workers)."""
+
 from __future__ import annotations
 
 

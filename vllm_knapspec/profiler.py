@@ -11,6 +11,7 @@ inside a real step a sublayer costs more than alone. `--validate` times whole st
 and reports the model's median absolute relative error against them (before and after the step fit). Calibration
 and held-out steps are timed together in `--repeats` shuffled passes, so the machine's drift cannot pass for error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,6 +54,7 @@ class Bench:
 
     def __init__(self, draft):
         from vllm_knapspec import compat
+
         self.d, self.compat = draft, compat
         self.dev = draft.device
         self.bs = draft.block_size
@@ -84,7 +86,8 @@ class Bench:
         def run():
             with self.compat.forward_context(md, self.d.vllm_config, B, {}):
                 for layer in range(self.d.num_layers):
-                    self.d.run_item(2 * layer, pos, h, h)     # fused add+norm, as in a real step
+                    self.d.run_item(2 * layer, pos, h, h)  # fused add+norm, as in a real step
+
         return run
 
     def mlp(self, B):
@@ -93,6 +96,7 @@ class Bench:
         def run():
             for layer in range(self.d.num_layers):
                 self.d.run_item(2 * layer + 1, pos, h, h)
+
         return run
 
     def overhead(self, n, B):
@@ -104,6 +108,7 @@ class Bench:
             self.d.embed(ids)
             logits = self.d.logits(self.d.final_norm(h, None))
             torch.softmax(logits.float(), -1).max(-1)[0].cpu()
+
         return run
 
     def drafter_step(self, n, B, skip: SkipSet, graphs=None):
@@ -112,8 +117,9 @@ class Bench:
         top-1. Rows 0..B-1 of the runner's block table are pointed at distinct blocks (no request is live
         while profiling); the step writes KV at position n."""
         from vllm_knapspec.draft import DraftBatch
+
         bt = self.d.builder.block_table_obj
-        table = bt.get_device_tensor(bt.max_num_reqs)             # a view of the runner's persistent table
+        table = bt.get_device_tensor(bt.max_num_reqs)  # a view of the runner's persistent table
         nb = n // self.bs + 1
         if B > table.shape[0] or nb > table.shape[1]:
             raise ValueError(f"batch {B} x context {n} does not fit the block table {tuple(table.shape)}")
@@ -127,14 +133,21 @@ class Bench:
             def run_graphed():
                 table[:B, :nb].copy_(ids)
                 graphs.step(graphs.load(B, tokens, positions, cap), skip).cpu()
+
             return run_graphed
-        batch = DraftBatch(rows=torch.arange(B, device=self.dev), rows_np=np.arange(B), token_ids=tokens,
-                           positions=positions, positions_np=pos_np)
+        batch = DraftBatch(
+            rows=torch.arange(B, device=self.dev),
+            rows_np=np.arange(B),
+            token_ids=tokens,
+            positions=positions,
+            positions_np=pos_np,
+        )
 
         def run():
-            table[:B, :nb].copy_(ids)                             # cheap; keeps the rows ours between calls
+            table[:B, :nb].copy_(ids)  # cheap; keeps the rows ours between calls
             h = self.d.step(batch, skip)
             torch.softmax(self.d.logits(h).float(), -1).max(-1)[0].cpu()
+
         return run
 
     def draft_step(self, n, B, skip: SkipSet):
@@ -146,6 +159,7 @@ class Bench:
             with self.compat.forward_context(md, self.d.vllm_config, B, {}):
                 h = self.d.forward(ids, pos, skip)
             torch.softmax(self.d.logits(h).float(), -1).max(-1)[0].cpu()
+
         return run
 
 
@@ -174,8 +188,18 @@ def plan_steps(num_layers: int, contexts, batches, sets=4, seed=0) -> list[dict]
             for _ in range(sets):
                 k = rng.randint(0, L)
                 skip = SkipSet.from_items(L, rng.sample(range(2 * L), k))
-                points.append(dict(n_attn_kept=skip.n_attn_kept, n_mlp_kept=skip.n_mlp_kept, ctx_lens=[n] * B,
-                                   B=B, ctx=n, skipped=k, skip=skip, times=[]))
+                points.append(
+                    dict(
+                        n_attn_kept=skip.n_attn_kept,
+                        n_mlp_kept=skip.n_mlp_kept,
+                        ctx_lens=[n] * B,
+                        B=B,
+                        ctx=n,
+                        skipped=k,
+                        skip=skip,
+                        times=[],
+                    )
+                )
     return points
 
 
@@ -209,13 +233,20 @@ def validate(model: LatencyModel, points, log=print) -> dict:
     for s in points:
         pred = model.draft_step_time(s["skip"], s["ctx_lens"])
         errors.append(abs(pred - s["seconds"]) / s["seconds"])
-        rows.append(dict(B=s["B"], ctx=s["ctx"], skipped=s["skipped"], measured_ms=s["seconds"] * 1e3,
-                         predicted_ms=pred * 1e3))
-    res = dict(median_abs_rel_error=statistics.median(errors), max_abs_rel_error=max(errors),
-               remeasure_spread=remeasure_spread(points), points=rows)
+        rows.append(
+            dict(B=s["B"], ctx=s["ctx"], skipped=s["skipped"], measured_ms=s["seconds"] * 1e3, predicted_ms=pred * 1e3)
+        )
+    res = dict(
+        median_abs_rel_error=statistics.median(errors),
+        max_abs_rel_error=max(errors),
+        remeasure_spread=remeasure_spread(points),
+        points=rows,
+    )
     spread = "" if res["remeasure_spread"] is None else f" (re-measurement spread {res['remeasure_spread']:.1%})"
-    log(f"draft-step prediction: median |err| {res['median_abs_rel_error']:.1%}, max {res['max_abs_rel_error']:.1%} "
-        f"over {len(errors)} (context, batch, skip set) points{spread}")
+    log(
+        f"draft-step prediction: median |err| {res['median_abs_rel_error']:.1%}, max {res['max_abs_rel_error']:.1%} "
+        f"over {len(errors)} (context, batch, skip set) points{spread}"
+    )
     return res
 
 
@@ -235,32 +266,52 @@ def main(argv=None) -> dict:
     ap.add_argument("--out-dir", default=DEFAULT_DIR)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--validate", action="store_true", help="time whole draft steps and report the error")
-    ap.add_argument("--calibration-sets", type=int, default=4,
-                    help="random skip sets per (context, batch) timed as whole steps to fit the draft law "
-                         "(0: sublayer timings only)")
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="time every whole-step point this many times (interleaved passes) and use the median")
+    ap.add_argument(
+        "--calibration-sets",
+        type=int,
+        default=4,
+        help="random skip sets per (context, batch) timed as whole steps to fit the draft law "
+        "(0: sublayer timings only)",
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="time every whole-step point this many times (interleaved passes) and use the median",
+    )
     ap.add_argument("--load-format", default="auto", help="'dummy' profiles a shape without weights")
-    ap.add_argument("--step-path", choices=("auto", "forward", "drafter"), default="auto",
-                    help="how whole draft steps are timed: 'drafter' = as the drafter runs them (its CUDA "
-                         "graphs where captured), 'forward' = eager sublayers; auto: drafter when the drafter "
-                         "captured graphs")
+    ap.add_argument(
+        "--step-path",
+        choices=("auto", "forward", "drafter"),
+        default="auto",
+        help="how whole draft steps are timed: 'drafter' = as the drafter runs them (its CUDA "
+        "graphs where captured), 'forward' = eager sublayers; auto: drafter when the drafter "
+        "captured graphs",
+    )
     ap.add_argument("--json", help="also write the fit + validation summary here")
     a = ap.parse_args(argv)
     contexts = [int(x) for x in a.contexts.split(",")]
     batches = [int(x) for x in a.batches.split(",")]
 
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # reach the drafter in this process
-    from vllm import LLM
-    from vllm_knapspec.selector import device_name
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # reach the drafter in this process
     from transformers import AutoConfig
+    from vllm import LLM
+
+    from vllm_knapspec.selector import device_name
+
     limit = getattr(AutoConfig.from_pretrained(a.model), "max_position_embeddings", None) or 1 << 20
     contexts = sorted({min(n, limit - 2) for n in contexts})
     max_len = min(max(contexts) + 64, limit)
-    llm = LLM(a.model, dtype=a.dtype, max_model_len=max_len, load_format=a.load_format,
-              tensor_parallel_size=a.tensor_parallel_size, enforce_eager=torch.cuda.device_count() == 0,
-              distributed_executor_backend="uni" if a.tensor_parallel_size == 1 else None,
-              speculative_config={"method": "knapspec", "num_speculative_tokens": 1, "skip_set": ""})
+    llm = LLM(
+        a.model,
+        dtype=a.dtype,
+        max_model_len=max_len,
+        load_format=a.load_format,
+        tensor_parallel_size=a.tensor_parallel_size,
+        enforce_eager=torch.cuda.device_count() == 0,
+        distributed_executor_backend="uni" if a.tensor_parallel_size == 1 else None,
+        speculative_config={"method": "knapspec", "num_speculative_tokens": 1, "skip_set": ""},
+    )
     drafter = drafter_of(llm)
     draft, graphs = drafter.draft, drafter.graphs
     path = a.step_path if a.step_path != "auto" else ("drafter" if graphs is not None else "forward")
@@ -274,19 +325,24 @@ def main(argv=None) -> dict:
     key = ProfileKey.make(mc.model, device_name(), str(mc.dtype), a.tensor_parallel_size)
     model = LatencyModel(draft.num_layers, key=key, source="profile")
     fit = model.fit_sublayers(samples)
-    if held and path == "forward":      # what sublayer timings alone predict, for the record
-        fit["sublayers_only_validation"] = {k: v for k, v in validate(
-            model, held, log=lambda m: print("sublayers only: " + m)).items() if k != "points"}
+    if held and path == "forward":  # what sublayer timings alone predict, for the record
+        fit["sublayers_only_validation"] = {
+            k: v for k, v in validate(model, held, log=lambda m: print("sublayers only: " + m)).items() if k != "points"
+        }
     if cal:
         # Graphed steps are not eager sublayers added up (no host launch cost): the eager sublayer fit is no
         # prior for them.
-        fit["steps"] = model.fit_draft_steps(cal, prior_sigma=0.0 if graphs is not None and path == "drafter"
-                                             else None)
-    ppath = profile_path(os.path.expanduser(a.out_dir), mc.model, device_name(), str(mc.dtype),
-                         a.tensor_parallel_size)
+        fit["steps"] = model.fit_draft_steps(cal, prior_sigma=0.0 if graphs is not None and path == "drafter" else None)
+    ppath = profile_path(os.path.expanduser(a.out_dir), mc.model, device_name(), str(mc.dtype), a.tensor_parallel_size)
     model.save(ppath)
-    out = dict(profile=ppath, seconds=time.time() - t0, fit=fit, coefficients=model.coefficients(),
-               step_path=path, draft_graphs=graphs is not None)
+    out = dict(
+        profile=ppath,
+        seconds=time.time() - t0,
+        fit=fit,
+        coefficients=model.coefficients(),
+        step_path=path,
+        draft_graphs=graphs is not None,
+    )
     print(f"wrote {ppath} ({out['seconds']:.0f} s)")
     if a.validate:
         out["validation"] = validate(model, held)

@@ -28,6 +28,7 @@ in one A/B) stops paying the full share for asking again.
 
 No vLLM imports: the model side comes in through `adapter` (draft.ReferenceBuilder over LayerSkipModel).
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,18 +46,19 @@ from vllm_knapspec.skipset import SkipSet
 
 logger = logging.getLogger("vllm.knapspec")
 
-GUARD_STEPS = 16           # steps of a plan measured before the guard may stop it
-OUTLIER_X = 4.0            # a plan step counts as at most this many typical steps in the guard
-PLAIN_WINDOW = 32          # recent plain steps that calibrate t_plain
-METRIC_EVERY = 32          # latency-model gauges are refreshed every this many refit steps
-PLAIN_BATCH = 32           # plain steps of one batch size averaged into one observation of the target model
-BACKOFF_MAX = 16           # re-selection interval while choosing plain decoding: up to this x reselect_interval
-BUDGET_BACKOFF_MAX = 4     # ... and the overhead share down to max_selection_overhead / this
-RECOVER = 1.05             # the plan-measured discount of predictions moves back toward 1 by this per selection
+GUARD_STEPS = 16  # steps of a plan measured before the guard may stop it
+OUTLIER_X = 4.0  # a plan step counts as at most this many typical steps in the guard
+PLAIN_WINDOW = 32  # recent plain steps that calibrate t_plain
+METRIC_EVERY = 32  # latency-model gauges are refreshed every this many refit steps
+PLAIN_BATCH = 32  # plain steps of one batch size averaged into one observation of the target model
+BACKOFF_MAX = 16  # re-selection interval while choosing plain decoding: up to this x reselect_interval
+BUDGET_BACKOFF_MAX = 4  # ... and the overhead share down to max_selection_overhead / this
+RECOVER = 1.05  # the plan-measured discount of predictions moves back toward 1 by this per selection
 
 
 class _PlainSteps:
     """Plain steps of one batch size not yet fed to the target model (see KnapSpecSelector._refit_target)."""
+
     __slots__ = ("batch", "steps", "ctx_sum", "seconds")
 
     def __init__(self):
@@ -112,27 +114,27 @@ class KnapSpecSelector:
         self.sync = sync or (lambda x: x)
         self.stats = KnapSpecStats.get()
         self.current: tuple[SkipSet, int] | None = None
-        self.steps = 0                       # engine steps since the last selection
-        self.selected_ctx = None             # mean context at the last selection
+        self.steps = 0  # engine steps since the last selection
+        self.selected_ctx = None  # mean context at the last selection
         self.predicted_alpha = None
-        self.proposed = self.accepted = 0    # since the last selection
-        self.selection_s = 0.0               # cost of the last selection
-        self._cost_scale = 1.0               # last measured cost / its _estimated_selection_s
-        self.since_selection_s = 0.0         # decode wall time since the last selection
+        self.proposed = self.accepted = 0  # since the last selection
+        self.selection_s = 0.0  # cost of the last selection
+        self._cost_scale = 1.0  # last measured cost / its _estimated_selection_s
+        self.since_selection_s = 0.0  # decode wall time since the last selection
         self.total_selection_s = self.total_decode_s = 0.0
-        self.history: list[dict] = []        # one entry per selection (benchmarks, tests)
-        self.guard_events: list[dict] = []   # one entry per guard stop
+        self.history: list[dict] = []  # one entry per selection (benchmarks, tests)
+        self.guard_events: list[dict] = []  # one entry per guard stop
         self._metric_steps = 0
-        self._plain_steps: deque = deque(maxlen=PLAIN_WINDOW)   # (ctx, k, seconds): steady plain steps at ctx + k
-        self._plain_scale = 1.0              # measured / predicted plain step time, set at each selection
-        self._spec = self._new_spec()        # the current plan's measured record since its selection
-        self._plain_obs = _PlainSteps()      # plain steps pending for the target model
-        self.interval = cfg.reselect_interval   # steps between selections (doubles while choosing plain)
-        self._last_steady_s = 0.0            # the last steady step's time: caps what an unsteady gap counts
-        self.pred_scale = 1.0                # measured / predicted speedup of the last plan that ran (<= 1)
-        self._plan_pred = None               # predicted speedup of the current plan
+        self._plain_steps: deque = deque(maxlen=PLAIN_WINDOW)  # (ctx, k, seconds): steady plain steps at ctx + k
+        self._plain_scale = 1.0  # measured / predicted plain step time, set at each selection
+        self._spec = self._new_spec()  # the current plan's measured record since its selection
+        self._plain_obs = _PlainSteps()  # plain steps pending for the target model
+        self.interval = cfg.reselect_interval  # steps between selections (doubles while choosing plain)
+        self._last_steady_s = 0.0  # the last steady step's time: caps what an unsteady gap counts
+        self.pred_scale = 1.0  # measured / predicted speedup of the last plan that ran (<= 1)
+        self._plan_pred = None  # predicted speedup of the current plan
         for name in ("drafting_enabled", "skipped_attention", "skipped_mlp", "draft_length"):
-            self.stats.set(name, 0)              # until the first selection: plain decoding
+            self.stats.set(name, 0)  # until the first selection: plain decoding
 
     # -- per step ------------------------------------------------------------------------------------
     def plan(self, rows: np.ndarray, ctx: np.ndarray):
@@ -172,10 +174,22 @@ class KnapSpecSelector:
 
     def _stop_drafting(self, ctx):
         r, n = self._realised_speedup(), self._spec["steps"]
-        self.guard_events.append(dict(ctx=float(ctx.mean()) if len(ctx) else 0.0, steps=n, realised_speedup=r,
-                                      skip=str(self.current[0]), gamma=self.current[1]))
-        logger.info("KnapSpec guard: plan %s measured %.3fx of plain decoding over %d steps; drafting off until "
-                    "the next selection", self.current[0], r, n)
+        self.guard_events.append(
+            dict(
+                ctx=float(ctx.mean()) if len(ctx) else 0.0,
+                steps=n,
+                realised_speedup=r,
+                skip=str(self.current[0]),
+                gamma=self.current[1],
+            )
+        )
+        logger.info(
+            "KnapSpec guard: plan %s measured %.3fx of plain decoding over %d steps; drafting off until "
+            "the next selection",
+            self.current[0],
+            r,
+            n,
+        )
         self._measure_plan()
         self.current = None
         self.stats.inc("guard_stops")
@@ -192,15 +206,15 @@ class KnapSpecSelector:
         self._plan_pred = None
 
     def _due(self, ctx: np.ndarray) -> bool:
-        if self.selected_ctx is None:          # first selection: once plain decoding has paid for it ...
+        if self.selected_ctx is None:  # first selection: once plain decoding has paid for it ...
             if self.cfg.min_speedup <= 0:
-                return True                    # ... unless the config asks to always draft: at once
+                return True  # ... unless the config asks to always draft: at once
             if not self.selection_s:
-                self.selection_s = self._predicted_selection_s(ctx)     # calibrated at start-up on a GPU
+                self.selection_s = self._predicted_selection_s(ctx)  # calibrated at start-up on a GPU
             return self.since_selection_s * self._share() >= self.selection_s
         if self.since_selection_s * self._share() < self.selection_s:
-            return False                                   # keep selection under its share of wall time
-        return self._wanted(ctx) and self._affordable(ctx)   # cost estimate only when a selection is wanted
+            return False  # keep selection under its share of wall time
+        return self._wanted(ctx) and self._affordable(ctx)  # cost estimate only when a selection is wanted
 
     def _wanted(self, ctx) -> bool:
         if self.steps >= self.interval:
@@ -254,7 +268,7 @@ class KnapSpecSelector:
             self.stats.set("realised_acceptance", self.accepted / self.proposed)
         if seconds is None:
             return
-        if not steady:       # the gap may hold an idle server: count it as at most two steps like the last steady one
+        if not steady:  # the gap may hold an idle server: count it as at most two steps like the last steady one
             self._decode_time(min(seconds, 2.0 * self._last_steady_s))
             return
         self._last_steady_s = seconds
@@ -278,7 +292,7 @@ class KnapSpecSelector:
         if proposed:
             self._target_observe(ctx, len(ctx) + proposed, seconds)
             return
-        self._pend_plain(len(ctx), 1, float(sum(ctx.tolist())), seconds)   # no numpy reduction per step
+        self._pend_plain(len(ctx), 1, float(sum(ctx.tolist())), seconds)  # no numpy reduction per step
 
     def _pend_plain(self, batch: int, steps: int, ctx_sum: float, seconds: float) -> None:
         b = self._plain_obs
@@ -289,14 +303,14 @@ class KnapSpecSelector:
 
     def _flush_plain(self):
         b = self._plain_obs
-        if b.steps:      # the mean step of the pending ones
+        if b.steps:  # the mean step of the pending ones
             self._target_observe(b.ctx_sum / b.steps, b.batch, b.seconds / b.steps, num_reqs=b.batch)
             self._plain_obs = _PlainSteps()
 
     def _target_observe(self, ctx, tokens, seconds, **kw):
         self.target.observe_verify(ctx, tokens, seconds, **kw)
         self._metric_steps += 1
-        if self._metric_steps % METRIC_EVERY == 1:   # medians over windows: not every step (host time)
+        if self._metric_steps % METRIC_EVERY == 1:  # medians over windows: not every step (host time)
             self._latency_metrics()
 
     def _account(self, ctx, proposed, accepted, seconds):
@@ -314,7 +328,7 @@ class KnapSpecSelector:
         # 0.15x). Such a step counts as at most OUTLIER_X times the plan's typical step: the median of its
         # recent steps, or the selection's prediction before there are any.
         recent = sp["recent"]
-        typical = sorted(recent)[len(recent) // 2] if len(recent) >= 4 else sp["pred_step_s"]   # per step: no numpy
+        typical = sorted(recent)[len(recent) // 2] if len(recent) >= 4 else sp["pred_step_s"]  # per step: no numpy
         if typical and step_s > OUTLIER_X * typical:
             step_s = OUTLIER_X * typical
             self.stats.inc("guard_capped_steps")
@@ -340,11 +354,12 @@ class KnapSpecSelector:
     def _count_selection_cost(self, seconds: float) -> None:
         self.total_selection_s += seconds
         self.stats.inc("selection_seconds", seconds)
-        self.stats.set("selection_overhead_ratio",
-                       self.total_selection_s / max(self.total_decode_s + self.total_selection_s, 1e-9))
+        self.stats.set(
+            "selection_overhead_ratio", self.total_selection_s / max(self.total_decode_s + self.total_selection_s, 1e-9)
+        )
 
     def observe_draft(self, skip: SkipSet, ctx, drafts, seconds, steps=1):
-        if self.current is not None:          # charged to the plan with the next verify step
+        if self.current is not None:  # charged to the plan with the next verify step
             self._spec["pending_draft_s"] += seconds
         self.since_selection_s += seconds
         self.total_decode_s += seconds
@@ -364,7 +379,7 @@ class KnapSpecSelector:
     # -- selection -----------------------------------------------------------------------------------
     def select(self, rows: np.ndarray, ctx: np.ndarray) -> None:
         cfg = self.cfg
-        self._flush_plain()                  # the target model sees every plain step before it prices
+        self._flush_plain()  # the target model sees every plain step before it prices
         if self.current is not None:
             self._measure_plan()
         self.pred_scale = min(1.0, self.pred_scale * RECOVER)
@@ -375,17 +390,19 @@ class KnapSpecSelector:
         cands, alpha = self._candidates(ref, w_attn, w_mlp, budget, len(ctx), clock)
         choice, t_plain, t_draft = self._choose(cands, alpha, ctx)
         clock.lap("choose", None)
-        choice = choice._replace(**dict(zip(("index", "gamma", "speculate"),
-                                            self.sync((choice.index, choice.gamma, choice.speculate)))))
+        choice = choice._replace(
+            **dict(zip(("index", "gamma", "speculate"), self.sync((choice.index, choice.gamma, choice.speculate))))
+        )
         best = cands[choice.index]
         self.top = self._top(cands, alpha, t_draft, t_plain)
         self.current = (best.skipset, choice.gamma) if choice.speculate else None
         self._plan_pred = choice.tpt / choice.plain if choice.speculate else None
-        self.interval = cfg.reselect_interval if choice.speculate else min(
-            2 * self.interval, BACKOFF_MAX * cfg.reselect_interval)
+        self.interval = (
+            cfg.reselect_interval if choice.speculate else min(2 * self.interval, BACKOFF_MAX * cfg.reselect_interval)
+        )
         self.predicted_alpha = float(alpha[choice.index].mean())
         self._reset_window(ctx)
-        if choice.speculate:      # what one step of the plan should cost: gamma drafts (verify slope folded in) + plain
+        if choice.speculate:  # what one step of the plan should cost: gamma drafts (verify slope folded in) + plain
             self._spec["pred_step_s"] = choice.gamma * float(t_draft[choice.index]) + t_plain
         self._record(best.skipset, choice, t_plain, w_attn, w_mlp, len(cands), ctx)
         self.history[-1]["phases_s"] = clock.laps
@@ -400,8 +417,15 @@ class KnapSpecSelector:
 
     def _candidates(self, ref, w_attn, w_mlp, budget, batch, clock):
         L = self.L
-        cands = dp.knapsack_dp(ref.run_item, ref.refs, dp.item_weights(L, w_attn, w_mlp), budget,
-                               self.cfg.sim_threshold, dp.default_frozen_items(L), impl=self.cfg.kernels)
+        cands = dp.knapsack_dp(
+            ref.run_item,
+            ref.refs,
+            dp.item_weights(L, w_attn, w_mlp),
+            budget,
+            self.cfg.sim_threshold,
+            dp.default_frozen_items(L),
+            impl=self.cfg.kernels,
+        )
         clock.lap("dp", ref.refs)
         alpha = self._alpha(cands, ref, batch)
         clock.lap("alpha", None)
@@ -437,28 +461,53 @@ class KnapSpecSelector:
         t_plain = self._t_plain(ctx)
         # verify(gamma) is linear in gamma (T = B(1+gamma)): fold its slope into the per-draft-token cost.
         slope = max(self.target.verify_step_time(ctx, 2) - t_model, 0.0) * self._plain_scale
-        t_draft = torch.tensor([self.latency.draft_step_time(c.skipset, ctx) + slope for c in cands],
-                               dtype=torch.float32)
+        t_draft = torch.tensor(
+            [self.latency.draft_step_time(c.skipset, ctx) + slope for c in cands], dtype=torch.float32
+        )
         # min_speedup = 0 drafts always; otherwise the bar rises by what the last plan fell short of its prediction
         bar = self.cfg.min_speedup / self.pred_scale if self.cfg.min_speedup > 0 else 0.0
-        choice = tpt.choose(alpha, t_draft, t_plain, self.cfg.num_speculative_tokens, t_plain=t_plain,
-                            margin=bar - 1.0, impl=self.cfg.kernels)
+        choice = tpt.choose(
+            alpha,
+            t_draft,
+            t_plain,
+            self.cfg.num_speculative_tokens,
+            t_plain=t_plain,
+            margin=bar - 1.0,
+            impl=self.cfg.kernels,
+        )
         return choice, t_plain, t_draft
 
     def _top(self, cands, alpha, t_draft, t_plain, k: int = 5) -> list[dict]:
         """The k best candidates by predicted speedup (for logs, benchmarks and tests)."""
-        from kernels.tpt_argmax import tpt_grid_torch
-        grid = tpt_grid_torch(alpha, t_draft, t_plain, self.cfg.num_speculative_tokens)   # [C, gamma]
+        from vllm_knapspec.kernels.tpt_argmax import tpt_grid_torch
+
+        grid = tpt_grid_torch(alpha, t_draft, t_plain, self.cfg.num_speculative_tokens)  # [C, gamma]
         best, g = grid.max(1)
         plain = alpha.shape[1] / t_plain
         order = best.argsort(descending=True)[:k].tolist()
-        return [dict(skip=str(cands[c].skipset), alpha=round(float(alpha[c].mean()), 3), gamma=int(g[c]) + 1,
-                     speedup=round(float(best[c]) / plain, 3), cos=round(cands[c].cos, 4)) for c in order]
+        return [
+            dict(
+                skip=str(cands[c].skipset),
+                alpha=round(float(alpha[c].mean()), 3),
+                gamma=int(g[c]) + 1,
+                speedup=round(float(best[c]) / plain, 3),
+                cos=round(cands[c].cos, 4),
+            )
+            for c in order
+        ]
 
     @staticmethod
     def _new_spec() -> dict:
-        return dict(tokens=0.0, seconds=0.0, plain_tokens=0.0, plain_s=0.0, steps=0, pending_draft_s=0.0,
-                    recent=deque(maxlen=32), pred_step_s=0.0)
+        return dict(
+            tokens=0.0,
+            seconds=0.0,
+            plain_tokens=0.0,
+            plain_s=0.0,
+            steps=0,
+            pending_draft_s=0.0,
+            recent=deque(maxlen=32),
+            pred_step_s=0.0,
+        )
 
     def _t_plain(self, ctx) -> float:
         """The target model's plain step time, scaled down by the median measured/predicted ratio of the last
@@ -486,14 +535,31 @@ class KnapSpecSelector:
         s.set("draft_length", choice.gamma if spec else 0)
         s.set("predicted_tpt_speedup", choice.tpt / choice.plain)
         s.set("predicted_acceptance", self.predicted_alpha)
-        entry = dict(ctx=float(ctx.mean()), batch=len(ctx), skip=str(skip), attn=skip.n_attn_skipped,
-                     mlp=skip.n_mlp_skipped, gamma=choice.gamma, speculate=spec, alpha=self.predicted_alpha,
-                     speedup=choice.tpt / choice.plain, w_attn=w_attn, w_mlp=w_mlp, candidates=n_cands)
+        entry = dict(
+            ctx=float(ctx.mean()),
+            batch=len(ctx),
+            skip=str(skip),
+            attn=skip.n_attn_skipped,
+            mlp=skip.n_mlp_skipped,
+            gamma=choice.gamma,
+            speculate=spec,
+            alpha=self.predicted_alpha,
+            speedup=choice.tpt / choice.plain,
+            w_attn=w_attn,
+            w_mlp=w_mlp,
+            candidates=n_cands,
+        )
         entry["top"] = self.top
         self.history.append(entry)
-        logger.info("KnapSpec selection at context %.0f x %d: %s, gamma %d, predicted %.3fx of plain decoding "
-                    "(alpha %.2f)", entry["ctx"], entry["batch"], f"draft skipping {skip}" if spec else "plain decoding",
-                    choice.gamma, entry["speedup"], self.predicted_alpha)
+        logger.info(
+            "KnapSpec selection at context %.0f x %d: %s, gamma %d, predicted %.3fx of plain decoding (alpha %.2f)",
+            entry["ctx"],
+            entry["batch"],
+            f"draft skipping {skip}" if spec else "plain decoding",
+            choice.gamma,
+            entry["speedup"],
+            self.predicted_alpha,
+        )
         logger.debug("KnapSpec selection: %s", entry)
 
 
@@ -501,16 +567,17 @@ class ClaspSelector(KnapSpecSelector):
     """CLaSp-style baseline: whole layers, cosine DP, a fixed number of skipped layers, fixed gamma,
     re-selected on the same schedule (no latency model, no TPT, always speculates)."""
 
-    def _guard(self) -> bool:          # the baseline as published: no guard
+    def _guard(self) -> bool:  # the baseline as published: no guard
         return False
 
     def select(self, rows, ctx):
         L, M = self.L, min(self.cfg.clasp_skip_layers, self.L - 2)
         ref = self.adapter.build(rows, ctx, self.cfg.reference_tokens)
 
-        def run_layer(l, h):      # item l of this DP = whole layer l (l == L: identity padding)
+        def run_layer(l, h):  # item l of this DP = whole layer l (l == L: identity padding)
             return h if l >= L else ref.run_item(2 * l + 1, ref.run_item(2 * l, h))
-        refs, n = ref.refs[::2], L + L % 2                 # the DP wants an even item count
+
+        refs, n = ref.refs[::2], L + L % 2  # the DP wants an even item count
         if n > L:
             refs = torch.cat([refs, refs[-1:]])
         cands = dp.knapsack_dp(run_layer, refs, [1] * n, M, 0.0, (0, L - 1, *range(L, n)), impl=self.cfg.kernels)
@@ -520,13 +587,23 @@ class ClaspSelector(KnapSpecSelector):
         self.current = (skip, self.cfg.num_speculative_tokens)
         self.predicted_alpha = float(best.cos)
         self._reset_window(ctx)
-        self.history.append(dict(ctx=float(ctx.mean()), batch=len(ctx), skip=str(skip), attn=len(layers),
-                                 mlp=len(layers), gamma=self.cfg.num_speculative_tokens, speculate=True))
+        self.history.append(
+            dict(
+                ctx=float(ctx.mean()),
+                batch=len(ctx),
+                skip=str(skip),
+                attn=len(layers),
+                mlp=len(layers),
+                gamma=self.cfg.num_speculative_tokens,
+                speculate=True,
+            )
+        )
 
 
 def make_latency_model(cfg, vllm_config, num_layers: int) -> LatencyModel:
     """A profile when one matches (explicit path or profile_dir), else a roofline prior from the shapes."""
     from vllm_knapspec.latency import LatencyModel as LM
+
     if cfg.latency_profile:
         return LM.load(cfg.latency_profile)
     mc = vllm_config.model_config
@@ -534,15 +611,25 @@ def make_latency_model(cfg, vllm_config, num_layers: int) -> LatencyModel:
     tp = vllm_config.parallel_config.tensor_parallel_size
     if cfg.profile_dir:
         import os
+
         from vllm_knapspec.latency import profile_path
+
         p = profile_path(os.path.expanduser(cfg.profile_dir), mc.model, device_name(), str(mc.dtype), tp)
         if os.path.isfile(p):
             return LM.load(p)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    return LM.from_model_shape(num_layers, hf.hidden_size, hf.intermediate_size, hf.num_attention_heads,
-                               getattr(hf, "num_key_value_heads", hf.num_attention_heads), head_dim,
-                               vocab_size=hf.vocab_size, dtype_bytes=torch.tensor([], dtype=mc.dtype).element_size(),
-                               tp=tp, **_device_roofline())
+    return LM.from_model_shape(
+        num_layers,
+        hf.hidden_size,
+        hf.intermediate_size,
+        hf.num_attention_heads,
+        getattr(hf, "num_key_value_heads", hf.num_attention_heads),
+        head_dim,
+        vocab_size=hf.vocab_size,
+        dtype_bytes=torch.tensor([], dtype=mc.dtype).element_size(),
+        tp=tp,
+        **_device_roofline(),
+    )
 
 
 def device_name() -> str:
@@ -560,6 +647,7 @@ def _device_roofline() -> dict:
 
 def make_selector(cfg, draft, vllm_config):
     from vllm_knapspec.draft import ReferenceBuilder
+
     if cfg.skip_set is not None:
         return FixedSelector(SkipSet.parse(draft.num_layers, cfg.skip_set), cfg.num_speculative_tokens)
     latency = make_latency_model(cfg, vllm_config, draft.num_layers)
@@ -570,6 +658,7 @@ def make_selector(cfg, draft, vllm_config):
 def tp_sync():
     """Broadcast from tensor-parallel rank 0 (vLLM's TP group); None with one rank."""
     from vllm.distributed import get_tp_group
+
     group = get_tp_group()
     if group.world_size == 1:
         return None

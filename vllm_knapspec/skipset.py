@@ -3,6 +3,7 @@
 Item numbering follows the paper and the official code: item 2*l is the attention sublayer of layer l,
 item 2*l+1 its MLP. No vLLM imports here.
 """
+
 from __future__ import annotations
 
 import re
@@ -30,8 +31,9 @@ class SkipSet:
     def from_items(cls, num_layers: int, items) -> "SkipSet":
         """From item indices (2l = attention of layer l, 2l+1 = its MLP)."""
         items = list(items)
-        return cls(num_layers, frozenset(i // 2 for i in items if i % 2 == 0),
-                   frozenset(i // 2 for i in items if i % 2 == 1))
+        return cls(
+            num_layers, frozenset(i // 2 for i in items if i % 2 == 0), frozenset(i // 2 for i in items if i % 2 == 1)
+        )
 
     @classmethod
     def from_mask(cls, mask) -> "SkipSet":

@@ -10,6 +10,7 @@ and one gamma, so the expected tokens of the R requests add while the time is pa
 
 Works on Python floats and torch tensors. No vLLM imports.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,7 +32,7 @@ def expected_tokens(alpha, gamma):
             a = a.float()
         a = a.clamp(0.0, 1.0)
         g1 = torch.as_tensor(gamma, device=a.device) + 1
-        la = torch.log(a)                                    # -inf at a = 0 gives expm1(-inf) = -1 -> ratio 1
+        la = torch.log(a)  # -inf at a = 0 gives expm1(-inf) = -1 -> ratio 1
         ratio = torch.expm1(g1 * la) / torch.expm1(la)
         return torch.where(la == 0, g1.to(ratio.dtype), ratio)
     a = min(max(float(alpha), 0.0), 1.0)
@@ -81,19 +82,27 @@ def speculation_worthwhile(best_tpt: float, batch: int, t_plain: float, margin: 
 
 
 class TPTChoice(NamedTuple):
-    speculate: bool     # False: decode plainly (no candidate beats plain decoding by the margin)
-    index: int          # best candidate (row of alpha) even when speculate is False
-    gamma: int          # best draft length for it (>= 1)
-    tpt: float          # its TPT
-    plain: float        # plain_tpt(batch, t_plain)
+    speculate: bool  # False: decode plainly (no candidate beats plain decoding by the margin)
+    index: int  # best candidate (row of alpha) even when speculate is False
+    gamma: int  # best draft length for it (>= 1)
+    tpt: float  # its TPT
+    plain: float  # plain_tpt(batch, t_plain)
 
 
-def choose(alpha, t_draft, t_target: float, gamma_max: int, t_plain: Optional[float] = None,
-           margin: float = 0.05, impl: str = "auto") -> TPTChoice:
+def choose(
+    alpha,
+    t_draft,
+    t_target: float,
+    gamma_max: int,
+    t_plain: Optional[float] = None,
+    margin: float = 0.05,
+    impl: str = "auto",
+) -> TPTChoice:
     """argmax over (candidate, gamma) of the batch TPT, then the speculate-or-not decision.
 
     alpha [C, R] (candidates x requests in the batch), t_draft [C]; t_plain defaults to t_target."""
-    from kernels.tpt_argmax import tpt_argmax  # kernels import torch/triton only
+    from vllm_knapspec.kernels.tpt_argmax import tpt_argmax  # kernels import torch/triton only
+
     a = torch.as_tensor(alpha)
     res = tpt_argmax(a, t_draft, t_target, gamma_max, impl=impl)
     batch = 1 if a.dim() == 1 else a.shape[1]
@@ -102,5 +111,14 @@ def choose(alpha, t_draft, t_target: float, gamma_max: int, t_plain: Optional[fl
     return TPTChoice(ok, res.best_c, res.best_gamma, res.best_tpt, plain_tpt(batch, t_plain))
 
 
-__all__ = ["expected_tokens", "tpt", "batch_tpt", "plain_tpt", "draft_time", "target_time",
-           "speculation_worthwhile", "TPTChoice", "choose"]
+__all__ = [
+    "expected_tokens",
+    "tpt",
+    "batch_tpt",
+    "plain_tpt",
+    "draft_time",
+    "target_time",
+    "speculation_worthwhile",
+    "TPTChoice",
+    "choose",
+]

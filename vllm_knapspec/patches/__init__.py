@@ -7,6 +7,7 @@ drafting         runner_drafter, draft_length_control, drafter_warmup, plain_ste
 uniform_graphs   uniform_graphs
 cpu              cpu_sampler_expand, ray_cpu
 """
+
 from __future__ import annotations
 
 from vllm_knapspec.patches import config_entry, cpu, drafting, uniform_graphs

@@ -1,5 +1,6 @@
 """What every patch shares: one way to wrap a vLLM symbol, refusing double application (general plugins load
 in every vLLM process, sometimes twice), and the test for "this engine runs KnapSpec"."""
+
 from __future__ import annotations
 
 MARK = "__knapspec_patched__"

@@ -9,6 +9,7 @@
   scheduling on by default for EAGLE-type methods only, async scheduling is asked for where the user left it
   unset (0.27+ does that for draft_model itself).
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,6 +23,7 @@ from vllm_knapspec.patches.base import wrap
 
 def patch_knapspec_as_draft_model() -> None:
     from vllm.engine.arg_utils import EngineArgs
+
     wrap(EngineArgs, "create_speculative_config", _make_create)
 
 
@@ -33,7 +35,7 @@ def _make_create(orig):
             return orig(self, target_model_config, target_parallel_config)
         vllm_part, cfg = ks.split_speculative_config(raw)
         ks.check_architecture(getattr(target_model_config.hf_config, "architectures", None))
-        vllm_part["model"] = target_model_config.model        # the draft is the target itself
+        vllm_part["model"] = target_model_config.model  # the draft is the target itself
         if getattr(self, "async_scheduling", False) is None and _async_needs_asking():
             self.async_scheduling = True
         self.speculative_config = vllm_part
@@ -43,11 +45,13 @@ def _make_create(orig):
             self.speculative_config = raw
         object.__setattr__(spec, "knapspec", cfg.model_dump())
         return spec
+
     return create_speculative_config
 
 
 def _async_needs_asking() -> bool:
     from vllm_knapspec.compat import vllm_version
+
     return vllm_version() < (0, 27)
 
 
@@ -94,6 +98,7 @@ def validate_namespace(ns) -> None:
 
 def patch_speculative_config_file() -> None:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
+
     wrap(FlexibleArgumentParser, "parse_args", _make_parse_args)
 
 
@@ -105,6 +110,7 @@ def _make_parse_args(orig):
             ns = orig(self, args, namespace)
             validate_namespace(ns)
         except ks.KnapSpecConfigError as e:
-            self.exit(2, f"error: {e}\n")     # one clear line, no traceback, non-zero exit
+            self.exit(2, f"error: {e}\n")  # one clear line, no traceback, non-zero exit
         return ns
+
     return parse_args

@@ -14,6 +14,7 @@
   worker at process start (RayWorkerProc is pickled by reference and asks for device ids before vLLM loads
   plugins in the worker).
 """
+
 from __future__ import annotations
 
 from vllm_knapspec.patches.base import MARK, wrap
@@ -23,6 +24,7 @@ def expand_batch_to_tokens(x, cu_num_tokens, num_tokens: int, replace_from: int 
     """[a, b, c] with cu_num_tokens [2, 5, 6] -> [a, a, b, b, b, c]; values equal to replace_from become
     replace_to (same contract as vLLM's)."""
     import torch
+
     counts = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1))
     out = torch.repeat_interleave(x, counts, output_size=num_tokens)
     return torch.where(out == replace_from, torch.full_like(out, replace_to), out)
@@ -30,9 +32,11 @@ def expand_batch_to_tokens(x, cu_num_tokens, num_tokens: int, replace_from: int 
 
 def patch_cpu_sampler_expand():
     from vllm.platforms import current_platform
+
     if not current_platform.is_cpu():
         return
     import vllm.v1.sample.rejection_sampler as rs
+
     if getattr(rs.expand_batch_to_tokens, MARK, False):
         return
     setattr(expand_batch_to_tokens, MARK, True)
@@ -46,24 +50,30 @@ RAY_SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
 
 def patch_ray_cpu() -> None:
     from vllm.platforms import current_platform
+
     if not current_platform.is_cpu():
         return
     type(current_platform).ray_device_key = "CPU"
     try:
         from vllm.v1.executor import ray_executor_v2 as rx
-    except Exception:          # noqa: BLE001 - no ray executor in this vLLM: nothing else to patch
+    except Exception:  # noqa: BLE001 - no ray executor in this vLLM: nothing else to patch
         return
-    if getattr(rx, "ray", None) is None:   # ray not installed
+    if getattr(rx, "ray", None) is None:  # ray not installed
         return
     # Installed on the CPU platform only, so the wrappers need not ask which platform they run on.
     wrap(rx.RayExecutorV2, "_get_actor_resource_kwargs", lambda orig: staticmethod(lambda: {"num_gpus": 0}))
-    wrap(rx.RayWorkerProc, "get_node_and_physical_gpu_ids",
-          lambda orig: lambda self: (rx.ray.get_runtime_context().get_node_id(), []))
+    wrap(
+        rx.RayWorkerProc,
+        "get_node_and_physical_gpu_ids",
+        lambda orig: lambda self: (rx.ray.get_runtime_context().get_node_id(), []),
+    )
 
     def _env(orig):
         def _build_runtime_env(self) -> dict:
             env = orig(self)
             env.setdefault("env_vars", {}).setdefault(RAY_SETUP_HOOK_ENV, f"{__name__}.patch_ray_cpu")
             return env
+
         return _build_runtime_env
+
     wrap(rx.RayExecutorV2, "_build_runtime_env", _env)

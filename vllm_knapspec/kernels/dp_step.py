@@ -13,29 +13,32 @@ The Triton kernel runs one program per j: it streams both candidates and ref onc
 copies the winner. `dp_step_torch` is the reference; both give the same selections and the same bytes in
 `new` (a copy), scores agree to fp32 rounding.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
 import torch
 
-from kernels import HAS_TRITON, resolve_impl
+from vllm_knapspec.kernels import HAS_TRITON, resolve_impl
 
 # Same as F.normalize: x / max(||x||, eps), so cos = dot / (max(|x|,eps) * max(|y|,eps)).
 COS_EPS = 1e-12
 
 
 class DPStepOut(NamedTuple):
-    new: torch.Tensor          # [K+1, r, d] chosen hidden state per budget j (zeros where not valid)
-    score: torch.Tensor        # [K+1] float32 best mean cosine (-inf where no candidate existed)
+    new: torch.Tensor  # [K+1, r, d] chosen hidden state per budget j (zeros where not valid)
+    score: torch.Tensor  # [K+1] float32 best mean cosine (-inf where no candidate existed)
     parent_skip: torch.Tensor  # [K+1] bool, True = came from prev[j - w] (item skipped)
-    valid: torch.Tensor        # [K+1] bool, a candidate existed and its score >= sim_threshold
+    valid: torch.Tensor  # [K+1] bool, a candidate existed and its score >= sim_threshold
 
 
 def _check(prev, exec_, ref, w, prev_valid):
     if prev.dim() != 3 or exec_.shape != prev.shape or ref.shape != prev.shape[1:]:
-        raise ValueError(f"shapes: prev {tuple(prev.shape)}, exec {tuple(exec_.shape)}, ref {tuple(ref.shape)};"
-                         " want [K+1, r, d], [K+1, r, d], [r, d]")
+        raise ValueError(
+            f"shapes: prev {tuple(prev.shape)}, exec {tuple(exec_.shape)}, ref {tuple(ref.shape)};"
+            " want [K+1, r, d], [K+1, r, d], [r, d]"
+        )
     if prev_valid.shape != prev.shape[:1]:
         raise ValueError(f"prev_valid {tuple(prev_valid.shape)} must be [K+1={prev.shape[0]}]")
     if exec_.dtype != prev.dtype:
@@ -53,8 +56,9 @@ def _mean_cos(h: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (dot / den).mean(-1)
 
 
-def dp_step_torch(prev, exec_, ref, w: int, prev_valid, sim_threshold: float = 0.5,
-                  out: Optional[torch.Tensor] = None) -> DPStepOut:
+def dp_step_torch(
+    prev, exec_, ref, w: int, prev_valid, sim_threshold: float = 0.5, out: Optional[torch.Tensor] = None
+) -> DPStepOut:
     """Reference transition (see module docstring). Rows of `exec_`/`prev` that are not live are never used."""
     _check(prev, exec_, ref, w, prev_valid)
     K1 = prev.shape[0]
@@ -66,7 +70,7 @@ def dp_step_torch(prev, exec_, ref, w: int, prev_valid, sim_threshold: float = 0
     exec_ok = prev_valid
     skip_ok = (src >= 0) & prev_valid[src_c]
     s_exec = _mean_cos(exec_, ref)
-    s_skip = _mean_cos(prev, ref)[src_c]          # score each prev row once, then shift by w
+    s_skip = _mean_cos(prev, ref)[src_c]  # score each prev row once, then shift by w
     take_skip = skip_ok & (~exec_ok | (s_skip > s_exec))
     has = exec_ok | skip_ok
     best = torch.where(take_skip, s_skip, s_exec)
@@ -85,10 +89,23 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _dp_step_kernel(prev_ptr, exec_ptr, ref_ptr, pvalid_ptr,
-                        new_ptr, score_ptr, pskip_ptr, valid_ptr,
-                        w, R, D, thresh, eps,
-                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _dp_step_kernel(
+        prev_ptr,
+        exec_ptr,
+        ref_ptr,
+        pvalid_ptr,
+        new_ptr,
+        score_ptr,
+        pskip_ptr,
+        valid_ptr,
+        w,
+        R,
+        D,
+        thresh,
+        eps,
+        BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         j = tl.program_id(0)
         src = j - w
         exec_ok = tl.load(pvalid_ptr + j) != 0
@@ -166,8 +183,16 @@ def _blocks(r: int, d: int):
     return block_t, block_d, 8
 
 
-def dp_step_triton(prev, exec_, ref, w: int, prev_valid, sim_threshold: float = 0.5,
-                   out: Optional[torch.Tensor] = None, config: Optional[tuple] = None) -> DPStepOut:
+def dp_step_triton(
+    prev,
+    exec_,
+    ref,
+    w: int,
+    prev_valid,
+    sim_threshold: float = 0.5,
+    out: Optional[torch.Tensor] = None,
+    config: Optional[tuple] = None,
+) -> DPStepOut:
     """config = (BLOCK_T, BLOCK_D, num_warps) overrides the default tiling (scripts/bench_kernels.py --tune)."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
@@ -187,14 +212,37 @@ def dp_step_triton(prev, exec_, ref, w: int, prev_valid, sim_threshold: float = 
     valid = torch.empty(K1, dtype=torch.uint8, device=dev)
     block_t, block_d, warps = config if config is not None else _blocks(r, d)
     # w > K is legal (skip impossible: that is how frozen items are run); clamp so it fits an int32 arg
-    _dp_step_kernel[(K1,)](prev, exec_, ref, pv, out, score, pskip, valid,
-                           min(int(w), K1), r, d, float(sim_threshold), COS_EPS,
-                           BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
+    _dp_step_kernel[(K1,)](
+        prev,
+        exec_,
+        ref,
+        pv,
+        out,
+        score,
+        pskip,
+        valid,
+        min(int(w), K1),
+        r,
+        d,
+        float(sim_threshold),
+        COS_EPS,
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
+        num_warps=warps,
+    )
     return DPStepOut(out, score, pskip.view(torch.bool), valid.view(torch.bool))
 
 
-def dp_step(prev, exec_, ref, w: int, prev_valid, sim_threshold: float = 0.5, impl: str = "auto",
-            out: Optional[torch.Tensor] = None) -> DPStepOut:
+def dp_step(
+    prev,
+    exec_,
+    ref,
+    w: int,
+    prev_valid,
+    sim_threshold: float = 0.5,
+    impl: str = "auto",
+    out: Optional[torch.Tensor] = None,
+) -> DPStepOut:
     """Fused DP transition. impl: "auto" (triton on CUDA or under TRITON_INTERPRET=1, else torch),
     "triton" or "torch". `out` (optional) receives `new`; it must not alias prev/exec."""
     if resolve_impl(impl, prev) == "triton":

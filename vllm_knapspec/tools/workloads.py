@@ -11,6 +11,7 @@ shorter prompts are prefixes of longer ones (code) or share all but the last few
 No vLLM imports; the tokenizer is anything with `__call__(text, add_special_tokens=False)["input_ids"]`
 (and `apply_chat_template` for the prose template; a plain "Summarize ..." prefix is used without one).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -18,18 +19,37 @@ import inspect
 from dataclasses import dataclass, field
 
 # Large, stable stdlib modules (>= 40k characters of source: >= ~9k tokens), in the order prompts use them.
-CODE_MODULES = ("typing", "argparse", "inspect", "subprocess", "logging", "enum", "tarfile", "zipfile",
-                "difflib", "asyncio.base_events", "pickle", "threading", "unittest.case", "http.client",
-                "shutil", "configparser", "collections", "dataclasses", "pathlib", "statistics")
-CALIBRATION_MODULE = "calendar"          # the static baseline's calibration prompt: not among CODE_MODULES
+CODE_MODULES = (
+    "typing",
+    "argparse",
+    "inspect",
+    "subprocess",
+    "logging",
+    "enum",
+    "tarfile",
+    "zipfile",
+    "difflib",
+    "asyncio.base_events",
+    "pickle",
+    "threading",
+    "unittest.case",
+    "http.client",
+    "shutil",
+    "configparser",
+    "collections",
+    "dataclasses",
+    "pathlib",
+    "statistics",
+)
+CALIBRATION_MODULE = "calendar"  # the static baseline's calibration prompt: not among CODE_MODULES
 PROSE_INSTRUCTION = "Summarize the following text:\n\n"
 PLACEHOLDER = "@@KNAPSPEC_TEXT@@"
 
 
 @dataclass(frozen=True)
 class Prompt:
-    kind: str                 # "code" | "prose"
-    source: str               # module name or first pydoc topic
+    kind: str  # "code" | "prose"
+    source: str  # module name or first pydoc topic
     token_ids: tuple = field(repr=False)
 
     @property
@@ -44,6 +64,7 @@ def code_text(module: str) -> str:
 def prose_text(start: int, min_chars: int = 60_000) -> tuple[str, str]:
     """The language reference's topics in sorted order from topic `start` (wrapping), at least min_chars."""
     from pydoc_data.topics import topics
+
     keys = sorted(topics)
     parts, n, i = [], 0, start % len(keys)
     while n < min_chars:
@@ -61,10 +82,11 @@ def _ids(tok, text: str) -> list[int]:
 def prose_template(tok) -> tuple[list[int], list[int]]:
     """Token ids before and after the text of the summarise request (chat template when there is one)."""
     try:
-        s = tok.apply_chat_template([{"role": "user", "content": PROSE_INSTRUCTION + PLACEHOLDER}],
-                                    tokenize=False, add_generation_prompt=True)
+        s = tok.apply_chat_template(
+            [{"role": "user", "content": PROSE_INSTRUCTION + PLACEHOLDER}], tokenize=False, add_generation_prompt=True
+        )
         head, tail = s.split(PLACEHOLDER)
-    except Exception:      # no chat template: a plain completion prompt
+    except Exception:  # no chat template: a plain completion prompt
         head, tail = PROSE_INSTRUCTION, "\n\nSummary:"
     return _ids(tok, head), _ids(tok, tail)
 
@@ -94,6 +116,7 @@ def prose_prompt(tok, start: int, length: int) -> Prompt:
 def prose_start(j: int) -> int:
     """Topic index where prose document j starts (every 10th topic, wrapping): fixed per document."""
     from pydoc_data.topics import topics
+
     return (10 * j) % len(topics)
 
 

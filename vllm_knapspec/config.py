@@ -144,6 +144,22 @@ class KnapSpecConfig(BaseModel):
         "full graphs instead of piecewise ones",
     )
 
+    lookup: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: prompt-lookup drafts (vLLM's n-gram matcher) compete with the layer-skip draft per "
+        "step and request by predicted tokens per time (sync scheduling; off under async scheduling); off: never",
+    )
+    lookup_min: int = Field(2, ge=1, le=64, description="shortest n-gram a lookup draft matches")
+    lookup_max: int = Field(5, ge=1, le=64, description="longest n-gram a lookup draft matches (>= lookup_min)")
+
+    @field_validator("lookup_max")
+    @classmethod
+    def _lookup_lengths(cls, v, info):
+        low = info.data.get("lookup_min", 1)
+        if v < low:
+            raise ValueError(f"must be >= lookup_min ({low})")
+        return v
+
     @field_validator("latency_profile")
     @classmethod
     def _profile_exists(cls, v):

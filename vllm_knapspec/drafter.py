@@ -33,6 +33,7 @@ from vllm_knapspec import config as ks_config
 from vllm_knapspec import metrics
 from vllm_knapspec.control import DraftLengthControl, GammaChannel
 from vllm_knapspec.draft import LayerSkipModel
+from vllm_knapspec.lookup_drafts import LookupDrafts
 
 logger = logging.getLogger("vllm.knapspec")
 
@@ -52,11 +53,13 @@ class _Step:
     """One engine step as the selector sees it, completed once its device results are readable: the
     verification of the previous step's drafts (`verified` per request, `rejected` counts) and this step's
     draft loop (`steps` draft steps with `skip`, timed by `draft_s` or a pair of CUDA events)."""
-    __slots__ = ("n", "ctx", "gap", "steady", "verified", "rejected", "skip", "steps", "draft_s", "events")
+    __slots__ = ("n", "ctx", "gap", "steady", "verified", "rejected", "skip", "steps", "draft_s", "events",
+                 "lookup")
 
     def __init__(self, n, ctx, gap, steady, verified, rejected):
         self.n, self.ctx, self.gap, self.steady, self.verified, self.rejected = n, ctx, gap, steady, verified, rejected
         self.skip, self.steps, self.draft_s, self.events = None, 0, 0.0, None
+        self.lookup = None          # [n] bool: rows whose verified drafts were not the layer-skip draft's
 
 
 class _Feedback:
@@ -111,6 +114,7 @@ class KnapSpecDrafter(DraftModelProposer):
         self._verified_next = 0            # drafts per request the next step verifies
         self._prev_reqs = None
         self.graphs = None                 # graphs.SublayerGraphs once captured (GPU)
+        self.lookup = None                 # lookup_drafts.LookupDrafts (lookup: auto, sync scheduling)
         self.trace: list | None = None     # benchmarks: (step gap s, draft loop s, draft steps) per step
         self.warmup_s = 0.0
         self.warmups: dict[str, float] = {}
@@ -138,6 +142,8 @@ class KnapSpecDrafter(DraftModelProposer):
                                    else self.vllm_config.scheduler_config.max_num_seqs,
                                    self.k_max, dtype=torch.int64, device=self.draft.device)
         DraftLengthControl.drafters[self.key] = self
+        if LookupDrafts.wanted(self.cfg, self.vllm_config):
+            self.lookup = LookupDrafts(self.cfg, self.runner, self.k_max, self.max_model_len)
         self.next_gamma = self._first_gamma()
         logger.info("KnapSpec drafter ready: %d layers, gamma_max=%d, selector=%s",
                     self.draft.num_layers, self.k_max, type(self.selector).__name__)
@@ -215,6 +221,11 @@ class KnapSpecDrafter(DraftModelProposer):
         try:
             step = self._begin(cad, n, num_rejected_tokens_gpu)
             plan = self.selector.plan(np.arange(n, dtype=np.int64), step.ctx)
+            if self.lookup is not None:
+                self._propose_with_lookup(drafts, k, plan, step, next_token_ids, cad, n, num_rejected_tokens_gpu)
+                self._verified_next = k
+                self.feedback.push(step)
+                return drafts
             self.next_gamma = 0 if plan is None else min(plan[1], self.k_max)
             steps = min(self.next_gamma, k)
             if steps:
@@ -234,6 +245,32 @@ class KnapSpecDrafter(DraftModelProposer):
             self.stats.fallback(logger)
         return drafts
 
+    def _propose_with_lookup(self, drafts, k, plan, step, next_token_ids, cad, n, rejected) -> None:
+        """The step's candidates per request: lookup drafts, the layer-skip plan, none (lookup.choose_step)."""
+        bonus = next_token_ids[:n].to("cpu").numpy()
+        pos = self._bonus_positions(cad, n, rejected).to("cpu").numpy()
+        has, lk = self.lookup.propose(n, bonus, pos)
+        choice = self.lookup.choose(self.selector, plan, has, step.ctx, n)
+        self.next_gamma = choice.gamma
+        steps = min(choice.gamma, k)
+        rows = choice.lookup_rows & (steps > 0)
+        if steps and choice.use_skip:
+            start = self.feedback.event()
+            t0 = time.perf_counter()
+            self._draft(drafts, steps, next_token_ids[:n], self._bonus_positions(cad, n, rejected), cad, n, plan[0])
+            step.skip, step.steps, step.draft_s = plan[0], steps, time.perf_counter() - t0
+            step.events = (start, self.feedback.event()) if start is not None else None
+            self.lookup.fill(drafts, lk, rows, rows, steps, skip=True)
+        elif steps:
+            self.lookup.fill(drafts, lk, np.ones(n, dtype=bool), rows, steps, skip=False)   # no match: filler
+        else:
+            self.lookup.fill(drafts, lk, rows, rows, 0, skip=False)
+            self.stats.no_spec_step()
+        if rows.any():
+            self.stats.inc("lookup_draft_tokens", float(rows.sum() * steps))
+        if steps and choice.use_skip:
+            self.stats.inc("layer_skip_draft_tokens", float((~rows).sum() * steps))
+
     def _begin(self, cad, n: int, rejected) -> _Step:
         """Feed the selector what is ready, and open this step's record."""
         now = time.perf_counter()
@@ -246,6 +283,10 @@ class KnapSpecDrafter(DraftModelProposer):
             rej = rejected[:n].to("cpu", non_blocking=True) if self.feedback.cuda else rejected[:n]
         step = _Step(n, self._context(cad, n), gap, self._prev_reqs == n, self._verified_next if rej is not None
                      else 0, rej)
+        if self.lookup is not None:          # sync scheduling: the counts are ready
+            step.lookup, kept = self.lookup.observe(n, None if rej is None else rej.to("cpu").numpy())
+            if kept:
+                self.stats.inc("lookup_accepted_tokens", float(kept))
         self._prev_reqs = n
         return step
 
@@ -254,8 +295,11 @@ class KnapSpecDrafter(DraftModelProposer):
             self.trace.append((s.gap, s.draft_s, s.steps))
         if s.steps and s.skip is not None:
             self.selector.observe_draft(s.skip, s.ctx, None, s.draft_s, s.steps)
-        proposed = s.verified * s.n
-        accepted = max(0, proposed - int(s.rejected.sum())) if proposed else 0
+        keep = np.ones(s.n, dtype=bool) if s.lookup is None else ~s.lookup     # layer-skip rows only
+        proposed = s.verified * int(keep.sum())
+        accepted = max(0, proposed - int(s.rejected[torch.from_numpy(keep)].sum())) if proposed else 0
+        if proposed and self.lookup is not None:
+            self.stats.inc("layer_skip_accepted_tokens", float(accepted))
         self.selector.observe_verify(s.ctx, proposed, accepted, s.gap, s.steady)
 
     def _context(self, cad, n: int) -> np.ndarray:

@@ -33,6 +33,10 @@ COUNTERS = {
     "selection_seconds": "Time spent selecting skip sets (DP runs and the new plan's draft-graph captures)",
     "draft_seconds": "Time spent drafting",
     "verify_seconds": "Time between drafts (verification step and engine overhead)",
+    "lookup_draft_tokens": "Draft tokens from prompt lookup (vLLM's n-gram matcher)",
+    "lookup_accepted_tokens": "Prompt-lookup draft tokens accepted by verification",
+    "layer_skip_draft_tokens": "Draft tokens from the layer-skip draft, in steps that also weighed lookup drafts",
+    "layer_skip_accepted_tokens": "Layer-skip draft tokens accepted, in steps that also weighed lookup drafts",
 }
 GAUGES = {
     "skipped_attention": "Attention sublayers skipped by the current draft",

@@ -1,8 +1,8 @@
 """Code paths that differ between vLLM 0.26 (GPU) and 0.32 (CPU), tested on both shapes with stand-ins."""
 from types import SimpleNamespace
 
-from vllm_knapspec import patches
-from vllm_knapspec.patches import base, drafting, uniform_graphs
+from vllm_knapspec.adapter import patches
+from vllm_knapspec.adapter.patches import base, drafting, uniform_graphs
 
 KS_SPEC = SimpleNamespace(knapspec={}, num_speculative_tokens=6)
 OTHER_SPEC = SimpleNamespace(model="ngram", num_speculative_tokens=3)
@@ -10,7 +10,7 @@ OTHER_SPEC = SimpleNamespace(model="ngram", num_speculative_tokens=3)
 
 def test_draft_length_control_feeds_the_scheduler_lookup():
     """The scheduler schedules what the drafter plans (0: a plain step); gamma_max without a drafter."""
-    from vllm_knapspec.control import DraftLengthControl
+    from vllm_knapspec.adapter.control import DraftLengthControl
 
     class Scheduler:
         def __init__(self, vllm_config):

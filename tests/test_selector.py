@@ -10,9 +10,10 @@ from vllm import SamplingParams
 
 from conftest import drafter_of, make_llm, spec_counters
 from prompts import CODE, PROSE
+from vllm_knapspec.adapter.selection import make_selector
 from vllm_knapspec.config import PROFILE_DIR, parse_knapspec
-from vllm_knapspec.latency import LatencyModel
-from vllm_knapspec.selector import KnapSpecSelector, make_selector
+from vllm_knapspec.core.latency import LatencyModel
+from vllm_knapspec.core.selector import KnapSpecSelector
 
 # Selection is costly on 2 CPU cores (a DP pass ~ a prefill of (K+1)*r tokens): small r, no overhead cap,
 # and min_speedup 0 so the chosen sets really draft (on CPU plain decoding often wins, which is the point
@@ -178,7 +179,7 @@ def test_dp_prefix_branches_equal_live_branches_on_the_real_model(spec_llm, monk
     """The GPU's DP mode ("prefix": the first reachable states rounded up to a power of two, no host sync per
     item) and the CPU's ("live": exactly the valid states) on the same real reference states: the paged
     attention of the extra (dead, all-zero) branches must not leak into the live ones."""
-    from vllm_knapspec import dp
+    from vllm_knapspec.core import dp
 
     runs, orig = [], dp.knapsack_dp
 

@@ -214,8 +214,8 @@ def test_latency_model_follows_an_injected_slowdown(spec_llm):
 
     Control: a copy of the model taken at the switch is fed the same draft steps with the injected sleep
     taken out. The live stream also has the machine's own speed changes (on a shared 2-core machine,
-    1.5-3x bursts that the model follows too; in CI one right at the switch once hid the injected one from
-    a plain before/after comparison); against the control they cancel, so what is asserted is what the
+    1.5-3x bursts that the model follows too; one right at the switch can hide the injected one from a
+    plain before/after comparison); against the control they cancel, so what is asserted is what the
     injected slowdown alone did to the model."""
     import copy
     import time

@@ -3,7 +3,7 @@
 vLLM's own spec-decode metrics (vllm:spec_decode_num_drafts, ..._num_accepted_tokens_per_pos) already count
 KnapSpec's drafts, because KnapSpec drafts go through vLLM's scheduler and rejection sampler. The metrics
 below are KnapSpec's own. Workers are separate processes, so each writes a small JSON snapshot (at most
-every SNAPSHOT_S, from a background thread: the write + rename took 1.5-3.5 ms on this CI machine's disk, a
+every SNAPSHOT_S, from a background thread: the write + rename takes 1.5-3.5 ms on a CI machine's disk, a
 stall of the engine step it landed in) into $VLLM_KNAPSPEC_METRICS_DIR; the front-end process registers a
 prometheus_client Collector that reads them at scrape time. Names start with "vllm:" so `LLM.get_metrics()`
 returns them.

@@ -217,7 +217,7 @@ class OfflineFit:
         The current coefficients (the sublayer fit) are the prior, with relative sd prior_sigma (per
         coefficient name or one for all; 0 or absent: no prior; default STEP_FIT_PRIOR_SIGMA): 16
         noisy steps barely separate seven coefficients, and without it a term the sublayer timings
-        measure clearly (the per-context-token attention cost) was once fitted to 0 in CI.
+        measure clearly (the per-context-token attention cost) can be fitted to 0.
         Returns the fitted draft coefficients with n and the in-sample median |relative residual|.
         """
         cols = (_A_ATTN, _B_ATTN, _C_ATTN, _A_MLP, _B_MLP, _OD0, _OD1)

@@ -27,9 +27,9 @@ least squares with forgetting on live step timings.  Details:
   re-measures, so directions that the traffic does not excite (a frozen skip set leaves the
   attention/MLP split unobserved; a constant batch makes T collinear with the intercept) neither
   wind up P nor drift with noise; they keep what the profile or earlier traffic established.
-  Plain exponential forgetting at 0.97 on all of θ was tried: it fits the live stream but lets
-  those weak directions wander by 10-25 % within a few hundred steps (worst-case predictions off by
-  that much under a slow drift).  P's diagonal is clamped as a safety net (a diagonal congruence
+  Plain exponential forgetting at 0.97 on all of θ would fit the live stream but let those weak
+  directions wander by 10-25 % within a few hundred steps (worst-case predictions off by that much
+  under a slow drift).  P's diagonal is clamped as a safety net (a diagonal congruence
   keeps P positive definite).  θ ≥ 0: a step whose posterior mean leaves the orthant takes the
   mean conditioned on those coordinates being 0, so correlated coordinates move back with them.
 * O(d²) per update with d = 9, into preallocated buffers.

@@ -23,8 +23,8 @@ under `max_selection_overhead` of the decode wall time (decode time = steps and 
 that admitted new requests counts as at most two steady steps: it may hold an idle server). While selections
 keep choosing plain decoding the interval doubles, up to BACKOFF_MAX x `reselect_interval` (the context-change
 trigger stays), and the overhead share shrinks with it, down to 1/BUDGET_BACKOFF_MAX of `max_selection_overhead`:
-a model on which no draft pays (SmolLM2 on an H200: 10 selections, all choosing plain, were 1.8 % of decode time
-in one A/B) stops paying the full share for asking again.
+a model on which no draft pays (SmolLM2 on an H200: ten selections, all choosing plain, take 1.8 % of decode time
+at the full share) stops paying the full share for asking again.
 
 One job per module: `choice` (reference, DP, acceptance, the TPT argmax), `schedule` (when to select and what
 a selection may cost), `guard` (a running plan measured against plain decoding), `timing` (step timings into

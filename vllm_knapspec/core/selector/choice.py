@@ -90,8 +90,8 @@ class Choice:
         """At start-up (GPU: the drafter_warmup patch): one selection-shaped pass - reference, DP, acceptance - on
         the adapter's synthetic reference (one request, context 2r), timed; the cost model's estimates are
         scaled by it until a real selection measures its own. The model prices compute only: on an H200
-        SmolLM2's first selection cost 0.215 s (the DP launch-bound, 0.139 s) and, waiting only for the
-        estimate, took 2.6 % of its benchmark cell's decode time under a 1 % share. Returns the cost (s)."""
+        SmolLM2's first selection costs 0.215 s (the DP launch-bound, 0.139 s), and priced by the estimate
+        alone it takes 2.6 % of a benchmark cell's decode time under a 1 % share. Returns the cost (s)."""
         ctx = np.array([2 * self.cfg.reference_tokens])
         w_attn, w_mlp, budget, r = self._dp_shape(ctx)
         clock = _PhaseClock()

@@ -38,7 +38,7 @@ class Schedule:
         """The next selection costs more than the last when the context or the batch grew (its reference pass
         attends over the context): predict it from the cost model, scaled by how far the last measured cost was
         from that model's estimate, so the overhead share holds while contexts grow (on an H100 a 1K -> 4K
-        context step tripled the DP cost and a last-cost rule let the share reach 5-9 % per cell)."""
+        context step triples the DP cost, and pricing by the last cost lets the share reach 5-9 % per cell)."""
         return self.since_selection_s * self._share() >= self._predicted_selection_s(ctx)
 
     def _predicted_selection_s(self, ctx) -> float:
@@ -70,8 +70,8 @@ class Schedule:
     def charge_capture(self, seconds: float) -> None:
         """A draft step that first captured the plan's CUDA graphs: the capture is a one-off cost of the
         selection (it counts in the selection-overhead share and delays the next selection), not a cost of
-        the plan's steps - charged to them, it once made the guard stop a plan predicted at 1.69x after 16
-        steps (0.06x "measured": one 0.7 s capture against 16 steps of 2.3 ms)."""
+        the plan's steps - charged to them, one 0.7 s capture against 16 steps of 2.3 ms reads as 0.06x and
+        makes the guard stop a plan predicted at 1.69x."""
         self.selection_s += seconds
         if self.history:
             self.history[-1]["capture_s"] = self.history[-1].get("capture_s", 0.0) + seconds

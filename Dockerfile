@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# vLLM + KnapSpec self-speculative decoding. Two targets (deploy/README.md has the details):
+# vLLM + KnapSpec self-speculative decoding. Two targets (docs/deployment.md has the details):
 #
 #   docker build -t vllm-knapspec:0.1.0 .                  # GPU (default, last stage): official vLLM image + this plugin
 #   docker build --target cpu -t vllm-knapspec:0.1.0-cpu . # CPU: python:3.11-slim + scripts/install.sh (the README's install)

@@ -580,7 +580,7 @@ VLLM_KNOWN = {
 
 
 def knapspec_names() -> set[str]:
-    from vllm_knapspec import metrics
+    from vllm_knapspec.adapter import metrics
 
     return {f"vllm:knapspec_{n}_total" for n in metrics.COUNTERS} | {f"vllm:knapspec_{n}" for n in metrics.GAUGES}
 

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from vllm_knapspec.dp import (
+from vllm_knapspec.core.dp import (
     Candidate,
     cosine_proxy,
     default_budget,
@@ -18,8 +18,8 @@ from vllm_knapspec.dp import (
     knapsack_dp,
     stack_hidden,
 )
-from vllm_knapspec.kernels import HAS_TRITON, interpret_mode
-from vllm_knapspec.skipset import SkipSet
+from vllm_knapspec.core.kernels import HAS_TRITON, interpret_mode
+from vllm_knapspec.core.skipset import SkipSet
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(
@@ -274,7 +274,7 @@ def test_estimate_acceptance_top1_agreement():
 def test_warmup_kernels_runs_every_specialisation_class_or_nothing():
     """The load-time warm-up compiles the DP kernel for each value class of r and w (interpreted here); with the
     torch path there is nothing to compile and it does no work."""
-    from vllm_knapspec.dp import warmup_kernels
+    from vllm_knapspec.core.dp import warmup_kernels
 
     assert warmup_kernels(64, torch.float32, "cpu", 32, impl="torch") == 0
     if HAS_TRITON and interpret_mode():

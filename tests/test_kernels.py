@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vllm_knapspec.kernels import HAS_TRITON, interpret_mode, resolve_impl
-from vllm_knapspec.kernels.dp_step import dp_step, dp_step_torch
-from vllm_knapspec.kernels.tpt_argmax import tpt_argmax, tpt_argmax_torch
-from vllm_knapspec.tpt import batch_tpt
+from vllm_knapspec.core.kernels import HAS_TRITON, interpret_mode, resolve_impl
+from vllm_knapspec.core.kernels.dp_step import dp_step, dp_step_torch
+from vllm_knapspec.core.kernels.tpt_argmax import tpt_argmax, tpt_argmax_torch
+from vllm_knapspec.core.tpt import batch_tpt
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(
@@ -135,7 +135,7 @@ def test_dp_step_out_buffer_and_alias():
 
 
 def _tpt_brute(alpha, t_draft, t_target, G):
-    """Python loop over (c, gamma) with vllm_knapspec.tpt.batch_tpt in float64."""
+    """Python loop over (c, gamma) with vllm_knapspec.core.tpt.batch_tpt in float64."""
     best = (-1.0, None, None)
     for c in range(alpha.shape[0]):
         for g in range(1, G + 1):

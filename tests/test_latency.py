@@ -1,4 +1,4 @@
-"""Tests for vllm_knapspec.latency (pure numpy, fast)."""
+"""Tests for vllm_knapspec.core.latency (pure numpy, fast)."""
 
 import json
 import math
@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from vllm_knapspec.latency import COEF_NAMES, PRIOR_RATIOS, LatencyModel, ProfileKey, profile_path
-from vllm_knapspec.skipset import SkipSet
+from vllm_knapspec.core.latency import COEF_NAMES, PRIOR_RATIOS, LatencyModel, ProfileKey, profile_path
+from vllm_knapspec.core.skipset import SkipSet
 
 L = 32
 # a known "true" law (seconds), deliberately not the prior's scale or ratios

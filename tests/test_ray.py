@@ -1,4 +1,4 @@
-"""vLLM's Ray executor on the CPU backend (the ray_cpu patch, vllm_knapspec/patches/cpu.py): tensor parallel 3
+"""vLLM's Ray executor on the CPU backend (the ray_cpu patch, vllm_knapspec/adapter/patches/cpu.py): tensor parallel 3
 over a local Ray cluster with KnapSpec, lossless against plain decoding with the same TP, the same plans on every
 rank, KnapSpec's worker counters reaching the driver. Needs ray (`bash scripts/test.sh -m slow` installs it)."""
 

@@ -11,8 +11,8 @@ import pytest
 from vllm import SamplingParams
 
 from conftest import ROOT, drafter_of, make_llm, spec_counters
-from vllm_knapspec.selector import FixedSelector
-from vllm_knapspec.skipset import SkipSet
+from vllm_knapspec.core.selector import FixedSelector
+from vllm_knapspec.core.skipset import SkipSet
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 PROMPTS = [

@@ -4,8 +4,8 @@ even when the next selection will cost more than the last one (longer context, b
 import numpy as np
 
 from vllm_knapspec.config import parse_knapspec
-from vllm_knapspec.latency import LatencyModel
-from vllm_knapspec.selector import PLAIN_WINDOW, KnapSpecSelector
+from vllm_knapspec.core.latency import LatencyModel
+from vllm_knapspec.core.selector import PLAIN_WINDOW, KnapSpecSelector
 
 L = 30
 
@@ -42,7 +42,7 @@ def test_cost_scale_tracks_measured_selection_cost():
 
 
 def _speculating(sel, ctx):
-    from vllm_knapspec.skipset import SkipSet
+    from vllm_knapspec.core.skipset import SkipSet
 
     sel.current = (SkipSet.parse(L, "a3,a4,m5"), 2)
     sel._reset_window(ctx)
@@ -54,7 +54,7 @@ def _speculating(sel, ctx):
 def test_guard_stops_a_plan_slower_than_plain_decoding():
     """A plan predicted to pay but measured slower than plain decoding (here: each step costs 2x a plain step and
     yields 1.5 tokens per request) is switched off after GUARD_STEPS steps, without a new selection."""
-    from vllm_knapspec.selector import GUARD_STEPS
+    from vllm_knapspec.core.selector import GUARD_STEPS
 
     sel = selector(max_selection_overhead=0.02, reselect_interval=10_000)
     ctx = np.array([1000, 1200])
@@ -103,7 +103,7 @@ def test_graph_capture_is_charged_to_the_selection_not_to_the_plan():
     """A new plan's first draft step captures its CUDA graphs (GPU); the drafter takes that time out of the
     step and charges it here: it counts in the selection-overhead share and delays the next selection, and
     the guard judges the plan on its steps alone."""
-    from vllm_knapspec.selector import GUARD_STEPS
+    from vllm_knapspec.core.selector import GUARD_STEPS
 
     sel = selector(max_selection_overhead=0.02, reselect_interval=10_000)
     ctx = np.array([1000, 1200])
@@ -127,7 +127,7 @@ def test_guard_caps_a_one_off_slow_step():
     """One step of a paying plan takes 0.2 s (vLLM's rejection sampler JIT-compiling on the process's first
     speculative step, on the H100): the guard counts it as OUTLIER_X typical steps and keeps the plan; a plan
     that is slow on every step is still stopped (test_guard_stops_a_plan_slower_than_plain_decoding)."""
-    from vllm_knapspec.selector import GUARD_STEPS
+    from vllm_knapspec.core.selector import GUARD_STEPS
 
     sel = selector(max_selection_overhead=0.02, reselect_interval=10_000)
     ctx = np.array([1000, 1200])
@@ -145,7 +145,7 @@ def test_plain_steps_reach_the_target_model_averaged():
     """Plain steps of one batch size go to the target model PLAIN_BATCH at a time, as their mean step (same
     shape, one online update instead of eight: host time per step); a step with drafts or another batch size
     flushes what is pending first; what it learns matches feeding every step."""
-    from vllm_knapspec.selector import PLAIN_BATCH
+    from vllm_knapspec.core.selector import PLAIN_BATCH
 
     sel, each = selector(), selector()
     seen = []
@@ -233,7 +233,7 @@ def _toy_selector(**cfg):
 
 def test_reselection_backs_off_while_choosing_plain_decoding():
     """Interval and overhead share back off together while nothing pays; both reset once a plan is chosen."""
-    from vllm_knapspec.selector import BACKOFF_MAX, BUDGET_BACKOFF_MAX
+    from vllm_knapspec.core.selector import BACKOFF_MAX, BUDGET_BACKOFF_MAX
 
     sel = _toy_selector(reselect_interval=4, min_speedup=10.0, max_selection_overhead=0.02)  # nothing beats 10x
     ctx, rows = np.array([1000]), np.arange(1)
@@ -260,7 +260,7 @@ def test_reselection_backs_off_while_choosing_plain_decoding():
 def test_a_plan_that_fell_short_raises_the_bar_for_the_next():
     """The guard measured a plan at 0.55x where 1.1x was predicted: later predictions count at half, so a
     candidate predicted to pay by less than 2x min_speedup is not started; the discount recovers slowly."""
-    from vllm_knapspec.selector import RECOVER
+    from vllm_knapspec.core.selector import RECOVER
 
     sel = _toy_selector(reselect_interval=1)
     ctx, rows = np.array([1000]), np.arange(1)

@@ -10,9 +10,10 @@ from vllm import SamplingParams
 
 from conftest import drafter_of, make_llm, spec_counters
 from prompts import CODE, PROSE
+from vllm_knapspec.adapter.selection import make_selector
 from vllm_knapspec.config import PROFILE_DIR, parse_knapspec
-from vllm_knapspec.latency import LatencyModel
-from vllm_knapspec.selector import KnapSpecSelector, make_selector
+from vllm_knapspec.core.latency import LatencyModel
+from vllm_knapspec.core.selector import KnapSpecSelector
 
 # Selection is costly on 2 CPU cores (a DP pass ~ a prefill of (K+1)*r tokens): small r, no overhead cap,
 # and min_speedup 0 so the chosen sets really draft (on CPU plain decoding often wins, which is the point
@@ -81,8 +82,16 @@ def test_min_speedup_zero_drafts_from_the_start(model_path):
     """`min_speedup: 0` is the documented way to always draft: the first selection runs at once instead of
     waiting until plain decoding has paid for it (a 14 x 96-token batch never got there at the default
     reference_tokens). kernels "torch": see SELECTOR."""
-    llm = make_llm(model_path, {"method": "knapspec", "num_speculative_tokens": 4, "min_speedup": 0.0,
-                                "max_selection_overhead": 1.0, "kernels": "torch"})
+    llm = make_llm(
+        model_path,
+        {
+            "method": "knapspec",
+            "num_speculative_tokens": 4,
+            "min_speedup": 0.0,
+            "max_selection_overhead": 1.0,
+            "kernels": "torch",
+        },
+    )
     before = spec_counters(llm)
     llm.generate((PROMPTS * 2)[:14], GREEDY, use_tqdm=False)
     after = spec_counters(llm)
@@ -192,7 +201,7 @@ def test_dp_prefix_branches_equal_live_branches_on_the_real_model(spec_llm, monk
     """The GPU's DP mode ("prefix": the first reachable states rounded up to a power of two, no host sync per
     item) and the CPU's ("live": exactly the valid states) on the same real reference states: the paged
     attention of the extra (dead, all-zero) branches must not leak into the live ones."""
-    from vllm_knapspec import dp
+    from vllm_knapspec.core import dp
 
     runs, orig = [], dp.knapsack_dp
 
@@ -227,8 +236,8 @@ def test_latency_model_follows_an_injected_slowdown(spec_llm):
 
     Control: a copy of the model taken at the switch is fed the same draft steps with the injected sleep
     taken out. The live stream also has the machine's own speed changes (on a shared 2-core machine,
-    1.5-3x bursts that the model follows too; in CI one right at the switch once hid the injected one from
-    a plain before/after comparison); against the control they cancel, so what is asserted is what the
+    1.5-3x bursts that the model follows too; one right at the switch can hide the injected one from a
+    plain before/after comparison); against the control they cancel, so what is asserted is what the
     injected slowdown alone did to the model."""
     import copy
     import time

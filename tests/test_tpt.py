@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from vllm_knapspec.skipset import SkipSet
-from vllm_knapspec.tpt import (
+from vllm_knapspec.core.skipset import SkipSet
+from vllm_knapspec.core.tpt import (
     batch_tpt,
     choose,
     draft_time,

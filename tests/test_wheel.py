@@ -75,7 +75,7 @@ def test_wheel_contents(wheel):
     }
     assert "vllm_knapspec/configs/knapspec.yaml" in shipped and len(shipped) >= 2
     assert shipped <= set(record)
-    assert "vllm_knapspec/kernels/dp_step.py" in record and "vllm_knapspec/tools/bench.py" in record
+    assert "vllm_knapspec/core/kernels/dp_step.py" in record and "vllm_knapspec/tools/bench.py" in record
     assert "knapspec = vllm_knapspec.plugin:register" in entry_points
     for script in SCRIPTS:
         assert f"{script} = " in entry_points
@@ -108,7 +108,7 @@ import importlib.metadata as md, json, sys
 from pathlib import Path
 import vllm_knapspec
 from vllm_knapspec import config as ks
-from vllm_knapspec.latency import LatencyModel
+from vllm_knapspec.core.latency import LatencyModel
 venv, expected = Path(sys.argv[1]), json.loads(sys.argv[2])
 pkg = Path(vllm_knapspec.__file__).resolve()
 assert venv.resolve() in pkg.parents, pkg

@@ -50,7 +50,7 @@ if __name__ == "__main__":
         or "fallback" in x.name
         or "knapspec_draft_steps" in x.name
     }
-    from vllm_knapspec import metrics
+    from vllm_knapspec.adapter import metrics
 
     ranks = [s["counters"] for s in metrics.read_snapshots()]  # one snapshot per worker (rank)
     json.dump({"out": out, "m": m, "ranks": ranks, "executor": EXECUTOR}, open(sys.argv[3], "w"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def register() -> None:
-    from vllm_knapspec import metrics, patches
+    from vllm_knapspec.adapter import metrics, patches
 
     patches.apply_all()
     metrics.ensure_metrics_dir()

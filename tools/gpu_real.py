@@ -1,0 +1,348 @@
+"""KnapSpec on a real model on the GPU: lossless check, acceptance curves, and the speed table.
+
+    bash tools/gpu_device.sh python3 tools/gpu_real.py --model /tmp/knapspec-model/Qwen2.5-Coder-1.5B-Instruct \
+        --phases lossless,accept,bench --out $OUT/real.json
+
+Engines, all up at once, vLLM's own process layout (what `vllm serve` runs):
+  plain, plain2  vLLM's defaults without speculation (the second is the A/A control)
+  knapspec       configs/knapspec.yaml as shipped; its plan can be pinned to a static skip set per call
+  ngram          vLLM's prompt-lookup speculator (num_speculative_tokens 5, lookup 1..4)
+Prompts are real text every Python carries (vllm_knapspec/tools/workloads.py): `code` continues stdlib sources
+(modules concatenated up to the length), `prose` asks for a summary of the language reference.
+
+lossless  greedy KnapSpec (shipped selector, static 25 %, 50 %) == plain: batch 1 (4 prompts) and batch 16, with
+          plain's top-2 logprob margin at any first divergence
+accept    realised acceptance (vLLM's spec-decode counters; the first draft position is the teacher-forced top-1
+          agreement) vs skipped share: attention-only, MLP-only, mixed, and the selector's own sets
+bench     ms per output token, methods rotated per repetition, per (kind, context, batch); speedup = plain / x
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from gpu_bench import probe_set  # noqa: E402
+
+from vllm_knapspec.tools import workloads as wl  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- worker-side (collective_rpc) ----------------------------------------------------------------------------
+def _pin(worker, skip, gamma):
+    """skip None: the shipped selector; else a fixed plan (gamma 0 = no drafts)."""
+    from vllm_knapspec.core.selector import FixedSelector
+    from vllm_knapspec.core.skipset import SkipSet
+
+    d = worker.model_runner.drafter
+    if not hasattr(d, "shipped"):
+        d.shipped = d.selector
+    d.selector = d.shipped if skip is None else FixedSelector(SkipSet.parse(d.draft.num_layers, skip), gamma)
+    d.next_gamma = d.k_max if skip is None else gamma
+    return True
+
+
+def _trace_on(worker):
+    worker.model_runner.drafter.trace = []
+    return True
+
+
+def _trace_take(worker):
+    d = worker.model_runner.drafter
+    t, d.trace = d.trace or [], None
+    return t
+
+
+def step_times(trace) -> dict:
+    """Median step gap, draft step (per drafted token) and verify (gap - draft loop) in ms."""
+    tr = trace[2:]  # the first reports may belong to the previous run (one step late)
+    gaps = [g for g, _, _ in tr if g]
+    drafts = [ds / s for _, ds, s in tr if s]
+    loops = [ds for _, ds, s in tr if s]
+    if not gaps:
+        return {}
+    return dict(
+        step_ms=statistics.median(gaps) * 1e3,
+        draft_step_ms=statistics.median(drafts) * 1e3 if drafts else None,
+        verify_ms=(statistics.median(gaps) - (statistics.median(loops) if loops else 0)) * 1e3,
+    )
+
+
+def _selections(worker):
+    d = worker.model_runner.drafter
+    sel = getattr(d, "shipped", d.selector)
+    hist = getattr(sel, "history", None) or []
+    cur = getattr(sel, "current", None)
+    keys = ("ctx", "batch", "skip", "gamma", "speculate", "alpha", "speedup", "cost_s")
+    return dict(
+        current=None if cur is None else [str(cur[0]), int(cur[1])],
+        n_history=len(hist),
+        last=[{k: (float(h[k]) if isinstance(h.get(k), float) else h.get(k)) for k in keys} for h in hist[-4:]],
+    )
+
+
+# -- prompts -------------------------------------------------------------------------------------------------
+def code_ids(tok, j: int, length: int) -> list[int]:
+    ids, m = [], j
+    while len(ids) < length:
+        ids += wl._ids(tok, wl.code_text(wl.CODE_MODULES[m % len(wl.CODE_MODULES)]))
+        m += 1
+    return ids[:length]
+
+
+def prompts(tok, kind: str, length: int, count: int) -> list[list[int]]:
+    if kind == "code":
+        return [code_ids(tok, 3 * i, length) for i in range(count)]
+    return [list(wl.prose_prompt(tok, wl.prose_start(i), length).token_ids) for i in range(count)]
+
+
+def spec_counts(llm) -> dict:
+    out = {}
+    for m in llm.get_metrics():
+        if m.name in (
+            "vllm:spec_decode_num_drafts",
+            "vllm:spec_decode_num_draft_tokens",
+            "vllm:spec_decode_num_accepted_tokens",
+        ):
+            out[m.name.split("_num_")[1]] = m.value
+        elif m.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+            out["per_pos"] = list(m.values)
+    return out
+
+
+def acceptance(before: dict, after: dict) -> dict:
+    dt = after.get("draft_tokens", 0) - before.get("draft_tokens", 0)
+    acc = after.get("accepted_tokens", 0) - before.get("accepted_tokens", 0)
+    nd = after.get("drafts", 0) - before.get("drafts", 0)
+    pp = [a - b for a, b in zip(after.get("per_pos", []), before.get("per_pos", []) or [0] * 99)]
+    return dict(
+        drafts=nd,
+        draft_tokens=dt,
+        accepted=acc,
+        rate=acc / dt if dt else None,
+        per_pos=[p / nd for p in pp] if nd else None,
+    )
+
+
+# -- phases --------------------------------------------------------------------------------------------------
+def lossless(E, tok, L, a, SP, TP):
+    res = []
+    sets = [("shipped", None, 0), ("static25", probe_set(L, 0.25), 4), ("static50", probe_set(L, 0.5), 4)]
+    for bs, ps in (
+        (1, prompts(tok, "code", 1024, 2) + prompts(tok, "prose", 1024, 2)),
+        (16, prompts(tok, "code", 1024, 8) + prompts(tok, "prose", 1024, 8)),
+    ):
+        groups = [[p] for p in ps] if bs == 1 else [ps]
+        sp = SP(max_tokens=128, temperature=0.0, ignore_eos=True, logprobs=2)
+        ref = [o for g in groups for o in E["plain"].generate([TP(prompt_token_ids=p) for p in g], sp, use_tqdm=False)]
+        for name, skip, gamma in sets:
+            E["knapspec"].collective_rpc(_pin, args=(skip, gamma))
+            b = spec_counts(E["knapspec"])
+            got = [
+                o
+                for g in groups
+                for o in E["knapspec"].generate([TP(prompt_token_ids=p) for p in g], sp, use_tqdm=False)
+            ]
+            row = dict(
+                batch=bs,
+                set=name,
+                equal=0,
+                n=len(ps),
+                acceptance=acceptance(b, spec_counts(E["knapspec"])),
+                divergences=[],
+            )
+            for r, g in zip(ref, got):
+                x, y = list(r.outputs[0].token_ids), list(g.outputs[0].token_ids)
+                if x == y:
+                    row["equal"] += 1
+                    continue
+                k = next(i for i in range(min(len(x), len(y))) if x[i] != y[i])
+                lp = sorted(r.outputs[0].logprobs[k].values(), key=lambda v: -v.logprob)
+                row["divergences"].append(
+                    dict(
+                        token=k,
+                        plain=x[k],
+                        got=y[k],
+                        plain_top2_margin=lp[0].logprob - lp[1].logprob if len(lp) > 1 else None,
+                    )
+                )
+            res.append(row)
+            print("lossless", json.dumps(row), flush=True)
+    E["knapspec"].collective_rpc(_pin, args=(None, 0))
+    return res
+
+
+def accept(E, tok, L, a, SP, TP):
+    mid = L // 2
+    mlp_order = [mid + (k + 1) // 2 * (1 if k % 2 else -1) for k in range(L)]
+    sets = [(f"attn{k}", ",".join(f"a{i}" for i in range(L - k, L)), 4) for k in (4, 7, 14, 21, 26)]
+    sets += [(f"mlp{k}", ",".join(f"m{i}" for i in mlp_order[:k]), 4) for k in (2, 4, 7)]
+    sets += [("probe25", probe_set(L, 0.25), 4), ("probe50", probe_set(L, 0.5), 4), ("shipped", None, 0)]
+    res = []
+    ks = E["knapspec"]
+    for ctx in [int(c) for c in a.accept_ctx.split(",")]:
+        ps = [TP(prompt_token_ids=p) for p in prompts(tok, "code", ctx, 2) + prompts(tok, "prose", ctx, 2)]
+        ks.generate(ps, SP(max_tokens=1), use_tqdm=False)
+        for name, skip, gamma in sets:
+            ks.collective_rpc(_pin, args=(skip, gamma))
+            b = spec_counts(ks)
+            ks.generate(ps, SP(max_tokens=a.accept_new, temperature=0.0, ignore_eos=True), use_tqdm=False)
+            row = dict(
+                ctx=ctx,
+                set=name,
+                skip=skip,
+                share=None if skip is None else len(skip.split(",")) / (2 * L),
+                **acceptance(b, spec_counts(ks)),
+            )
+            if skip is None:
+                row["selector"] = ks.collective_rpc(_selections)[0]
+            res.append(row)
+            print("accept", json.dumps(row), flush=True)
+    ks.collective_rpc(_pin, args=(None, 0))
+    return res
+
+
+def bench(E, tok, L, a, SP, TP, sync):
+    methods = [
+        ("plain", None),
+        ("plain2", None),
+        ("knapspec", None),
+        ("static25", probe_set(L, 0.25)),
+        ("static50", probe_set(L, 0.5)),
+        ("ngram", None),
+    ]
+    res = []
+    for cell in a.cells.split(","):
+        kind, ctx, bs, temp = cell.split(":")
+        ctx, bs, temp = int(ctx), int(bs), float(temp)
+        ps = [TP(prompt_token_ids=p) for p in prompts(tok, kind, ctx, bs)]
+        for e in E.values():
+            e.generate(ps, SP(max_tokens=1), use_tqdm=False)
+        sp = SP(max_tokens=a.new, temperature=temp, ignore_eos=True, seed=0 if temp else None)
+        times = {m: [] for m, _ in methods}
+        acc, steps = {}, {}
+        for rep in range(a.reps + 1):
+            for m, skip in methods[rep % len(methods) :] + methods[: rep % len(methods)]:
+                e = E["knapspec" if m.startswith("static") else m]
+                if e is E["knapspec"]:
+                    e.collective_rpc(_pin, args=(skip, 4) if skip else (None, 0))
+                    e.collective_rpc(_trace_on)
+                b = spec_counts(e)
+                sync()
+                t = time.perf_counter()
+                e.generate(ps, sp, use_tqdm=False)
+                if rep:
+                    times[m].append((time.perf_counter() - t) / a.new * 1e3)
+                    acc[m] = acceptance(b, spec_counts(e))["rate"] if m not in ("plain", "plain2") else None
+                if e is E["knapspec"]:
+                    tr = e.collective_rpc(_trace_take)[0]
+                    if rep:
+                        steps[m] = step_times(tr)
+        ms = {m: statistics.median(t) for m, t in times.items()}
+        row = dict(
+            kind=kind,
+            ctx=ctx,
+            bs=bs,
+            temperature=temp,
+            ms_per_token=ms,
+            all_ms=times,
+            acceptance=acc,
+            speedup={m: ms["plain"] / v for m, v in ms.items()},
+            steps=steps,
+        )
+        res.append(row)
+        print(
+            "bench",
+            json.dumps({k: row[k] for k in ("kind", "ctx", "bs", "temperature", "speedup", "acceptance", "steps")}),
+            flush=True,
+        )
+    E["knapspec"].collective_rpc(_pin, args=(None, 0))
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--phases", default="lossless,accept,bench")
+    ap.add_argument("--accept-ctx", default="1024,8192,16384")
+    ap.add_argument("--accept-new", type=int, default=64)
+    ap.add_argument("--cells", default="prose:1024:1:0,prose:16384:16:0")
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--mem", type=float, default=0.21)
+    ap.add_argument("--max-len", type=int, default=32768)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    import torch
+    import vllm
+    import yaml
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    cuda = torch.cuda.is_available()
+    tok = AutoTokenizer.from_pretrained(a.model)
+    ks_cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "knapspec.yaml")))
+    phases = a.phases.split(",")
+    kw = dict(max_model_len=a.max_len, max_num_seqs=16, gpu_memory_utilization=a.mem, seed=0, disable_log_stats=False)
+    t0 = time.time()
+    E = {"plain": LLM(a.model, **kw)}
+    if "bench" in phases:
+        E["plain2"] = LLM(a.model, **kw)
+        E["ngram"] = LLM(
+            a.model,
+            speculative_config=dict(method="ngram", num_speculative_tokens=5, prompt_lookup_min=1, prompt_lookup_max=4),
+            **kw,
+        )
+    E["knapspec"] = LLM(a.model, speculative_config=ks_cfg, **kw)
+    info = {
+        n: dict(
+            v2=getattr(e.llm_engine.vllm_config, "use_v2_model_runner", None),
+            async_scheduling=e.llm_engine.vllm_config.scheduler_config.async_scheduling,
+        )
+        for n, e in E.items()
+    }
+    print("engines up in %.0f s" % (time.time() - t0), json.dumps(info), flush=True)
+    L = E["plain"].llm_engine.vllm_config.model_config.hf_config.num_hidden_layers
+    out = dict(
+        model=a.model,
+        engines=info,
+        knapspec_config=ks_cfg,
+        args=vars(a),
+        machine=dict(
+            gpu=torch.cuda.get_device_name(0) if cuda else platform.processor(),
+            python=platform.python_version(),
+            torch=torch.__version__,
+            vllm=vllm.__version__,
+        ),
+    )
+
+    def save():
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(out, f, indent=1)
+
+    for ph in phases:
+        t = time.time()
+        out[ph] = (
+            lossless(E, tok, L, a, SamplingParams, TokensPrompt)
+            if ph == "lossless"
+            else accept(E, tok, L, a, SamplingParams, TokensPrompt)
+            if ph == "accept"
+            else bench(E, tok, L, a, SamplingParams, TokensPrompt, torch.cuda.synchronize if cuda else (lambda: None))
+        )
+        print(f"{ph} done in {time.time() - t:.0f} s", flush=True)
+        save()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""KnapSpecDrafter: KnapSpec on vLLM's model-based drafter path (the one EAGLE and draft models take).
+
+The runner calls `propose()` right after sampling, with the sampled tokens still on the device, so KnapSpec
+gets what vLLM gives its own drafters: async scheduling, drafts kept on the device and fed to the next step,
+no host sync per step. One engine step, on one screen:
+
+    plan = selector.plan(context lengths)        # host: skip set S and draft length gamma, or None
+    control.gamma = gamma or 0                   # the scheduler asks it how many drafts to schedule next
+    tokens, pos = bonus tokens, their positions  # device: seq_lens - rejected; their KV does not exist yet
+    for k in range(gamma):
+        h = target sublayers not in S on (tokens, pos + k), writing KV at the draft slots of kept layers
+        tokens = argmax(lm_head(h))              # device
+    return drafts [num_reqs, K]                  # -> the next step's verification + vLLM's rejection sampler
+
+The draft model is the target: `load_model` keeps a handle on the target's modules (no second copy of the
+weights, no second KV cache, no attention layers of its own). The selector is fed one step late (device
+timings and acceptance counts are read once they are ready; see `_Feedback`), so it never waits for the GPU.
+A failure inside drafting makes the step a plain step (zero drafts are verified and rejected), logged and
+counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+import numpy as np
+import torch
+from vllm.v1.spec_decode.draft_model import DraftModelProposer
+
+from vllm_knapspec import config as ks_config
+from vllm_knapspec.adapter import metrics
+from vllm_knapspec.adapter.control import DraftLengthControl, GammaChannel
+from vllm_knapspec.adapter.draft import LayerSkipModel
+from vllm_knapspec.adapter.lookup_drafts import LookupDrafts
+
+logger = logging.getLogger("vllm.knapspec")
+
+
+def knapspec_config_of(vllm_config) -> ks_config.KnapSpecConfig:
+    """The KnapSpecConfig the plugin attached to the SpeculativeConfig (the knapspec_as_draft_model patch)."""
+    spec = vllm_config.speculative_config
+    cfg = getattr(spec, "knapspec", None)
+    if isinstance(cfg, dict):
+        return ks_config.parse_knapspec(cfg)
+    if cfg is None:
+        return ks_config.parse_knapspec({"num_speculative_tokens": spec.num_speculative_tokens})
+    return cfg
+
+
+class _Step:
+    """One engine step as the selector sees it, completed once its device results are readable: the
+    verification of the previous step's drafts (`verified` per request, `rejected` counts) and this step's
+    draft loop (`steps` draft steps with `skip`, timed by `draft_s` or a pair of CUDA events)."""
+
+    __slots__ = ("n", "ctx", "gap", "steady", "verified", "rejected", "skip", "steps", "draft_s", "events", "lookup")
+
+    def __init__(self, n, ctx, gap, steady, verified, rejected):
+        self.n, self.ctx, self.gap, self.steady, self.verified, self.rejected = n, ctx, gap, steady, verified, rejected
+        self.skip, self.steps, self.draft_s, self.events = None, 0, 0.0, None
+        self.lookup = None  # [n] bool: rows whose verified drafts were not the layer-skip draft's
+
+
+class _Feedback:
+    """The selector's observations, one step late and without waiting for the device: each step's rejected
+    counts (copied to the host asynchronously) and its draft loop's device time (CUDA events) are read once
+    the device is past them. On a CPU device they are ready at once."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: deque[_Step] = deque()
+        self._done = None
+
+    def event(self):
+        if not self.cuda:
+            return None
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def push(self, step: _Step) -> None:
+        if self.cuda:
+            step.events = (step.events or (None, None)) + (self.event(),)  # (start, end, done)
+        self.pending.append(step)
+
+    def ready(self):
+        """The steps whose device work has finished, oldest first."""
+        while self.pending:
+            s = self.pending[0]
+            if self.cuda and not s.events[-1].query():
+                return
+            self.pending.popleft()
+            if self.cuda and s.events[0] is not None:
+                s.draft_s = s.events[0].elapsed_time(s.events[1]) / 1000.0
+            yield s
+
+
+class KnapSpecDrafter(DraftModelProposer):
+    """vLLM's DraftModelProposer interface, drafting with the target's own sublayers behind a skip set."""
+
+    def __init__(self, vllm_config, device, runner=None):
+        super().__init__(vllm_config=vllm_config, device=device, runner=runner)
+        self.cfg = knapspec_config_of(vllm_config)
+        self.k_max = vllm_config.speculative_config.num_speculative_tokens
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.runner = runner
+        self.stats = metrics.KnapSpecStats.get()
+        self.key = getattr(vllm_config, "instance_id", "")
+        self.channel = GammaChannel.open(self.key)  # to a scheduler in another process
+        self.next_gamma = self.k_max  # what the scheduler schedules next (DraftLengthControl)
+        self.feedback = _Feedback(torch.device(device))
+        self._last_call = None  # host time of the previous propose(): steps are timed call to call
+        self._verified_next = 0  # drafts per request the next step verifies
+        self._prev_reqs = None
+        self.graphs = None  # graphs.SublayerGraphs once captured (GPU)
+        self.lookup = None  # lookup_drafts.LookupDrafts (lookup: auto, sync scheduling)
+        self.trace: list | None = None  # benchmarks: (step gap s, draft loop s, draft steps) per step
+        self.warmup_s = 0.0
+        self.warmups: dict[str, float] = {}
+
+    @property
+    def next_gamma(self) -> int:
+        return self._next_gamma
+
+    @next_gamma.setter
+    def next_gamma(self, gamma: int) -> None:
+        self._next_gamma = gamma
+        if self.channel is not None:
+            self.channel.write(gamma)
+
+    # -- vLLM hooks --------------------------------------------------------------------------------
+    def load_model(self, target_model: torch.nn.Module) -> None:
+        from vllm_knapspec.adapter.selection import make_selector
+
+        ks_config.check_architecture(getattr(self.vllm_config.model_config.hf_config, "architectures", None))
+        self.model = target_model
+        self.draft = LayerSkipModel(target_model, self.runner, self.vllm_config)
+        self._draft_attn_layer_names = set()  # no attention layers of its own: the target's KV cache
+        self.selector = make_selector(self.cfg, self.draft, self.vllm_config)
+        self._drafts = torch.zeros(
+            self.runner.max_num_reqs
+            if hasattr(self.runner, "max_num_reqs")
+            else self.vllm_config.scheduler_config.max_num_seqs,
+            self.k_max,
+            dtype=torch.int64,
+            device=self.draft.device,
+        )
+        DraftLengthControl.drafters[self.key] = self
+        if LookupDrafts.wanted(self.cfg, self.vllm_config):
+            self.lookup = LookupDrafts(self.cfg, self.runner, self.k_max, self.max_model_len)
+        self.next_gamma = self._first_gamma()
+        logger.info(
+            "KnapSpec drafter ready: %d layers, gamma_max=%d, selector=%s",
+            self.draft.num_layers,
+            self.k_max,
+            type(self.selector).__name__,
+        )
+
+    def _first_gamma(self) -> int:
+        plan = (
+            getattr(self.selector, "current", None)
+            if not hasattr(self.selector, "gamma")
+            else (self.selector.skip, self.selector.gamma)
+        )
+        return 0 if plan is None else min(plan[1], self.k_max)
+
+    def warmup_after_kv_cache(self) -> None:
+        """Once the KV cache exists (the drafter_warmup patch): capture the draft's sublayer graphs, check
+        one graphed step against the eager step, and calibrate the selector's cost (GPU only)."""
+        if self.draft.device.type != "cuda":
+            return
+        if self._graphs_wanted():
+            self._warmup("draft graph capture", self._capture_graphs)
+        calibrate = getattr(self.selector, "calibrate", None)
+        if calibrate is not None:  # cold, then timed: the first selection waits for a warm pass
+            self._warmup("selection pass", calibrate)
+            self._warmup("selection cost calibration", calibrate)
+
+    def _graphs_wanted(self) -> bool:
+        vc = self.vllm_config
+        return (
+            self.cfg.draft_graphs == "auto"
+            and not vc.model_config.enforce_eager
+            and vc.parallel_config.tensor_parallel_size == 1
+        )
+
+    def _capture_graphs(self) -> None:
+        from vllm_knapspec.adapter import graphs
+        from vllm_knapspec.core.skipset import SkipSet
+
+        g = graphs.SublayerGraphs(self.draft, int(self.vllm_config.scheduler_config.max_num_seqs))
+        g.capture_all()
+        err = graphs.check(g, SkipSet.empty(self.draft.num_layers))
+        self.warmups["draft graph rel err"] = err
+        if not err <= graphs.CHECK_RTOL:
+            logger.warning("KnapSpec draft graphs disagree with the eager draft (rel. err %.3g): drafting eagerly", err)
+            return
+        self.graphs = g
+
+    def _warmup(self, what: str, fn) -> None:
+        """Run a start-up step, time it, log it; a failure only moves its cost to later (or keeps drafts
+        eager)."""
+        t0 = time.perf_counter()
+        try:
+            fn()
+            torch.cuda.synchronize(self.draft.device)
+        except Exception:
+            logger.warning("KnapSpec %s warm-up failed", what, exc_info=True)
+            return
+        dt = time.perf_counter() - t0
+        self.warmup_s += dt
+        self.warmups[what] = round(dt, 4)
+        logger.info("KnapSpec %s warm-up: %.2f s", what, dt)
+
+    def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
+        self.kv_cache_gid = 0  # the draft builds its metadata from the target's groups (compat)
+
+    def initialize_cudagraph_keys(self, cudagraph_mode) -> None:
+        pass  # draft steps replay KnapSpec's own graphs (cudagraph.py)
+
+    def validate_same_kv_cache_group(self, kv_cache_config) -> None:
+        pass
+
+    def dummy_run(self, num_tokens, use_cudagraphs=True, is_graph_capturing=False, slot_mappings=None) -> None:
+        pass  # nothing of its own to profile: the target's modules are profiled
+
+    # -- one step ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def propose(
+        self,
+        num_speculative_tokens,
+        target_token_ids,
+        target_positions,
+        target_hidden_states,
+        next_token_ids,
+        token_indices_to_sample,
+        common_attn_metadata,
+        sampling_metadata,
+        mm_embed_inputs=None,
+        num_rejected_tokens_gpu=None,
+        slot_mappings=None,
+    ) -> torch.Tensor:
+        cad = common_attn_metadata
+        n, k = cad.num_reqs, int(num_speculative_tokens)
+        drafts = self._drafts[:n, :k]
+        try:
+            step = self._begin(cad, n, num_rejected_tokens_gpu)
+            plan = self.selector.plan(np.arange(n, dtype=np.int64), step.ctx)
+            if self.lookup is not None:
+                self._propose_with_lookup(drafts, k, plan, step, next_token_ids, cad, n, num_rejected_tokens_gpu)
+                self._verified_next = k
+                self.feedback.push(step)
+                return drafts
+            self.next_gamma = 0 if plan is None else min(plan[1], self.k_max)
+            steps = min(self.next_gamma, k)
+            if steps:
+                start = self.feedback.event()
+                t0 = time.perf_counter()
+                self._draft(
+                    drafts,
+                    steps,
+                    next_token_ids[:n],
+                    self._bonus_positions(cad, n, num_rejected_tokens_gpu),
+                    cad,
+                    n,
+                    plan[0],
+                )
+                step.skip, step.steps, step.draft_s = plan[0], steps, time.perf_counter() - t0
+                step.events = (start, self.feedback.event()) if start is not None else None
+            else:
+                self.stats.no_spec_step()
+            self._verified_next = k
+            self.feedback.push(step)
+        except Exception:
+            drafts.zero_()
+            self.next_gamma = 0
+            self.stats.fallback(logger)
+        return drafts
+
+    def _propose_with_lookup(self, drafts, k, plan, step, next_token_ids, cad, n, rejected) -> None:
+        """The step's candidates per request: lookup drafts, the layer-skip plan, none (lookup.choose_step)."""
+        bonus = next_token_ids[:n].to("cpu").numpy()
+        pos = self._bonus_positions(cad, n, rejected).to("cpu").numpy()
+        has, lk = self.lookup.propose(n, bonus, pos)
+        choice = self.lookup.choose(self.selector, plan, has, step.ctx, n)
+        self.next_gamma = choice.gamma
+        steps = min(choice.gamma, k)
+        rows = choice.lookup_rows & (steps > 0)
+        if steps and choice.use_skip:
+            start = self.feedback.event()
+            t0 = time.perf_counter()
+            self._draft(drafts, steps, next_token_ids[:n], self._bonus_positions(cad, n, rejected), cad, n, plan[0])
+            step.skip, step.steps, step.draft_s = plan[0], steps, time.perf_counter() - t0
+            step.events = (start, self.feedback.event()) if start is not None else None
+            self.lookup.fill(drafts, lk, rows, rows, steps, skip=True)
+        elif steps:
+            self.lookup.fill(drafts, lk, np.ones(n, dtype=bool), rows, steps, skip=False)  # no match: filler
+        else:
+            self.lookup.fill(drafts, lk, rows, rows, 0, skip=False)
+            self.stats.no_spec_step()
+        if rows.any():
+            self.stats.inc("lookup_draft_tokens", float(rows.sum() * steps))
+        if steps and choice.use_skip:
+            self.stats.inc("layer_skip_draft_tokens", float((~rows).sum() * steps))
+
+    def _begin(self, cad, n: int, rejected) -> _Step:
+        """Feed the selector what is ready, and open this step's record."""
+        now = time.perf_counter()
+        gap = None if self._last_call is None else now - self._last_call
+        self._last_call = now
+        for s in self.feedback.ready():
+            self._report(s)
+        rej = None
+        if rejected is not None and self._verified_next:
+            rej = rejected[:n].to("cpu", non_blocking=True) if self.feedback.cuda else rejected[:n]
+        step = _Step(
+            n, self._context(cad, n), gap, self._prev_reqs == n, self._verified_next if rej is not None else 0, rej
+        )
+        if self.lookup is not None:  # sync scheduling: the counts are ready
+            step.lookup, kept = self.lookup.observe(n, None if rej is None else rej.to("cpu").numpy())
+            if kept:
+                self.stats.inc("lookup_accepted_tokens", float(kept))
+        self._prev_reqs = n
+        return step
+
+    def _report(self, s: _Step) -> None:
+        if self.trace is not None:
+            self.trace.append((s.gap, s.draft_s, s.steps))
+        if s.steps and s.skip is not None:
+            self.selector.observe_draft(s.skip, s.ctx, None, s.draft_s, s.steps)
+        keep = np.ones(s.n, dtype=bool) if s.lookup is None else ~s.lookup  # layer-skip rows only
+        proposed = s.verified * int(keep.sum())
+        accepted = max(0, proposed - int(s.rejected[torch.from_numpy(keep)].sum())) if proposed else 0
+        if proposed and self.lookup is not None:
+            self.stats.inc("layer_skip_accepted_tokens", float(accepted))
+        self.selector.observe_verify(s.ctx, proposed, accepted, s.gap, s.steady)
+
+    def _context(self, cad, n: int) -> np.ndarray:
+        """Context lengths whose KV is committed on every path (host, no sync): the step's upper bound of
+        seq_lens, less this step's drafts (at most query length - 1, at most k_max: a prefill chunk is all
+        committed) and at most k_max rejected drafts of the last step.
+
+        upper [1000, 160], query lengths [5, 160], k_max 4 -> [1000 - 4 - 4 + 1, 160 - 4 - 4 + 1]
+        """
+        upper = self._upper(cad, n)
+        qsl = cad.query_start_loc_cpu.numpy()[: n + 1]
+        drafts = np.minimum(np.diff(qsl) - 1, self.k_max)
+        return np.maximum(upper - drafts - self.k_max, 1) + 1
+
+    @staticmethod
+    def _upper(cad, n: int) -> np.ndarray:
+        upper = cad.seq_lens_cpu_upper_bound
+        upper = upper.numpy()[:n] if upper is not None else cad.seq_lens[:n].cpu().numpy()
+        return upper.astype(np.int64)
+
+    def _bonus_positions(self, cad, n: int, rejected) -> torch.Tensor:
+        """[n] position of each request's bonus token (the one sampled this step): its sequence length after
+        this step's rejections."""
+        pos = cad.seq_lens[:n].to(torch.int64)
+        if rejected is not None:
+            pos = pos - rejected[:n].to(torch.int64)
+        return pos
+
+    def _draft(self, drafts, steps: int, tokens, pos, cad, n: int, skip) -> None:
+        d = self.draft
+        graphs = self.graphs if self.graphs is not None and self.graphs.bucket(n) else None
+        if graphs is not None:
+            capacity = torch.from_numpy(d.capacity(np.arange(n))).to(d.device, non_blocking=True)
+            nb = graphs.load(n, tokens, pos, capacity)
+            captured = graphs.loop_capture_s
+            drafts[:, :steps] = graphs.loop(nb, skip, steps)[:n]
+            if steps < drafts.shape[1]:
+                drafts[:, steps:] = drafts[:, steps - 1 : steps]
+            if graphs.loop_capture_s > captured and hasattr(self.selector, "charge_capture"):
+                self.selector.charge_capture(graphs.loop_capture_s - captured)  # a new plan's one-off cost
+            self.stats.drafted(steps)
+            return
+        rows = torch.arange(n, device=d.device)
+        capacity = torch.from_numpy(d.capacity(np.arange(n))).to(d.device, non_blocking=True)
+        upper = self._upper(cad, n)
+        tokens = tokens.to(torch.int64)
+        for j in range(steps):
+            p = torch.clamp(pos + j, max=self.max_model_len - 1)
+            hidden = d.step_device(rows, tokens, p, upper + j + 1, capacity, skip)
+            tokens = d.logits(hidden).argmax(dim=-1)
+            drafts[:, j] = tokens
+        if steps < drafts.shape[1]:  # scheduled more than the plan drafts (a plan change in flight)
+            drafts[:, steps:] = tokens.unsqueeze(1)
+        self.stats.drafted(steps)

@@ -1,0 +1,129 @@
+"""Prompt-lookup drafts for the drafter: vLLM's n-gram matcher over each request's tokens, the choice between
+them, the layer-skip plan and plain decoding (lookup.choose_step), and what verification kept of them.
+
+Host side, so only under sync scheduling, where the runner's token ids are current when the drafter runs (vLLM's
+own `ngram` method has the same limit); `lookup: auto` is off under async scheduling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vllm_knapspec.core.lookup import LookupAcceptance, StepChoice, choose_step
+
+
+def _llvmlite_dunders_are_attribute_errors() -> None:
+    """Once numba has compiled, llvmlite's `ffi.lib` (a `_lib_wrapper` with __slots__ and a catch-all
+    __getattr__) answers `vars(lib)` with a function wrapper. vLLM's Triton-kernel dispatcher scans every
+    module's globals with `vars(value).get("kernel")` when an engine starts, so a second engine in the same
+    process (tests, notebooks) would fail with "'_lib_fn_wrapper' object has no attribute 'get'". Dunder names
+    raise AttributeError, as for any object; llvmlite's own lookups are never dunders."""
+    try:
+        from llvmlite.binding import ffi
+    except ImportError:
+        return
+    cls = ffi._lib_wrapper
+    if getattr(cls.__getattr__, "_knapspec", False):
+        return
+    orig = cls.__getattr__
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return orig(self, name)
+
+    __getattr__._knapspec = True
+    cls.__getattr__ = __getattr__
+
+
+class LookupDrafts:
+    def __init__(self, cfg, runner, k_max: int, max_model_len: int):
+        from vllm.v1.spec_decode.ngram_proposer import _find_longest_matched_ngram_and_propose_tokens
+
+        self.match = _find_longest_matched_ngram_and_propose_tokens
+        self.runner, self.k_max, self.max_model_len = runner, k_max, max_model_len
+        self.lmin, self.lmax = cfg.lookup_min, cfg.lookup_max
+        self.acceptance = LookupAcceptance()
+        self.pending: dict[str, int] = {}  # req_id -> lookup drafts the next step verifies
+        self.pending_skip = False  # the next step verifies layer-skip drafts in the other rows
+        _llvmlite_dunders_are_attribute_errors()
+        self.match(np.arange(8, dtype=np.int32) % 3, 1, 2, 64, 2)  # numba JIT now, not in the first step
+
+    @staticmethod
+    def wanted(cfg, vllm_config) -> bool:
+        return cfg.lookup == "auto" and not vllm_config.scheduler_config.async_scheduling
+
+    def propose(self, n: int, bonus: np.ndarray, pos: np.ndarray):
+        """Lookup drafts [n, k_max] for rows 0..n-1 (bonus token at position pos) and which rows have one."""
+        tokens = self.runner.input_batch.token_ids_cpu
+        drafts = np.repeat(bonus.reshape(n, 1), self.k_max, axis=1).astype(np.int64)
+        has = np.zeros(n, dtype=bool)
+        for i in range(n):
+            hist = np.append(tokens[i, : pos[i]], bonus[i]).astype(np.int32)
+            d = self.match(hist, self.lmin, self.lmax, self.max_model_len, self.k_max)
+            if len(d):
+                has[i] = True
+                drafts[i, : len(d)] = d
+                drafts[i, len(d) :] = d[-1]
+        return has, drafts
+
+    def alphas(self, n: int) -> np.ndarray:
+        ids = self.runner.input_batch.req_ids[:n]
+        return np.array([self.acceptance.alpha(r) for r in ids])
+
+    def choose(self, selector, plan, has, ctx, n: int) -> StepChoice:
+        """choose_step with the selector's latency models: verification of g drafts per row, the plan's draft
+        step, plain decoding; the bar is min_speedup as for layer-skip plans."""
+        if not hasattr(selector, "target"):  # a fixed plan (skip_set): lookup drafts wherever there is a match
+            g = 0 if plan is None else min(plan[1], self.k_max)
+            return StepChoice(g, plan is not None, has & (g > 0), 0.0, 0.0)
+        c = float(np.mean(ctx))
+        t_plain = selector._t_plain(ctx)
+        t_model = selector.target.plain_step_time(ctx)
+        slope = max(selector.target.verify_step_time(ctx, 2) - t_model, 0.0) * selector._plain_scale
+
+        def t_verify(g):
+            return t_plain + g * slope
+
+        alpha_skip = t_draft = None
+        if plan is not None:
+            alpha_skip = selector.predicted_alpha if selector.predicted_alpha is not None else 0.0
+            t_draft = float(selector.latency.draft_step_time(plan[0], np.array([c])))
+        return choose_step(
+            has, self.alphas(n), alpha_skip, t_plain, t_verify, t_draft, self.k_max, bar=selector.cfg.min_speedup
+        )
+
+    def fill(
+        self,
+        out: torch.Tensor,
+        drafts: np.ndarray,
+        copy_rows: np.ndarray,
+        lookup_rows: np.ndarray,
+        gamma: int,
+        skip: bool,
+    ) -> None:
+        """drafts[copy_rows] into `out` [n, k]; the lookup rows' drafts are accounted at the next step."""
+        if copy_rows.any():
+            idx = np.flatnonzero(copy_rows)
+            out[torch.from_numpy(idx).to(out.device)] = torch.from_numpy(drafts[idx, : out.shape[1]]).to(out.device)
+        ids = self.runner.input_batch.req_ids
+        self.pending = {ids[i]: gamma for i in np.flatnonzero(lookup_rows)} if gamma else {}
+        self.pending_skip = bool(gamma and skip)
+
+    def observe(self, n: int, rejected: np.ndarray | None) -> tuple[np.ndarray, int]:
+        """What the step verified of the last step's lookup drafts, per request. Returns the rows whose drafts
+        were not the layer-skip draft's (lookup drafts, or fillers of a lookup-only step: the plan's acceptance
+        leaves them out) and the lookup tokens accepted."""
+        ids = self.runner.input_batch.req_ids[:n]
+        mask = np.array([r in self.pending for r in ids], dtype=bool)
+        not_skip = mask if self.pending_skip else np.ones(n, dtype=bool)
+        kept = 0
+        if rejected is not None:
+            for i in np.flatnonzero(mask):
+                g = self.pending[ids[i]]
+                a = max(0, g - int(rejected[i]))
+                self.acceptance.observe(ids[i], g, a)
+                kept += a
+        self.acceptance.forget(set(ids))
+        return not_skip, kept

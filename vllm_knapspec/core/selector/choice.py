@@ -1,0 +1,152 @@
+"""The choice of a selection: reference hidden states of the live context, the knapsack DP over the 2L
+sublayers, acceptance per candidate and request, and the (skip set, gamma) argmax of the batch's tokens per time
+against plain decoding."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from vllm_knapspec.core import dp, tpt
+from vllm_knapspec.core.selector.guard import RECOVER
+from vllm_knapspec.core.selector.schedule import BACKOFF_MAX
+
+
+class _PhaseClock:
+    """Wall time of the phases of one selection (device work included: synchronised on the phase's tensor)."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str, tensor) -> None:
+        if tensor is not None and tensor.is_cuda:
+            torch.cuda.synchronize(tensor.device)
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._t, 6)
+        self._t = now
+
+
+class Choice:
+    """KnapSpecSelector's selection pass (mixin)."""
+
+    def select(self, rows: np.ndarray, ctx: np.ndarray) -> None:
+        cfg = self.cfg
+        self._flush_plain()  # the target model sees every plain step before it prices
+        if self.current is not None:
+            self._measure_plan()
+        self.pred_scale = min(1.0, self.pred_scale * RECOVER)
+        w_attn, w_mlp, budget, r = self._dp_shape(ctx)
+        clock = _PhaseClock()
+        ref = self.adapter.build(rows, ctx, r)
+        clock.lap("reference", ref.refs)
+        cands, alpha = self._candidates(ref, w_attn, w_mlp, budget, len(ctx), clock)
+        choice, t_plain, t_draft = self._choose(cands, alpha, ctx)
+        clock.lap("choose", None)
+        choice = choice._replace(
+            **dict(zip(("index", "gamma", "speculate"), self.sync((choice.index, choice.gamma, choice.speculate))))
+        )
+        best = cands[choice.index]
+        self.top = self._top(cands, alpha, t_draft, t_plain)
+        self.current = (best.skipset, choice.gamma) if choice.speculate else None
+        self._plan_pred = choice.tpt / choice.plain if choice.speculate else None
+        self.interval = (
+            cfg.reselect_interval if choice.speculate else min(2 * self.interval, BACKOFF_MAX * cfg.reselect_interval)
+        )
+        self.predicted_alpha = float(alpha[choice.index].mean())
+        self._reset_window(ctx)
+        if choice.speculate:  # what one step of the plan should cost: gamma drafts (verify slope folded in) + plain
+            self._spec["pred_step_s"] = choice.gamma * float(t_draft[choice.index]) + t_plain
+        self._record(best.skipset, choice, t_plain, w_attn, w_mlp, len(cands), ctx)
+        self.history[-1]["phases_s"] = clock.laps
+
+    def _dp_shape(self, ctx):
+        """Integer weights (rank 0's under TP), knapsack budget and reference tokens of a selection at ctx."""
+        cfg = self.cfg
+        w_attn, w_mlp = self.sync(dp.integer_weights(*self._sublayer_times(ctx), cfg.weight_cap))
+        budget = int(cfg.budget_fraction * (w_attn + w_mlp) * self.L)
+        r = min(cfg.reference_tokens, self.adapter.max_reference_tokens(budget + 1))  # DP memory <= 1 % of KV
+        return w_attn, w_mlp, budget, r
+
+    def _candidates(self, ref, w_attn, w_mlp, budget, batch, clock):
+        L = self.L
+        cands = dp.knapsack_dp(
+            ref.run_item,
+            ref.refs,
+            dp.item_weights(L, w_attn, w_mlp),
+            budget,
+            self.cfg.sim_threshold,
+            dp.default_frozen_items(L),
+            impl=self.cfg.kernels,
+        )
+        clock.lap("dp", ref.refs)
+        alpha = self._alpha(cands, ref, batch)
+        clock.lap("alpha", None)
+        return cands, alpha
+
+    def calibrate(self) -> float:
+        """At start-up (GPU: the drafter_warmup patch): one selection-shaped pass - reference, DP, acceptance - on
+        the adapter's synthetic reference (one request, context 2r), timed; the cost model's estimates are
+        scaled by it until a real selection measures its own. The model prices compute only: on an H200
+        SmolLM2's first selection costs 0.215 s (the DP launch-bound, 0.139 s), and priced by the estimate
+        alone it takes 2.6 % of a benchmark cell's decode time under a 1 % share. Returns the cost (s)."""
+        ctx = np.array([2 * self.cfg.reference_tokens])
+        w_attn, w_mlp, budget, r = self._dp_shape(ctx)
+        clock = _PhaseClock()
+        ref = self.adapter.synthetic(r)
+        clock.lap("reference", ref.refs)
+        self._candidates(ref, w_attn, w_mlp, budget, 1, clock)
+        cost = sum(clock.laps.values())
+        self._cost_scale = cost / max(self._estimated_selection_s(np.array([2 * r])), 1e-9)
+        return cost
+
+    def _alpha(self, cands, ref, batch: int) -> torch.Tensor:
+        """alpha[C, B]: per sampled request from its own reference tokens; unsampled requests get the mean."""
+        H = dp.stack_hidden(cands)
+        full = ref.refs[-1]
+        per_req = torch.stack([dp.estimate_acceptance(H[:, g], full[g], ref.logits_fn) for g in ref.groups], 1)
+        a = per_req.mean(1, keepdim=True).expand(-1, batch).clone()
+        a[:, : per_req.shape[1]] = per_req
+        return a.float().cpu()
+
+    def _choose(self, cands, alpha, ctx):
+        t_model = self.target.plain_step_time(ctx)
+        t_plain = self._t_plain(ctx)
+        # verify(gamma) is linear in gamma (T = B(1+gamma)): fold its slope into the per-draft-token cost.
+        slope = max(self.target.verify_step_time(ctx, 2) - t_model, 0.0) * self._plain_scale
+        t_draft = torch.tensor(
+            [self.latency.draft_step_time(c.skipset, ctx) + slope for c in cands], dtype=torch.float32
+        )
+        # min_speedup = 0 drafts always; otherwise the bar rises by what the last plan fell short of its prediction
+        bar = self.cfg.min_speedup / self.pred_scale if self.cfg.min_speedup > 0 else 0.0
+        choice = tpt.choose(
+            alpha,
+            t_draft,
+            t_plain,
+            self.cfg.num_speculative_tokens,
+            t_plain=t_plain,
+            margin=bar - 1.0,
+            impl=self.cfg.kernels,
+        )
+        return choice, t_plain, t_draft
+
+    def _top(self, cands, alpha, t_draft, t_plain, k: int = 5) -> list[dict]:
+        """The k best candidates by predicted speedup (for logs, benchmarks and tests)."""
+        from vllm_knapspec.core.kernels.tpt_argmax import tpt_grid_torch
+
+        grid = tpt_grid_torch(alpha, t_draft, t_plain, self.cfg.num_speculative_tokens)  # [C, gamma]
+        best, g = grid.max(1)
+        plain = alpha.shape[1] / t_plain
+        order = best.argsort(descending=True)[:k].tolist()
+        return [
+            dict(
+                skip=str(cands[c].skipset),
+                alpha=round(float(alpha[c].mean()), 3),
+                gamma=int(g[c]) + 1,
+                speedup=round(float(best[c]) / plain, 3),
+                cos=round(cands[c].cos, 4),
+            )
+            for c in order
+        ]

@@ -52,9 +52,9 @@ def baseline(model_path, prompts, batch8):
 
 @pytest.fixture(scope="module")
 def knapspec_llm(model_path, baseline):
-    llm = make_llm(
-        model_path, {"method": "knapspec", "num_speculative_tokens": GAMMA, "skip_set": "", "confidence_threshold": 0.0}
-    )
+    # lookup off: these tests pin the layer-skip draft (tests/test_lookup.py mixes both sources)
+    cfg = {"method": "knapspec", "num_speculative_tokens": GAMMA, "skip_set": "", "confidence_threshold": 0.0}
+    llm = make_llm(model_path, {**cfg, "lookup": "off"})
     drafter = drafter_of(llm)
     # Record every draft write position against the slots the scheduler allocated (lookahead check).
     orig_step, overflow = drafter.draft.step_device, []

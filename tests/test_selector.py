@@ -11,7 +11,7 @@ from vllm import SamplingParams
 from conftest import drafter_of, make_llm, spec_counters
 from prompts import CODE, PROSE
 from vllm_knapspec.adapter.selection import make_selector
-from vllm_knapspec.config import PROFILE_DIR, parse_knapspec
+from vllm_knapspec.config import PROFILE_DIR, KnapSpecConfig, parse_knapspec
 from vllm_knapspec.core.latency import LatencyModel
 from vllm_knapspec.core.selector import KnapSpecSelector
 
@@ -29,6 +29,7 @@ SELECTOR = {
     "min_speedup": 0.0,
     "confidence_threshold": 0.0,
     "kernels": "torch",
+    "lookup": "off",  # these tests are about the layer-skip selector (tests/test_lookup.py: both sources)
 }
 GREEDY = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
 PROMPTS = PROSE[:4] + CODE[:4]
@@ -78,26 +79,23 @@ def test_selector_on_the_fly_is_lossless(spec_llm, baseline):
     assert after["vllm:knapspec_selections"] > before.get("vllm:knapspec_selections", 0)
 
 
-def test_min_speedup_zero_drafts_from_the_start(model_path):
+def test_min_speedup_zero_drafts_from_the_start(spec_llm):
     """`min_speedup: 0` is the documented way to always draft: the first selection runs at once instead of
     waiting until plain decoding has paid for it (a 14 x 96-token batch never got there at the default
-    reference_tokens). kernels "torch": see SELECTOR."""
-    llm = make_llm(
-        model_path,
-        {
-            "method": "knapspec",
-            "num_speculative_tokens": 4,
-            "min_speedup": 0.0,
-            "max_selection_overhead": 1.0,
-            "kernels": "torch",
-        },
+    reference_tokens). A selector with the other keys at their defaults (kernels "torch", lookup off: see
+    SELECTOR)."""
+    d = drafter_of(spec_llm)
+    defaults = KnapSpecConfig()
+    cfg = d.cfg.model_copy(
+        update={k: getattr(defaults, k) for k in ("reference_tokens", "reselect_interval", "confidence_threshold")}
+        | {"min_speedup": 0.0, "max_selection_overhead": 1.0}
     )
-    before = spec_counters(llm)
-    llm.generate((PROMPTS * 2)[:14], GREEDY, use_tqdm=False)
-    after = spec_counters(llm)
-    assert after["vllm:knapspec_selections"] > before.get("vllm:knapspec_selections", 0)
+    d.selector = make_selector(cfg, d.draft, d.vllm_config)
+    before = spec_counters(spec_llm)
+    spec_llm.generate((PROMPTS * 2)[:14], GREEDY, use_tqdm=False)
+    after = spec_counters(spec_llm)
+    assert d.selector.history and d.selector.history[0]["speculate"]
     assert after["vllm:spec_decode_num_draft_tokens"] > before.get("vllm:spec_decode_num_draft_tokens", 0)
-    del llm
 
 
 def long_prompt(tokenizer, n_tokens: int) -> str:

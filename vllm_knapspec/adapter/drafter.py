@@ -281,7 +281,8 @@ class KnapSpecDrafter(DraftModelProposer):
     def _propose_with_lookup(self, drafts, k, plan, step, next_token_ids, cad, n, rejected) -> None:
         """The step's candidates per request: lookup drafts, the layer-skip plan, none (lookup.choose_step)."""
         bonus = next_token_ids[:n].to("cpu").numpy()
-        pos = self._bonus_positions(cad, n, rejected).to("cpu").numpy()
+        pos_dev = self._bonus_positions(cad, n, rejected)
+        pos = pos_dev.to("cpu").numpy()
         has, lk = self.lookup.propose(n, bonus, pos)
         choice = self.lookup.choose(self.selector, plan, has, step.ctx, n)
         self.next_gamma = choice.gamma
@@ -290,7 +291,7 @@ class KnapSpecDrafter(DraftModelProposer):
         if steps and choice.use_skip:
             start = self.feedback.event()
             t0 = time.perf_counter()
-            self._draft(drafts, steps, next_token_ids[:n], self._bonus_positions(cad, n, rejected), cad, n, plan[0])
+            self._draft(drafts, steps, next_token_ids[:n], pos_dev, cad, n, plan[0])
             step.skip, step.steps, step.draft_s = plan[0], steps, time.perf_counter() - t0
             step.events = (start, self.feedback.event()) if start is not None else None
             self.lookup.fill(drafts, lk, rows, rows, steps, skip=True)

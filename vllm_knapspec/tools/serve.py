@@ -64,8 +64,8 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 @dataclass
 class Server:
-    """One `vllm serve` process tree on 127.0.0.1 (API server, EngineCore, workers), started in its own
-    session so that stop() signals the whole process group."""
+    """One `vllm serve` process tree on 127.0.0.1 (API server, EngineCore, workers), started with
+    start_new_session=True (its own process group), so that stop() signals all of it."""
 
     name: str
     args: list[str]

@@ -50,7 +50,11 @@ class LayerSkipModel:
         self.attn_names = [layer.self_attn.attn.layer_name for layer in self.layers]
         self.device = runner.device
         self.builder = compat.DraftMetadataBuilder(runner, vllm_config, set(self.attn_names))
-        self.block_size = self.builder.block_size
+
+    @property
+    def block_size(self) -> int:
+        """The kernel block size (read when used: the V2 runner builds its block tables with the KV cache)."""
+        return self.builder.block_size
 
     # -- pieces ------------------------------------------------------------------------------------
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:

@@ -147,7 +147,7 @@ class KnapSpecDrafter(DraftModelProposer):
             device=self.draft.device,
         )
         DraftLengthControl.drafters[self.key] = self
-        if LookupDrafts.wanted(self.cfg, self.vllm_config):
+        if LookupDrafts.wanted(self.cfg, self.vllm_config) and getattr(self.runner, "host_tokens", True):
             self.lookup = LookupDrafts(self.cfg, self.runner, self.k_max, self.max_model_len)
         self.next_gamma = self._first_gamma()
         logger.info(
@@ -312,12 +312,11 @@ class KnapSpecDrafter(DraftModelProposer):
         self._last_call = now
         for s in self.feedback.ready():
             self._report(s)
+        verified = self._verified(cad, n)
         rej = None
-        if rejected is not None and self._verified_next:
+        if rejected is not None and np.any(verified):
             rej = rejected[:n].to("cpu", non_blocking=True) if self.feedback.cuda else rejected[:n]
-        step = _Step(
-            n, self._context(cad, n), gap, self._prev_reqs == n, self._verified_next if rej is not None else 0, rej
-        )
+        step = _Step(n, self._context(cad, n), gap, self._prev_reqs == n, verified if rej is not None else 0, rej)
         if self.lookup is not None:  # sync scheduling: the counts are ready
             step.lookup, kept = self.lookup.observe(n, None if rej is None else rej.to("cpu").numpy())
             if kept:
@@ -325,13 +324,21 @@ class KnapSpecDrafter(DraftModelProposer):
         self._prev_reqs = n
         return step
 
+    def _verified(self, cad, n: int):
+        """Drafts this step verified per request: exact where the runner says (V2: `num_draft_tokens`, None
+        when none were scheduled), else what the last propose() returned (k_max each)."""
+        if not hasattr(cad, "num_draft_tokens"):
+            return self._verified_next
+        counts = cad.num_draft_tokens
+        return 0 if counts is None else np.asarray(counts[:n], dtype=np.int64)
+
     def _report(self, s: _Step) -> None:
         if self.trace is not None:
             self.trace.append((s.gap, s.draft_s, s.steps))
         if s.steps and s.skip is not None:
             self.selector.observe_draft(s.skip, s.ctx, None, s.draft_s, s.steps)
         keep = np.ones(s.n, dtype=bool) if s.lookup is None else ~s.lookup  # layer-skip rows only
-        proposed = s.verified * int(keep.sum())
+        proposed = int(np.broadcast_to(s.verified, (s.n,))[keep].sum())
         accepted = max(0, proposed - int(s.rejected[torch.from_numpy(keep)].sum())) if proposed else 0
         if proposed and self.lookup is not None:
             self.stats.inc("layer_skip_accepted_tokens", float(accepted))

@@ -5,7 +5,12 @@
 * prose: summarisation of the Python language reference (`pydoc_data.topics`): a chat-template request
   "Summarize the following text:\n\n<text>" whose text is cut so the whole prompt is exactly L tokens.
 
-Prompts are token-id lists, truncated with the model's own tokenizer, so a "2048" prompt is 2048 tokens.
+* mixed (`knapspec-bench --workload mixed`): half the requests copy from their prompt (a chat request to repeat
+  or edit a piece of stdlib code, returning it in full), half write free prose from a one-line chat request; even
+  prompt indices copy, odd ones write, so a wave of 4 holds 2 of each.
+
+Prompts are token-id lists, truncated with the model's own tokenizer, so a "2048" prompt is 2048 tokens (mixed:
+a copy prompt is at most `length` tokens, cut at a line end; a prose prompt is its one-line request).
 Prompt i alternates code (even i) and prose (odd i); document i is the same at every context length, so
 shorter prompts are prefixes of longer ones (code) or share all but the last few tokens (prose).
 No vLLM imports; the tokenizer is anything with `__call__(text, add_special_tokens=False)["input_ids"]`
@@ -137,3 +142,68 @@ def build_prompts(tok, length: int, count: int) -> list[Prompt]:
 def calibration_prompts(tok, length: int = 512) -> list[Prompt]:
     """The static baseline's offline calibration: one code and one prose prompt not used by the benchmark."""
     return [code_prompt(tok, CALIBRATION_MODULE, length), prose_prompt(tok, 5, length)]
+
+
+# The mixed workload: requests that copy from their prompt (edit or repeat code) and requests that write freely.
+COPY_INSTRUCTIONS = (
+    "Repeat the following code exactly.",
+    "Add type hints to the following code and return the complete code.",
+    "Reformat the following code to follow PEP 8 and return all of it.",
+    "Add a docstring to every function in the following code and return the complete code.",
+)
+FREE_PROSE_REQUESTS = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Describe a busy market in a small town on a Saturday morning.",
+    "Write a letter to a friend about a trip to the mountains.",
+    "Explain to a child why the seasons change.",
+    "Write a short essay on why people keep pets.",
+    "Describe your ideal weekend in a few paragraphs.",
+    "Write a short story about a robot that learns to paint.",
+    "Explain how a bicycle works to someone who has never seen one.",
+)
+
+
+def _chat(tok, text: str) -> list[int]:
+    try:
+        s = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    except Exception:  # no chat template: a plain completion prompt
+        s = text + "\n\n"
+    return _ids(tok, s)
+
+
+def code_excerpt(tok, module: str, budget: int) -> str:
+    """Whole lines of `module`'s source from its first top-level def/class, as many as fit in `budget` tokens."""
+    lines = code_text(module).splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.startswith(("def ", "class "))), 0)
+    out, n = [], 0
+    for ln in lines[start:]:
+        k = len(_ids(tok, ln))
+        if n + k > budget:
+            break
+        out.append(ln)
+        n += k
+    if not out:
+        raise ValueError(f"{module}: no whole line fits in {budget} tokens")
+    return "".join(out)
+
+
+def copy_prompt(tok, j: int, length: int) -> Prompt:
+    """Copy request j: instruction j (cycled) over an excerpt of CODE_MODULES[j]; at most `length` tokens."""
+    module, instruction = CODE_MODULES[j % len(CODE_MODULES)], COPY_INSTRUCTIONS[j % len(COPY_INSTRUCTIONS)]
+    overhead = len(_chat(tok, instruction + "\n\n```python\n\n```"))
+    code = code_excerpt(tok, module, length - overhead - 8)  # margin: tokens merge differently at the joins
+    ids = _chat(tok, f"{instruction}\n\n```python\n{code}```")
+    return Prompt("copy", module, tuple(ids[:length]))
+
+
+def free_prose_prompt(tok, j: int) -> Prompt:
+    text = FREE_PROSE_REQUESTS[j % len(FREE_PROSE_REQUESTS)]
+    return Prompt("free", text.split(" ", 4)[-1][:40], tuple(_chat(tok, text)))
+
+
+def build_mixed_prompts(tok, length: int, count: int) -> list[Prompt]:
+    """`count` prompts: copy, free prose, copy, free prose, ... (copy prompts of at most `length` tokens)."""
+    return [copy_prompt(tok, i // 2, length) if i % 2 == 0 else free_prose_prompt(tok, i // 2) for i in range(count)]
+
+
+WORKLOADS = {"default": build_prompts, "mixed": build_mixed_prompts}

@@ -5,12 +5,13 @@ every vLLM process, sometimes twice).
 config_entry     speculative_config_file, knapspec_as_draft_model
 drafting         runner_drafter, draft_length_control, drafter_warmup, plain_steps
 uniform_graphs   uniform_graphs
+runner_v2        v2_admits_knapspec, v2_speculator, v2_decode_graphs
 cpu              cpu_sampler_expand, ray_cpu
 """
 
 from __future__ import annotations
 
-from vllm_knapspec.adapter.patches import config_entry, cpu, drafting, uniform_graphs
+from vllm_knapspec.adapter.patches import config_entry, cpu, drafting, runner_v2, uniform_graphs
 from vllm_knapspec.adapter.patches.base import uses_knapspec
 
 PATCHES = {
@@ -21,6 +22,9 @@ PATCHES = {
     "drafter_warmup": drafting.patch_drafter_warmup,
     "plain_steps": drafting.patch_plain_steps,
     "uniform_graphs": uniform_graphs.patch_uniform_graphs,
+    "v2_admits_knapspec": runner_v2.patch_v2_admits_knapspec,
+    "v2_speculator": runner_v2.patch_v2_speculator,
+    "v2_decode_graphs": runner_v2.patch_v2_decode_graphs,
     "cpu_sampler_expand": cpu.patch_cpu_sampler_expand,
     "ray_cpu": cpu.patch_ray_cpu,
 }

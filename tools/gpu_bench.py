@@ -104,6 +104,46 @@ def _set_plan(worker, skip, gamma):
     return True
 
 
+def _set_noop(worker, on):
+    """ks_noop: the speculator's propose() returns its zero drafts at once (what drafting-off costs without
+    KnapSpec's host work: the engine's own cost of having a speculator)."""
+    r = worker.model_runner
+    if on:
+        r.drafter.next_gamma = 0
+    r.speculator._ks_noop = on
+    return True
+
+
+def _time_propose(worker):
+    """Host time of each propose() call (V2 speculator), collected by _take_propose_times; ks_noop's
+    shortcut lives here too."""
+    import time as _t
+
+    spec = getattr(worker.model_runner, "speculator", None)
+    if spec is None or getattr(spec, "_ks_times", None) is not None:
+        return False
+    orig = type(spec).propose
+    spec._ks_times, spec._ks_noop = [], False
+
+    def timed(input_batch, *a, **k):
+        t = _t.perf_counter()
+        if spec._ks_noop:
+            out = spec.draft_tokens[: input_batch.num_reqs]
+        else:
+            out = orig(spec, input_batch, *a, **k)
+        spec._ks_times.append(_t.perf_counter() - t)
+        return out
+
+    spec.propose = timed
+    return True
+
+
+def _take_propose_times(worker):
+    spec = worker.model_runner.speculator
+    t, spec._ks_times = list(getattr(spec, "_ks_times", None) or []), []
+    return t
+
+
 class _Off:
     def plan(self, rows, ctx):
         return None
@@ -128,6 +168,13 @@ def _runner_info(worker):
         speculator=type(getattr(r, "speculator", None)).__name__,
         graphs=getattr(getattr(r, "drafter", None), "graphs", None) is not None,
         warmups=getattr(getattr(r, "drafter", None), "warmups", None),
+        full_graph_query_lens=sorted(
+            {
+                d.uniform_token_count
+                for d in getattr(getattr(r, "cudagraph_manager", None), "graphs", {})
+                if getattr(d, "uniform_token_count", None)
+            }
+        ),
     )
 
 
@@ -140,6 +187,7 @@ def main():
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--mem", type=float, default=0.2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--variants", default="plain,plain2,ks_off,ks_full,ks_25,ks_50", help="subset to run (+ks_noop)")
     a = ap.parse_args()
     import torch
     import vllm
@@ -188,7 +236,10 @@ def main():
         ("ks_full", ("", a.gamma)),
         ("ks_25", (probe_set(L, 0.25), a.gamma)),
         ("ks_50", (probe_set(L, 0.5), a.gamma)),
+        ("ks_noop", ("", 0)),
     ]
+    variants = [v for v in variants if v[0] in a.variants.split(",")]
+    info["knapspec"]["propose_timed"] = engines["knapspec"].collective_rpc(_time_propose)[0]
     ks = engines["knapspec"]
     results = []
     for ctx, bs in cells:
@@ -199,6 +250,7 @@ def main():
         sp = SamplingParams(max_tokens=a.new, temperature=0.0, ignore_eos=True)
         times = {v: [] for v, _ in variants}
         outs, traces = {}, {v: [] for v, _ in variants}
+        propose_us: dict[str, list] = {}
         for e in engines.values():
             e.generate(prompts, warm, use_tqdm=False)
         for rep in range(a.reps + 1):  # rep 0: warm-up (first calls, graphs of the size)
@@ -207,11 +259,16 @@ def main():
                 e = ks if plan is not None else engines[v]
                 if plan is not None:
                     ks.collective_rpc(_set_plan, args=plan)
+                    ks.collective_rpc(_set_noop, args=(v == "ks_noop",))
+                    ks.collective_rpc(_take_propose_times)
                 sync()
                 t = time.perf_counter()
                 o = e.generate(prompts, sp, use_tqdm=False)
                 dt = time.perf_counter() - t
                 if plan is not None:
+                    pt = ks.collective_rpc(_take_propose_times)[0]
+                    if rep and pt:
+                        propose_us.setdefault(v, []).append(statistics.median(pt) * 1e6)
                     tr = ks.collective_rpc(_take_trace)[0]
                     if rep:
                         traces[v].extend(tr[2:])  # the first reports may be the previous variant's (lag)
@@ -243,9 +300,15 @@ def main():
                 if steps[v][k] is not None:
                     steps[v][k.replace("_ms", "_over_plain")] = steps[v][k] / plain
         row["steps"] = steps
+        row["propose_host_us"] = {v: statistics.median(x) for v, x in propose_us.items()}
         results.append(row)
         print(
-            json.dumps({k: row[k] for k in ("ctx", "bs", "ms_per_token", "ratio_plain_over", "equal_to_plain")}),
+            json.dumps(
+                {
+                    k: row[k]
+                    for k in ("ctx", "bs", "ms_per_token", "ratio_plain_over", "equal_to_plain", "propose_host_us")
+                }
+            ),
             flush=True,
         )
         print("  steps:", json.dumps(steps), flush=True)

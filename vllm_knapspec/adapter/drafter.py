@@ -49,6 +49,9 @@ def knapspec_config_of(vllm_config) -> ks_config.KnapSpecConfig:
     return cfg
 
 
+QUIET_STRIDE = 8  # plain decoding planned: the selector sees every 8th step (quiet_step)
+
+
 class _Step:
     """One engine step as the selector sees it, completed once its device results are readable: the
     verification of the previous step's drafts (`verified` per request, `rejected` counts) and this step's
@@ -80,7 +83,7 @@ class _Feedback:
         return e
 
     def push(self, step: _Step) -> None:
-        if self.cuda:
+        if self.cuda and (step.events is not None or step.rejected is not None):
             step.events = (step.events or (None, None)) + (self.event(),)  # (start, end, done)
         self.pending.append(step)
 
@@ -88,12 +91,17 @@ class _Feedback:
         """The steps whose device work has finished, oldest first."""
         while self.pending:
             s = self.pending[0]
-            if self.cuda and not s.events[-1].query():
+            if s.events is not None and not s.events[-1].query():
                 return
             self.pending.popleft()
-            if self.cuda and s.events[0] is not None:
+            if s.events is not None and s.events[0] is not None:
                 s.draft_s = s.events[0].elapsed_time(s.events[1]) / 1000.0
             yield s
+
+
+def _tensor(x) -> torch.Tensor:
+    """A tensor, or the call that makes it (the V2 speculator gathers the bonus tokens only for a draft)."""
+    return x() if callable(x) else x
 
 
 class KnapSpecDrafter(DraftModelProposer):
@@ -111,6 +119,8 @@ class KnapSpecDrafter(DraftModelProposer):
         self.next_gamma = self.k_max  # what the scheduler schedules next (DraftLengthControl)
         self.feedback = _Feedback(torch.device(device))
         self._last_call = None  # host time of the previous propose(): steps are timed call to call
+        self._quiet = self._quiet_n = 0  # quiet_step(): position in the stride, steps not yet reported
+        self._quiet_s = 0.0  # ... and their time
         self._verified_next = 0  # drafts per request the next step verifies
         self._prev_reqs = None
         self.graphs = None  # graphs.SublayerGraphs once captured (GPU)
@@ -243,6 +253,9 @@ class KnapSpecDrafter(DraftModelProposer):
     ) -> torch.Tensor:
         cad = common_attn_metadata
         n, k = cad.num_reqs, int(num_speculative_tokens)
+        drafts = self.quiet_step(n, k)
+        if drafts is not None:
+            return drafts
         drafts = self._drafts[:n, :k]
         try:
             step = self._begin(cad, n, num_rejected_tokens_gpu)
@@ -260,7 +273,7 @@ class KnapSpecDrafter(DraftModelProposer):
                 self._draft(
                     drafts,
                     steps,
-                    next_token_ids[:n],
+                    _tensor(next_token_ids)[:n],
                     self._bonus_positions(cad, n, num_rejected_tokens_gpu),
                     cad,
                     n,
@@ -278,31 +291,51 @@ class KnapSpecDrafter(DraftModelProposer):
             self.stats.fallback(logger)
         return drafts
 
+    def quiet_step(self, n: int, k: int) -> torch.Tensor | None:
+        """While the plan is plain decoding, QUIET_STRIDE - 1 of every QUIET_STRIDE steps do no host work
+        beyond timing: the selector (whose decisions come every reselect_interval steps or on a context change)
+        sees every QUIET_STRIDE-th step. When a plain step costs ~2 ms, the engine loop is host-bound and the
+        full propose() (~0.2 ms on the H200 host) was 0.77-0.92x of plain decoding at 1K x 1 / x 16
+        (tools/gpu_bench.py, variants ks_off vs ks_noop). Returns the drafts (ignored: none are scheduled) or
+        None for a full step."""
+        if self._next_gamma or self.lookup is not None:
+            self._quiet = 0
+            return None
+        self._quiet = (self._quiet + 1) % QUIET_STRIDE
+        if not self._quiet:
+            return None
+        now = time.perf_counter()
+        if self._last_call is not None:
+            self._quiet_s += now - self._last_call
+        self._last_call, self._prev_reqs = now, n  # the next full step's gap is one step
+        self._quiet_n += 1
+        self.stats.tick("no_spec_steps")
+        return self._drafts[:n, :k]
+
     def _propose_with_lookup(self, drafts, k, plan, step, next_token_ids, cad, n, rejected) -> None:
-        """The step's candidates per request: lookup drafts, the layer-skip plan, none (lookup.choose_step)."""
+        """The step's candidates per request: lookup drafts, the layer-skip plan, none (lookup.choose_step).
+        The choice sets the next step's draft length and this step's drafts: lookup drafts in the chosen rows
+        with a match, layer-skip drafts in the others when the plan runs (else those rows verify none)."""
         bonus = next_token_ids[:n].to("cpu").numpy()
         pos_dev = self._bonus_positions(cad, n, rejected)
         pos = pos_dev.to("cpu").numpy()
         has, lk = self.lookup.propose(n, bonus, pos)
         choice = self.lookup.choose(self.selector, plan, has, step.ctx, n)
         self.next_gamma = choice.gamma
-        steps = min(choice.gamma, k)
-        rows = choice.lookup_rows & (steps > 0)
-        if steps and choice.use_skip:
+        steps = min(choice.gamma, k) if choice.use_skip else 0
+        rows = has & choice.lookup_rows
+        if steps:
             start = self.feedback.event()
             t0 = time.perf_counter()
             self._draft(drafts, steps, next_token_ids[:n], pos_dev, cad, n, plan[0])
             step.skip, step.steps, step.draft_s = plan[0], steps, time.perf_counter() - t0
             step.events = (start, self.feedback.event()) if start is not None else None
-            self.lookup.fill(drafts, lk, rows, rows, steps, skip=True)
-        elif steps:
-            self.lookup.fill(drafts, lk, np.ones(n, dtype=bool), rows, steps, skip=False)  # no match: filler
-        else:
-            self.lookup.fill(drafts, lk, rows, rows, 0, skip=False)
+        elif not choice.gamma:
             self.stats.no_spec_step()
-        if rows.any():
-            self.stats.inc("lookup_draft_tokens", float(rows.sum() * steps))
-        if steps and choice.use_skip:
+        drafted = self.lookup.fill(drafts, lk, rows, skip=bool(steps))
+        if drafted:
+            self.stats.inc("lookup_draft_tokens", float(drafted))
+        if steps:
             self.stats.inc("layer_skip_draft_tokens", float((~rows).sum() * steps))
 
     def _begin(self, cad, n: int, rejected) -> _Step:
@@ -312,6 +345,11 @@ class KnapSpecDrafter(DraftModelProposer):
         self._last_call = now
         for s in self.feedback.ready():
             self._report(s)
+        if self._quiet_n:  # plain steps that quiet_step() did not report one by one
+            observe = getattr(self.selector, "observe_quiet", None)
+            if observe is not None:
+                observe(self._quiet_n, self._quiet_s)
+            self._quiet_n, self._quiet_s = 0, 0.0
         verified = self._verified(cad, n)
         rej = None
         if rejected is not None and np.any(verified):

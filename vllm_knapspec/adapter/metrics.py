@@ -97,6 +97,11 @@ class KnapSpecStats:
     def no_spec_step(self) -> None:
         self.inc("no_spec_steps")
 
+    def tick(self, name: str) -> None:
+        """inc(name) for the hot path of a plain step: the writer thread is running by then (inc started it)."""
+        self.counters[name] += 1
+        self._dirty = True
+
     # -- snapshots -----------------------------------------------------------------------------------
     def snapshot(self) -> dict:
         return {

@@ -143,7 +143,6 @@ class KnapSpecSpeculator(DraftModelSpeculator):
         self.drafter.warmup_after_kv_cache()  # the KV cache exists: draft graphs, selector calibration
 
     # -- one step ----------------------------------------------------------------------------------
-    @torch.inference_mode()
     def propose(
         self,
         input_batch,
@@ -166,12 +165,18 @@ class KnapSpecSpeculator(DraftModelSpeculator):
         n = input_batch.num_reqs
         if dummy_run or is_profile:
             return self.draft_tokens[:n]
+        drafts = self.drafter.quiet_step(n, self.num_speculative_steps)  # plain decoding planned: no host work
+        if drafts is not None:
+            return drafts
         self.view.idx_np = input_batch.idx_mapping_np[:n]
-        idx = input_batch.idx_mapping[:n]
-        sampled = last_sampled.reshape(last_sampled.shape[0], -1)[idx, -1]
-        # [num_reqs] the token each draft starts from: the bonus token, or the next prompt token of a request
-        # still in chunked prefill (its drafts are not scheduled)
-        tokens = torch.where(num_sampled[:n] > 0, sampled, next_prefill_tokens[idx].to(sampled.dtype))
+
+        def tokens() -> torch.Tensor:
+            # [num_reqs] the token each draft starts from: the bonus token, or the next prompt token of a
+            # request still in chunked prefill (its drafts are not scheduled). Gathered only for a draft.
+            idx = input_batch.idx_mapping[:n]
+            sampled = last_sampled.reshape(last_sampled.shape[0], -1)[idx, -1]
+            return torch.where(num_sampled[:n] > 0, sampled, next_prefill_tokens[idx].to(sampled.dtype))
+
         return self.drafter.propose(
             self.num_speculative_steps,
             None,

@@ -95,12 +95,13 @@ def patch_v2_decode_graphs() -> None:
 
 
 def decode_lengths_schedule(gamma_max: int) -> list[tuple[int, int, int]]:
-    """A dynamic-speculation schedule whose draft lengths are 0..gamma_max: what CudaGraphManager reads to
-    capture FULL decode graphs for verification lengths 1..1+gamma_max (it uses only the third entries).
+    """A dynamic-speculation schedule (batch-size range, draft length) whose draft lengths are 0..gamma_max: what
+    CudaGraphManager reads to capture FULL decode graphs for verification lengths 1..1+gamma_max (it uses only
+    the draft lengths; the ranges only keep the schedule valid for vLLM's validator).
 
-    decode_lengths_schedule(2) -> [(1, 1, 0), (1, 1, 1), (1, 1, 2)]
+    decode_lengths_schedule(2) -> [(1, 1, 0), (2, 2, 1), (3, 3, 2)]
     """
-    return [(1, 1, g) for g in range(gamma_max + 1)]
+    return [(g + 1, g + 1, g) for g in range(gamma_max + 1)]
 
 
 def _make_init_candidates(orig):

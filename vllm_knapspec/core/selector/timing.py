@@ -44,6 +44,12 @@ class TimingFeed:
             if self.cfg.online_refit:
                 self._refit_target(ctx, proposed, seconds)
 
+    def observe_quiet(self, steps: int, seconds: float) -> None:
+        """Plain steps the engine did not report one by one (while plain decoding is planned it reports one
+        step in a few): they count in the re-selection interval and in decode time (the selection budget)."""
+        self.steps += steps
+        self._decode_time(seconds)
+
     def _decode_time(self, seconds: float) -> None:
         self.since_selection_s += seconds
         self.total_decode_s += seconds

@@ -1,0 +1,135 @@
+"""The V2-runner adapter's parts that run without a GPU: the patches' decisions, the translation of the V2 runner's
+state into what the drafter reads, and the drafter's quiet plain steps. The V2 path itself runs on the GPU
+(tools/gpu_bench.py; numbers in docs/gpu.md)."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_knapspec.adapter import drafter as drafter_mod
+from vllm_knapspec.adapter.metrics import KnapSpecStats
+from vllm_knapspec.adapter.patches import runner_v2 as patches_v2
+from vllm_knapspec.adapter.runner_v2 import RunnerView, _StepMetadata
+
+
+def test_decode_lengths_schedule_is_a_valid_vllm_schedule():
+    from vllm.v1.spec_decode.dynamic.utils import validate_and_normalize_dynamic_sd_schedule
+
+    schedule = patches_v2.decode_lengths_schedule(4)
+    assert [g for _, _, g in schedule] == [0, 1, 2, 3, 4]  # verification lengths 1..5
+    validate_and_normalize_dynamic_sd_schedule(schedule)  # raises on a malformed schedule
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_v2_admits_knapspec_on_cuda_only(monkeypatch, cuda):
+    monkeypatch.setattr(patches_v2, "_on_cuda", lambda: cuda)
+    reasons = ["speculative method 'draft_model'", "prompt embeds"]
+    fn = patches_v2._make_unsupported(lambda self: list(reasons))
+    ks = SimpleNamespace(speculative_config=SimpleNamespace(method="draft_model", knapspec={"method": "knapspec"}))
+    plain_draft = SimpleNamespace(speculative_config=SimpleNamespace(method="draft_model"))
+    assert fn(ks) == (["prompt embeds"] if cuda else reasons)
+    assert fn(plain_draft) == reasons  # vLLM's own draft_model stays on V1
+
+
+def _fake_v2_runner():
+    tables = SimpleNamespace(
+        kernel_block_sizes=[16],
+        max_num_reqs=4,
+        input_block_tables=[torch.arange(4 * 8, dtype=torch.int32).view(4, 8)],
+        num_blocks=SimpleNamespace(np=np.array([[3, 5, 7, 9]], dtype=np.int32)),
+    )
+    tokens = torch.arange(4 * 32, dtype=torch.int32).view(4, 32)
+    return SimpleNamespace(
+        device=torch.device("cpu"),
+        max_num_reqs=4,
+        block_tables=tables,
+        req_states=SimpleNamespace(all_token_ids=SimpleNamespace(gpu=tokens)),
+        attn_groups=[[]],
+        kv_caches=[],
+    )
+
+
+def test_runner_view_reads_rows_in_batch_order():
+    view = RunnerView(_fake_v2_runner())
+    view.idx_np = np.array([2, 0], dtype=np.int32)  # batch row 0 is request state 2, row 1 is state 0
+    bt = view.input_batch.block_table[0]
+    assert bt.block_size == 16 and bt.max_num_reqs == 4
+    assert bt.num_blocks_per_row.tolist() == [7, 3]
+    assert bt.get_device_tensor(2).shape == (2, 8)
+    assert view.input_batch.token_ids_cpu[0, 3:6].tolist() == [67, 68, 69]  # state 2's tokens 3..5
+    assert view.host_tokens is False  # lookup drafts need the host token table
+
+
+def test_step_metadata_from_input_batch():
+    batch = SimpleNamespace(
+        num_reqs=2,
+        seq_lens=torch.tensor([10, 20]),
+        seq_lens_cpu_upper_bound=torch.tensor([10, 20]),
+        query_start_loc_np=np.array([0, 5, 6], dtype=np.int32),
+        num_draft_tokens_per_req=np.array([4, 0]),
+    )
+    md = _StepMetadata(batch)
+    assert md.num_reqs == 2 and md.query_start_loc_cpu.tolist() == [0, 5, 6]
+    assert md.num_draft_tokens.tolist() == [4, 0]
+
+
+class _Selector:
+    def __init__(self):
+        self.plans, self.quiet = 0, []
+
+    def plan(self, rows, ctx):
+        self.plans += 1
+        return None
+
+    def observe_verify(self, *a, **k):
+        pass
+
+    def observe_quiet(self, steps, seconds):
+        self.quiet.append(steps)
+
+
+def _drafter(gamma: int):
+    d = drafter_mod.KnapSpecDrafter.__new__(drafter_mod.KnapSpecDrafter)  # host logic only: no engine
+    d.k_max, d.stats, d.channel, d._next_gamma = 4, KnapSpecStats.get(), None, gamma
+    d.feedback = drafter_mod._Feedback(torch.device("cpu"))
+    d._last_call = d._prev_reqs = None
+    d._verified_next, d._quiet, d._quiet_n, d._quiet_s = 0, 0, 0, 0.0
+    d.graphs = d.lookup = d.trace = None
+    d.selector, d._drafts = _Selector(), torch.zeros(4, 4, dtype=torch.int64)
+    return d
+
+
+def _metadata(n: int, drafts=None):
+    return SimpleNamespace(
+        num_reqs=n,
+        seq_lens=torch.full((n,), 100),
+        seq_lens_cpu_upper_bound=torch.full((n,), 100),
+        query_start_loc_cpu=torch.arange(n + 1, dtype=torch.int32),
+        num_draft_tokens=drafts,
+    )
+
+
+def test_plain_steps_reach_the_selector_one_in_stride():
+    d = _drafter(gamma=0)
+    before = d.stats.counters["no_spec_steps"]
+    steps = 4 * drafter_mod.QUIET_STRIDE
+    for _ in range(steps):
+        d.propose(4, None, None, None, torch.zeros(2, dtype=torch.int64), None, _metadata(2), None)
+    assert d.selector.plans == steps // drafter_mod.QUIET_STRIDE
+    assert sum(d.selector.quiet) + d._quiet_n == steps - d.selector.plans  # every quiet step is accounted
+    assert d.stats.counters["no_spec_steps"] - before == steps  # and counted
+
+
+def test_drafting_steps_are_never_quiet():
+    d = _drafter(gamma=3)
+    assert d.quiet_step(2, 4) is None and d.quiet_step(2, 4) is None
+
+
+def test_verified_counts_per_request_where_the_runner_gives_them():
+    d = _drafter(gamma=0)
+    d._verified_next = 4
+    assert d._verified(_metadata(2, np.array([4, 0])), 2).tolist() == [4, 0]
+    assert d._verified(_metadata(2, None), 2) == 0  # V2: no drafts scheduled this step
+    assert d._verified(SimpleNamespace(num_reqs=2), 2) == 4  # V1: what the last propose() returned

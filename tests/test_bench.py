@@ -40,6 +40,15 @@ def test_calibration_prompts_are_not_benchmark_prompts(tok):
     assert [p.kind for p in cal] == ["code", "prose"] and not bench_ids & {p.token_ids for p in cal}
 
 
+def test_mixed_prompts_alternate_copy_and_free_prose(tok):
+    ps = wl.build_mixed_prompts(tok, 512, 8)
+    assert [p.kind for p in ps] == ["copy", "free"] * 4 and len({p.token_ids for p in ps}) == 8
+    assert all(256 < p.num_tokens <= 512 for p in ps[::2]) and all(p.num_tokens < 100 for p in ps[1::2])
+    text = tok.decode(ps[0].token_ids)
+    assert wl.COPY_INSTRUCTIONS[0] in text and "```python\ndef " in text and text.rstrip().endswith("assistant")
+    assert bench.parse_args(["--workload", "mixed"]).concurrency == [1, 4]
+
+
 def test_plain_tokenizer_without_chat_template():
     class Tok:
         def __call__(self, text, add_special_tokens=False):
@@ -157,6 +166,9 @@ def test_interleaved_rounds_and_paired_ratios():
     bench.add_derived(cells, None, 8)
     assert ks["paired"] == {"median": 0.97, "min": 0.95, "max": 1.05, "n": 4}
     assert plain["paired"] is None and ng["paired"] is None
+    assert ks["paired_vs"] == {"ngram": None}
+    ng4 = _cell("ngram", 11.0, round_tok_s=[11.0, 8.0, 12.0, 9.5])
+    assert bench.paired_between(ks, ng4) == {"median": 0.975, "min": 0.9, "max": 1.05, "n": 4}
     row = next(line for line in bench.format_table(cells).splitlines() if "| knapspec |" in line)
     assert "| 0.99x | 0.97x (0.95-1.05) |" in row
     check = bench.target_check(cells)

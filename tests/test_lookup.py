@@ -26,21 +26,112 @@ def test_no_match_or_low_acceptance_decodes_plainly():
 
 
 def test_lookup_rows_join_a_layer_skip_plan_where_they_do_better():
-    c = choose_step(np.array([True, False, True]), np.array([0.95, 0.0, 0.1]), 0.6, 1.0, t_verify, 0.1, 5)
+    c = choose_step(np.array([True, False, True]), np.array([0.95, 0.0, 0.1]), 0.9, 1.0, t_verify, 0.01, 5)
     assert c.use_skip and c.gamma > 0
-    assert c.lookup_rows.tolist() == [True, False, False]  # row 2's lookup is worse than the plan's 0.6
+    assert c.lookup_rows.tolist() == [True, False, False]  # row 2's lookup is worse than the plan's 0.9
     dear = choose_step(np.array([True, False]), np.array([0.95, 0.0]), 0.6, 1.0, t_verify, 2.0, 5)
     assert not dear.use_skip and dear.lookup_rows.tolist() == [True, False]  # draft steps too dear: lookup alone
 
 
 def test_lookup_acceptance_learns_per_request():
     acc = LookupAcceptance()
-    for _ in range(5):
+    for _ in range(10):
         acc.observe("copy", 5, 5)
         acc.observe("prose", 5, 0)
-    assert acc.alpha("copy") > 0.8 > 0.2 > acc.alpha("prose")
+    assert acc.alpha("copy") > 0.9 > 0.2 > acc.alpha("prose")
     acc.forget({"copy"})
     assert acc.alpha("prose") == acc.prior
+
+
+def test_lookup_acceptance_is_per_token():
+    """Half the drafts copied right for all 5 tokens, half wrong at their first: the per-token rate that
+    expected_tokens takes is 5/6 (accepted over accepted + rejections), not accepted / proposed = 1/2."""
+    acc = LookupAcceptance(weight=1e-9)
+    for _ in range(20):
+        acc.observe("r", 5, 5)
+        acc.observe("r", 5, 0)
+    assert acc.alpha("r") == pytest.approx(5 / 6)
+    acc.observe("r", 0, 0)  # nothing verified: no evidence
+    assert acc.alpha("r") == pytest.approx(5 / 6)
+
+
+class _Batch:
+    def __init__(self, ids):
+        self.req_ids = ids
+
+
+class _Runner:
+    def __init__(self, ids):
+        self.input_batch = _Batch(ids)
+
+
+def _lookup_drafts(ids):
+    from vllm_knapspec.adapter.lookup_drafts import LookupDrafts
+
+    ld = object.__new__(LookupDrafts)  # no n-gram matcher needed: fill/observe only
+    ld.runner, ld.acceptance, ld.pending, ld.pending_skip = _Runner(ids), LookupAcceptance(), {}, False
+    ld.match_len, ld.lengths = np.zeros(0, dtype=np.int64), None
+    return ld
+
+
+def test_lookup_drafts_are_cut_per_row_and_accounted_as_verified():
+    """Without the layer-skip draft each row verifies its own lookup draft only (cut to the match, none without
+    one), whatever k the scheduler gave this step; its acceptance counts the tokens it verified. With the
+    layer-skip draft every row verifies k."""
+    import torch
+
+    ld = _lookup_drafts(["a", "b", "c"])
+    ld.match_len = np.array([5, 0, 3])
+    drafts = np.array([[1, 2, 3, 4, 5], [9, 9, 9, 9, 9], [6, 7, 8, 8, 8]])
+    out = torch.zeros(3, 5, dtype=torch.int64)
+    assert ld.fill(out, drafts, np.array([True, False, True]), skip=False) == 8
+    assert out.tolist() == drafts.tolist() and ld.pending == {"a": 5, "c": 3} and ld.lengths == [5, 0, 3]
+    not_skip, kept = ld.observe(3, np.array([0, 0, 1]))  # row a: all 5 accepted; row c: 2, then wrong
+    assert kept == 7 and not_skip.all()
+    assert ld.acceptance.counts == {"a": [5.0, 0.0], "c": [2.0, 1.0]}
+    ld.fill(torch.zeros(3, 5, dtype=torch.int64), drafts, np.array([True, False, False]), skip=False)
+    assert ld.lengths == [5, 0, 0] and ld.pending == {"a": 5}  # row c has a match but was not chosen
+    out = torch.zeros(3, 5, dtype=torch.int64)  # with the layer-skip draft: only the lookup rows are written
+    ld.fill(out, drafts, np.array([True, False, False]), skip=True)
+    assert out[1:].eq(0).all() and ld.pending == {"a": 5} and ld.lengths is None
+    assert ld.observe(3, np.array([1, 0, 0]))[0].tolist() == [True, False, False]
+    ld.fill(torch.zeros(3, 0, dtype=torch.int64), drafts, np.array([True, False, True]), skip=False)
+    assert ld.pending == {}  # nothing scheduled this step: nothing verified next
+
+
+def test_runner_hands_the_scheduler_drafts_cut_per_row():
+    class Out:
+        def __init__(self):
+            self.req_ids, self.draft_token_ids = ["a", "b"], [[1, 2, 3], [4, 5, 6]]
+
+    runner = _Runner(["a", "b"])
+    runner.take_draft_token_ids = Out
+    ld = _lookup_drafts(["a", "b"])
+    ld._cut_drafts_per_row(runner)
+    assert runner.take_draft_token_ids().draft_token_ids == [[1, 2, 3], [4, 5, 6]]  # no fill: as drafted
+    ld.lengths = [2, 0]
+    assert runner.take_draft_token_ids().draft_token_ids == [[1, 2], []]
+    assert ld.lengths is None
+
+
+def test_lookup_only_steps_take_the_rows_that_pay():
+    """Rows without a lookup draft verify nothing in a lookup-only step: a good row drafts alone, and a row
+    whose drafts cost more than they bring is left out even when it has a match."""
+    c = choose_step(np.array([True, True, False]), np.array([0.95, 0.05, 0.0]), None, 1.0, t_verify, None, 5)
+    assert c.gamma == 5 and c.lookup_rows.tolist() == [True, False, False]
+    # a row with no match now but a high match rate and acceptance still sizes the next step's drafts
+    c = choose_step(np.array([False]), np.array([0.9]), None, 1.0, t_verify, None, 5, p_lookup=np.array([0.8]))
+    assert c.gamma > 0
+
+
+def test_match_rate_per_request():
+    acc = LookupAcceptance()
+    for h in (True, True, True, False):
+        acc.seen("copy", h)
+    acc.seen("prose", False)
+    assert acc.match_rate("copy") == pytest.approx(3.5 / 5) and acc.match_rate("prose") == pytest.approx(0.25)
+    acc.forget({"copy"})
+    assert "prose" not in acc.matches
 
 
 @pytest.fixture(scope="module")

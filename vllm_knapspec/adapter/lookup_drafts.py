@@ -3,6 +3,10 @@ them, the layer-skip plan and plain decoding (lookup.choose_step), and what veri
 
 Host side, so only under sync scheduling, where the runner's token ids are current when the drafter runs (vLLM's
 own `ngram` method has the same limit); `lookup: auto` is off under async scheduling.
+
+Draft lengths per row: in a step without the layer-skip draft, each row's drafts are cut to its lookup draft
+(none where it has no match or no lookup draft was chosen) when the runner hands them to the scheduler
+(`take_draft_token_ids`), as vLLM's `ngram` method does: a row without a draft verifies nothing.
 """
 
 from __future__ import annotations
@@ -47,25 +51,48 @@ class LookupDrafts:
         self.acceptance = LookupAcceptance()
         self.pending: dict[str, int] = {}  # req_id -> lookup drafts the next step verifies
         self.pending_skip = False  # the next step verifies layer-skip drafts in the other rows
+        self.match_len = np.zeros(0, dtype=np.int64)  # [n] tokens of each row's lookup draft (0: no match)
+        self.lengths: list[int] | None = None  # drafts per row the scheduler gets from this step (None: all k)
         _llvmlite_dunders_are_attribute_errors()
         self.match(np.arange(8, dtype=np.int32) % 3, 1, 2, 64, 2)  # numba JIT now, not in the first step
+        self._cut_drafts_per_row(runner)
 
     @staticmethod
     def wanted(cfg, vllm_config) -> bool:
         return cfg.lookup == "auto" and not vllm_config.scheduler_config.async_scheduling
 
+    def _cut_drafts_per_row(self, runner) -> None:
+        """The runner's `take_draft_token_ids` (what the scheduler schedules next) cuts each row to
+        `self.lengths`, set by the last fill()."""
+        take = getattr(runner, "take_draft_token_ids", None)
+        if take is None:
+            return
+
+        def take_draft_token_ids():
+            out = take()
+            lengths, self.lengths = self.lengths, None
+            if out is not None and lengths is not None:
+                ids = out.draft_token_ids
+                out.draft_token_ids = [list(d[:m]) for d, m in zip(ids, lengths)] + list(ids[len(lengths) :])
+            return out
+
+        runner.take_draft_token_ids = take_draft_token_ids
+
     def propose(self, n: int, bonus: np.ndarray, pos: np.ndarray):
         """Lookup drafts [n, k_max] for rows 0..n-1 (bonus token at position pos) and which rows have one."""
         tokens = self.runner.input_batch.token_ids_cpu
         drafts = np.repeat(bonus.reshape(n, 1), self.k_max, axis=1).astype(np.int64)
-        has = np.zeros(n, dtype=bool)
+        self.match_len = np.zeros(n, dtype=np.int64)
         for i in range(n):
             hist = np.append(tokens[i, : pos[i]], bonus[i]).astype(np.int32)
             d = self.match(hist, self.lmin, self.lmax, self.max_model_len, self.k_max)
             if len(d):
-                has[i] = True
+                self.match_len[i] = len(d)
                 drafts[i, : len(d)] = d
                 drafts[i, len(d) :] = d[-1]
+        has = self.match_len > 0
+        for r, h in zip(self.runner.input_batch.req_ids[:n], has.tolist()):
+            self.acceptance.seen(r, h)
         return has, drafts
 
     def alphas(self, n: int) -> np.ndarray:
@@ -73,43 +100,56 @@ class LookupDrafts:
         return np.array([self.acceptance.alpha(r) for r in ids])
 
     def choose(self, selector, plan, has, ctx, n: int) -> StepChoice:
-        """choose_step with the selector's latency models: verification of g drafts per row, the plan's draft
-        step, plain decoding; the bar is min_speedup as for layer-skip plans."""
+        """choose_step with the selector's latency models: verification of x draft tokens in all, the plan's
+        draft step, plain decoding; the bar is min_speedup as for layer-skip plans."""
         if not hasattr(selector, "target"):  # a fixed plan (skip_set): lookup drafts wherever there is a match
             g = 0 if plan is None else min(plan[1], self.k_max)
             return StepChoice(g, plan is not None, has & (g > 0), 0.0, 0.0)
         c = float(np.mean(ctx))
         t_plain = selector._t_plain(ctx)
         t_model = selector.target.plain_step_time(ctx)
-        slope = max(selector.target.verify_step_time(ctx, 2) - t_model, 0.0) * selector._plain_scale
+        slope = max(selector.target.verify_step_time(ctx, 2) - t_model, 0.0) * selector._plain_scale / n
 
-        def t_verify(g):
-            return t_plain + g * slope
+        def t_verify(x):
+            return t_plain + x * slope
 
         alpha_skip = t_draft = None
         if plan is not None:
             alpha_skip = selector.predicted_alpha if selector.predicted_alpha is not None else 0.0
             t_draft = float(selector.latency.draft_step_time(plan[0], np.array([c])))
+        ids = self.runner.input_batch.req_ids[:n]
+        p = np.array([self.acceptance.match_rate(r) for r in ids])
         return choose_step(
-            has, self.alphas(n), alpha_skip, t_plain, t_verify, t_draft, self.k_max, bar=selector.cfg.min_speedup
+            has,
+            self.alphas(n),
+            alpha_skip,
+            t_plain,
+            t_verify,
+            t_draft,
+            self.k_max,
+            bar=selector.cfg.min_speedup,
+            p_lookup=p,
         )
 
-    def fill(
-        self,
-        out: torch.Tensor,
-        drafts: np.ndarray,
-        copy_rows: np.ndarray,
-        lookup_rows: np.ndarray,
-        gamma: int,
-        skip: bool,
-    ) -> None:
-        """drafts[copy_rows] into `out` [n, k]; the lookup rows' drafts are accounted at the next step."""
-        if copy_rows.any():
+    def fill(self, out: torch.Tensor, drafts: np.ndarray, lookup_rows: np.ndarray, skip: bool) -> int:
+        """Lookup drafts into `out` [n, k] in `lookup_rows`. With the layer-skip draft (skip) every row verifies
+        k drafts; without it each row is cut to its lookup draft (`lengths`: none outside lookup_rows). The
+        lookup rows' drafts are accounted at the next step. Returns the lookup draft tokens."""
+        k, n = out.shape[1], len(lookup_rows)
+        copy_rows = lookup_rows if skip else np.ones(n, dtype=bool)
+        if k and copy_rows.any():
             idx = np.flatnonzero(copy_rows)
-            out[torch.from_numpy(idx).to(out.device)] = torch.from_numpy(drafts[idx, : out.shape[1]]).to(out.device)
+            out[torch.from_numpy(idx).to(out.device)] = torch.from_numpy(drafts[idx, :k]).to(out.device)
+        if skip or len(self.match_len) != n:
+            lengths = np.where(lookup_rows, k, 0)
+            self.lengths = None
+        else:
+            lengths = np.where(lookup_rows, np.minimum(self.match_len, k), 0)
+            self.lengths = lengths.tolist()
         ids = self.runner.input_batch.req_ids
-        self.pending = {ids[i]: gamma for i in np.flatnonzero(lookup_rows)} if gamma else {}
-        self.pending_skip = bool(gamma and skip)
+        self.pending = {ids[i]: int(lengths[i]) for i in np.flatnonzero(lengths)}
+        self.pending_skip = bool(k and skip)
+        return int(lengths.sum())
 
     def observe(self, n: int, rejected: np.ndarray | None) -> tuple[np.ndarray, int]:
         """What the step verified of the last step's lookup drafts, per request. Returns the rows whose drafts

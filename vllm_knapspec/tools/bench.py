@@ -363,6 +363,10 @@ COUNTERS = (
     "vllm:knapspec_no_spec_steps_total",
     "vllm:knapspec_draft_steps_total",
     "vllm:knapspec_draft_fallbacks_total",
+    "vllm:knapspec_lookup_draft_tokens_total",
+    "vllm:knapspec_lookup_accepted_tokens_total",
+    "vllm:knapspec_layer_skip_draft_tokens_total",
+    "vllm:knapspec_layer_skip_accepted_tokens_total",
 )
 
 
@@ -481,6 +485,10 @@ def cell_record(before, after, rounds, outputs, samples, prompts, mode) -> dict:
         "no_spec_steps": int(d["vllm:knapspec_no_spec_steps_total"]),
         "draft_steps": int(d["vllm:knapspec_draft_steps_total"]),
         "draft_fallbacks": int(d["vllm:knapspec_draft_fallbacks_total"]),
+        "lookup_draft_tokens": int(d["vllm:knapspec_lookup_draft_tokens_total"]),
+        "lookup_accepted_tokens": int(d["vllm:knapspec_lookup_accepted_tokens_total"]),
+        "layer_skip_draft_tokens": int(d["vllm:knapspec_layer_skip_draft_tokens_total"]),
+        "layer_skip_accepted_tokens": int(d["vllm:knapspec_layer_skip_accepted_tokens_total"]),
         "gauges_end": {g.split("knapspec_")[1]: after[g] for g in GAUGES if g in after},
         "gauges_mean": {
             g.split("knapspec_")[1]: round(
@@ -735,6 +743,13 @@ def add_derived(cells: list[dict], static_skip: str | None, clasp_layers: int) -
         p = plain.get((c["context"], c["concurrency"], c["mode"]))
         c["speedup"] = round(c["tok_s"] / p["tok_s"], 3) if p and p["tok_s"] else None
         c["paired"] = paired_ratios(c, p)
+        if c["method"] == "knapspec":  # KnapSpec against every other method, round by round
+            c["paired_vs"] = {
+                o["method"]: paired_between(c, o)
+                for o in cells
+                if o["method"] not in ("plain", "knapspec")
+                and (o["context"], o["concurrency"], o["mode"]) == (c["context"], c["concurrency"], c["mode"])
+            }
         g = c.get("gauges_end", {})
         c["skip_attn"] = c["skip_mlp"] = c["skip_source"] = None
         drafts, no_spec = c.get("drafts", 0), c.get("no_spec_steps", 0)
@@ -763,8 +778,15 @@ def add_derived(cells: list[dict], static_skip: str | None, clasp_layers: int) -
 def paired_ratios(c: dict, plain: dict | None) -> dict | None:
     """Per-round tok/s ratios to plain (the interleaved schedule's rounds: the same requests, run back to back):
     median, min, max and count; None unless both cells have the same two or more rounds."""
-    a, b = c.get("round_tok_s") or [], (plain or {}).get("round_tok_s") or []
-    if c["method"] == "plain" or len(a) < 2 or len(a) != len(b) or not all(b):
+    if c["method"] == "plain":
+        return None
+    return paired_between(c, plain)
+
+
+def paired_between(c: dict, other: dict | None) -> dict | None:
+    """Per-round tok/s ratios of cell c to another method's cell of the same rounds: median, min, max, count."""
+    a, b = c.get("round_tok_s") or [], (other or {}).get("round_tok_s") or []
+    if len(a) < 2 or len(a) != len(b) or not all(b):
         return None
     r = sorted(x / y for x, y in zip(a, b))
     mid = len(r) // 2
@@ -887,6 +909,35 @@ def format_table(cells: list[dict], method_order=METHODS) -> str:
     return "\n".join(lines)
 
 
+def versus_table(cells: list[dict]) -> str:
+    """KnapSpec against each other method, cell by cell: tok/s ratio and the paired per-round median."""
+    ks = sorted(
+        (c for c in cells if c["method"] == "knapspec" and c.get("paired_vs")),
+        key=lambda c: (c["context"], c["concurrency"], MODES.index(c["mode"])),
+    )
+    if not ks:
+        return ""
+    others = sorted({m for c in ks for m in c["paired_vs"]}, key=lambda m: METHODS.index(m))
+    lines = [
+        "| context | conc | mode | " + " | ".join(f"knapspec / {m} (paired)" for m in others) + " |",
+        "| " + " | ".join(["---"] * (3 + len(others))) + " |",
+    ]
+    by = {(c["context"], c["concurrency"], c["mode"], c["method"]): c for c in cells}
+    for c in ks:
+        row = []
+        for m in others:
+            o = by.get((c["context"], c["concurrency"], c["mode"], m))
+            pr = c["paired_vs"].get(m)
+            ratio = c["tok_s"] / o["tok_s"] if o and o["tok_s"] else None
+            row.append(_f(ratio, "{:.2f}x") + (f" ({pr['median']:.2f}x)" if pr else ""))
+        lines.append(
+            f"| {ctx_label(c.get('nominal_context', c['context']))} | {c['concurrency']} | {c['mode']} | "
+            + " | ".join(row)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def header_lines(meta: dict) -> list[str]:
     m, v, s = meta["machine"], meta["versions"], meta["settings"]
     out = [
@@ -910,7 +961,12 @@ def header_lines(meta: dict) -> list[str]:
     out.append(
         f"- workload: {s['max_tokens']} output tokens per request (ignore_eos), greedy = temperature 0, "
         f"sampled = temperature {SAMPLED_TEMPERATURE} (seed {s['seed']} + prompt index); prompts alternate "
-        f"code continuation (stdlib sources) and summarisation (pydoc_data.topics)"
+        + (
+            "copy requests (repeat/edit an excerpt of stdlib code) and free-prose requests (one-line chat "
+            "requests): the mixed workload"
+            if s.get("workload") == "mixed"
+            else "code continuation (stdlib sources) and summarisation (pydoc_data.topics)"
+        )
     )
     return out
 
@@ -958,6 +1014,9 @@ def markdown_report(meta: dict, cells: list[dict], mismatches: list[dict], plots
     if meta.get("startup_s"):
         lines.append("Server startup (s): " + ", ".join(f"{k} {v}" for k, v in meta["startup_s"].items()))
         lines.append("")
+    vs = versus_table(cells)
+    if vs:
+        lines += ["KnapSpec vs each method (cell tok/s ratio; paired per-round median in brackets):", "", vs, ""]
     check = target_check(cells)
     if check:
         lines += ["Target (KnapSpec within 2 % of plain everywhere, ahead of every baseline):", "", *check, ""]
@@ -1081,6 +1140,13 @@ def parse_args(argv=None):
         "32 output tokens, 2 requests at concurrency 1 (~4 min on an idle 2-core machine, most of it "
         "five server startups)",
     )
+    ap.add_argument(
+        "--workload",
+        default="default",
+        choices=("default", "mixed"),
+        help="default: code continuation and summarisation, token-exact prompts; mixed: half the requests copy "
+        "from their prompt (repeat/edit code), half write free prose (default grid 512 x1/x4, 8 requests per cell)",
+    )
     ap.add_argument("--contexts", default=None, help="prompt lengths in tokens, e.g. 512,2k,8k (default 512,2048,8192)")
     ap.add_argument("--concurrency", default=None, help="client concurrency levels (default 1,4,16)")
     ap.add_argument(
@@ -1167,6 +1233,11 @@ def parse_args(argv=None):
             args.max_tokens = 32
         if "--requests" not in (argv if argv is not None else sys.argv):
             args.requests = 2
+    if args.workload == "mixed":
+        args.contexts = args.contexts or "512"
+        args.concurrency = args.concurrency or "1,4"
+        if "--requests" not in (argv if argv is not None else sys.argv):
+            args.requests = 8
     if args.kv_cache_space is None:
         args.kv_cache_space = 2 if args.sequential else 1
     args.contexts = parse_int_list(args.contexts) if args.contexts else list(DEFAULT_CONTEXTS)
@@ -1194,7 +1265,7 @@ def main(argv=None) -> int:
     t_start = time.monotonic()
     from transformers import AutoTokenizer
 
-    from vllm_knapspec.tools.workloads import build_prompts
+    from vllm_knapspec.tools.workloads import WORKLOADS
 
     try:
         from tqdm import tqdm
@@ -1233,7 +1304,7 @@ def main(argv=None) -> int:
     prompts_by_ctx = {}
     for ctx in sorted({c for c, _ in grid}):
         count = max(requests_per_cell(ctx, n, args.requests, args.cell_tokens) for c, n in grid if c == ctx)
-        prompts_by_ctx[ctx] = build_prompts(tok, ctx, count)
+        prompts_by_ctx[ctx] = WORKLOADS[args.workload](tok, ctx, count)
 
     meta = {
         "machine": machine_info(),

@@ -198,7 +198,7 @@ def copy_prompt(tok, j: int, length: int) -> Prompt:
 
 def free_prose_prompt(tok, j: int) -> Prompt:
     text = FREE_PROSE_REQUESTS[j % len(FREE_PROSE_REQUESTS)]
-    return Prompt("free", text.split(" ", 4)[-1][:40], tuple(_chat(tok, text)))
+    return Prompt("free", text[:40], tuple(_chat(tok, text)))
 
 
 def build_mixed_prompts(tok, length: int, count: int) -> list[Prompt]:

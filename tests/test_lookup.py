@@ -75,27 +75,27 @@ def _lookup_drafts(ids):
 
 
 def test_lookup_drafts_are_cut_per_row_and_accounted_as_verified():
-    """Without the layer-skip draft each row verifies its own lookup draft only (cut to the match, none without
-    one), whatever k the scheduler gave this step; its acceptance counts the tokens it verified. With the
-    layer-skip draft every row verifies k."""
+    """Each row verifies its own draft only: a lookup row its lookup draft (cut to the match), any other row
+    the layer-skip draft's steps (none without it); a lookup draft's acceptance counts the tokens it verified."""
     import torch
 
     ld = _lookup_drafts(["a", "b", "c"])
     ld.match_len = np.array([5, 0, 3])
     drafts = np.array([[1, 2, 3, 4, 5], [9, 9, 9, 9, 9], [6, 7, 8, 8, 8]])
     out = torch.zeros(3, 5, dtype=torch.int64)
-    assert ld.fill(out, drafts, np.array([True, False, True]), skip=False) == 8
-    assert out.tolist() == drafts.tolist() and ld.pending == {"a": 5, "c": 3} and ld.lengths == [5, 0, 3]
+    assert ld.fill(out, drafts, np.array([True, False, True]), 0) == 8
+    assert out[[0, 2]].tolist() == drafts[[0, 2]].tolist() and ld.pending == {"a": 5, "c": 3}
+    assert ld.lengths == [5, 0, 3]
     not_skip, kept = ld.observe(3, np.array([0, 0, 1]))  # row a: all 5 accepted; row c: 2, then wrong
     assert kept == 7 and not_skip.all()
     assert ld.acceptance.counts == {"a": [5.0, 0.0], "c": [2.0, 1.0]}
-    ld.fill(torch.zeros(3, 5, dtype=torch.int64), drafts, np.array([True, False, False]), skip=False)
+    ld.fill(torch.zeros(3, 5, dtype=torch.int64), drafts, np.array([True, False, False]), 0)
     assert ld.lengths == [5, 0, 0] and ld.pending == {"a": 5}  # row c has a match but was not chosen
-    out = torch.zeros(3, 5, dtype=torch.int64)  # with the layer-skip draft: only the lookup rows are written
-    ld.fill(out, drafts, np.array([True, False, False]), skip=True)
-    assert out[1:].eq(0).all() and ld.pending == {"a": 5} and ld.lengths is None
+    out = torch.zeros(3, 5, dtype=torch.int64)  # with a 3-step layer-skip draft: only the lookup rows are written
+    ld.fill(out, drafts, np.array([True, False, False]), 3)
+    assert out[1:].eq(0).all() and ld.pending == {"a": 5} and ld.lengths == [5, 3, 3]
     assert ld.observe(3, np.array([1, 0, 0]))[0].tolist() == [True, False, False]
-    ld.fill(torch.zeros(3, 0, dtype=torch.int64), drafts, np.array([True, False, True]), skip=False)
+    ld.fill(torch.zeros(3, 0, dtype=torch.int64), drafts, np.array([True, False, True]), 0)
     assert ld.pending == {}  # nothing scheduled this step: nothing verified next
 
 
@@ -104,14 +104,11 @@ def test_runner_hands_the_scheduler_drafts_cut_per_row():
         def __init__(self):
             self.req_ids, self.draft_token_ids = ["a", "b"], [[1, 2, 3], [4, 5, 6]]
 
-    runner = _Runner(["a", "b"])
-    runner.take_draft_token_ids = Out
     ld = _lookup_drafts(["a", "b"])
-    ld._cut_drafts_per_row(runner)
-    assert runner.take_draft_token_ids().draft_token_ids == [[1, 2, 3], [4, 5, 6]]  # no fill: as drafted
+    assert ld.cut(Out()).draft_token_ids == [[1, 2, 3], [4, 5, 6]]  # no fill: as drafted
     ld.lengths = [2, 0]
-    assert runner.take_draft_token_ids().draft_token_ids == [[1, 2], []]
-    assert ld.lengths is None
+    assert ld.cut(Out()).draft_token_ids == [[1, 2], []]
+    assert ld.lengths is None  # once per step
 
 
 def test_lookup_only_steps_take_the_rows_that_pay():

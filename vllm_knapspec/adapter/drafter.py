@@ -261,8 +261,9 @@ class KnapSpecDrafter(DraftModelProposer):
             step = self._begin(cad, n, num_rejected_tokens_gpu)
             plan = self.selector.plan(np.arange(n, dtype=np.int64), step.ctx)
             if self.lookup is not None:
-                self._propose_with_lookup(drafts, k, plan, step, next_token_ids, cad, n, num_rejected_tokens_gpu)
-                self._verified_next = k
+                self._verified_next = self._propose_with_lookup(
+                    drafts, k, plan, step, next_token_ids, cad, n, num_rejected_tokens_gpu
+                )
                 self.feedback.push(step)
                 return drafts
             self.next_gamma = 0 if plan is None else min(plan[1], self.k_max)
@@ -312,16 +313,19 @@ class KnapSpecDrafter(DraftModelProposer):
         self.stats.tick("no_spec_steps")
         return self._drafts[:n, :k]
 
-    def _propose_with_lookup(self, drafts, k, plan, step, next_token_ids, cad, n, rejected) -> None:
+    def _propose_with_lookup(self, drafts, k, plan, step, next_token_ids, cad, n, rejected) -> int:
         """The step's candidates per request: lookup drafts, the layer-skip plan, none (lookup.choose_step).
-        The choice sets the next step's draft length and this step's drafts: lookup drafts in the chosen rows
-        with a match, layer-skip drafts in the others when the plan runs (else those rows verify none)."""
+        The choice sets this step's drafts: lookup drafts in the chosen rows with a match, layer-skip drafts in
+        the others when the plan runs (else those rows verify none), each row cut to its own length. Under
+        sync scheduling the scheduler schedules what the runner hands it, so it is told gamma_max: the next
+        step may draft as long as its own choice says, with no step of lag. Returns the layer-skip drafts per
+        row that the next step verifies."""
         bonus = next_token_ids[:n].to("cpu").numpy()
         pos_dev = self._bonus_positions(cad, n, rejected)
         pos = pos_dev.to("cpu").numpy()
         has, lk = self.lookup.propose(n, bonus, pos)
         choice = self.lookup.choose(self.selector, plan, has, step.ctx, n)
-        self.next_gamma = choice.gamma
+        self.next_gamma = self.k_max
         steps = min(choice.gamma, k) if choice.use_skip else 0
         rows = has & choice.lookup_rows
         if steps:
@@ -332,11 +336,12 @@ class KnapSpecDrafter(DraftModelProposer):
             step.events = (start, self.feedback.event()) if start is not None else None
         elif not choice.gamma:
             self.stats.no_spec_step()
-        drafted = self.lookup.fill(drafts, lk, rows, skip=bool(steps))
+        drafted = self.lookup.fill(drafts, lk, rows, steps)
         if drafted:
             self.stats.inc("lookup_draft_tokens", float(drafted))
         if steps:
             self.stats.inc("layer_skip_draft_tokens", float((~rows).sum() * steps))
+        return steps
 
     def _begin(self, cad, n: int, rejected) -> _Step:
         """Feed the selector what is ready, and open this step's record."""
@@ -352,7 +357,8 @@ class KnapSpecDrafter(DraftModelProposer):
             self._quiet_n, self._quiet_s = 0, 0.0
         verified = self._verified(cad, n)
         rej = None
-        if rejected is not None and np.any(verified):
+        lookup_pending = self.lookup is not None and bool(self.lookup.pending)  # lookup drafts verified this step
+        if rejected is not None and (np.any(verified) or lookup_pending):
             rej = rejected[:n].to("cpu", non_blocking=True) if self.feedback.cuda else rejected[:n]
         step = _Step(n, self._context(cad, n), gap, self._prev_reqs == n, verified if rej is not None else 0, rej)
         if self.lookup is not None:  # sync scheduling: the counts are ready

@@ -6,7 +6,8 @@ own `ngram` method has the same limit); `lookup: auto` is off under async schedu
 
 Draft lengths per row: in a step without the layer-skip draft, each row's drafts are cut to its lookup draft
 (none where it has no match or no lookup draft was chosen) when the runner hands them to the scheduler
-(`take_draft_token_ids`), as vLLM's `ngram` method does: a row without a draft verifies nothing.
+(`take_draft_token_ids`: the lookup_draft_lengths patch), as vLLM's `ngram` method does: a row without a draft
+verifies nothing.
 """
 
 from __future__ import annotations
@@ -55,28 +56,19 @@ class LookupDrafts:
         self.lengths: list[int] | None = None  # drafts per row the scheduler gets from this step (None: all k)
         _llvmlite_dunders_are_attribute_errors()
         self.match(np.arange(8, dtype=np.int32) % 3, 1, 2, 64, 2)  # numba JIT now, not in the first step
-        self._cut_drafts_per_row(runner)
 
     @staticmethod
     def wanted(cfg, vllm_config) -> bool:
         return cfg.lookup == "auto" and not vllm_config.scheduler_config.async_scheduling
 
-    def _cut_drafts_per_row(self, runner) -> None:
-        """The runner's `take_draft_token_ids` (what the scheduler schedules next) cuts each row to
-        `self.lengths`, set by the last fill()."""
-        take = getattr(runner, "take_draft_token_ids", None)
-        if take is None:
-            return
-
-        def take_draft_token_ids():
-            out = take()
-            lengths, self.lengths = self.lengths, None
-            if out is not None and lengths is not None:
-                ids = out.draft_token_ids
-                out.draft_token_ids = [list(d[:m]) for d, m in zip(ids, lengths)] + list(ids[len(lengths) :])
-            return out
-
-        runner.take_draft_token_ids = take_draft_token_ids
+    def cut(self, out):
+        """The runner's DraftTokenIds (what the scheduler schedules next), each row cut to `self.lengths`, set by
+        the last fill(); called by the lookup_draft_lengths patch (patches/drafting.py)."""
+        lengths, self.lengths = self.lengths, None
+        if out is not None and lengths is not None:
+            ids = out.draft_token_ids
+            out.draft_token_ids = [list(d[:m]) for d, m in zip(ids, lengths)] + list(ids[len(lengths) :])
+        return out
 
     def propose(self, n: int, bonus: np.ndarray, pos: np.ndarray):
         """Lookup drafts [n, k_max] for rows 0..n-1 (bonus token at position pos) and which rows have one."""
@@ -131,25 +123,22 @@ class LookupDrafts:
             p_lookup=p,
         )
 
-    def fill(self, out: torch.Tensor, drafts: np.ndarray, lookup_rows: np.ndarray, skip: bool) -> int:
-        """Lookup drafts into `out` [n, k] in `lookup_rows`. With the layer-skip draft (skip) every row verifies
-        k drafts; without it each row is cut to its lookup draft (`lengths`: none outside lookup_rows). The
-        lookup rows' drafts are accounted at the next step. Returns the lookup draft tokens."""
+    def fill(self, out: torch.Tensor, drafts: np.ndarray, lookup_rows: np.ndarray, skip_steps: int) -> int:
+        """Lookup drafts into `out` [n, k] in `lookup_rows`, and what each row verifies next (`lengths`, cut by
+        the lookup_draft_lengths patch): a lookup row its own lookup draft (its match, at most k), any other row
+        the layer-skip draft's `skip_steps` (0: none). The lookup rows' drafts are accounted at the next step.
+        Returns the lookup draft tokens."""
         k, n = out.shape[1], len(lookup_rows)
-        copy_rows = lookup_rows if skip else np.ones(n, dtype=bool)
-        if k and copy_rows.any():
-            idx = np.flatnonzero(copy_rows)
+        if k and lookup_rows.any():
+            idx = np.flatnonzero(lookup_rows)
             out[torch.from_numpy(idx).to(out.device)] = torch.from_numpy(drafts[idx, :k]).to(out.device)
-        if skip or len(self.match_len) != n:
-            lengths = np.where(lookup_rows, k, 0)
-            self.lengths = None
-        else:
-            lengths = np.where(lookup_rows, np.minimum(self.match_len, k), 0)
-            self.lengths = lengths.tolist()
+        match = np.minimum(self.match_len, k) if len(self.match_len) == n else np.full(n, k)
+        lk = np.where(lookup_rows, match, 0)
+        self.lengths = np.where(lookup_rows, lk, min(skip_steps, k)).tolist()
         ids = self.runner.input_batch.req_ids
-        self.pending = {ids[i]: int(lengths[i]) for i in np.flatnonzero(lengths)}
-        self.pending_skip = bool(k and skip)
-        return int(lengths.sum())
+        self.pending = {ids[i]: int(lk[i]) for i in np.flatnonzero(lk)}
+        self.pending_skip = bool(k and skip_steps)
+        return int(lk.sum())
 
     def observe(self, n: int, rejected: np.ndarray | None) -> tuple[np.ndarray, int]:
         """What the step verified of the last step's lookup drafts, per request. Returns the rows whose drafts

@@ -3,7 +3,7 @@ symbols it wraps and the versions it was checked on, and is applied at most once
 every vLLM process, sometimes twice).
 
 config_entry     speculative_config_file, knapspec_as_draft_model
-drafting         runner_drafter, draft_length_control, drafter_warmup, plain_steps
+drafting         runner_drafter, draft_length_control, drafter_warmup, lookup_draft_lengths, plain_steps
 uniform_graphs   uniform_graphs
 runner_v2        v2_admits_knapspec, v2_speculator, v2_decode_graphs
 cpu              cpu_sampler_expand, ray_cpu
@@ -20,6 +20,7 @@ PATCHES = {
     "runner_drafter": drafting.patch_runner_drafter,
     "draft_length_control": drafting.patch_draft_length_control,
     "drafter_warmup": drafting.patch_drafter_warmup,
+    "lookup_draft_lengths": drafting.patch_lookup_draft_lengths,
     "plain_steps": drafting.patch_plain_steps,
     "uniform_graphs": uniform_graphs.patch_uniform_graphs,
     "v2_admits_knapspec": runner_v2.patch_v2_admits_knapspec,

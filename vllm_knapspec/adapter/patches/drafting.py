@@ -9,6 +9,9 @@
 - drafter_warmup          GPUModelRunner.capture_model            (0.26.0 GPU; same symbol in 0.32.0)
   Once the target's graphs are captured (the KV cache exists by then), the drafter captures its own graphs
   and calibrates the selector (KnapSpecDrafter.warmup_after_kv_cache), so no first-call cost lands in decode.
+- lookup_draft_lengths    GPUModelRunner.take_draft_token_ids     (0.26.0, 0.32.0; CPUModelRunner inherits it)
+  Under sync scheduling with lookup drafts, each row's drafts are cut to its own lookup draft before the
+  scheduler schedules them (LookupDrafts.cut), as vLLM's ngram method does: a row without a draft verifies none.
 - plain_steps             GPUModelRunner._prepare_inputs          (0.32.0 only; 0.26.0 already does this)
   0.32 takes the spec-decode input path whenever a speculative config exists, so a step in which no request
   has drafts still builds spec-decode metadata and runs the rejection sampler. For KnapSpec such a step takes
@@ -79,6 +82,22 @@ def make_capture_model(orig):
         return out
 
     return capture_model
+
+
+def patch_lookup_draft_lengths() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    wrap(GPUModelRunner, "take_draft_token_ids", make_take_draft_token_ids)
+
+
+def make_take_draft_token_ids(orig):
+    @functools.wraps(orig)
+    def take_draft_token_ids(self, *a, **kw):
+        out = orig(self, *a, **kw)
+        lookup = getattr(getattr(self, "drafter", None), "lookup", None)
+        return out if lookup is None else lookup.cut(out)
+
+    return take_draft_token_ids
 
 
 ALWAYS_SPEC = "use_spec_decode = self.speculative_config is not None"

@@ -4,8 +4,8 @@
 
 In-process engines (VLLM_ENABLE_V1_MULTIPROCESSING=0, so the profiler sees the worker), dummy weights:
   plain    vLLM's defaults (V2 runner, async scheduling)
-  plainv1  the V1 runner, async scheduling, no speculation (what KnapSpec's engine is when it does not draft)
-  knapspec KnapSpec (draft-model path, V1 runner, async), drafting off / full depth / 50 %
+  plainv1  the V1 runner, async scheduling, no speculation (what KnapSpec's engine is on the V1 runner)
+  knapspec KnapSpec (the V2 runner's speculator, async scheduling), drafting off / full depth / 50 %
 Prints (1) ms per output token at ctx x {1, 16}, interleaved; (2) the kernels of one plain decode step and of one
 draft step (replays of the captured draft loop), by name, with count and device time per step; (3) device time
 of one captured sublayer graph (attention, MLP, head) by CUDA events.
@@ -153,11 +153,11 @@ def main():
         disable_log_stats=False,
     )
     engines = {"plain": LLM(path, **kw)}
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # read by the engine's own processes
-    engines["plainv1"] = LLM(path, **kw)
     engines["knapspec"] = LLM(
         path, speculative_config={"method": "knapspec", "num_speculative_tokens": 4, "skip_set": ""}, **kw
     )
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # read by the engine's own processes
+    engines["plainv1"] = LLM(path, **kw)
     del os.environ["VLLM_USE_V2_MODEL_RUNNER"]
     info = {n: e.collective_rpc(_runner)[0] for n, e in engines.items()}
     print("runners", info, flush=True)

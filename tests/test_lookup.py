@@ -38,9 +38,18 @@ def test_lookup_acceptance_learns_per_request():
     for _ in range(10):
         acc.observe("copy", 5, 5)
         acc.observe("prose", 5, 0)
-    assert acc.alpha("copy") > 0.9 > 0.2 > acc.alpha("prose")
+    assert acc.alpha("copy") > 0.9 > 0.3 > acc.alpha("prose")
     acc.forget({"copy"})
-    assert acc.alpha("prose") == acc.prior
+    assert acc.alpha("prose") == pytest.approx(acc.pooled())  # a new request starts from the pooled rate
+
+
+def test_new_requests_start_from_the_servers_rate():
+    """Where requests rarely copy, a new request's first lookup drafts are priced low; where they copy, high."""
+    prose, copy = LookupAcceptance(), LookupAcceptance()
+    for i in range(20):
+        prose.observe(f"p{i}", 4, 0)
+        copy.observe(f"c{i}", 4, 4)
+    assert prose.alpha("new") < 0.1 < 0.5 < 0.9 < copy.alpha("new")
 
 
 def test_lookup_acceptance_is_per_token():

@@ -84,20 +84,32 @@ class LookupAcceptance:
     A request whose output copies its prompt earns a high rate within a few steps; one that writes new text
     falls towards 0 and stops getting lookup drafts.
 
-    >>> acc = LookupAcceptance(prior=0.5, weight=4.0)
+    The prior of a request is the rate pooled over all requests (an empirical-Bayes prior, `prior` before any
+    draft was verified), forgetting old observations by `decay` per draft: on a server whose requests rarely
+    copy, a new request starts low instead of paying for a few rejected drafts first; where they copy, it
+    starts high.
+
+    >>> acc = LookupAcceptance(prior=0.5, weight=4.0, decay=1.0)
     >>> acc.observe("r", 5, 5); acc.observe("r", 5, 0)
-    >>> round(acc.alpha("r"), 3)  # (5 + 2) / (5 + 1 + 4)
+    >>> round(acc.pooled(), 3)  # (5 + 0.5 * 4) / (5 + 1 + 4)
     0.7
+    >>> round(acc.alpha("r"), 3)  # (5 + 0.7 * 4) / (5 + 1 + 4)
+    0.78
     """
 
-    def __init__(self, prior: float = 0.5, weight: float = 4.0):
-        self.prior, self.weight = prior, weight
+    def __init__(self, prior: float = 0.5, weight: float = 4.0, decay: float = 0.99):
+        self.prior, self.weight, self.decay = prior, weight, decay
         self.counts: dict[str, list[float]] = {}  # req_id -> [accepted tokens, rejections]
         self.matches: dict[str, list[float]] = {}  # req_id -> [steps with a lookup match, steps]
+        self.pool = [0.0, 0.0]  # all requests: [accepted tokens, rejections], decayed
+
+    def pooled(self) -> float:
+        acc, rej = self.pool
+        return (acc + self.prior * self.weight) / (acc + rej + self.weight)
 
     def alpha(self, req_id: str) -> float:
         acc, rej = self.counts.get(req_id, (0.0, 0.0))
-        return (acc + self.prior * self.weight) / (acc + rej + self.weight)
+        return (acc + self.pooled() * self.weight) / (acc + rej + self.weight)
 
     def observe(self, req_id: str, proposed: int, accepted: int) -> None:
         if proposed <= 0:
@@ -105,6 +117,7 @@ class LookupAcceptance:
         c = self.counts.setdefault(req_id, [0.0, 0.0])
         c[0] += accepted
         c[1] += accepted < proposed
+        self.pool = [self.pool[0] * self.decay + accepted, self.pool[1] * self.decay + (accepted < proposed)]
 
     def seen(self, req_id: str, matched: bool) -> None:
         c = self.matches.setdefault(req_id, [0.0, 0.0])

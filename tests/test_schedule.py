@@ -297,3 +297,17 @@ def test_first_selection_waits_for_its_calibrated_cost():
     assert not sel._due(ctx)  # the uncalibrated estimate would have let it run
     sel.since_selection_s = 1.1 * pred / 0.01
     assert sel._due(ctx)
+
+
+def test_lookup_verify_steps_refit_with_their_tokens():
+    """A step that verified only prompt-lookup drafts is not a plain step: it refits the target model with its
+    verified tokens (what its time depends on) and does not calibrate the plain step time."""
+    sel = selector()
+    seen = []
+    orig = sel.target.observe_verify
+    sel.target.observe_verify = lambda *a, **kw: seen.append(a) or orig(*a, **kw)
+    ctx = np.array([1000, 3000])
+    sel.observe_verify(ctx, 0, 0, 0.05, verified=7)  # lookup drafts only: 2 rows + 7 verified tokens
+    assert [a[1] for a in seen] == [9] and len(sel._plain_steps) == 0
+    sel.observe_verify(ctx, 0, 0, 0.01)  # a plain step still calibrates
+    assert len(sel._plain_steps) == 1

@@ -57,12 +57,26 @@ class _Step:
     verification of the previous step's drafts (`verified` per request, `rejected` counts) and this step's
     draft loop (`steps` draft steps with `skip`, timed by `draft_s` or a pair of CUDA events)."""
 
-    __slots__ = ("n", "ctx", "gap", "steady", "verified", "rejected", "skip", "steps", "draft_s", "events", "lookup")
+    __slots__ = (
+        "n",
+        "ctx",
+        "gap",
+        "steady",
+        "verified",
+        "rejected",
+        "skip",
+        "steps",
+        "draft_s",
+        "events",
+        "lookup",
+        "lookup_tokens",
+    )
 
     def __init__(self, n, ctx, gap, steady, verified, rejected):
         self.n, self.ctx, self.gap, self.steady, self.verified, self.rejected = n, ctx, gap, steady, verified, rejected
         self.skip, self.steps, self.draft_s, self.events = None, 0, 0.0, None
         self.lookup = None  # [n] bool: rows whose verified drafts were not the layer-skip draft's
+        self.lookup_tokens = 0  # lookup draft tokens this step verified
 
 
 class _Feedback:
@@ -362,6 +376,7 @@ class KnapSpecDrafter(DraftModelProposer):
             rej = rejected[:n].to("cpu", non_blocking=True) if self.feedback.cuda else rejected[:n]
         step = _Step(n, self._context(cad, n), gap, self._prev_reqs == n, verified if rej is not None else 0, rej)
         if self.lookup is not None:  # sync scheduling: the counts are ready
+            step.lookup_tokens = sum(self.lookup.pending.values())
             step.lookup, kept = self.lookup.observe(n, None if rej is None else rej.to("cpu").numpy())
             if kept:
                 self.stats.inc("lookup_accepted_tokens", float(kept))
@@ -386,7 +401,7 @@ class KnapSpecDrafter(DraftModelProposer):
         accepted = max(0, proposed - int(s.rejected[torch.from_numpy(keep)].sum())) if proposed else 0
         if proposed and self.lookup is not None:
             self.stats.inc("layer_skip_accepted_tokens", float(accepted))
-        self.selector.observe_verify(s.ctx, proposed, accepted, s.gap, s.steady)
+        self.selector.observe_verify(s.ctx, proposed, accepted, s.gap, s.steady, verified=proposed + s.lookup_tokens)
 
     def _context(self, cad, n: int) -> np.ndarray:
         """Context lengths whose KV is committed on every path (host, no sync): the step's upper bound of

@@ -19,7 +19,7 @@ class FixedSelector:
     def plan(self, rows, ctx):
         return self.skip, self.gamma
 
-    def observe_verify(self, ctx, proposed, accepted, seconds, steady=True):
+    def observe_verify(self, ctx, proposed, accepted, seconds, steady=True, verified=None):
         pass
 
     def observe_draft(self, skip, ctx, drafts, seconds, steps=1):

@@ -25,9 +25,13 @@ class _PlainSteps:
 class TimingFeed:
     """KnapSpecSelector's timing feed (mixin)."""
 
-    def observe_verify(self, ctx, proposed, accepted, seconds, steady=True):
-        """One engine step finished: `proposed` drafts were verified, `accepted` of them accepted; `seconds` is
-        the wall time between drafts (verification + engine overhead), None when unknown."""
+    def observe_verify(self, ctx, proposed, accepted, seconds, steady=True, verified=None):
+        """One engine step finished: `proposed` drafts of the plan were verified, `accepted` of them accepted;
+        `seconds` is the wall time between drafts (verification + engine overhead), None when unknown.
+        `verified`: every draft token the step verified (prompt-lookup drafts too; default `proposed`): what the
+        step's time depends on, so what the target model is refit with. A step that verified only lookup drafts
+        is not a plain step."""
+        verified = proposed if verified is None else verified
         self.proposed += proposed
         self.accepted += accepted
         if self.proposed:
@@ -40,9 +44,10 @@ class TimingFeed:
         self._last_steady_s = seconds
         self._decode_time(seconds)
         if len(ctx):
-            self._account(ctx, proposed, accepted, seconds)
+            if verified == proposed or self.current is not None:
+                self._account(ctx, proposed, accepted, seconds)
             if self.cfg.online_refit:
-                self._refit_target(ctx, proposed, seconds)
+                self._refit_target(ctx, verified, seconds)
 
     def observe_quiet(self, steps: int, seconds: float) -> None:
         """Plain steps the engine did not report one by one (while plain decoding is planned it reports one

@@ -264,7 +264,7 @@ def test_latency_model_follows_an_injected_slowdown(spec_llm):
 
     lat.observe_draft, d._draft = observe, draft
     try:
-        prompts = PROMPTS * 2
+        prompts = PROMPTS * 3  # 16 slowed requests: >= 40 slowed drafts with plain phases between plans
         spec_llm.generate(prompts[:8], GREEDY, use_tqdm=False)
         control = copy.deepcopy(lat)
         del control.observe_draft  # the copy took the wrapper below along; the control is unobserved

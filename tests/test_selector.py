@@ -264,12 +264,13 @@ def test_latency_model_follows_an_injected_slowdown(spec_llm):
 
     lat.observe_draft, d._draft = observe, draft
     try:
-        prompts = PROMPTS * 3  # 16 slowed requests: >= 40 slowed drafts with plain phases between plans
+        prompts = PROMPTS * 3  # 16 slowed requests in two batches: >= 40 slowed drafts with plain phases between
         spec_llm.generate(prompts[:8], GREEDY, use_tqdm=False)
         control = copy.deepcopy(lat)
         del control.observe_draft  # the copy took the wrapper below along; the control is unobserved
         slow["on"] = True
-        spec_llm.generate(prompts[8:], GREEDY, use_tqdm=False)
+        for i in (8, 16):  # two batches: twice the engine steps of one
+            spec_llm.generate(prompts[i : i + 8], GREEDY, use_tqdm=False)
     finally:
         lat.observe_draft, d._draft = orig_observe, orig_draft
     live = [x for x in seen if x[0]]

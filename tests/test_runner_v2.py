@@ -133,3 +133,28 @@ def test_verified_counts_per_request_where_the_runner_gives_them():
     assert d._verified(_metadata(2, np.array([4, 0])), 2).tolist() == [4, 0]
     assert d._verified(_metadata(2, None), 2) == 0  # V2: no drafts scheduled this step
     assert d._verified(SimpleNamespace(num_reqs=2), 2) == 4  # V1: what the last propose() returned
+
+
+def test_v2_plain_steps_reach_the_selector_one_in_stride():
+    """Through the V2 speculator too, while plain decoding is planned the selector sees one step in
+    QUIET_STRIDE (the quiet check runs once per step)."""
+    from vllm_knapspec.adapter.runner_v2 import KnapSpecSpeculator
+
+    d = _drafter(gamma=0)
+    spec = SimpleNamespace(drafter=d, view=SimpleNamespace(idx_np=None), num_speculative_steps=4)
+    spec.draft_tokens = torch.zeros(4, 4, dtype=torch.int64)
+    batch = SimpleNamespace(
+        num_reqs=2,
+        idx_mapping_np=np.array([0, 1], dtype=np.int32),
+        idx_mapping=torch.tensor([0, 1]),
+        seq_lens=torch.full((2,), 100),
+        seq_lens_cpu_upper_bound=torch.full((2,), 100),
+        query_start_loc_np=np.arange(3, dtype=np.int32),
+        num_draft_tokens_per_req=None,
+    )
+    ones, zeros = torch.ones(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
+    last = torch.zeros(4, 1, dtype=torch.int64)
+    steps = 4 * drafter_mod.QUIET_STRIDE
+    for _ in range(steps):
+        KnapSpecSpeculator.propose(spec, batch, {}, {}, None, None, ones, zeros, last, zeros, None, None)
+    assert d.selector.plans == steps // drafter_mod.QUIET_STRIDE

@@ -20,14 +20,7 @@ import time
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gpu_bench import _Off, _set_noop, _time_propose, write_config  # noqa: E402
-
-
-def _off(worker):
-    d = worker.model_runner.drafter
-    d.selector = _Off()
-    d.next_gamma = 0
-    return True
+from gpu_bench import _set_noop, _set_plan, _time_propose, write_config  # noqa: E402
 
 
 def _start(worker):
@@ -81,7 +74,7 @@ def main():
         "plain": LLM(path, **kw),
     }
     ks = engines["knapspec"]
-    ks.collective_rpc(_off)
+    ks.collective_rpc(_set_plan, args=("", 0))  # drafting off
     if a.noop:
         ks.collective_rpc(_time_propose)
         ks.collective_rpc(_set_noop, args=(True,))

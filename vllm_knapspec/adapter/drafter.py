@@ -250,7 +250,6 @@ class KnapSpecDrafter(DraftModelProposer):
         pass  # nothing of its own to profile: the target's modules are profiled
 
     # -- one step ----------------------------------------------------------------------------------
-    @torch.inference_mode()
     def propose(
         self,
         num_speculative_tokens,
@@ -265,11 +264,16 @@ class KnapSpecDrafter(DraftModelProposer):
         num_rejected_tokens_gpu=None,
         slot_mappings=None,
     ) -> torch.Tensor:
-        cad = common_attn_metadata
-        n, k = cad.num_reqs, int(num_speculative_tokens)
+        n, k = common_attn_metadata.num_reqs, int(num_speculative_tokens)
         drafts = self.quiet_step(n, k)
         if drafts is not None:
             return drafts
+        return self.propose_step(k, next_token_ids, common_attn_metadata, num_rejected_tokens_gpu)
+
+    @torch.inference_mode()
+    def propose_step(self, k: int, next_token_ids, cad, num_rejected_tokens_gpu) -> torch.Tensor:
+        """One full step (quiet_step said no): feed the selector, plan, draft. Returns the drafts [n, k]."""
+        n = cad.num_reqs
         drafts = self._drafts[:n, :k]
         try:
             step = self._begin(cad, n, num_rejected_tokens_gpu)
@@ -371,12 +375,12 @@ class KnapSpecDrafter(DraftModelProposer):
             self._quiet_n, self._quiet_s = 0, 0.0
         verified = self._verified(cad, n)
         rej = None
-        lookup_pending = self.lookup is not None and bool(self.lookup.pending)  # lookup drafts verified this step
-        if rejected is not None and (np.any(verified) or lookup_pending):
+        lookup_tokens = sum(self.lookup.pending.values()) if self.lookup is not None else 0  # verified this step
+        if rejected is not None and (np.any(verified) or lookup_tokens):
             rej = rejected[:n].to("cpu", non_blocking=True) if self.feedback.cuda else rejected[:n]
         step = _Step(n, self._context(cad, n), gap, self._prev_reqs == n, verified if rej is not None else 0, rej)
         if self.lookup is not None:  # sync scheduling: the counts are ready
-            step.lookup_tokens = sum(self.lookup.pending.values())
+            step.lookup_tokens = lookup_tokens
             step.lookup, kept = self.lookup.observe(n, None if rej is None else rej.to("cpu").numpy())
             if kept:
                 self.stats.inc("lookup_accepted_tokens", float(kept))

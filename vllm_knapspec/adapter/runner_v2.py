@@ -177,14 +177,4 @@ class KnapSpecSpeculator(DraftModelSpeculator):
             sampled = last_sampled.reshape(last_sampled.shape[0], -1)[idx, -1]
             return torch.where(num_sampled[:n] > 0, sampled, next_prefill_tokens[idx].to(sampled.dtype))
 
-        return self.drafter.propose(
-            self.num_speculative_steps,
-            None,
-            None,
-            None,
-            tokens,
-            None,
-            _StepMetadata(input_batch),
-            None,
-            num_rejected_tokens_gpu=num_rejected,
-        )
+        return self.drafter.propose_step(self.num_speculative_steps, tokens, _StepMetadata(input_batch), num_rejected)

@@ -30,7 +30,7 @@ import time
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gpu_bench import probe_set  # noqa: E402
+from gpu_bench import _runner_info, probe_set  # noqa: E402
 
 from vllm_knapspec.tools import workloads as wl  # noqa: E402
 
@@ -136,7 +136,8 @@ def acceptance(before: dict, after: dict) -> dict:
 # -- phases --------------------------------------------------------------------------------------------------
 def lossless(E, tok, L, a, SP, TP):
     res = []
-    sets = [("shipped", None, 0), ("static25", probe_set(L, 0.25), 4), ("static50", probe_set(L, 0.5), 4)]
+    fixed = static_sets(L)
+    sets = [("shipped", None, 0), ("full", "", 4), ("static25", fixed["static25"], 4)]
     for bs, ps in (
         (1, prompts(tok, "code", 1024, 2) + prompts(tok, "prose", 1024, 2)),
         (16, prompts(tok, "code", 1024, 8) + prompts(tok, "prose", 1024, 8)),
@@ -211,15 +212,24 @@ def accept(E, tok, L, a, SP, TP):
     return res
 
 
-def bench(E, tok, L, a, SP, TP, sync):
-    methods = [
-        ("plain", None),
-        ("plain2", None),
-        ("knapspec", None),
-        ("static25", probe_set(L, 0.25)),
-        ("static50", probe_set(L, 0.5)),
-        ("ngram", None),
-    ]
+def static_sets(L: int) -> dict:
+    """Fixed plans the benchmark pins KnapSpec's engine to (gamma 4): `full` drafts with every sublayer (the
+    target's own modules replayed from the draft's CUDA graphs: acceptance 1 up to bf16 ties), `mlp4` skips four
+    MLPs from the middle, `static25` / `static50` the probe's sets (gpu_bench.probe_set)."""
+    mid = L // 2
+    mlp_order = [mid + (k + 1) // 2 * (1 if k % 2 else -1) for k in range(L)]
+    return dict(
+        full="",
+        mlp2=",".join(f"m{i}" for i in mlp_order[:2]),
+        mlp4=",".join(f"m{i}" for i in mlp_order[:4]),
+        static25=probe_set(L, 0.25),
+        static50=probe_set(L, 0.5),
+    )
+
+
+def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None):
+    fixed = static_sets(L)
+    methods = [(m, fixed.get(m)) for m in a.methods.split(",")]
     res = []
     for cell in a.cells.split(","):
         kind, ctx, bs, temp = cell.split(":")
@@ -229,12 +239,13 @@ def bench(E, tok, L, a, SP, TP, sync):
             e.generate(ps, SP(max_tokens=1), use_tqdm=False)
         sp = SP(max_tokens=a.new, temperature=temp, ignore_eos=True, seed=0 if temp else None)
         times = {m: [] for m, _ in methods}
+        sel = None
         acc, steps = {}, {}
         for rep in range(a.reps + 1):
             for m, skip in methods[rep % len(methods) :] + methods[: rep % len(methods)]:
-                e = E["knapspec" if m.startswith("static") else m]
+                e = E["knapspec" if m in fixed else m]
                 if e is E["knapspec"]:
-                    e.collective_rpc(_pin, args=(skip, 4) if skip else (None, 0))
+                    e.collective_rpc(_pin, args=(skip, 4) if skip is not None else (None, 0))
                     e.collective_rpc(_trace_on)
                 b = spec_counts(e)
                 sync()
@@ -247,6 +258,8 @@ def bench(E, tok, L, a, SP, TP, sync):
                     tr = e.collective_rpc(_trace_take)[0]
                     if rep:
                         steps[m] = step_times(tr)
+                    if m == "knapspec" and rep == a.reps:
+                        sel = e.collective_rpc(_selections)[0]
         ms = {m: statistics.median(t) for m, t in times.items()}
         row = dict(
             kind=kind,
@@ -258,11 +271,15 @@ def bench(E, tok, L, a, SP, TP, sync):
             acceptance=acc,
             speedup={m: ms["plain"] / v for m, v in ms.items()},
             steps=steps,
+            selector=sel,
         )
         res.append(row)
+        partial(res)  # a run cut short keeps its finished cells
         print(
             "bench",
-            json.dumps({k: row[k] for k in ("kind", "ctx", "bs", "temperature", "speedup", "acceptance", "steps")}),
+            json.dumps(
+                {k: row[k] for k in ("kind", "ctx", "bs", "temperature", "speedup", "acceptance", "steps", "selector")}
+            ),
             flush=True,
         )
     E["knapspec"].collective_rpc(_pin, args=(None, 0))
@@ -276,6 +293,9 @@ def main():
     ap.add_argument("--accept-ctx", default="1024,8192,16384")
     ap.add_argument("--accept-new", type=int, default=64)
     ap.add_argument("--cells", default="prose:1024:1:0,prose:16384:16:0")
+    ap.add_argument(
+        "--methods", default="plain,plain2,knapspec,full,mlp4,ngram", help="bench: engines and pinned plans"
+    )
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--mem", type=float, default=0.21)
@@ -298,6 +318,7 @@ def main():
     E = {"plain": LLM(a.model, **kw)}
     if "bench" in phases:
         E["plain2"] = LLM(a.model, **kw)
+    if "bench" in phases and "ngram" in a.methods.split(","):
         E["ngram"] = LLM(
             a.model,
             speculative_config=dict(method="ngram", num_speculative_tokens=5, prompt_lookup_min=1, prompt_lookup_max=4),
@@ -311,6 +332,7 @@ def main():
         )
         for n, e in E.items()
     }
+    info["knapspec"].update(E["knapspec"].collective_rpc(_runner_info)[0])  # graphs on? warm-up checks
     print("engines up in %.0f s" % (time.time() - t0), json.dumps(info), flush=True)
     L = E["plain"].llm_engine.vllm_config.model_config.hf_config.num_hidden_layers
     out = dict(
@@ -338,7 +360,16 @@ def main():
             if ph == "lossless"
             else accept(E, tok, L, a, SamplingParams, TokensPrompt)
             if ph == "accept"
-            else bench(E, tok, L, a, SamplingParams, TokensPrompt, torch.cuda.synchronize if cuda else (lambda: None))
+            else bench(
+                E,
+                tok,
+                L,
+                a,
+                SamplingParams,
+                TokensPrompt,
+                torch.cuda.synchronize if cuda else (lambda: None),
+                partial=lambda res: (out.__setitem__("bench", res), save()),
+            )
         )
         print(f"{ph} done in {time.time() - t:.0f} s", flush=True)
         save()

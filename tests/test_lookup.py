@@ -125,19 +125,33 @@ def test_lookup_only_steps_take_the_rows_that_pay():
     whose drafts cost more than they bring is left out even when it has a match."""
     c = choose_step(np.array([True, True, False]), np.array([0.95, 0.05, 0.0]), None, 1.0, t_verify, None, 5)
     assert c.gamma == 5 and c.lookup_rows.tolist() == [True, False, False]
-    # a row with no match now but a high match rate and acceptance still sizes the next step's drafts
-    c = choose_step(np.array([False]), np.array([0.9]), None, 1.0, t_verify, None, 5, p_lookup=np.array([0.8]))
-    assert c.gamma > 0
+    # a row without a match now drafts nothing this step, whatever its acceptance
+    c = choose_step(np.array([False]), np.array([0.9]), None, 1.0, t_verify, None, 5)
+    assert c.gamma == 0
 
 
-def test_match_rate_per_request():
+def test_a_short_match_is_priced_at_its_length():
+    """A row whose match has 1 token brings at most 1 + alpha tokens for one verified token, whatever gamma."""
+    c = choose_step(np.array([True]), np.array([0.9]), None, 1.0, t_verify, None, 5, lookup_len=np.array([1]))
+    assert c.gamma == 1 and c.tpt == pytest.approx(1.9 / t_verify(1))
+    c5 = choose_step(np.array([True]), np.array([0.9]), None, 1.0, t_verify, None, 5)  # a 5-token match
+    assert c5.gamma == 5 and c5.tpt > c.tpt
+
+
+def test_fill_caps_lookup_drafts_at_the_chosen_gamma():
+    import torch
+
+    ld = _lookup_drafts(["a", "b"])
+    ld.match_len = np.array([5, 2])
+    drafts = np.array([[1, 2, 3, 4, 5], [6, 7, 7, 7, 7]])
+    out = torch.zeros(2, 5, dtype=torch.int64)
+    assert ld.fill(out, drafts, np.array([True, True]), 0, gamma=2) == 4
+    assert ld.lengths == [2, 2] and ld.pending == {"a": 2, "b": 2}
+    assert out[:, :2].tolist() == [[1, 2], [6, 7]]
     acc = LookupAcceptance()
-    for h in (True, True, True, False):
-        acc.seen("copy", h)
-    acc.seen("prose", False)
-    assert acc.match_rate("copy") == pytest.approx(3.5 / 5) and acc.match_rate("prose") == pytest.approx(0.25)
-    acc.forget({"copy"})
-    assert "prose" not in acc.matches
+    acc.observe("a", 2, 2)
+    acc.forget(set())
+    assert acc.counts == {}
 
 
 @pytest.fixture(scope="module")

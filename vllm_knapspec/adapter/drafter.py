@@ -354,7 +354,7 @@ class KnapSpecDrafter(DraftModelProposer):
             step.events = (start, self.feedback.event()) if start is not None else None
         elif not choice.gamma:
             self.stats.no_spec_step()
-        drafted = self.lookup.fill(drafts, lk, rows, steps)
+        drafted = self.lookup.fill(drafts, lk, rows, steps, choice.gamma)
         if drafted:
             self.stats.inc("lookup_draft_tokens", float(drafted))
         if steps:
@@ -380,6 +380,8 @@ class KnapSpecDrafter(DraftModelProposer):
             rej = rejected[:n].to("cpu", non_blocking=True) if self.feedback.cuda else rejected[:n]
         step = _Step(n, self._context(cad, n), gap, self._prev_reqs == n, verified if rej is not None else 0, rej)
         if self.lookup is not None:  # sync scheduling: the counts are ready
+            if gap and step.steady and not self.lookup.pending_skip:  # a lookup-only or plain step: its cost
+                self.lookup.observe_cost(self.selector, step.ctx, n, lookup_tokens, gap)
             step.lookup_tokens = lookup_tokens
             step.lookup, kept = self.lookup.observe(n, None if rej is None else rej.to("cpu").numpy())
             if kept:

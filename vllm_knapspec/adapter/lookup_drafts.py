@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vllm_knapspec.core.lookup import LookupAcceptance, StepChoice, choose_step
+from vllm_knapspec.core.lookup import LookupAcceptance, StepChoice, VerifyJump, choose_step
 
 
 def _llvmlite_dunders_are_attribute_errors() -> None:
@@ -50,6 +50,7 @@ class LookupDrafts:
         self.runner, self.k_max, self.max_model_len = runner, k_max, max_model_len
         self.lmin, self.lmax = cfg.lookup_min, cfg.lookup_max
         self.acceptance = LookupAcceptance()
+        self.jump = VerifyJump()
         self.pending: dict[str, int] = {}  # req_id -> lookup drafts the next step verifies
         self.pending_skip = False  # the next step verifies layer-skip drafts in the other rows
         self.match_len = np.zeros(0, dtype=np.int64)  # [n] tokens of each row's lookup draft (0: no match)
@@ -82,10 +83,7 @@ class LookupDrafts:
                 self.match_len[i] = len(d)
                 drafts[i, : len(d)] = d
                 drafts[i, len(d) :] = d[-1]
-        has = self.match_len > 0
-        for r, h in zip(self.runner.input_batch.req_ids[:n], has.tolist()):
-            self.acceptance.seen(r, h)
-        return has, drafts
+        return self.match_len > 0, drafts
 
     def alphas(self, n: int) -> np.ndarray:
         ids = self.runner.input_batch.req_ids[:n]
@@ -98,19 +96,16 @@ class LookupDrafts:
             g = 0 if plan is None else min(plan[1], self.k_max)
             return StepChoice(g, plan is not None, has & (g > 0), 0.0, 0.0)
         c = float(np.mean(ctx))
-        t_plain = selector._t_plain(ctx)
-        t_model = selector.target.plain_step_time(ctx)
-        slope = max(selector.target.verify_step_time(ctx, 2) - t_model, 0.0) * selector._plain_scale / n
+        t_plain, slope = self._line(selector, ctx, n)
+        jump = self.jump.share() * t_plain
 
         def t_verify(x):
-            return t_plain + x * slope
+            return t_plain + (jump if x > 0 else 0.0) + x * slope
 
         alpha_skip = t_draft = None
         if plan is not None:
             alpha_skip = selector.predicted_alpha if selector.predicted_alpha is not None else 0.0
             t_draft = float(selector.latency.draft_step_time(plan[0], np.array([c])))
-        ids = self.runner.input_batch.req_ids[:n]
-        p = np.array([self.acceptance.match_rate(r) for r in ids])
         return choose_step(
             has,
             self.alphas(n),
@@ -120,18 +115,35 @@ class LookupDrafts:
             t_draft,
             self.k_max,
             bar=selector.cfg.min_speedup,
-            p_lookup=p,
+            lookup_len=self.match_len[:n] if len(self.match_len) >= n else None,
         )
 
-    def fill(self, out: torch.Tensor, drafts: np.ndarray, lookup_rows: np.ndarray, skip_steps: int) -> int:
+    @staticmethod
+    def _line(selector, ctx, n: int) -> tuple[float, float]:
+        """The latency model's plain step and its cost per verified draft token at ctx (batch n)."""
+        t_plain = selector._t_plain(ctx)
+        t_model = selector.target.plain_step_time(ctx)
+        return t_plain, max(selector.target.verify_step_time(ctx, 2) - t_model, 0.0) * selector._plain_scale / n
+
+    def observe_cost(self, selector, ctx, n: int, verified: int, seconds: float) -> None:
+        """A step that verified `verified` lookup draft tokens (and no layer-skip drafts) took `seconds`: what it
+        cost beyond the model's line feeds the jump of a drafting step (VerifyJump)."""
+        if hasattr(selector, "target") and len(ctx):
+            t_plain, slope = self._line(selector, ctx, n)
+            self.jump.observe(verified, seconds, t_plain, t_plain + verified * slope)
+
+    def fill(
+        self, out: torch.Tensor, drafts: np.ndarray, lookup_rows: np.ndarray, skip_steps: int, gamma: int | None = None
+    ) -> int:
         """Lookup drafts into `out` [n, k] in `lookup_rows`, and what each row verifies next (`lengths`, cut by
-        the lookup_draft_lengths patch): a lookup row its own lookup draft (its match, at most k), any other row
-        the layer-skip draft's `skip_steps` (0: none). The lookup rows' drafts are accounted at the next step.
-        Returns the lookup draft tokens."""
-        k, n = out.shape[1], len(lookup_rows)
+        the lookup_draft_lengths patch): a lookup row its own lookup draft (its match, at most the step's chosen
+        `gamma` and k), any other row the layer-skip draft's `skip_steps` (0: none). The lookup rows' drafts are
+        accounted at the next step. Returns the lookup draft tokens."""
+        n = len(lookup_rows)
+        k = out.shape[1] if gamma is None else min(out.shape[1], gamma)
         if k and lookup_rows.any():
             idx = np.flatnonzero(lookup_rows)
-            out[torch.from_numpy(idx).to(out.device)] = torch.from_numpy(drafts[idx, :k]).to(out.device)
+            out[torch.from_numpy(idx).to(out.device), :k] = torch.from_numpy(drafts[idx, :k]).to(out.device)
         match = np.minimum(self.match_len, k) if len(self.match_len) == n else np.full(n, k)
         lk = np.where(lookup_rows, match, 0)
         self.lengths = np.where(lookup_rows, lk, min(skip_steps, k)).tolist()

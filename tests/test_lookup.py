@@ -79,7 +79,7 @@ def _lookup_drafts(ids):
 
     ld = object.__new__(LookupDrafts)  # no n-gram matcher needed: fill/observe only
     ld.runner, ld.acceptance, ld.pending, ld.pending_skip = _Runner(ids), LookupAcceptance(), {}, False
-    ld.match_len, ld.lengths = np.zeros(0, dtype=np.int64), None
+    ld.match_len, ld.ngram_len, ld.lengths = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), None
     return ld
 
 
@@ -93,16 +93,16 @@ def test_lookup_drafts_are_cut_per_row_and_accounted_as_verified():
     drafts = np.array([[1, 2, 3, 4, 5], [9, 9, 9, 9, 9], [6, 7, 8, 8, 8]])
     out = torch.zeros(3, 5, dtype=torch.int64)
     assert ld.fill(out, drafts, np.array([True, False, True]), 0) == 8
-    assert out[[0, 2]].tolist() == drafts[[0, 2]].tolist() and ld.pending == {"a": 5, "c": 3}
+    assert out[[0, 2]].tolist() == drafts[[0, 2]].tolist() and ld.pending == {"a": (5, None), "c": (3, None)}
     assert ld.lengths == [5, 0, 3]
     not_skip, kept = ld.observe(3, np.array([0, 0, 1]))  # row a: all 5 accepted; row c: 2, then wrong
     assert kept == 7 and not_skip.all()
     assert ld.acceptance.counts == {"a": [5.0, 0.0], "c": [2.0, 1.0]}
     ld.fill(torch.zeros(3, 5, dtype=torch.int64), drafts, np.array([True, False, False]), 0)
-    assert ld.lengths == [5, 0, 0] and ld.pending == {"a": 5}  # row c has a match but was not chosen
+    assert ld.lengths == [5, 0, 0] and ld.pending == {"a": (5, None)}  # row c has a match but was not chosen
     out = torch.zeros(3, 5, dtype=torch.int64)  # with a 3-step layer-skip draft: only the lookup rows are written
     ld.fill(out, drafts, np.array([True, False, False]), 3)
-    assert out[1:].eq(0).all() and ld.pending == {"a": 5} and ld.lengths == [5, 3, 3]
+    assert out[1:].eq(0).all() and ld.pending == {"a": (5, None)} and ld.lengths == [5, 3, 3]
     assert ld.observe(3, np.array([1, 0, 0]))[0].tolist() == [True, False, False]
     ld.fill(torch.zeros(3, 0, dtype=torch.int64), drafts, np.array([True, False, True]), 0)
     assert ld.pending == {}  # nothing scheduled this step: nothing verified next
@@ -146,7 +146,7 @@ def test_fill_caps_lookup_drafts_at_the_chosen_gamma():
     drafts = np.array([[1, 2, 3, 4, 5], [6, 7, 7, 7, 7]])
     out = torch.zeros(2, 5, dtype=torch.int64)
     assert ld.fill(out, drafts, np.array([True, True]), 0, gamma=2) == 4
-    assert ld.lengths == [2, 2] and ld.pending == {"a": 2, "b": 2}
+    assert ld.lengths == [2, 2] and ld.pending == {"a": (2, None), "b": (2, None)}
     assert out[:, :2].tolist() == [[1, 2], [6, 7]]
     acc = LookupAcceptance()
     acc.observe("a", 2, 2)

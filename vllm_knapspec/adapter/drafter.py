@@ -375,7 +375,7 @@ class KnapSpecDrafter(DraftModelProposer):
             self._quiet_n, self._quiet_s = 0, 0.0
         verified = self._verified(cad, n)
         rej = None
-        lookup_tokens = sum(self.lookup.pending.values()) if self.lookup is not None else 0  # verified this step
+        lookup_tokens = self.lookup.pending_tokens() if self.lookup is not None else 0  # verified this step
         if rejected is not None and (np.any(verified) or lookup_tokens):
             rej = rejected[:n].to("cpu", non_blocking=True) if self.feedback.cuda else rejected[:n]
         step = _Step(n, self._context(cad, n), gap, self._prev_reqs == n, verified if rej is not None else 0, rej)

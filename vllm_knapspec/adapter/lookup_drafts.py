@@ -51,12 +51,16 @@ class LookupDrafts:
         self.lmin, self.lmax = cfg.lookup_min, cfg.lookup_max
         self.acceptance = LookupAcceptance()
         self.jump = VerifyJump()
-        self.pending: dict[str, int] = {}  # req_id -> lookup drafts the next step verifies
+        self.pending: dict[str, tuple] = {}  # req_id -> (lookup drafts the next step verifies, n-gram length)
         self.pending_skip = False  # the next step verifies layer-skip drafts in the other rows
         self.match_len = np.zeros(0, dtype=np.int64)  # [n] tokens of each row's lookup draft (0: no match)
+        self.ngram_len = np.zeros(0, dtype=np.int64)  # [n] length of the n-gram each row matched (0: none)
         self.lengths: list[int] | None = None  # drafts per row the scheduler gets from this step (None: all k)
         _llvmlite_dunders_are_attribute_errors()
         self.match(np.arange(8, dtype=np.int32) % 3, 1, 2, 64, 2)  # numba JIT now, not in the first step
+
+    def pending_tokens(self) -> int:
+        return sum(t for t, _ in self.pending.values())
 
     @staticmethod
     def wanted(cfg, vllm_config) -> bool:
@@ -72,22 +76,28 @@ class LookupDrafts:
         return out
 
     def propose(self, n: int, bonus: np.ndarray, pos: np.ndarray):
-        """Lookup drafts [n, k_max] for rows 0..n-1 (bonus token at position pos) and which rows have one."""
+        """Lookup drafts [n, k_max] for rows 0..n-1 (bonus token at position pos) and which rows have one. vLLM's
+        matcher takes the longest matching n-gram in [lookup_min, lookup_max]; asked one length at a time,
+        longest first, it also says which length matched (`ngram_len`: the acceptance is learned per length)."""
         tokens = self.runner.input_batch.token_ids_cpu
         drafts = np.repeat(bonus.reshape(n, 1), self.k_max, axis=1).astype(np.int64)
         self.match_len = np.zeros(n, dtype=np.int64)
+        self.ngram_len = np.zeros(n, dtype=np.int64)
         for i in range(n):
             hist = np.append(tokens[i, : pos[i]], bonus[i]).astype(np.int32)
-            d = self.match(hist, self.lmin, self.lmax, self.max_model_len, self.k_max)
-            if len(d):
-                self.match_len[i] = len(d)
-                drafts[i, : len(d)] = d
-                drafts[i, len(d) :] = d[-1]
+            for g in range(self.lmax, self.lmin - 1, -1):
+                d = self.match(hist, g, g, self.max_model_len, self.k_max)
+                if len(d):
+                    self.match_len[i], self.ngram_len[i] = len(d), g
+                    drafts[i, : len(d)] = d
+                    drafts[i, len(d) :] = d[-1]
+                    break
         return self.match_len > 0, drafts
 
     def alphas(self, n: int) -> np.ndarray:
         ids = self.runner.input_batch.req_ids[:n]
-        return np.array([self.acceptance.alpha(r) for r in ids])
+        ng = self.ngram_len.tolist() if len(self.ngram_len) >= n else [0] * n
+        return np.array([self.acceptance.alpha(r, g or None) for r, g in zip(ids, ng)])
 
     def choose(self, selector, plan, has, ctx, n: int) -> StepChoice:
         """choose_step with the selector's latency models: verification of x draft tokens in all, the plan's
@@ -148,7 +158,8 @@ class LookupDrafts:
         lk = np.where(lookup_rows, match, 0)
         self.lengths = np.where(lookup_rows, lk, min(skip_steps, k)).tolist()
         ids = self.runner.input_batch.req_ids
-        self.pending = {ids[i]: int(lk[i]) for i in np.flatnonzero(lk)}
+        ng = self.ngram_len if len(self.ngram_len) == n else np.zeros(n, dtype=np.int64)
+        self.pending = {ids[i]: (int(lk[i]), int(ng[i]) or None) for i in np.flatnonzero(lk)}
         self.pending_skip = bool(k and skip_steps)
         return int(lk.sum())
 
@@ -162,9 +173,9 @@ class LookupDrafts:
         kept = 0
         if rejected is not None:
             for i in np.flatnonzero(mask):
-                g = self.pending[ids[i]]
+                g, ngram = self.pending[ids[i]]
                 a = max(0, g - int(rejected[i]))
-                self.acceptance.observe(ids[i], g, a)
+                self.acceptance.observe(ids[i], g, a, ngram=ngram)
                 kept += a
         self.acceptance.forget(set(ids))
         return not_skip, kept

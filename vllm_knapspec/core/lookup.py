@@ -124,39 +124,50 @@ class LookupAcceptance:
     A request whose output copies its prompt earns a high rate within a few steps; one that writes new text
     falls towards 0 and stops getting lookup drafts.
 
-    The prior of a request is the rate pooled over all requests (an empirical-Bayes prior, `prior` before any
-    draft was verified), forgetting old observations by `decay` per draft: on a server whose requests rarely
-    copy, a new request starts low instead of paying for a few rejected drafts first; where they copy, it
-    starts high.
+    Priors are pooled (empirical Bayes), forgetting old observations by `decay` per draft: the rate over all
+    requests (`prior` before any draft was verified) is the prior of the rate per matched n-gram length (a
+    draft that follows a 5-token match is more often right than one after a 2-token match), and that is the
+    prior of a request's draft after a match of that length. On a server whose requests rarely copy, a new
+    request starts low instead of paying for a few rejected drafts first; where they copy, it starts high.
 
     >>> acc = LookupAcceptance(prior=0.5, weight=4.0, decay=1.0)
-    >>> acc.observe("r", 5, 5); acc.observe("r", 5, 0)
-    >>> round(acc.pooled(), 3)  # (5 + 0.5 * 4) / (5 + 1 + 4)
+    >>> acc.observe("r", 5, 5, ngram=3); acc.observe("r", 5, 0, ngram=2)
+    >>> round(acc.pooled(), 3)  # all lengths: (5 + 0.5 * 4) / (5 + 1 + 4)
     0.7
-    >>> round(acc.alpha("r"), 3)  # (5 + 0.7 * 4) / (5 + 1 + 4)
-    0.78
+    >>> round(acc.pooled(3), 3), round(acc.pooled(2), 3)  # (5 + 0.7 * 4) / (5 + 4), (0 + 0.7 * 4) / (1 + 4)
+    (0.867, 0.56)
+    >>> round(acc.alpha("r", 3), 3)  # (5 + 0.867 * 4) / (5 + 1 + 4)
+    0.847
     """
 
     def __init__(self, prior: float = 0.5, weight: float = 4.0, decay: float = 0.99):
         self.prior, self.weight, self.decay = prior, weight, decay
         self.counts: dict[str, list[float]] = {}  # req_id -> [accepted tokens, rejections]
         self.pool = [0.0, 0.0]  # all requests: [accepted tokens, rejections], decayed
+        self.by_ngram: dict[int, list[float]] = {}  # matched n-gram length -> the same, decayed
 
-    def pooled(self) -> float:
+    def pooled(self, ngram: int | None = None) -> float:
         acc, rej = self.pool
-        return (acc + self.prior * self.weight) / (acc + rej + self.weight)
+        rate = (acc + self.prior * self.weight) / (acc + rej + self.weight)
+        if ngram is None or ngram not in self.by_ngram:
+            return rate
+        acc, rej = self.by_ngram[ngram]
+        return (acc + rate * self.weight) / (acc + rej + self.weight)
 
-    def alpha(self, req_id: str) -> float:
+    def alpha(self, req_id: str, ngram: int | None = None) -> float:
         acc, rej = self.counts.get(req_id, (0.0, 0.0))
-        return (acc + self.pooled() * self.weight) / (acc + rej + self.weight)
+        return (acc + self.pooled(ngram) * self.weight) / (acc + rej + self.weight)
 
-    def observe(self, req_id: str, proposed: int, accepted: int) -> None:
+    def observe(self, req_id: str, proposed: int, accepted: int, ngram: int | None = None) -> None:
         if proposed <= 0:
             return
         c = self.counts.setdefault(req_id, [0.0, 0.0])
+        miss = float(accepted < proposed)
         c[0] += accepted
-        c[1] += accepted < proposed
-        self.pool = [self.pool[0] * self.decay + accepted, self.pool[1] * self.decay + (accepted < proposed)]
+        c[1] += miss
+        pools = [self.pool] + ([self.by_ngram.setdefault(ngram, [0.0, 0.0])] if ngram is not None else [])
+        for p in pools:
+            p[0], p[1] = p[0] * self.decay + accepted, p[1] * self.decay + miss
 
     def forget(self, live: set) -> None:
         for r in [r for r in self.counts if r not in live]:

@@ -38,7 +38,8 @@ def test_lookup_acceptance_learns_per_request():
     for _ in range(10):
         acc.observe("copy", 5, 5)
         acc.observe("prose", 5, 0)
-    assert acc.alpha("copy") > 0.9 > 0.3 > acc.alpha("prose")
+    copy, prose = acc.alpha("copy"), acc.alpha("prose")
+    assert copy[0] > 0.8 and copy[1] > 0.9 and prose[0] < 0.2
     acc.forget({"copy"})
     assert acc.alpha("prose") == pytest.approx(acc.pooled())  # a new request starts from the pooled rate
 
@@ -49,19 +50,24 @@ def test_new_requests_start_from_the_servers_rate():
     for i in range(20):
         prose.observe(f"p{i}", 4, 0)
         copy.observe(f"c{i}", 4, 4)
-    assert prose.alpha("new") < 0.1 < 0.5 < 0.9 < copy.alpha("new")
+    assert prose.alpha("new")[0] < 0.1 and copy.alpha("new")[0] > 0.9
 
 
-def test_lookup_acceptance_is_per_token():
-    """Half the drafts copied right for all 5 tokens, half wrong at their first: the per-token rate that
-    expected_tokens takes is 5/6 (accepted over accepted + rejections), not accepted / proposed = 1/2."""
+def test_lookup_acceptance_separates_the_first_token():
+    """Half the drafts copied right for all 5 tokens, half wrong at their first: the first token is right half
+    the time and every later token after a right one is right, so a 5-token draft brings 1 + 0.5 * 5 = 3.5
+    tokens; one per-token rate (5/6 here) would price it at 1 + .83 + .69 + .58 + .48 + .40 = 3.99, and
+    accepted / proposed (1/2) at 1.97."""
+    from vllm_knapspec.core.lookup import lookup_tokens
+
     acc = LookupAcceptance(weight=1e-9)
     for _ in range(20):
         acc.observe("r", 5, 5)
         acc.observe("r", 5, 0)
-    assert acc.alpha("r") == pytest.approx(5 / 6)
+    assert acc.alpha("r") == pytest.approx((0.5, 1.0))
+    assert lookup_tokens(acc.alpha("r"), 5) == pytest.approx(3.5)
     acc.observe("r", 0, 0)  # nothing verified: no evidence
-    assert acc.alpha("r") == pytest.approx(5 / 6)
+    assert acc.alpha("r") == pytest.approx((0.5, 1.0))
 
 
 class _Batch:
@@ -97,7 +103,8 @@ def test_lookup_drafts_are_cut_per_row_and_accounted_as_verified():
     assert ld.lengths == [5, 0, 3]
     not_skip, kept = ld.observe(3, np.array([0, 0, 1]))  # row a: all 5 accepted; row c: 2, then wrong
     assert kept == 7 and not_skip.all()
-    assert ld.acceptance.counts == {"a": [5.0, 0.0], "c": [2.0, 1.0]}
+    # [first right, first trials, next right, next trials]: row c's 2nd token was right, its 3rd wrong
+    assert ld.acceptance.counts == {"a": [1.0, 1.0, 4.0, 4.0], "c": [1.0, 1.0, 1.0, 2.0]}
     ld.fill(torch.zeros(3, 5, dtype=torch.int64), drafts, np.array([True, False, False]), 0)
     assert ld.lengths == [5, 0, 0] and ld.pending == {"a": (5, None)}  # row c has a match but was not chosen
     out = torch.zeros(3, 5, dtype=torch.int64)  # with a 3-step layer-skip draft: only the lookup rows are written

@@ -26,14 +26,31 @@ class StepChoice:
     plain: float  # plain decoding's
 
 
+def lookup_tokens(alpha, m: int) -> float:
+    """Expected tokens of a step verifying an m-token lookup draft (the bonus token included). alpha: a per-token
+    rate (geometric, `expected_tokens`), or (first, next): the chance that the first drafted token is right, and
+    that a token after a right one is right too. A copied span is either right from its first token on or not
+    at all, so one rate undersells long drafts: (0.5, 0.95) gives 1 + 0.5 (1 + .95 + .95^2 + .95^3 + .95^4) =
+    3.26 tokens for m = 5, where the per-token rate with the same tokens-accepted ratio gives less.
+
+    >>> round(lookup_tokens((0.5, 0.95), 5), 2), round(lookup_tokens(0.5, 5), 2), lookup_tokens((0.5, 0.95), 0)
+    (3.26, 1.97, 1.0)
+    """
+    if np.ndim(alpha) == 0:
+        return expected_tokens(float(alpha), m)
+    first, nxt = float(alpha[0]), float(alpha[1])
+    return 1.0 + (first * expected_tokens(nxt, m - 1) if m > 0 else 0.0)
+
+
 def choose_step(
     has_lookup, alpha_lookup, alpha_skip, t_plain, t_verify, t_draft_step, gamma_max, bar=1.0, lookup_len=None
 ):
     """Best (gamma, layer-skip on/off, lookup rows) for one step; plain unless it beats plain TPT x `bar`.
 
-    has_lookup [n] bool: rows with a lookup match now; alpha_lookup [n]: per-token acceptance of each row's
-    lookup draft; lookup_len [n] (optional, default unlimited): tokens of each row's lookup draft, so a row
-    drafts min(lookup_len, gamma) of them. alpha_skip: the layer-skip plan's acceptance (None: no plan);
+    has_lookup [n] bool: rows with a lookup match now; alpha_lookup: each row's lookup acceptance, [n] per-token
+    rates or [n, 2] (first token, next token after an accepted one: `lookup_tokens`); lookup_len [n] (optional,
+    default unlimited): tokens of each row's lookup draft, so a row drafts min(lookup_len, gamma) of them.
+    alpha_skip: the layer-skip plan's acceptance (None: no plan);
     t_verify(x): time of a step verifying x draft tokens in all (rows without a lookup draft verify none in a
     lookup-only step); t_draft_step: one draft step of the plan (every row drafts gamma tokens then).
     A lookup-only step takes the rows whose lookup drafts raise tokens per time, best first; gamma caps every
@@ -52,7 +69,7 @@ def choose_step(
     cap = np.full(n, gamma_max) if lookup_len is None else np.asarray(lookup_len, dtype=np.int64)
     for g in range(1, gamma_max + 1):
         glen = np.minimum(cap, g)  # [n] lookup tokens each row drafts at this gamma
-        e_look = np.array([expected_tokens(a, int(m)) for a, m in zip(alpha_lookup, glen)]) if n else np.zeros(0)
+        e_look = np.array([lookup_tokens(a, int(m)) for a, m in zip(alpha_lookup, glen)]) if n else np.zeros(0)
         cands = []
         # lookup drafts alone: rows by expected tokens per drafted token, best first; the prefix with the best rate
         gain = (e_look - 1.0) / np.maximum(glen, 1)
@@ -117,57 +134,60 @@ class VerifyJump:
 
 
 class LookupAcceptance:
-    """Per-request acceptance of lookup drafts as the per-token rate `expected_tokens` takes: each verified
-    draft is a run of accepted tokens ended by one rejection (none when all were accepted), so the estimate is
-    (accepted + prior w) / (accepted + rejections + w). Accepted over proposed would be biased low: a draft
-    copied right for 5 tokens and one wrong at its first token give 5/10, where the per-token rate is 5/6.
-    A request whose output copies its prompt earns a high rate within a few steps; one that writes new text
-    falls towards 0 and stops getting lookup drafts.
+    """Acceptance of lookup drafts per request as two rates (`lookup_tokens`): `first`, the chance that a draft's
+    first token is right, and `next`, that a token after a right one is right too. A verified draft of g tokens
+    with a accepted is one trial of `first` (a success if a >= 1) and, when a >= 1, min(a, g - 1) trials of
+    `next` with a - 1 successes. Each rate is (successes + prior w) / (trials + w). A request whose output copies
+    its prompt earns a high `first` within a few steps and keeps a high `next`; one that writes new text falls
+    towards 0 and stops getting lookup drafts.
 
-    Priors are pooled (empirical Bayes), forgetting old observations by `decay` per draft: the rate over all
-    requests (`prior` before any draft was verified) is the prior of the rate per matched n-gram length (a
-    draft that follows a 5-token match is more often right than one after a 2-token match), and that is the
+    Priors are pooled (empirical Bayes), forgetting old observations by `decay` per draft: the rates over all
+    requests (`prior` before any draft was verified) are the prior of the rates per matched n-gram length (a
+    draft that follows a 5-token match is more often right than one after a 2-token match), and those are the
     prior of a request's draft after a match of that length. On a server whose requests rarely copy, a new
     request starts low instead of paying for a few rejected drafts first; where they copy, it starts high.
 
     >>> acc = LookupAcceptance(prior=0.5, weight=4.0, decay=1.0)
     >>> acc.observe("r", 5, 5, ngram=3); acc.observe("r", 5, 0, ngram=2)
-    >>> round(acc.pooled(), 3)  # all lengths: (5 + 0.5 * 4) / (5 + 1 + 4)
-    0.7
-    >>> round(acc.pooled(3), 3), round(acc.pooled(2), 3)  # (5 + 0.7 * 4) / (5 + 4), (0 + 0.7 * 4) / (1 + 4)
-    (0.867, 0.56)
-    >>> round(acc.alpha("r", 3), 3)  # (5 + 0.867 * 4) / (5 + 1 + 4)
-    0.847
+    >>> acc.pooled()  # first: (1 + 2) / (2 + 4); next: (4 + 2) / (4 + 4)
+    (0.5, 0.75)
+    >>> [round(x, 3) for x in acc.pooled(3)]  # first: (1 + 0.5 * 4) / (1 + 4); next: (4 + 0.75 * 4) / (4 + 4)
+    [0.6, 0.875]
+    >>> [round(x, 3) for x in acc.alpha("r", 3)]  # first: (1 + 0.6 * 4) / (2 + 4); next: (4 + .875 * 4) / (4 + 4)
+    [0.567, 0.938]
     """
 
     def __init__(self, prior: float = 0.5, weight: float = 4.0, decay: float = 0.99):
         self.prior, self.weight, self.decay = prior, weight, decay
-        self.counts: dict[str, list[float]] = {}  # req_id -> [accepted tokens, rejections]
-        self.pool = [0.0, 0.0]  # all requests: [accepted tokens, rejections], decayed
-        self.by_ngram: dict[int, list[float]] = {}  # matched n-gram length -> the same, decayed
+        # [first right, first trials, next right, next trials]
+        self.counts: dict[str, list[float]] = {}  # per request
+        self.pool = [0.0] * 4  # all requests, decayed
+        self.by_ngram: dict[int, list[float]] = {}  # per matched n-gram length, decayed
 
-    def pooled(self, ngram: int | None = None) -> float:
-        acc, rej = self.pool
-        rate = (acc + self.prior * self.weight) / (acc + rej + self.weight)
+    def _rates(self, c, prior) -> tuple[float, float]:
+        w = self.weight
+        return (c[0] + prior[0] * w) / (c[1] + w), (c[2] + prior[1] * w) / (c[3] + w)
+
+    def pooled(self, ngram: int | None = None) -> tuple[float, float]:
+        rates = self._rates(self.pool, (self.prior, self.prior))
         if ngram is None or ngram not in self.by_ngram:
-            return rate
-        acc, rej = self.by_ngram[ngram]
-        return (acc + rate * self.weight) / (acc + rej + self.weight)
+            return rates
+        return self._rates(self.by_ngram[ngram], rates)
 
-    def alpha(self, req_id: str, ngram: int | None = None) -> float:
-        acc, rej = self.counts.get(req_id, (0.0, 0.0))
-        return (acc + self.pooled(ngram) * self.weight) / (acc + rej + self.weight)
+    def alpha(self, req_id: str, ngram: int | None = None) -> tuple[float, float]:
+        return self._rates(self.counts.get(req_id, (0.0,) * 4), self.pooled(ngram))
 
     def observe(self, req_id: str, proposed: int, accepted: int, ngram: int | None = None) -> None:
         if proposed <= 0:
             return
-        c = self.counts.setdefault(req_id, [0.0, 0.0])
-        miss = float(accepted < proposed)
-        c[0] += accepted
-        c[1] += miss
-        pools = [self.pool] + ([self.by_ngram.setdefault(ngram, [0.0, 0.0])] if ngram is not None else [])
+        obs = (float(accepted >= 1), 1.0, float(max(accepted - 1, 0)), float(min(accepted, proposed - 1)))
+        c = self.counts.setdefault(req_id, [0.0] * 4)
+        for i, x in enumerate(obs):
+            c[i] += x
+        pools = [self.pool] + ([self.by_ngram.setdefault(ngram, [0.0] * 4)] if ngram is not None else [])
         for p in pools:
-            p[0], p[1] = p[0] * self.decay + accepted, p[1] * self.decay + miss
+            for i, x in enumerate(obs):
+                p[i] = p[i] * self.decay + x
 
     def forget(self, live: set) -> None:
         for r in [r for r in self.counts if r not in live]:

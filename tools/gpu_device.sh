@@ -10,5 +10,5 @@ DI=/tmp/site/vllm_knapspec_checkout-0.0.dist-info
 mkdir -p "$DI"
 printf 'Metadata-Version: 2.1\nName: vllm-knapspec-checkout\nVersion: 0.0\n' > "$DI/METADATA"
 printf '[vllm.general_plugins]\nknapspec = vllm_knapspec.plugin:register\n' > "$DI/entry_points.txt"
-export PYTHONPATH="$ROOT:$PYTHONPATH"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 exec "$@"

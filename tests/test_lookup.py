@@ -210,3 +210,19 @@ def test_lookup_off(model_path, prompts, baseline):
     got, d = _run(llm, prompts)
     assert got == baseline and d.get("vllm:knapspec_lookup_draft_tokens", 0) == 0
     del llm
+
+
+def test_verify_jump_fits_what_drafting_steps_cost_beyond_the_line():
+    """Steps that verify x tokens measured 4 ms + 1 ms per token over the model's line (t_plain 40 ms), plain
+    steps on it: the extra share is fitted as a level and a slope; plain steps get none; a prefill-sized gap is
+    left out."""
+    from vllm_knapspec.core.lookup import VerifyJump
+
+    j = VerifyJump(decay=1.0)
+    for x in (2, 5, 10, 20, 2, 5, 10, 20):
+        j.observe(x, 0.040 + 0.001 * x + 0.004 + 0.001 * x, 0.040, 0.040 + 0.001 * x)
+        j.observe(0, 0.040, 0.040)
+    j.observe(5, 1.0, 0.040, 0.045)  # not a step's cost
+    assert j.extra(0) == 0.0
+    assert j.extra(10) == pytest.approx((0.004 + 0.010) / 0.040, rel=0.05)
+    assert j.extra(20) > j.extra(2) > 0.0

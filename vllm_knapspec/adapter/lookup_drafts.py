@@ -107,10 +107,9 @@ class LookupDrafts:
             return StepChoice(g, plan is not None, has & (g > 0), 0.0, 0.0)
         c = float(np.mean(ctx))
         t_plain, slope = self._line(selector, ctx, n)
-        jump = self.jump.share() * t_plain
 
         def t_verify(x):
-            return t_plain + (jump if x > 0 else 0.0) + x * slope
+            return t_plain * (1.0 + self.jump.extra(x)) + x * slope
 
         alpha_skip = t_draft = None
         if plan is not None:

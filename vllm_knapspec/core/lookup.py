@@ -98,39 +98,52 @@ def choose_step(
 
 
 class VerifyJump:
-    """What a step that verifies drafts costs beyond the latency model's line t_plain + slope * x, as a share of
-    t_plain: measured, not modelled. On a CPU the first verified token switches attention from its decode path
-    to its multi-token path: SmolLM2 at 8K x 1 measured 44 ms plain, 55 ms with one draft token, where the
-    model's slope said 49 ms. The residual (measured - predicted) / t_plain is averaged separately over plain
-    steps and drafting steps (decayed by `decay` per step); the jump is their difference, never below 0. A gap
-    over 3x the prediction is not a step's cost (a prefill ran, the engine idled) and is left out.
+    """What a step that verifies x draft tokens costs beyond the latency model's line t_plain + slope * x, as a
+    share of t_plain: measured, not modelled. On a CPU the first verified token switches attention from its
+    decode path to its multi-token path (SmolLM2 at 8K x 1: 44 ms plain, 55 ms with one draft token, where the
+    model's line said 49 ms), and where a batch is compute-bound each verified token costs more than the line's
+    slope. The residual share (measured - predicted) / t_plain of drafting steps is fitted as a + b x by decayed
+    least squares (ridge on b, so steps that all verify the same x give a level, not a slope); that of plain
+    steps is averaged as a base the model already misses by; `extra(x)` is the difference, never below 0, and 0
+    for x = 0. A gap over 3x the prediction is not a step's cost (a prefill ran, the engine idled): left out.
 
     >>> j = VerifyJump(decay=1.0)
     >>> j.observe(0, 0.044, 0.044); j.observe(1, 0.055, 0.044, 0.049)
-    >>> round(j.share(), 3)  # (0.055 - 0.049) / 0.044
+    >>> round(j.extra(1), 3)  # (0.055 - 0.049) / 0.044, one drafting step: a level
     0.136
+    >>> j.observe(9, 0.094, 0.044, 0.066)  # 9 tokens: 0.028 s over the line
+    >>> round(j.extra(1), 2), round(j.extra(9), 2)  # the residual grows with x
+    (0.15, 0.62)
     """
 
     def __init__(self, decay: float = 0.9):
         self.decay = decay
-        self.sums = [0.0, 0.0]  # decayed residual shares: [plain steps, drafting steps]
-        self.weights = [0.0, 0.0]
+        self.plain = [0.0, 0.0]  # decayed [sum of residual shares, count] of plain steps
+        self.fit = np.zeros(5)  # decayed sums over drafting steps: [1, x, x^2, r, x r]
 
     def observe(self, drafted: int, measured: float, predicted_plain: float, predicted: float | None = None) -> None:
         """One step: `drafted` tokens verified, `measured` seconds; the model's plain step and its prediction
         for this step (default: the plain step)."""
-        k = int(drafted > 0)
         pred = predicted_plain if predicted is None else predicted
         if not 0.0 < measured < 3.0 * pred:  # the gap held something else (a prefill, an idle engine)
             return
-        self.sums[k] = self.sums[k] * self.decay + (measured - pred) / max(predicted_plain, 1e-9)
-        self.weights[k] = self.weights[k] * self.decay + 1.0
+        r = (measured - pred) / max(predicted_plain, 1e-9)
+        if drafted <= 0:
+            self.plain = [self.plain[0] * self.decay + r, self.plain[1] * self.decay + 1.0]
+            return
+        x = float(drafted)
+        self.fit = self.fit * self.decay + np.array([1.0, x, x * x, r, x * r])
 
-    def share(self) -> float:
-        if not self.weights[1]:
+    def extra(self, x: float) -> float:
+        s1, sx, sxx, sr, sxr = self.fit
+        if x <= 0 or s1 <= 0:
             return 0.0
-        base = self.sums[0] / self.weights[0] if self.weights[0] else 0.0
-        return max(0.0, self.sums[1] / self.weights[1] - base)
+        ridge = s1  # pulls b to 0 unless x varies by more than ~1 token
+        det = s1 * (sxx + ridge) - sx * sx
+        b = (s1 * sxr - sx * sr) / det
+        a = (sr - b * sx) / s1
+        base = self.plain[0] / self.plain[1] if self.plain[1] else 0.0
+        return max(0.0, float(a + b * x - base))
 
 
 class LookupAcceptance:

@@ -183,8 +183,7 @@ def lossless(E, tok, L, a, SP, TP):
 
 
 def accept(E, tok, L, a, SP, TP):
-    mid = L // 2
-    mlp_order = [mid + (k + 1) // 2 * (1 if k % 2 else -1) for k in range(L)]
+    mlp_order = middle_out(L)
     sets = [(f"attn{k}", ",".join(f"a{i}" for i in range(L - k, L)), 4) for k in (4, 7, 14, 21, 26)]
     sets += [(f"mlp{k}", ",".join(f"m{i}" for i in mlp_order[:k]), 4) for k in (2, 4, 7)]
     sets += [("probe25", probe_set(L, 0.25), 4), ("probe50", probe_set(L, 0.5), 4), ("shipped", None, 0)]
@@ -212,12 +211,17 @@ def accept(E, tok, L, a, SP, TP):
     return res
 
 
+def middle_out(L: int) -> list[int]:
+    """Layers from the middle outwards (L // 2, L // 2 + 1, L // 2 - 1, ...): the order MLPs are skipped in."""
+    mid = L // 2
+    return [mid + (k + 1) // 2 * (1 if k % 2 else -1) for k in range(L)]
+
+
 def static_sets(L: int) -> dict:
     """Fixed plans the benchmark pins KnapSpec's engine to (gamma 4): `full` drafts with every sublayer (the
     target's own modules replayed from the draft's CUDA graphs: acceptance 1 up to bf16 ties), `mlp4` skips four
     MLPs from the middle, `static25` / `static50` the probe's sets (gpu_bench.probe_set)."""
-    mid = L // 2
-    mlp_order = [mid + (k + 1) // 2 * (1 if k % 2 else -1) for k in range(L)]
+    mlp_order = middle_out(L)
     return dict(
         full="",
         mlp2=",".join(f"m{i}" for i in mlp_order[:2]),

@@ -85,6 +85,8 @@ class LookupDrafts:
         self.ngram_len = np.zeros(n, dtype=np.int64)
         for i in range(n):
             hist = np.append(tokens[i, : pos[i]], bonus[i]).astype(np.int32)
+            if not len(self.match(hist, self.lmin, self.lmax, self.max_model_len, self.k_max)):
+                continue  # no length matches: one call, not one per length
             for g in range(self.lmax, self.lmin - 1, -1):
                 d = self.match(hist, g, g, self.max_model_len, self.k_max)
                 if len(d):

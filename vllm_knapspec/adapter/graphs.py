@@ -32,7 +32,10 @@ from vllm_knapspec.adapter import compat
 logger = logging.getLogger("vllm.knapspec")
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
-CHECK_RTOL = 2e-2
+# A wrong graph (stale buffer, metadata not refreshed) is off by ~1. The same functions graphed and eager differ
+# by bf16 rounding only (cuBLAS and FlashAttention pick other kernels for the padded bucket): 0.026 after 28 layers
+# of the real bf16 Qwen2.5-Coder-1.5B on an H200, whose residual stream carries outliers in the thousands.
+CHECK_RTOL = 0.25
 MAX_LOOPS = 32  # whole draft loops kept (skip set x bucket x gamma), least recently used dropped
 
 

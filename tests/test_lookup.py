@@ -226,3 +226,49 @@ def test_verify_jump_fits_what_drafting_steps_cost_beyond_the_line():
     assert j.extra(0) == 0.0
     assert j.extra(10) == pytest.approx((0.004 + 0.010) / 0.040, rel=0.05)
     assert j.extra(20) > j.extra(2) > 0.0
+
+
+def test_uniform_steps_pay_for_every_row():
+    """Async scheduling verifies gamma tokens in every row: with 1 row of 4 matching, lookup drafts pay only
+    where verification is cheap, and every matching row then takes its (free) draft."""
+    has, alpha = np.array([True, False, False, False]), np.array([0.9, 0.0, 0.0, 0.0])
+    cheap = choose_step(has, alpha, None, 1.0, lambda x: 1.0 + 0.01 * x, None, 5, uniform=True)
+    assert cheap.gamma > 0 and cheap.lookup_rows.tolist() == [True, False, False, False]
+    dear = choose_step(has, alpha, None, 1.0, lambda x: 1.0 + 0.3 * x, None, 5, uniform=True)
+    assert dear.gamma == 0  # 4 x gamma tokens verified for one row's draft
+    both = choose_step(np.array([True, True]), np.array([0.9, 0.2]), None, 1.0, t_verify, None, 5, uniform=True)
+    assert both.lookup_rows.tolist() == [True, True]
+
+
+def _src(rows, lens):
+    import torch
+
+    from vllm_knapspec.adapter.lookup_device import LookupSource
+
+    tokens = torch.tensor(rows, dtype=torch.int32)
+    return LookupSource(tokens, torch.tensor(lens), torch.arange(len(rows)), [f"r{i}" for i in range(len(rows))], 8)
+
+
+def test_device_lookup_drafts_and_learns_from_what_the_next_step_kept():
+    """Drafts matched by vLLM's GPU matcher (here on CPU tensors) go to the rows with a match, except rows the
+    layer-skip draft was chosen for; the next step's rejected counts become acceptance per request, the matches
+    the host has seen feed the next choice."""
+    import torch
+
+    from vllm_knapspec.adapter.lookup_device import DeviceLookup
+
+    cfg = type("Cfg", (), {"lookup_min": 2, "lookup_max": 3})
+    dl = DeviceLookup(cfg, 3, torch.device("cpu"))
+    src = _src([[1, 2, 3, 4, 1, 2, 0, 0], [5, 6, 7, 8, 0, 0, 0, 0], [7, 8, 9, 7, 8, 0, 0, 0]], [6, 4, 5])
+    drafts = torch.full((3, 3), -5, dtype=torch.int64)  # the layer-skip draft's tokens
+    rec = dl.propose(src, torch.tensor([2, 8, 8]), np.array([False, False, True]), drafts)
+    # row 0 copies 3 4 1; row 1 has no match (keeps the layer-skip draft); row 2 was given the layer-skip draft
+    assert drafts.tolist() == [[3, 4, 1], [-5, -5, -5], [-5, -5, -5]]
+    lookup, drafted, kept = dl.observe(rec, ["r0", "r1", "r2"], np.array([3, 3, 3]), np.array([1, 3, 0]))
+    assert lookup.tolist() == [True, False, False] and (drafted, kept) == (3, 2)
+    assert dl.match_len == {"r0": 3, "r1": 0, "r2": 3} and dl.acceptance.counts["r0"] == [1.0, 1.0, 1.0, 2.0]
+    out = torch.zeros(3, 3, dtype=torch.int64)
+    rec = dl.propose(src, torch.tensor([2, 8, 8]), None, out)  # no layer-skip draft: fillers elsewhere
+    assert out.tolist() == [[3, 4, 1], [8, 8, 8], [9, 7, 8]]
+    lookup, _, _ = dl.observe(rec, ["r2"], np.array([2]), np.array([0]))  # rows matched by request
+    assert lookup.tolist() == [True] and dl.match_len == {"r2": 3} and list(dl.acceptance.counts) == ["r2"]

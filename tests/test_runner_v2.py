@@ -96,7 +96,7 @@ def _drafter(gamma: int):
     d.feedback = drafter_mod._Feedback(torch.device("cpu"))
     d._last_call = d._prev_reqs = None
     d._verified_next, d._quiet, d._quiet_n, d._quiet_s = 0, 0, 0, 0.0
-    d.graphs = d.lookup = d.trace = None
+    d.graphs = d.lookup = d.device_lookup = d._lookup_prev = d.trace = None
     d.selector, d._drafts = _Selector(), torch.zeros(4, 4, dtype=torch.int64)
     return d
 
@@ -158,3 +158,38 @@ def test_v2_plain_steps_reach_the_selector_one_in_stride():
     for _ in range(steps):
         KnapSpecSpeculator.propose(spec, batch, {}, {}, None, None, ones, zeros, last, zeros, None, None)
     assert d.selector.plans == steps // drafter_mod.QUIET_STRIDE
+
+
+def test_v2_lookup_drafts_are_matched_on_the_device_tokens():
+    """With `lookup: auto` under async scheduling, a full step of the V2 speculator matches each row's tokens
+    in the runner's request states (vLLM's GPU matcher, here on CPU tensors) and returns them as drafts; the
+    next full step reads back what was matched."""
+    from vllm_knapspec.adapter.lookup_device import DeviceLookup
+    from vllm_knapspec.adapter.runner_v2 import KnapSpecSpeculator
+
+    d = _drafter(gamma=0)
+    d.device_lookup, d._lookup_prev = DeviceLookup(SimpleNamespace(lookup_min=2, lookup_max=3), 4, "cpu"), None
+    runner = _fake_v2_runner()
+    runner.req_states.all_token_ids.gpu[1, :8] = torch.tensor([1, 2, 3, 4, 5, 6, 1, 2], dtype=torch.int32)
+    runner.req_states.total_len = SimpleNamespace(gpu=torch.tensor([9, 8, 9, 9], dtype=torch.int32))
+    spec = SimpleNamespace(drafter=d, view=SimpleNamespace(idx_np=None, runner=runner), num_speculative_steps=4)
+    spec._lookup_source = lambda b, n: KnapSpecSpeculator._lookup_source(spec, b, n)
+    batch = SimpleNamespace(
+        num_reqs=2,
+        req_ids=["a", "b"],
+        idx_mapping_np=np.array([1, 0], dtype=np.int32),
+        idx_mapping=torch.tensor([1, 0]),
+        seq_lens=torch.full((2,), 8),
+        seq_lens_cpu_upper_bound=torch.full((2,), 8),
+        query_start_loc_np=np.arange(3, dtype=np.int32),
+        num_draft_tokens_per_req=None,
+    )
+    ones, zeros = torch.ones(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
+    last = torch.tensor([[9], [2], [0], [0]])
+    outs = [
+        KnapSpecSpeculator.propose(spec, batch, {}, {}, None, None, ones, zeros, last, zeros, None, None).clone()
+        for _ in range(2 * drafter_mod.QUIET_STRIDE)
+    ]
+    full = outs[drafter_mod.QUIET_STRIDE - 1]  # the first step the selector sees
+    assert full.tolist() == [[3, 4, 5, 6], [9, 9, 9, 9]]  # row a copies after "1 2"; row b (state 0) has no match
+    assert d.device_lookup.match_len == {"a": 4, "b": 0}  # read back by the next full step

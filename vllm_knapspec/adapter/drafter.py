@@ -33,6 +33,7 @@ from vllm_knapspec import config as ks_config
 from vllm_knapspec.adapter import metrics
 from vllm_knapspec.adapter.control import DraftLengthControl, GammaChannel
 from vllm_knapspec.adapter.draft import LayerSkipModel
+from vllm_knapspec.adapter.lookup_device import DeviceLookup
 from vllm_knapspec.adapter.lookup_drafts import LookupDrafts
 
 logger = logging.getLogger("vllm.knapspec")
@@ -70,6 +71,8 @@ class _Step:
         "events",
         "lookup",
         "lookup_tokens",
+        "req_ids",
+        "lookup_rec",
     )
 
     def __init__(self, n, ctx, gap, steady, verified, rejected):
@@ -77,6 +80,8 @@ class _Step:
         self.skip, self.steps, self.draft_s, self.events = None, 0, 0.0, None
         self.lookup = None  # [n] bool: rows whose verified drafts were not the layer-skip draft's
         self.lookup_tokens = 0  # lookup draft tokens this step verified
+        self.req_ids = None  # [n] (device lookup: rows are matched to the last step's by request)
+        self.lookup_rec = None  # lookup_device._Record of the drafts this step verified
 
 
 class _Feedback:
@@ -139,6 +144,8 @@ class KnapSpecDrafter(DraftModelProposer):
         self._prev_reqs = None
         self.graphs = None  # graphs.SublayerGraphs once captured (GPU)
         self.lookup = None  # lookup_drafts.LookupDrafts (lookup: auto, sync scheduling)
+        self.device_lookup = None  # lookup_device.DeviceLookup (lookup: auto, async scheduling, V2 runner)
+        self._lookup_prev = None  # the last full step's lookup_device._Record
         self.trace: list | None = None  # benchmarks: (step gap s, draft loop s, draft steps) per step
         self.warmup_s = 0.0
         self.warmups: dict[str, float] = {}
@@ -173,6 +180,8 @@ class KnapSpecDrafter(DraftModelProposer):
         DraftLengthControl.drafters[self.key] = self
         if LookupDrafts.wanted(self.cfg, self.vllm_config) and getattr(self.runner, "host_tokens", True):
             self.lookup = LookupDrafts(self.cfg, self.runner, self.k_max, self.max_model_len)
+        elif DeviceLookup.wanted(self.cfg, self.vllm_config) and not getattr(self.runner, "host_tokens", True):
+            self.device_lookup = DeviceLookup(self.cfg, self.k_max, self.draft.device)
         self.next_gamma = self._first_gamma()
         logger.info(
             "KnapSpec drafter ready: %d layers, gamma_max=%d, selector=%s",
@@ -284,6 +293,12 @@ class KnapSpecDrafter(DraftModelProposer):
                 )
                 self.feedback.push(step)
                 return drafts
+            src = getattr(cad, "lookup_src", None)
+            if self.device_lookup is not None and src is not None:
+                rejected = num_rejected_tokens_gpu
+                self._propose_with_device_lookup(drafts, k, plan, step, next_token_ids, cad, n, src, rejected)
+                self.feedback.push(step)
+                return drafts
             self.next_gamma = 0 if plan is None else min(plan[1], self.k_max)
             steps = min(self.next_gamma, k)
             if steps:
@@ -361,6 +376,25 @@ class KnapSpecDrafter(DraftModelProposer):
             self.stats.inc("layer_skip_draft_tokens", float((~rows).sum() * steps))
         return steps
 
+    def _propose_with_device_lookup(self, drafts, k, plan, step, next_token_ids, cad, n, src, rejected) -> None:
+        """Async scheduling: the choice (what the scheduler schedules next: one gamma for every row) from
+        the matches and acceptance the host has seen; the layer-skip draft where it runs; then lookup drafts,
+        matched on the device, in the rows with a match that the layer-skip draft was not chosen for."""
+        choice = self.device_lookup.choose(self.selector, plan, step.ctx, src.req_ids)
+        self.next_gamma = min(choice.gamma, self.k_max)
+        steps = min(choice.gamma, k) if choice.use_skip else 0
+        bonus = _tensor(next_token_ids)[:n]
+        if steps:
+            start = self.feedback.event()
+            t0 = time.perf_counter()
+            self._draft(drafts, steps, bonus, self._bonus_positions(cad, n, rejected), cad, n, plan[0])
+            step.skip, step.steps, step.draft_s = plan[0], steps, time.perf_counter() - t0
+            step.events = (start, self.feedback.event()) if start is not None else None
+        elif not choice.gamma:
+            self.stats.no_spec_step()
+        skip_rows = ~choice.lookup_rows if steps else None
+        self._lookup_prev = self.device_lookup.propose(src, bonus, skip_rows, drafts)
+
     def _begin(self, cad, n: int, rejected) -> _Step:
         """Feed the selector what is ready, and open this step's record."""
         now = time.perf_counter()
@@ -368,6 +402,10 @@ class KnapSpecDrafter(DraftModelProposer):
         self._last_call = now
         for s in self.feedback.ready():
             self._report(s)
+        if self.device_lookup is not None:  # quiet steps since the record verified other drafts: matches only
+            src = getattr(cad, "lookup_src", None)
+            rec, self._lookup_prev = (self._lookup_prev, self._quiet_n > 0), None
+            self.device_lookup.seen(rec[0])
         if self._quiet_n:  # plain steps that quiet_step() did not report one by one
             observe = getattr(self.selector, "observe_quiet", None)
             if observe is not None:
@@ -379,6 +417,8 @@ class KnapSpecDrafter(DraftModelProposer):
         if rejected is not None and (np.any(verified) or lookup_tokens):
             rej = rejected[:n].to("cpu", non_blocking=True) if self.feedback.cuda else rejected[:n]
         step = _Step(n, self._context(cad, n), gap, self._prev_reqs == n, verified if rej is not None else 0, rej)
+        if self.device_lookup is not None:
+            step.req_ids, step.lookup_rec = (None if src is None else src.req_ids), rec
         if self.lookup is not None:  # sync scheduling: the counts are ready
             if gap and step.steady and not self.lookup.pending_skip:  # a lookup-only or plain step: its cost
                 self.lookup.observe_cost(self.selector, step.ctx, n, lookup_tokens, gap)
@@ -402,12 +442,26 @@ class KnapSpecDrafter(DraftModelProposer):
             self.trace.append((s.gap, s.draft_s, s.steps))
         if s.steps and s.skip is not None:
             self.selector.observe_draft(s.skip, s.ctx, None, s.draft_s, s.steps)
+        if s.lookup_rec is not None and s.lookup_rec[0] is not None and s.req_ids is not None:
+            self._observe_device_lookup(s)
         keep = np.ones(s.n, dtype=bool) if s.lookup is None else ~s.lookup  # layer-skip rows only
         proposed = int(np.broadcast_to(s.verified, (s.n,))[keep].sum())
         accepted = max(0, proposed - int(s.rejected[torch.from_numpy(keep)].sum())) if proposed else 0
         if proposed and self.lookup is not None:
             self.stats.inc("layer_skip_accepted_tokens", float(accepted))
         self.selector.observe_verify(s.ctx, proposed, accepted, s.gap, s.steady, verified=proposed + s.lookup_tokens)
+
+    def _observe_device_lookup(self, s: _Step) -> None:
+        rec, stale = s.lookup_rec
+        ver = np.broadcast_to(np.asarray(0 if stale else s.verified, dtype=np.int64), (s.n,))
+        rej = None if s.rejected is None else s.rejected.numpy()
+        lookup, drafted, kept = self.device_lookup.observe(rec, s.req_ids, ver, rej)
+        if lookup is None:
+            return
+        s.lookup, s.lookup_tokens = lookup, int(ver[lookup].sum())
+        if drafted:
+            self.stats.inc("lookup_draft_tokens", float(drafted))
+            self.stats.inc("lookup_accepted_tokens", float(kept))
 
     def _context(self, cad, n: int) -> np.ndarray:
         """Context lengths whose KV is committed on every path (host, no sync): the step's upper bound of

@@ -102,45 +102,14 @@ class LookupDrafts:
         return np.array([self.acceptance.alpha(r, g or None) for r, g in zip(ids, ng)])
 
     def choose(self, selector, plan, has, ctx, n: int) -> StepChoice:
-        """choose_step with the selector's latency models: verification of x draft tokens in all, the plan's
-        draft step, plain decoding; the bar is min_speedup as for layer-skip plans."""
-        if not hasattr(selector, "target"):  # a fixed plan (skip_set): lookup drafts wherever there is a match
-            g = 0 if plan is None else min(plan[1], self.k_max)
-            return StepChoice(g, plan is not None, has & (g > 0), 0.0, 0.0)
-        c = float(np.mean(ctx))
-        t_plain, slope = self._line(selector, ctx, n)
-
-        def t_verify(x):
-            return t_plain * (1.0 + self.jump.extra(x)) + x * slope
-
-        alpha_skip = t_draft = None
-        if plan is not None:
-            alpha_skip = selector.predicted_alpha if selector.predicted_alpha is not None else 0.0
-            t_draft = float(selector.latency.draft_step_time(plan[0], np.array([c])))
-        return choose_step(
-            has,
-            self.alphas(n),
-            alpha_skip,
-            t_plain,
-            t_verify,
-            t_draft,
-            self.k_max,
-            bar=selector.cfg.min_speedup,
-            lookup_len=self.match_len[:n] if len(self.match_len) >= n else None,
-        )
-
-    @staticmethod
-    def _line(selector, ctx, n: int) -> tuple[float, float]:
-        """The latency model's plain step and its cost per verified draft token at ctx (batch n)."""
-        t_plain = selector._t_plain(ctx)
-        t_model = selector.target.plain_step_time(ctx)
-        return t_plain, max(selector.target.verify_step_time(ctx, 2) - t_model, 0.0) * selector._plain_scale / n
+        lookup_len = self.match_len[:n] if len(self.match_len) >= n else None
+        return choose_with_models(selector, plan, has, self.alphas(n), lookup_len, ctx, n, self.k_max, self.jump)
 
     def observe_cost(self, selector, ctx, n: int, verified: int, seconds: float) -> None:
         """A step that verified `verified` lookup draft tokens (and no layer-skip drafts) took `seconds`: what it
         cost beyond the model's line feeds the jump of a drafting step (VerifyJump)."""
         if hasattr(selector, "target") and len(ctx):
-            t_plain, slope = self._line(selector, ctx, n)
+            t_plain, slope = _line(selector, ctx, n)
             self.jump.observe(verified, seconds, t_plain, t_plain + verified * slope)
 
     def fill(
@@ -180,3 +149,40 @@ class LookupDrafts:
                 kept += a
         self.acceptance.forget(set(ids))
         return not_skip, kept
+
+
+def choose_with_models(selector, plan, has, alphas, lookup_len, ctx, n: int, k_max: int, jump, uniform=False):
+    """choose_step with the selector's latency models: verification of x draft tokens in all, the plan's draft
+    step, plain decoding; the bar is min_speedup as for layer-skip plans."""
+    if not hasattr(selector, "target"):  # a fixed plan (skip_set): lookup drafts wherever there is a match
+        g = 0 if plan is None else min(plan[1], k_max)
+        return StepChoice(g, plan is not None, has & (g > 0), 0.0, 0.0)
+    c = float(np.mean(ctx))
+    t_plain, slope = _line(selector, ctx, n)
+
+    def t_verify(x):
+        return t_plain * (1.0 + jump.extra(x)) + x * slope
+
+    alpha_skip = t_draft = None
+    if plan is not None:
+        alpha_skip = selector.predicted_alpha if selector.predicted_alpha is not None else 0.0
+        t_draft = float(selector.latency.draft_step_time(plan[0], np.array([c])))
+    return choose_step(
+        has,
+        alphas,
+        alpha_skip,
+        t_plain,
+        t_verify,
+        t_draft,
+        k_max,
+        bar=selector.cfg.min_speedup,
+        lookup_len=lookup_len,
+        uniform=uniform,
+    )
+
+
+def _line(selector, ctx, n: int) -> tuple[float, float]:
+    """The latency model's plain step and its cost per verified draft token at ctx (batch n)."""
+    t_plain = selector._t_plain(ctx)
+    t_model = selector.target.plain_step_time(ctx)
+    return t_plain, max(selector.target.verify_step_time(ctx, 2) - t_model, 0.0) * selector._plain_scale / n

@@ -30,6 +30,7 @@ import torch
 from vllm.v1.worker.gpu.spec_decode.speculator import DraftModelSpeculator
 
 from vllm_knapspec.adapter.drafter import KnapSpecDrafter
+from vllm_knapspec.adapter.lookup_device import LookupSource
 
 
 class _BlockTableView:
@@ -78,7 +79,7 @@ class _TokenRows:
 class RunnerView:
     """The V2 runner as LayerSkipModel, DraftMetadataBuilder and KnapSpecDrafter read a V1 runner."""
 
-    host_tokens = False  # no host copy of every request's tokens: lookup drafts stay off
+    host_tokens = False  # no host copy of every request's tokens: lookup drafts are matched on the device
 
     def __init__(self, runner):
         self.runner = runner
@@ -105,6 +106,7 @@ class _StepMetadata:
         self.seq_lens_cpu_upper_bound = batch.seq_lens_cpu_upper_bound  # [>= num_reqs] host
         self.query_start_loc_cpu = torch.from_numpy(batch.query_start_loc_np)
         self.num_draft_tokens = batch.num_draft_tokens_per_req  # [num_reqs] verified this step; None: none
+        self.lookup_src = None  # lookup_device.LookupSource where the drafter matches lookup drafts
 
 
 class KnapSpecSpeculator(DraftModelSpeculator):
@@ -177,4 +179,18 @@ class KnapSpecSpeculator(DraftModelSpeculator):
             sampled = last_sampled.reshape(last_sampled.shape[0], -1)[idx, -1]
             return torch.where(num_sampled[:n] > 0, sampled, next_prefill_tokens[idx].to(sampled.dtype))
 
-        return self.drafter.propose_step(self.num_speculative_steps, tokens, _StepMetadata(input_batch), num_rejected)
+        md = _StepMetadata(input_batch)
+        if self.drafter.device_lookup is not None:
+            md.lookup_src = self._lookup_source(input_batch, n)
+        return self.drafter.propose_step(self.num_speculative_steps, tokens, md, num_rejected)
+
+    def _lookup_source(self, input_batch, n: int) -> LookupSource:
+        states = self.view.runner.req_states
+        upper = int(input_batch.seq_lens_cpu_upper_bound[:n].max()) + 1  # >= every row's total_len
+        return LookupSource(
+            tokens=states.all_token_ids.gpu,
+            total_len=states.total_len.gpu,
+            idx=input_batch.idx_mapping[:n],
+            req_ids=input_batch.req_ids[:n],
+            width=min(upper, states.all_token_ids.gpu.shape[1]),
+        )

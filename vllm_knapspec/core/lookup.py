@@ -43,7 +43,16 @@ def lookup_tokens(alpha, m: int) -> float:
 
 
 def choose_step(
-    has_lookup, alpha_lookup, alpha_skip, t_plain, t_verify, t_draft_step, gamma_max, bar=1.0, lookup_len=None
+    has_lookup,
+    alpha_lookup,
+    alpha_skip,
+    t_plain,
+    t_verify,
+    t_draft_step,
+    gamma_max,
+    bar=1.0,
+    lookup_len=None,
+    uniform=False,
 ):
     """Best (gamma, layer-skip on/off, lookup rows) for one step; plain unless it beats plain TPT x `bar`.
 
@@ -54,7 +63,10 @@ def choose_step(
     t_verify(x): time of a step verifying x draft tokens in all (rows without a lookup draft verify none in a
     lookup-only step); t_draft_step: one draft step of the plan (every row drafts gamma tokens then).
     A lookup-only step takes the rows whose lookup drafts raise tokens per time, best first; gamma caps every
-    lookup draft of the step (what it verifies is what it pays for).
+    lookup draft of the step (what it verifies is what it pays for). `uniform`: every row verifies gamma tokens
+    whatever it drafted (async scheduling schedules drafts before any match is known): a row without a draft
+    verifies gamma fillers, so every row with a match takes its lookup draft (it is free) and a step pays for
+    n x gamma tokens.
 
     2 rows, only row 0 has a lookup match (alpha 0.9), no layer-skip plan, t_plain 1.0, t_verify(x) = 1 + 0.1 x:
     gamma 5 gives (1 + .9 + .81 + .73 + .66 + .59) + 1 = 5.69 tokens in 1.5 -> 3.79/s > plain's 2/s.
@@ -78,8 +90,8 @@ def choose_step(
         for j, i in enumerate(order):
             tokens += e_look[i] - 1.0
             drafted += glen[i]
-            r = float(tokens / t_verify(drafted))
-            if r > rate:
+            r = float(tokens / t_verify(n * g if uniform else drafted))
+            if r > rate or uniform:
                 rate, take = r, j + 1
         if take:
             rows = np.zeros(n, dtype=bool)
@@ -89,7 +101,7 @@ def choose_step(
             e_skip = expected_tokens(alpha_skip, g)
             rows = has_lookup & (e_look > e_skip)
             tokens = float(np.where(rows, e_look, e_skip).sum())
-            drafted = float(np.where(rows, glen, g).sum())
+            drafted = float(n * g if uniform else np.where(rows, glen, g).sum())
             cands.append((True, rows, float(tokens / (t_verify(drafted) + g * t_draft_step))))
         for use_skip, rows, r in cands:
             if r > best.tpt and r > bar * plain:

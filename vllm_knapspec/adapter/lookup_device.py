@@ -1,0 +1,157 @@
+"""Prompt-lookup drafts under async scheduling (vLLM's V2 runner on a GPU): matched on the device, chosen on the
+host, never waiting for the device.
+
+Async scheduling schedules a step's drafts before the step before it has sampled, so the host cannot know this
+step's matches. vLLM's GPU n-gram matcher (`NgramGPUKernel`'s search, called as a function) runs on the device
+over the runner's token ids (`RequestState.all_token_ids`, which hold this step's sampled tokens when the
+speculator runs). The choice (`lookup.choose_step` with `uniform`: every row verifies the scheduled gamma) reads
+what earlier steps matched and kept, copied to the host asynchronously and read once the device is past them.
+A row with a match takes its lookup draft unless the choice gave it the layer-skip draft; a row with neither
+verifies its bonus token repeated (a filler the verification rejects unless the text repeats it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm_knapspec.adapter.lookup_drafts import choose_with_models
+from vllm_knapspec.core.lookup import LookupAcceptance, StepChoice, VerifyJump
+
+
+def vllm_matcher():
+    """vLLM's GPU n-gram search (longest n-gram in [min, max] whose earliest earlier occurrence leaves a token to
+    draft; -1 where a row has no draft token), or None where this vLLM has none."""
+    try:
+        from vllm.v1.spec_decode.ngram_proposer_gpu import NgramGPUKernel
+    except Exception:
+        return None
+    fn = getattr(NgramGPUKernel, "_find_first_and_extract_all_n_parallel", None)
+    if fn is None:
+        return None
+    return lambda tokens, seq_lens, lmin, lmax, k: fn(None, tokens, seq_lens, lmin, lmax, k)
+
+
+def match_drafts(match, tokens, seq_lens, bonus, lmin: int, lmax: int, k: int):
+    """Lookup drafts [n, k] and their lengths [n] for rows `tokens` [n, width] of seq_lens [n] tokens each (the
+    bonus token last). Positions past a row's match repeat its last draft token, or its bonus token where it has
+    none: what a row verifies beyond its draft is a filler.
+
+    >>> t = torch.tensor([[1, 2, 3, 9, 1, 2, 0], [4, 5, 6, 7, 0, 0, 0]])
+    >>> from vllm_knapspec.adapter.lookup_device import vllm_matcher
+    >>> d, m = match_drafts(vllm_matcher(), t, torch.tensor([6, 4]), torch.tensor([2, 7]), 2, 3, 3)
+    >>> d.tolist(), m.tolist()  # row 0: "1 2" occurred at 0, followed by 3 9 1; row 1: no match
+    ([[3, 9, 1], [7, 7, 7]], [3, 0])
+    """
+    d = match(tokens, seq_lens, lmin, lmax, k)  # [n, k], -1: no draft token
+    m = (d >= 0).to(torch.int64).cumprod(dim=1).sum(dim=1)  # [n] leading draft tokens
+    last = d.gather(1, (m - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # [n]
+    fill = torch.where(m > 0, last, bonus.to(d.dtype))
+    cols = torch.arange(k, device=d.device).unsqueeze(0)
+    return torch.where(cols < m.unsqueeze(1), d, fill.unsqueeze(1)).to(torch.int64), m
+
+
+@dataclass
+class LookupSource:
+    """Where a V2 step's rows find their tokens on the device."""
+
+    tokens: torch.Tensor  # [max_num_reqs, max_model_len] the runner's token ids (UVA)
+    total_len: torch.Tensor  # [max_num_reqs] tokens per request state, this step's sampled ones included
+    idx: torch.Tensor  # [n] batch row -> request state
+    req_ids: list  # [n]
+    width: int  # columns that hold every row's tokens
+
+
+@dataclass
+class _Record:
+    """One step's lookup drafts, on their way to the host."""
+
+    req_ids: list
+    m: torch.Tensor  # [n] host: tokens of each row's lookup draft
+    used: torch.Tensor  # [n] host: rows that verify their lookup draft next
+    skip_ran: bool  # the other rows verify layer-skip drafts
+    event: object  # CUDA event after the copies (None on a CPU device)
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+
+class DeviceLookup:
+    def __init__(self, cfg, k_max: int, device: torch.device):
+        self.match = vllm_matcher()
+        self.lmin, self.lmax, self.k_max = cfg.lookup_min, cfg.lookup_max, k_max
+        self.cuda = torch.device(device).type == "cuda"
+        self.acceptance = LookupAcceptance()
+        self.jump = VerifyJump()  # not fed: a V2 step's verification cost is the latency model's line
+        self.match_len: dict[str, int] = {}  # req_id -> tokens of its latest lookup draft the host has seen
+
+    @staticmethod
+    def wanted(cfg, vllm_config) -> bool:
+        return cfg.lookup == "auto" and vllm_config.scheduler_config.async_scheduling and vllm_matcher() is not None
+
+    def choose(self, selector, plan, ctx, req_ids: list) -> StepChoice:
+        n = len(req_ids)
+        m = np.array([self.match_len.get(r, 0) for r in req_ids], dtype=np.int64)
+        alphas = np.array([self.acceptance.alpha(r) for r in req_ids])
+        return choose_with_models(selector, plan, m > 0, alphas, m, ctx, n, self.k_max, self.jump, uniform=True)
+
+    def propose(self, src: LookupSource, bonus: torch.Tensor, skip_rows: np.ndarray | None, drafts: torch.Tensor):
+        """This step's lookup drafts into `drafts` [n, k] (k <= k_max) in the rows with a match, except
+        `skip_rows` (they keep the layer-skip drafts already there; None: no layer-skip draft ran, every other row
+        verifies fillers). Returns the step's record (`observe` reads it one or more steps later)."""
+        n, k = drafts.shape
+        # [n] a row in chunked prefill has its whole prompt staged: matched within this step's columns (its
+        # drafts are not scheduled)
+        seq = src.total_len[src.idx].to(torch.int64).clamp(max=src.width)
+        rows = src.tokens[src.idx.to(torch.int64), : src.width]  # [n, width]
+        lk, m = match_drafts(self.match, rows, seq, bonus[:n], self.lmin, self.lmax, self.k_max)
+        used = m > 0
+        if skip_rows is not None:
+            used &= ~torch.from_numpy(skip_rows).to(drafts.device, non_blocking=True)
+            drafts.copy_(torch.where(used.unsqueeze(1), lk[:, :k], drafts))
+        else:
+            drafts.copy_(lk[:, :k])
+        event = None
+        m_host, used_host = m.to("cpu", non_blocking=self.cuda), used.to("cpu", non_blocking=self.cuda)
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return _Record(list(src.req_ids), m_host, used_host, skip_rows is not None, event)
+
+    def seen(self, rec: _Record | None) -> None:
+        """The matches of `rec` as soon as they are on the host: the next choice prices them."""
+        if rec is not None and rec.ready():
+            self.match_len.update(zip(rec.req_ids, rec.m.tolist()))
+
+    def observe(self, rec: _Record, req_ids: list, verified, rejected) -> tuple[np.ndarray | None, int, int]:
+        """What a step (rows `req_ids`, `verified` drafts per row, `rejected` of them) kept of the lookup drafts in
+        `rec`, the step before it. Returns the rows whose verified drafts were not the layer-skip draft's (None:
+        the record is not on the host yet), the lookup tokens verified and those accepted."""
+        if not rec.ready():
+            return None, 0, 0
+        n = len(req_ids)
+        m, used = rec.m.numpy(), rec.used.numpy()
+        where = {r: j for j, r in enumerate(rec.req_ids)}
+        ver = np.broadcast_to(np.asarray(verified, dtype=np.int64), (n,))
+        rej = None if rejected is None else np.asarray(rejected, dtype=np.int64)
+        lookup = np.zeros(n, dtype=bool)
+        drafted = kept = 0
+        for i, r in enumerate(req_ids):
+            j = where.get(r)
+            if j is None:
+                continue
+            self.match_len[r] = int(m[j])
+            if not used[j]:
+                continue
+            lookup[i] = True
+            g = min(int(m[j]), int(ver[i]))
+            if g > 0 and rej is not None:
+                a = max(0, min(g, int(ver[i]) - int(rej[i])))
+                self.acceptance.observe(r, g, a)
+                drafted, kept = drafted + g, kept + a
+        live = set(req_ids)
+        self.acceptance.forget(live)
+        self.match_len = {r: v for r, v in self.match_len.items() if r in live}
+        return (lookup if rec.skip_ran else np.ones(n, dtype=bool)), drafted, kept

@@ -63,17 +63,21 @@ def _trace_take(worker):
 
 
 def step_times(trace) -> dict:
-    """Median step gap, draft step (per drafted token) and verify (gap - draft loop) in ms."""
+    """Median step gap, draft step (per drafted token) and verify (a drafting step's gap less its draft loop) in
+    ms; the plain steps' gap apart (a run whose selector drafted a few times has mostly plain steps)."""
     tr = trace[2:]  # the first reports may belong to the previous run (one step late)
     gaps = [g for g, _, _ in tr if g]
-    drafts = [ds / s for _, ds, s in tr if s]
-    loops = [ds for _, ds, s in tr if s]
+    drafting = [(g, ds, s) for g, ds, s in tr if g and s]
+    plain = [g for g, _, s in tr if g and not s]
     if not gaps:
         return {}
+    med = statistics.median
     return dict(
-        step_ms=statistics.median(gaps) * 1e3,
-        draft_step_ms=statistics.median(drafts) * 1e3 if drafts else None,
-        verify_ms=(statistics.median(gaps) - (statistics.median(loops) if loops else 0)) * 1e3,
+        step_ms=med(gaps) * 1e3,
+        plain_step_ms=med(plain) * 1e3 if plain else None,
+        draft_step_ms=med([ds / s for _, ds, s in drafting]) * 1e3 if drafting else None,
+        verify_ms=med([g - ds for g, ds, _ in drafting]) * 1e3 if drafting else None,
+        drafting_steps=len(drafting),
     )
 
 

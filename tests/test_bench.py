@@ -185,3 +185,14 @@ def test_round_order_is_a_fresh_permutation_per_round():
     before_plain = {o[o.index("plain") - 1] for o in orders if o[0] != "plain"}
     assert len(before_plain) >= 3  # plain does not always follow the same method
     assert len({o[0] for o in orders}) == len(live)  # every method goes first somewhere
+
+
+def test_a_second_plain_server_is_the_control_not_a_peer():
+    assert bench.method_specs(["plain", "plain2"], {"method": "knapspec"}, None, 8) == {"plain": None, "plain2": None}
+    plain = _cell("plain", 10.0, round_tok_s=[10.0, 8.0])
+    aa = _cell("plain2", 11.0, round_tok_s=[11.0, 8.0])
+    ks = _cell("knapspec", 10.5, round_tok_s=[10.5, 8.0])
+    cells = [plain, aa, ks]
+    bench.add_derived(cells, None, 8)
+    assert aa["paired"]["median"] == 1.05 and ks["paired_vs"] == {}  # the A/A spread; KnapSpec has no peer here
+    assert not any("behind or level with: plain2" in line for line in bench.target_check(cells))

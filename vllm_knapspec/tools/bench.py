@@ -61,7 +61,8 @@ from vllm_knapspec.tools.serve import ROOT, Server, default_model, parse_metrics
 
 HOST = "127.0.0.1"
 SERVED_NAME = "bench"
-METHODS = ("plain", "knapspec", "static", "clasp", "ngram")
+METHODS = ("plain", "plain2", "knapspec", "static", "clasp", "ngram")  # plain2: a second plain server (A/A)
+CONTROLS = ("plain", "plain2")  # not peers: what KnapSpec is compared with is plain
 KNAPSPEC_METHODS = ("knapspec", "static", "clasp")  # served by the KnapSpec drafter
 NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 DEFAULT_CONTEXTS = (512, 2048, 8192)
@@ -166,7 +167,7 @@ def load_knapspec_yaml(path: Path) -> dict:
 def method_specs(names, ks: dict, static_skip: str | None, clasp_layers: int) -> dict[str, dict | None]:
     specs: dict[str, dict | None] = {}
     for n in names:
-        if n == "plain":
+        if n in CONTROLS:
             specs[n] = None
         elif n == "knapspec":
             specs[n] = dict(ks)
@@ -747,7 +748,7 @@ def add_derived(cells: list[dict], static_skip: str | None, clasp_layers: int) -
             c["paired_vs"] = {
                 o["method"]: paired_between(c, o)
                 for o in cells
-                if o["method"] not in ("plain", "knapspec")
+                if o["method"] not in (*CONTROLS, "knapspec")
                 and (o["context"], o["concurrency"], o["mode"]) == (c["context"], c["concurrency"], c["mode"])
             }
         g = c.get("gauges_end", {})
@@ -801,7 +802,7 @@ def target_check(cells: list[dict]) -> list[str]:
         return []
     others = {}
     for c in cells:
-        if c["method"] not in ("plain", "knapspec") and c.get("speedup") is not None:
+        if c["method"] not in (*CONTROLS, "knapspec") and c.get("speedup") is not None:
             others.setdefault((c["context"], c["concurrency"], c["mode"]), []).append(c)
     within = [c for c in ks if c["speedup"] >= 0.98]
     ahead = [

@@ -1,0 +1,79 @@
+"""The real-model GPU benchmark as a table and a plot: speed vs plain decoding (vLLM's defaults) per cell, from one
+or more `tools/gpu_real.py` JSON files (a later file's cell replaces an earlier one's).
+
+    python tools/plot_real.py docs/data/v2-qwen-coder-1.5b-real-graphs.json --png docs/data/real-speedup.png
+
+Prints a markdown table (one row per cell: each method's speed vs plain, plain2 being the A/A control, and
+acceptance where the method drafted); the PNG has one panel per text kind and temperature, speed vs context with
+one line per batch size and method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+ORDER = ("plain2", "knapspec", "ngram", "full", "static25", "static50", "mlp2", "mlp4")
+
+
+def load_cells(paths: list[str]) -> dict:
+    cells = {}
+    for p in paths:
+        for b in json.load(open(p)).get("bench", []):
+            c = cells.setdefault((b["kind"], b["temperature"], b["ctx"], b["bs"]), {"speedup": {}, "acceptance": {}})
+            c["speedup"].update(b["speedup"])
+            c["acceptance"].update({m: a for m, a in (b.get("acceptance") or {}).items() if m in b["speedup"]})
+    return cells
+
+
+def table(cells: dict) -> str:
+    methods = [m for m in ORDER if any(m in c["speedup"] for c in cells.values())]
+    lines = [
+        "| text | temp | context | batch | " + " | ".join(methods) + " |",
+        "|" + "---|" * (4 + len(methods)),
+    ]
+    for (kind, temp, ctx, bs), c in sorted(cells.items()):
+        row = []
+        for m in methods:
+            s, a = c["speedup"].get(m), (c.get("acceptance") or {}).get(m)
+            row.append("-" if s is None else f"{s:.2f}" + (f" ({a:.2f})" if a else ""))
+        lines.append(f"| {kind} | {temp:g} | {ctx} | {bs} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(cells: dict, path: str, methods=("knapspec", "ngram")) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(k, t) for k, t, _, _ in cells})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (kind, temp) in zip(axes[0], panels):
+        for bs in sorted({b for k, t, _, b in cells if (k, t) == (kind, temp)}):
+            pts = sorted((c, v) for (k, t, c, b), v in cells.items() if (k, t, b) == (kind, temp, bs))
+            for m, style in zip(methods, ("-o", "--s")):
+                xy = [(c, v["speedup"][m]) for c, v in pts if m in v["speedup"]]
+                if xy:
+                    ax.plot(*zip(*xy), style, label=f"{m}, batch {bs}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set(title=f"{kind}, temperature {temp:g}", xlabel="context (tokens)", ylabel="speed vs plain decoding")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", nargs="+")
+    ap.add_argument("--png", default=None)
+    args = ap.parse_args()
+    cells = load_cells(args.json)
+    print(table(cells))
+    if args.png:
+        plot(cells, args.png)
+
+
+if __name__ == "__main__":
+    main()

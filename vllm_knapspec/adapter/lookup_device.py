@@ -104,8 +104,9 @@ class DeviceLookup:
         n, k = drafts.shape
         # [n] a row in chunked prefill has its whole prompt staged: matched within this step's columns (its
         # drafts are not scheduled)
-        seq = src.total_len[src.idx].to(torch.int64).clamp(max=src.width)
-        rows = src.tokens[src.idx.to(torch.int64), : src.width]  # [n, width]
+        width = min(max(src.width, self.lmax + 1), src.tokens.shape[1])  # the search's windows need lmax columns
+        seq = src.total_len[src.idx].to(torch.int64).clamp(max=width)
+        rows = src.tokens[src.idx.to(torch.int64), :width]  # [n, width]
         lk, m = match_drafts(self.match, rows, seq, bonus[:n], self.lmin, self.lmax, self.k_max)
         used = m > 0
         if skip_rows is not None:

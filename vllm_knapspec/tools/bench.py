@@ -398,9 +398,17 @@ async def flush_knapspec(client, server: Server, prompt) -> dict[str, float]:
     return await scrape(client, server.url)
 
 
-def rounds_of(n: int, conc: int) -> list[list[int]]:
-    """A cell's requests in waves of `conc`: the interleaved schedule's rounds (one request each at concurrency 1)."""
-    return [list(range(i, min(n, i + conc))) for i in range(0, n, conc)]
+def rounds_of(n: int, conc: int, waves: int = 1) -> list[list[int]]:
+    """A cell's requests in rounds of `waves` x `conc`: the interleaved schedule's rounds (one request each at
+    concurrency 1 and one wave). A round runs at most `conc` requests at once and starts the next as one ends, so
+    with waves > 1 a request that finishes early frees its slot for another, as on a server with a queue; with
+    one wave the round lasts as long as its slowest request.
+
+    >>> rounds_of(5, 2), rounds_of(8, 2, waves=2)
+    ([[0, 1], [2, 3], [4]], [[0, 1, 2, 3], [4, 5, 6, 7]])
+    """
+    size = conc * max(1, waves)
+    return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
 
 
 class CellMeter:
@@ -696,7 +704,7 @@ async def bench_interleaved(runs: list[MethodRun], args, grid, prompts_by_ctx, b
                     meters = {run.name: run.meter(client, pool, mode, bar) for run in live}
                     for run in list(live):
                         await _guarded(run, live, meters[run.name].begin())
-                    for idx in rounds_of(n, conc):
+                    for idx in rounds_of(n, conc, args.round_waves):
                         order = round_order(live, turn, args.seed)
                         turn += 1
                         for run in order:
@@ -1193,6 +1201,13 @@ def parse_args(argv=None):
         default=None,
         help="VLLM_CPU_KVCACHE_SPACE in GiB per server (default 1 interleaved: all servers are up at "
         "once; 2 with --sequential)",
+    )
+    ap.add_argument(
+        "--round-waves",
+        type=int,
+        default=1,
+        help="waves of `concurrency` requests per interleaved round (default 1: a round lasts as long as its slowest "
+        "request; more: a finished request's slot takes the round's next request, as on a server with a queue)",
     )
     ap.add_argument(
         "--settle",

@@ -272,3 +272,13 @@ def test_device_lookup_drafts_and_learns_from_what_the_next_step_kept():
     assert out.tolist() == [[3, 4, 1], [8, 8, 8], [9, 7, 8]]
     lookup, _, _ = dl.observe(rec, ["r2"], np.array([2]), np.array([0]))  # rows matched by request
     assert lookup.tolist() == [True] and dl.match_len == {"r2": 3} and list(dl.acceptance.counts) == ["r2"]
+
+
+def test_sampled_requests_do_not_inherit_greedy_acceptance():
+    """A server's greedy requests copying well say little about its sampled ones: priors are pooled per group."""
+    acc = LookupAcceptance(prior=0.5, weight=4.0, decay=1.0)
+    for i in range(20):
+        acc.observe(f"g{i}", 5, 5, ngram=3, group="greedy")
+    acc.observe("s0", 5, 0, ngram=3, group="sampled")
+    assert acc.alpha("new", 3, "greedy")[0] > 0.9
+    assert acc.alpha("new", 3, "sampled")[0] < 0.5  # the sampled pool: one rejected draft, from the 0.5 prior

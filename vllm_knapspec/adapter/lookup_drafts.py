@@ -99,7 +99,12 @@ class LookupDrafts:
     def alphas(self, n: int) -> np.ndarray:
         ids = self.runner.input_batch.req_ids[:n]
         ng = self.ngram_len.tolist() if len(self.ngram_len) >= n else [0] * n
-        return np.array([self.acceptance.alpha(r, g or None) for r, g in zip(ids, ng)])
+        return np.array([self.acceptance.alpha(r, g or None, self._group(r)) for r, g in zip(ids, ng)])
+
+    def _group(self, req_id: str) -> str | None:
+        """The request's acceptance group: greedy or sampled (V1 InputBatch.greedy_reqs)."""
+        greedy = getattr(self.runner.input_batch, "greedy_reqs", None)
+        return None if greedy is None else ("greedy" if req_id in greedy else "sampled")
 
     def choose(self, selector, plan, has, ctx, n: int) -> StepChoice:
         lookup_len = self.match_len[:n] if len(self.match_len) >= n else None
@@ -145,7 +150,7 @@ class LookupDrafts:
             for i in np.flatnonzero(mask):
                 g, ngram = self.pending[ids[i]]
                 a = max(0, g - int(rejected[i]))
-                self.acceptance.observe(ids[i], g, a, ngram=ngram)
+                self.acceptance.observe(ids[i], g, a, ngram=ngram, group=self._group(ids[i]))
                 kept += a
         self.acceptance.forget(set(ids))
         return not_skip, kept

@@ -167,10 +167,12 @@ class LookupAcceptance:
     towards 0 and stops getting lookup drafts.
 
     Priors are pooled (empirical Bayes), forgetting old observations by `decay` per draft: the rates over all
-    requests (`prior` before any draft was verified) are the prior of the rates per matched n-gram length (a
-    draft that follows a 5-token match is more often right than one after a 2-token match), and those are the
-    prior of a request's draft after a match of that length. On a server whose requests rarely copy, a new
-    request starts low instead of paying for a few rejected drafts first; where they copy, it starts high.
+    requests of a `group` (`prior` before any draft was verified) are the prior of the rates per matched n-gram
+    length (a draft that follows a 5-token match is more often right than one after a 2-token match), and those
+    are the prior of a request's draft after a match of that length. On a server whose requests rarely copy, a
+    new request starts low instead of paying for a few rejected drafts first; where they copy, it starts high.
+    Groups keep greedy and sampled requests apart: a sampled request keeps a copied token only as often as the
+    target samples it, so a server's greedy requests say little about its sampled ones.
 
     >>> acc = LookupAcceptance(prior=0.5, weight=4.0, decay=1.0)
     >>> acc.observe("r", 5, 5, ngram=3); acc.observe("r", 5, 0, ngram=2)
@@ -186,30 +188,31 @@ class LookupAcceptance:
         self.prior, self.weight, self.decay = prior, weight, decay
         # [first right, first trials, next right, next trials]
         self.counts: dict[str, list[float]] = {}  # per request
-        self.pool = [0.0] * 4  # all requests, decayed
-        self.by_ngram: dict[int, list[float]] = {}  # per matched n-gram length, decayed
+        self.pool: dict = {}  # group -> counts over all its requests, decayed
+        self.by_ngram: dict = {}  # (group, matched n-gram length) -> counts, decayed
 
     def _rates(self, c, prior) -> tuple[float, float]:
         w = self.weight
         return (c[0] + prior[0] * w) / (c[1] + w), (c[2] + prior[1] * w) / (c[3] + w)
 
-    def pooled(self, ngram: int | None = None) -> tuple[float, float]:
-        rates = self._rates(self.pool, (self.prior, self.prior))
-        if ngram is None or ngram not in self.by_ngram:
-            return rates
-        return self._rates(self.by_ngram[ngram], rates)
+    def pooled(self, ngram: int | None = None, group=None) -> tuple[float, float]:
+        rates = self._rates(self.pool.get(group, (0.0,) * 4), (self.prior, self.prior))
+        c = self.by_ngram.get((group, ngram)) if ngram is not None else None
+        return rates if c is None else self._rates(c, rates)
 
-    def alpha(self, req_id: str, ngram: int | None = None) -> tuple[float, float]:
-        return self._rates(self.counts.get(req_id, (0.0,) * 4), self.pooled(ngram))
+    def alpha(self, req_id: str, ngram: int | None = None, group=None) -> tuple[float, float]:
+        return self._rates(self.counts.get(req_id, (0.0,) * 4), self.pooled(ngram, group))
 
-    def observe(self, req_id: str, proposed: int, accepted: int, ngram: int | None = None) -> None:
+    def observe(self, req_id: str, proposed: int, accepted: int, ngram: int | None = None, group=None) -> None:
         if proposed <= 0:
             return
         obs = (float(accepted >= 1), 1.0, float(max(accepted - 1, 0)), float(min(accepted, proposed - 1)))
         c = self.counts.setdefault(req_id, [0.0] * 4)
         for i, x in enumerate(obs):
             c[i] += x
-        pools = [self.pool] + ([self.by_ngram.setdefault(ngram, [0.0] * 4)] if ngram is not None else [])
+        pools = [self.pool.setdefault(group, [0.0] * 4)]
+        if ngram is not None:
+            pools.append(self.by_ngram.setdefault((group, ngram), [0.0] * 4))
         for p in pools:
             for i, x in enumerate(obs):
                 p[i] = p[i] * self.decay + x

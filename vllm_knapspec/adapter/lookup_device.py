@@ -105,8 +105,9 @@ class DeviceLookup:
         # [n] a row in chunked prefill has its whole prompt staged: matched within this step's columns (its
         # drafts are not scheduled)
         width = min(max(src.width, self.lmax + 1), src.tokens.shape[1])  # the search's windows need lmax columns
-        seq = src.total_len[src.idx].to(torch.int64).clamp(max=width)
-        rows = src.tokens[src.idx.to(torch.int64), :width]  # [n, width]
+        idx = src.idx.to(torch.int64)
+        seq = src.total_len[idx].to(torch.int64).clamp(max=width)
+        rows = src.tokens[idx, :width]  # [n, width]
         lk, m = match_drafts(self.match, rows, seq, bonus[:n], self.lmin, self.lmax, self.k_max)
         used = m > 0
         if skip_rows is not None:

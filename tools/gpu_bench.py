@@ -161,6 +161,13 @@ def _take_trace(worker):
     return t
 
 
+def _lookup_path(drafter) -> str | None:
+    """Where the drafter matches lookup drafts: on the host (sync scheduling), the device (V2, async), or off."""
+    if getattr(drafter, "device_lookup", None) is not None:
+        return "device"
+    return "host" if getattr(drafter, "lookup", None) is not None else None
+
+
 def _runner_info(worker):
     r = worker.model_runner
     return dict(
@@ -168,6 +175,7 @@ def _runner_info(worker):
         speculator=type(getattr(r, "speculator", None)).__name__,
         graphs=getattr(getattr(r, "drafter", None), "graphs", None) is not None,
         warmups=getattr(getattr(r, "drafter", None), "warmups", None),
+        lookup=_lookup_path(getattr(r, "drafter", None)),
         full_graph_query_lens=sorted(
             {
                 d.uniform_token_count

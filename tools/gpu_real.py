@@ -87,9 +87,11 @@ def _selections(worker):
     hist = getattr(sel, "history", None) or []
     cur = getattr(sel, "current", None)
     keys = ("ctx", "batch", "skip", "gamma", "speculate", "alpha", "speedup", "cost_s")
+    counters = d.stats.counters
     return dict(
         current=None if cur is None else [str(cur[0]), int(cur[1])],
         n_history=len(hist),
+        lookup_tokens_total={k: counters.get(f"lookup_{k}_tokens", 0.0) for k in ("draft", "accepted")},  # engine life
         last=[{k: (float(h[k]) if isinstance(h.get(k), float) else h.get(k)) for k in keys} for h in hist[-4:]],
     )
 

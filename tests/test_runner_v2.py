@@ -135,6 +135,21 @@ def test_verified_counts_per_request_where_the_runner_gives_them():
     assert d._verified(SimpleNamespace(num_reqs=2), 2) == 4  # V1: what the last propose() returned
 
 
+def _v2_batch(states: list[int], seq_len: int, req_ids=None):
+    """A decode step's V2 InputBatch: one token per row, no drafts scheduled; row i is request state states[i]."""
+    n = len(states)
+    return SimpleNamespace(
+        num_reqs=n,
+        req_ids=req_ids or [f"r{i}" for i in range(n)],
+        idx_mapping_np=np.array(states, dtype=np.int32),
+        idx_mapping=torch.tensor(states),
+        seq_lens=torch.full((n,), seq_len),
+        seq_lens_cpu_upper_bound=torch.full((n,), seq_len),
+        query_start_loc_np=np.arange(n + 1, dtype=np.int32),
+        num_draft_tokens_per_req=None,
+    )
+
+
 def test_v2_plain_steps_reach_the_selector_one_in_stride():
     """Through the V2 speculator too, while plain decoding is planned the selector sees one step in
     QUIET_STRIDE (the quiet check runs once per step)."""
@@ -143,15 +158,7 @@ def test_v2_plain_steps_reach_the_selector_one_in_stride():
     d = _drafter(gamma=0)
     spec = SimpleNamespace(drafter=d, view=SimpleNamespace(idx_np=None), num_speculative_steps=4)
     spec.draft_tokens = torch.zeros(4, 4, dtype=torch.int64)
-    batch = SimpleNamespace(
-        num_reqs=2,
-        idx_mapping_np=np.array([0, 1], dtype=np.int32),
-        idx_mapping=torch.tensor([0, 1]),
-        seq_lens=torch.full((2,), 100),
-        seq_lens_cpu_upper_bound=torch.full((2,), 100),
-        query_start_loc_np=np.arange(3, dtype=np.int32),
-        num_draft_tokens_per_req=None,
-    )
+    batch = _v2_batch([0, 1], seq_len=100)
     ones, zeros = torch.ones(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
     last = torch.zeros(4, 1, dtype=torch.int64)
     steps = 4 * drafter_mod.QUIET_STRIDE
@@ -174,16 +181,7 @@ def test_v2_lookup_drafts_are_matched_on_the_device_tokens():
     runner.req_states.total_len = SimpleNamespace(gpu=torch.tensor([9, 8, 9, 9], dtype=torch.int32))
     spec = SimpleNamespace(drafter=d, view=SimpleNamespace(idx_np=None, runner=runner), num_speculative_steps=4)
     spec._lookup_source = lambda b, n: KnapSpecSpeculator._lookup_source(spec, b, n)
-    batch = SimpleNamespace(
-        num_reqs=2,
-        req_ids=["a", "b"],
-        idx_mapping_np=np.array([1, 0], dtype=np.int32),
-        idx_mapping=torch.tensor([1, 0]),
-        seq_lens=torch.full((2,), 8),
-        seq_lens_cpu_upper_bound=torch.full((2,), 8),
-        query_start_loc_np=np.arange(3, dtype=np.int32),
-        num_draft_tokens_per_req=None,
-    )
+    batch = _v2_batch([1, 0], seq_len=8, req_ids=["a", "b"])
     ones, zeros = torch.ones(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
     last = torch.tensor([[9], [2], [0], [0]])
     outs = [

@@ -302,19 +302,8 @@ class KnapSpecDrafter(DraftModelProposer):
             self.next_gamma = 0 if plan is None else min(plan[1], self.k_max)
             steps = min(self.next_gamma, k)
             if steps:
-                start = self.feedback.event()
-                t0 = time.perf_counter()
-                self._draft(
-                    drafts,
-                    steps,
-                    _tensor(next_token_ids)[:n],
-                    self._bonus_positions(cad, n, num_rejected_tokens_gpu),
-                    cad,
-                    n,
-                    plan[0],
-                )
-                step.skip, step.steps, step.draft_s = plan[0], steps, time.perf_counter() - t0
-                step.events = (start, self.feedback.event()) if start is not None else None
+                pos = self._bonus_positions(cad, n, num_rejected_tokens_gpu)
+                self._timed_draft(step, drafts, steps, _tensor(next_token_ids)[:n], pos, cad, n, plan[0])
             else:
                 self.stats.no_spec_step()
             self._verified_next = k
@@ -362,11 +351,7 @@ class KnapSpecDrafter(DraftModelProposer):
         steps = min(choice.gamma, k) if choice.use_skip else 0
         rows = has & choice.lookup_rows
         if steps:
-            start = self.feedback.event()
-            t0 = time.perf_counter()
-            self._draft(drafts, steps, next_token_ids[:n], pos_dev, cad, n, plan[0])
-            step.skip, step.steps, step.draft_s = plan[0], steps, time.perf_counter() - t0
-            step.events = (start, self.feedback.event()) if start is not None else None
+            self._timed_draft(step, drafts, steps, next_token_ids[:n], pos_dev, cad, n, plan[0])
         elif not choice.gamma:
             self.stats.no_spec_step()
         drafted = self.lookup.fill(drafts, lk, rows, steps, choice.gamma)
@@ -385,11 +370,7 @@ class KnapSpecDrafter(DraftModelProposer):
         steps = min(choice.gamma, k) if choice.use_skip else 0
         bonus = _tensor(next_token_ids)[:n]
         if steps:
-            start = self.feedback.event()
-            t0 = time.perf_counter()
-            self._draft(drafts, steps, bonus, self._bonus_positions(cad, n, rejected), cad, n, plan[0])
-            step.skip, step.steps, step.draft_s = plan[0], steps, time.perf_counter() - t0
-            step.events = (start, self.feedback.event()) if start is not None else None
+            self._timed_draft(step, drafts, steps, bonus, self._bonus_positions(cad, n, rejected), cad, n, plan[0])
         elif not choice.gamma:
             self.stats.no_spec_step()
         skip_rows = ~choice.lookup_rows if steps else None
@@ -488,6 +469,14 @@ class KnapSpecDrafter(DraftModelProposer):
         if rejected is not None:
             pos = pos - rejected[:n].to(torch.int64)
         return pos
+
+    def _timed_draft(self, step: _Step, drafts, steps: int, tokens, pos, cad, n: int, skip) -> None:
+        """The layer-skip draft loop, recorded on the step with its host time and (GPU) its device-time events."""
+        start = self.feedback.event()
+        t0 = time.perf_counter()
+        self._draft(drafts, steps, tokens, pos, cad, n, skip)
+        step.skip, step.steps, step.draft_s = skip, steps, time.perf_counter() - t0
+        step.events = (start, self.feedback.event()) if start is not None else None
 
     def _draft(self, drafts, steps: int, tokens, pos, cad, n: int, skip) -> None:
         d = self.draft

@@ -274,6 +274,94 @@ def test_device_lookup_drafts_and_learns_from_what_the_next_step_kept():
     assert lookup.tolist() == [True] and dl.match_len == {"r2": 3} and list(dl.acceptance.counts) == ["r2"]
 
 
+class _Line:
+    """A selector whose latency model says a plain step takes 2 ms and each verified token 0.01 ms more."""
+
+    class target:
+        @staticmethod
+        def plain_step_time(ctx):
+            return 0.002
+
+        @staticmethod
+        def verify_step_time(ctx, k):
+            return 0.002 + 0.00001 * k
+
+    cfg = type("Cfg", (), {"min_speedup": 1.02})
+    predicted_alpha, _plain_scale = None, 1.0
+
+    def _t_plain(self, ctx):
+        return 0.002
+
+
+def test_device_lookup_stops_drafting_when_its_steps_measure_dear():
+    """On the model's line a lookup draft with acceptance 0.5 pays; once steps that verify 5 tokens per row are
+    measured at 4x a plain step (the host work of a drafting step, which the line does not know), it does not."""
+    import torch
+
+    from vllm_knapspec.adapter.lookup_device import DeviceLookup
+
+    dl = DeviceLookup(type("Cfg", (), {"lookup_min": 2, "lookup_max": 3}), 5, torch.device("cpu"))
+    dl.match_len = {"a": 5}
+    dl.acceptance.alpha = lambda r: 0.5
+    ctx, sel = np.array([1000]), _Line()
+    assert dl.choose(sel, None, ctx, ["a"]).gamma > 0
+    for _ in range(8):
+        dl.observe_cost(sel, ctx, 1, 5, 0.008)  # a step that verified 5 tokens: 8 ms
+        dl.observe_cost(sel, ctx, 1, 0, 0.002)  # a plain step: 2 ms
+    assert dl.choose(sel, None, ctx, ["a"]).gamma == 0
+
+
+def test_device_lookup_search_stays_eager_when_compiling_fails(monkeypatch):
+    """compile() runs at start-up; a failure there leaves the eager search (the warm-up logs it)."""
+    import torch
+
+    from vllm_knapspec.adapter.lookup_device import DeviceLookup
+
+    dl = DeviceLookup(type("Cfg", (), {"lookup_min": 2, "lookup_max": 3}), 3, torch.device("cpu"))
+    eager = dl.search
+
+    def broken(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no compiler")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(RuntimeError):
+        dl.compile()
+    assert dl.search is eager
+    drafts = torch.zeros(1, 3, dtype=torch.int64)
+    dl.propose(_src([[1, 2, 3, 4, 1, 2, 0, 0]], [6]), torch.tensor([2]), None, drafts)
+    assert drafts.tolist() == [[3, 4, 1]]
+
+
+def test_compiled_device_search_serves_every_batch_without_compiling_again():
+    """compile() at start-up covers the shapes propose() passes (batch 1 and more, any width): a request never
+    waits for a compile (a recompile cost ~2.5 s on the H200 at the first lookup draft), and the drafts are the
+    eager search's."""
+    import torch
+    import torch._dynamo.utils as dynamo_utils
+
+    from vllm_knapspec.adapter.lookup_device import DeviceLookup, LookupSource
+
+    dl = DeviceLookup(type("Cfg", (), {"lookup_min": 2, "lookup_max": 5}), 5, torch.device("cpu"))
+    eager = dl.search
+    dl.compile()
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 6, (16, 512), dtype=torch.int32, generator=gen)
+    for n, width in ((1, 301), (1, 302), (3, 303), (16, 500), (2, 120)):
+        src = LookupSource(tokens, torch.full((16,), 300), torch.arange(n), [f"r{i}" for i in range(n)], width)
+        bonus = torch.randint(0, 6, (16,), generator=gen)
+        got, want = torch.zeros(n, 5, dtype=torch.int64), torch.zeros(n, 5, dtype=torch.int64)
+        dl.propose(src, bonus, None, got)
+        dl.search, compiled = eager, dl.search
+        dl.propose(src, bonus, None, want)
+        dl.search = compiled
+        assert torch.equal(got, want)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
+
+
 def test_sampled_requests_do_not_inherit_greedy_acceptance():
     """A server's greedy requests copying well say little about its sampled ones: priors are pooled per group."""
     acc = LookupAcceptance(prior=0.5, weight=4.0, decay=1.0)

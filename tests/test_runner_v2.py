@@ -97,6 +97,7 @@ def _drafter(gamma: int):
     d._last_call = d._prev_reqs = None
     d._verified_next, d._quiet, d._quiet_n, d._quiet_s = 0, 0, 0, 0.0
     d.graphs = d.lookup = d.device_lookup = d._lookup_prev = d.trace = None
+    d._skip_ran = False
     d.selector, d._drafts = _Selector(), torch.zeros(4, 4, dtype=torch.int64)
     return d
 

@@ -92,6 +92,7 @@ def _selections(worker):
         current=None if cur is None else [str(cur[0]), int(cur[1])],
         n_history=len(hist),
         lookup_tokens_total={k: counters.get(f"lookup_{k}_tokens", 0.0) for k in ("draft", "accepted")},  # engine life
+        draft_fallbacks=counters.get("draft_fallbacks", 0.0),  # engine life: steps whose drafting failed
         last=[{k: (float(h[k]) if isinstance(h.get(k), float) else h.get(k)) for k in keys} for h in hist[-4:]],
     )
 

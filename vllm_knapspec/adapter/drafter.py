@@ -73,6 +73,7 @@ class _Step:
         "lookup_tokens",
         "req_ids",
         "lookup_rec",
+        "after_skip",
     )
 
     def __init__(self, n, ctx, gap, steady, verified, rejected):
@@ -82,6 +83,7 @@ class _Step:
         self.lookup_tokens = 0  # lookup draft tokens this step verified
         self.req_ids = None  # [n] (device lookup: rows are matched to the last step's by request)
         self.lookup_rec = None  # lookup_device._Record of the drafts this step verified
+        self.after_skip = False  # the gap before this step held a layer-skip draft loop
 
 
 class _Feedback:
@@ -146,6 +148,7 @@ class KnapSpecDrafter(DraftModelProposer):
         self.lookup = None  # lookup_drafts.LookupDrafts (lookup: auto, sync scheduling)
         self.device_lookup = None  # lookup_device.DeviceLookup (lookup: auto, async scheduling, V2 runner)
         self._lookup_prev = None  # the last full step's lookup_device._Record
+        self._skip_ran = False  # the last full step ran the layer-skip draft loop (device lookup)
         self.trace: list | None = None  # benchmarks: (step gap s, draft loop s, draft steps) per step
         self.warmup_s = 0.0
         self.warmups: dict[str, float] = {}
@@ -205,6 +208,8 @@ class KnapSpecDrafter(DraftModelProposer):
             return
         if self._graphs_wanted():
             self._warmup("draft graph capture", self._capture_graphs)
+        if self.device_lookup is not None:
+            self._warmup("lookup search compile", self.device_lookup.compile)
         calibrate = getattr(self.selector, "calibrate", None)
         if calibrate is not None:  # cold, then timed: the first selection waits for a warm pass
             self._warmup("selection pass", calibrate)
@@ -373,6 +378,7 @@ class KnapSpecDrafter(DraftModelProposer):
             self._timed_draft(step, drafts, steps, bonus, self._bonus_positions(cad, n, rejected), cad, n, plan[0])
         elif not choice.gamma:
             self.stats.no_spec_step()
+        self._skip_ran = bool(steps)
         skip_rows = ~choice.lookup_rows if steps else None
         self._lookup_prev = self.device_lookup.propose(src, bonus, skip_rows, drafts)
 
@@ -400,6 +406,7 @@ class KnapSpecDrafter(DraftModelProposer):
         step = _Step(n, self._context(cad, n), gap, self._prev_reqs == n, verified if rej is not None else 0, rej)
         if self.device_lookup is not None:
             step.req_ids, step.lookup_rec = (None if src is None else src.req_ids), rec
+            step.after_skip, self._skip_ran = self._skip_ran, False
         if self.lookup is not None:  # sync scheduling: the counts are ready
             if gap and step.steady and not self.lookup.pending_skip:  # a lookup-only or plain step: its cost
                 self.lookup.observe_cost(self.selector, step.ctx, n, lookup_tokens, gap)
@@ -425,6 +432,9 @@ class KnapSpecDrafter(DraftModelProposer):
             self.selector.observe_draft(s.skip, s.ctx, None, s.draft_s, s.steps)
         if s.lookup_rec is not None and s.lookup_rec[0] is not None and s.req_ids is not None:
             self._observe_device_lookup(s)
+        if self.device_lookup is not None and s.gap and s.steady and not s.after_skip:  # lookup-only or plain
+            verified = int(np.broadcast_to(s.verified, (s.n,)).sum())
+            self.device_lookup.observe_cost(self.selector, s.ctx, s.n, verified, s.gap)
         keep = np.ones(s.n, dtype=bool) if s.lookup is None else ~s.lookup  # layer-skip rows only
         proposed = int(np.broadcast_to(s.verified, (s.n,))[keep].sum())
         accepted = max(0, proposed - int(s.rejected[torch.from_numpy(keep)].sum())) if proposed else 0

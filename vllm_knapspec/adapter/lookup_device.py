@@ -8,16 +8,23 @@ speculator runs). The choice (`lookup.choose_step` with `uniform`: every row ver
 what earlier steps matched and kept, copied to the host asynchronously and read once the device is past them.
 A row with a match takes its lookup draft unless the choice gave it the layer-skip draft; a row with neither
 verifies its bonus token repeated (a filler the verification rejects unless the text repeats it).
+
+On the GPU the search is compiled once at start-up (`DeviceLookup.compile`), as vLLM compiles `NgramGPUKernel`:
+called eagerly it launches ~80 small kernels per step, ~2 ms of host time on the H200's host
+(tools/gpu_lookup_diag.py), which a 1.5B model's ~2 ms decode step cannot hide. What a drafting step costs beyond
+the latency model's line is measured (`observe_cost`, the VerifyJump), so a host that is slower than the model
+says stops lookup drafts that do not pay.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from vllm_knapspec.adapter.lookup_drafts import choose_with_models
+from vllm_knapspec.adapter.lookup_drafts import choose_with_models, observe_cost
 from vllm_knapspec.core.lookup import LookupAcceptance, StepChoice, VerifyJump
 
 
@@ -84,8 +91,31 @@ class DeviceLookup:
         self.lmin, self.lmax, self.k_max = cfg.lookup_min, cfg.lookup_max, k_max
         self.cuda = torch.device(device).type == "cuda"
         self.acceptance = LookupAcceptance()
-        self.jump = VerifyJump()  # not fed: a V2 step's verification cost is the latency model's line
+        # What a drafting step costs beyond the latency model's line, measured. The gaps it sees are steady decode
+        # steps (same batch, no prefill), and a drafting step's host work can cost 3-4x a ~2 ms plain step
+        # (Qwen2.5-1.5B on the H200 with the search eager): they count.
+        self.jump = VerifyJump(cap=8.0)
         self.match_len: dict[str, int] = {}  # req_id -> tokens of its latest lookup draft the host has seen
+        self.search = functools.partial(match_drafts, self.match)  # eager until compile()
+
+    def compile(self) -> None:
+        """Compile the search (dynamic batch and width) and run it once for a batch of 1 and of 2, the shapes
+        torch specialises; on failure the search stays eager and the error is raised to the caller."""
+        eager = self.search
+        self.search = torch.compile(eager, dynamic=True)
+        try:
+            dev = "cuda" if self.cuda else "cpu"
+            for n in (1, 2):  # inputs like propose()'s: distinct tensors (dynamo guards on aliasing), seq < width
+                t = torch.ones(n, 4 * self.lmax + 8, dtype=torch.int32, device=dev)
+                seq = torch.full((n,), t.shape[1] - 1, dtype=torch.int64, device=dev)
+                bonus = torch.ones(n, dtype=torch.int64, device=dev)
+                self.search(t, seq, bonus, self.lmin, self.lmax, self.k_max)
+        except Exception:
+            self.search = eager
+            raise
+
+    def observe_cost(self, selector, ctx, n: int, verified: int, seconds: float) -> None:
+        observe_cost(self.jump, selector, ctx, n, verified, seconds)
 
     @staticmethod
     def wanted(cfg, vllm_config) -> bool:
@@ -107,8 +137,8 @@ class DeviceLookup:
         width = min(max(src.width, self.lmax + 1), src.tokens.shape[1])  # the search's windows need lmax columns
         idx = src.idx.to(torch.int64)
         seq = src.total_len[idx].to(torch.int64).clamp(max=width)
-        rows = src.tokens[idx, :width]  # [n, width]
-        lk, m = match_drafts(self.match, rows, seq, bonus[:n], self.lmin, self.lmax, self.k_max)
+        rows = src.tokens[idx, :width].to(torch.int32)  # [n, width] the dtypes compile() compiled for
+        lk, m = self.search(rows, seq, bonus[:n].to(torch.int64), self.lmin, self.lmax, self.k_max)
         used = m > 0
         if skip_rows is not None:
             used &= ~torch.from_numpy(skip_rows).to(drafts.device, non_blocking=True)

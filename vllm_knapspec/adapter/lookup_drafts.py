@@ -111,11 +111,7 @@ class LookupDrafts:
         return choose_with_models(selector, plan, has, self.alphas(n), lookup_len, ctx, n, self.k_max, self.jump)
 
     def observe_cost(self, selector, ctx, n: int, verified: int, seconds: float) -> None:
-        """A step that verified `verified` lookup draft tokens (and no layer-skip drafts) took `seconds`: what it
-        cost beyond the model's line feeds the jump of a drafting step (VerifyJump)."""
-        if hasattr(selector, "target") and len(ctx):
-            t_plain, slope = _line(selector, ctx, n)
-            self.jump.observe(verified, seconds, t_plain, t_plain + verified * slope)
+        observe_cost(self.jump, selector, ctx, n, verified, seconds)
 
     def fill(
         self, out: torch.Tensor, drafts: np.ndarray, lookup_rows: np.ndarray, skip_steps: int, gamma: int | None = None
@@ -184,6 +180,14 @@ def choose_with_models(selector, plan, has, alphas, lookup_len, ctx, n: int, k_m
         lookup_len=lookup_len,
         uniform=uniform,
     )
+
+
+def observe_cost(jump, selector, ctx, n: int, verified: int, seconds: float) -> None:
+    """A step that verified `verified` draft tokens (none of them layer-skip drafts) took `seconds`: what it cost
+    beyond the model's line feeds `jump` (VerifyJump), which prices the next choices' verification."""
+    if hasattr(selector, "target") and len(ctx):
+        t_plain, slope = _line(selector, ctx, n)
+        jump.observe(verified, seconds, t_plain, t_plain + verified * slope)
 
 
 def _line(selector, ctx, n: int) -> tuple[float, float]:

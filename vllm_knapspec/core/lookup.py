@@ -117,7 +117,7 @@ class VerifyJump:
     slope. The residual share (measured - predicted) / t_plain of drafting steps is fitted as a + b x by decayed
     least squares (ridge on b, so steps that all verify the same x give a level, not a slope); that of plain
     steps is averaged as a base the model already misses by; `extra(x)` is the difference, never below 0, and 0
-    for x = 0. A gap over 3x the prediction is not a step's cost (a prefill ran, the engine idled): left out.
+    for x = 0. A gap over `cap` x the prediction is not a step's cost (a prefill ran, the engine idled): left out.
 
     >>> j = VerifyJump(decay=1.0)
     >>> j.observe(0, 0.044, 0.044); j.observe(1, 0.055, 0.044, 0.049)
@@ -128,8 +128,8 @@ class VerifyJump:
     (0.15, 0.62)
     """
 
-    def __init__(self, decay: float = 0.9):
-        self.decay = decay
+    def __init__(self, decay: float = 0.9, cap: float = 3.0):
+        self.decay, self.cap = decay, cap
         self.plain = [0.0, 0.0]  # decayed [sum of residual shares, count] of plain steps
         self.fit = np.zeros(5)  # decayed sums over drafting steps: [1, x, x^2, r, x r]
 
@@ -137,7 +137,7 @@ class VerifyJump:
         """One step: `drafted` tokens verified, `measured` seconds; the model's plain step and its prediction
         for this step (default: the plain step)."""
         pred = predicted_plain if predicted is None else predicted
-        if not 0.0 < measured < 3.0 * pred:  # the gap held something else (a prefill, an idle engine)
+        if not 0.0 < measured < self.cap * pred:  # the gap held something else (a prefill, an idle engine)
             return
         r = (measured - pred) / max(predicted_plain, 1e-9)
         if drafted <= 0:

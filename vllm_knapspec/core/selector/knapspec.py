@@ -50,6 +50,7 @@ class KnapSpecSelector(Choice, Schedule, Guard, TimingFeed, Telemetry):
         self._metric_steps = 0
         self._plain_steps: deque = deque(maxlen=PLAIN_WINDOW)  # (ctx, k, seconds): steady plain steps at ctx + k
         self._plain_scale = 1.0  # measured / predicted plain step time, set at each selection
+        self._plain_scaled_at = None  # the newest plain step _plain_scale has seen
         self._spec = self._new_spec()  # the current plan's measured record since its selection
         self._plain_obs = _PlainSteps()  # plain steps pending for the target model
         self.interval = cfg.reselect_interval  # steps between selections (doubles while choosing plain)

@@ -105,7 +105,8 @@ class TimingFeed:
         on an H100 the graphed-draft prior priced the compiled target step 1.8x too high). Only down: plain
         steps measured slower than predicted (a busy host) would slow the drafts too, which no draft timing
         has shown yet, so scaling up would favour speculation on a guess."""
-        if len(self._plain_steps) >= 8:
+        last = self._plain_steps[-1] if len(self._plain_steps) >= 8 else None
+        if last is not None and last is not self._plain_scaled_at:  # once per new plain step
             ratios = [sec / max(self.target.plain_step_time(c + k), 1e-12) for c, k, sec in self._plain_steps]
-            self._plain_scale = min(1.0, float(np.median(ratios)))
+            self._plain_scale, self._plain_scaled_at = min(1.0, float(np.median(ratios))), last
         return self.target.plain_step_time(ctx) * self._plain_scale

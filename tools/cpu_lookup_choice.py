@@ -1,0 +1,83 @@
+"""What KnapSpec's lookup choice predicts against what it gets, on CPU (sync scheduling, host matcher): one
+in-process engine with the shipped config, a mixed batch (copy, free prose, ...), greedy or sampled. Prints the
+extra tokens the chosen lookup drafts were predicted to add against those accepted, and the median measured vs
+predicted time of drafting and plain steps (the VerifyJump's inputs).
+
+    python tools/cpu_lookup_choice.py sampled [BATCH] [NEW_TOKENS]
+"""
+
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+
+from conftest import drafter_of, make_llm  # noqa: E402  (first: the in-process engine environment)
+
+# isort: split
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+from vllm import SamplingParams  # noqa: E402
+from vllm.inputs import TokensPrompt  # noqa: E402
+
+import vllm_knapspec.adapter.lookup_drafts as ld  # noqa: E402
+from vllm_knapspec.core.lookup import lookup_tokens  # noqa: E402
+from vllm_knapspec.tools.workloads import build_mixed_prompts  # noqa: E402
+
+
+def recorders(choices: list, costs: list):
+    """Wrap the choice and the cost observation of lookup_drafts to record what they see."""
+    choose, observe = ld.choose_with_models, ld.LookupDrafts.observe_cost
+
+    def recorded_choose(selector, plan, has, alphas, lookup_len, ctx, n, k_max, jump, uniform=False):
+        c = choose(selector, plan, has, alphas, lookup_len, ctx, n, k_max, jump, uniform)
+        lens = np.minimum(np.asarray(lookup_len if lookup_len is not None else [k_max] * n), c.gamma)
+        rows = zip(alphas, lens, c.lookup_rows)
+        choices.append(sum(lookup_tokens(a, int(g)) - 1.0 for a, g, r in rows if r) if c.gamma else 0.0)
+        return c
+
+    def recorded_observe(self, selector, ctx, n, verified, seconds):
+        t_plain, slope = ld._line(selector, ctx, n)
+        costs.append((verified, seconds, t_plain + verified * slope))
+        return observe(self, selector, ctx, n, verified, seconds)
+
+    ld.choose_with_models, ld.LookupDrafts.observe_cost = recorded_choose, recorded_observe
+
+
+def main():
+    mode = sys.argv[1] if len(sys.argv) > 1 else "sampled"
+    batch = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+    new = int(sys.argv[3]) if len(sys.argv) > 3 else 64
+    get = [sys.executable, str(ROOT / "scripts" / "get_model.py")]
+    model = subprocess.check_output(get, text=True).strip().splitlines()[-1]
+    tok = AutoTokenizer.from_pretrained(model)
+    llm = make_llm(model, speculative_config=yaml.safe_load(open(ROOT / "configs" / "knapspec.yaml")))
+    d = drafter_of(llm)
+    ps = [TokensPrompt(prompt_token_ids=list(p.token_ids)) for p in build_mixed_prompts(tok, 1024, batch)]
+    temp = 0.0 if mode == "greedy" else 0.8
+    sps = [
+        SamplingParams(max_tokens=new, temperature=temp, seed=100 + i if temp else None, ignore_eos=True)
+        for i in range(batch)
+    ]
+    llm.generate(ps, sps, use_tqdm=False)  # warm: the selector and the acceptance priors have seen a round
+    choices, costs = [], []
+    recorders(choices, costs)
+    c0 = dict(d.stats.counters)
+    t = time.perf_counter()
+    llm.generate(ps, sps, use_tqdm=False)
+    c1 = d.stats.counters
+    got = {k: c1.get(f"lookup_{k}_tokens", 0) - c0.get(f"lookup_{k}_tokens", 0) for k in ("draft", "accepted")}
+    print(f"{mode}, batch {batch}, {new} tokens: {time.perf_counter() - t:.2f} s")
+    print(f"lookup: predicted {sum(choices):.1f} extra tokens, accepted {got['accepted']:.0f} of {got['draft']:.0f}")
+    for name, rows in (("drafting", [c for c in costs if c[0]]), ("plain", [c for c in costs if not c[0]])):
+        if rows:
+            med = [1e3 * statistics.median(r[i] for r in rows) for i in (1, 2)]
+            print(f"{name} steps: {len(rows)}, measured {med[0]:.1f} ms, predicted {med[1]:.1f} ms (medians)")
+
+
+if __name__ == "__main__":
+    main()

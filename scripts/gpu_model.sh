@@ -17,6 +17,9 @@
 # requires) on PYTHONPATH from a temp --target dir unless the image has gguf. It then overwrites the tokenizer files
 # with the carried ones: transformers versions build different tokenizers from a GGUF (5.17: eos <|endoftext|>,
 # 5.19: eos <|im_end|>), the weights come out bit-identical; so the GPU folder equals this machine's.
+# A device call that does not carry an ignored path removes it there: the call that runs `convert` carries
+# .gpumodel/wheels and .gpumodel/tokenizer (and the last chunk), and `convert` finishes in that call. Run it again
+# with .gpumodel/tokenizer carried to restore the tokenizer files of a converted folder.
 # A call's 64 MiB include the working tree (~3 MiB): if stage says a call would carry more, pack again with
 # CHUNK_MIB=56. .gpumodel/ is git-ignored (.git/info/exclude); never commit it. PY: the python to use (pack:
 # <repo>/.venv/bin/python if present; device: python3). GPU_MODEL_DIR overrides /tmp/knapspec-model.

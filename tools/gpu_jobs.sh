@@ -5,7 +5,7 @@
 #
 #   bash tools/gpu_jobs.sh start real python3 tools/gpu_real.py --model M --out /tmp/jobs/real.json
 #   bash tools/gpu_jobs.sh wait real 540      # returns when the run ends or after 540 s; copies /tmp/jobs/real.*
-#                                             # to $OUT and prints its result lines
+#                                             # to $OUT and prints its result lines and any error lines
 #   bash tools/gpu_jobs.sh running            # 0 if any started run is still going
 # The command runs through tools/gpu_device.sh (this checkout importable, the plugin registered). Two runs that
 # time steps must not overlap: `start` refuses while another is running.
@@ -26,7 +26,8 @@ case "${1:-}" in
     while alive "$name" && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
     alive "$name" && echo "$name still running" || echo "$name ended"
     [ -n "${OUT:-}" ] && cp "$J/$name".* "$OUT/" 2>/dev/null || true
-    grep -E '^(engines up|lossless|bench|accept|\{|  steps:|.* done in)' "$J/$name.log" | cut -c1-1500 || tail -c 1500 "$J/$name.log" ;;
+    grep -E '^(engines up|lossless|bench|accept|\{|  steps:|.* done in)' "$J/$name.log" | cut -c1-1500 || tail -c 1500 "$J/$name.log"
+    grep -E 'Traceback|Error|warm-up failed|draft failed' "$J/$name.log" | sort | uniq -c | head -5 | cut -c1-300 || true ;;
   running)
     for p in "$J"/*.pid; do [ -e "$p" ] && alive "$(basename "$p" .pid)" && exit 0; done
     exit 1 ;;

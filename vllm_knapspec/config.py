@@ -148,7 +148,8 @@ class KnapSpecConfig(BaseModel):
         "auto",
         description="auto: prompt-lookup drafts (vLLM's n-gram matcher) compete with the layer-skip draft per "
         "step and request by predicted tokens per time (sync scheduling: matched on the host; the V2 runner's "
-        "async scheduling: matched on the device, one draft length per step); off: never",
+        "async scheduling: matched on the device by a search compiled at start-up, one draft length per step); off: "
+        "never",
     )
     lookup_min: int = Field(2, ge=1, le=64, description="shortest n-gram a lookup draft matches")
     lookup_max: int = Field(5, ge=1, le=64, description="longest n-gram a lookup draft matches (>= lookup_min)")

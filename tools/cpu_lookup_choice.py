@@ -3,7 +3,9 @@ in-process engine with the shipped config, a mixed batch (copy, free prose, ...)
 extra tokens the chosen lookup drafts were predicted to add against those accepted, and the median measured vs
 predicted time of drafting and plain steps (the VerifyJump's inputs).
 
-    python tools/cpu_lookup_choice.py sampled [BATCH] [NEW_TOKENS]
+    python tools/cpu_lookup_choice.py sampled [BATCH] [NEW_TOKENS] [WORKLOAD] [CONTEXT]
+WORKLOAD: mixed (default; copy prompts of at most CONTEXT tokens) or default (code continuation and summarisation,
+CONTEXT tokens each), as `knapspec-bench --workload`.
 """
 
 import statistics
@@ -26,7 +28,7 @@ from vllm.inputs import TokensPrompt  # noqa: E402
 
 import vllm_knapspec.adapter.lookup_drafts as ld  # noqa: E402
 from vllm_knapspec.core.lookup import lookup_tokens  # noqa: E402
-from vllm_knapspec.tools.workloads import build_mixed_prompts  # noqa: E402
+from vllm_knapspec.tools.workloads import WORKLOADS  # noqa: E402
 
 
 def recorders(choices: list, costs: list):
@@ -37,7 +39,7 @@ def recorders(choices: list, costs: list):
         c = choose(selector, plan, has, alphas, lookup_len, ctx, n, k_max, jump, uniform)
         lens = np.minimum(np.asarray(lookup_len if lookup_len is not None else [k_max] * n), c.gamma)
         rows = zip(alphas, lens, c.lookup_rows)
-        choices.append(sum(lookup_tokens(a, int(g)) - 1.0 for a, g, r in rows if r) if c.gamma else 0.0)
+        choices.append((sum(lookup_tokens(a, int(g)) - 1.0 for a, g, r in rows if r) if c.gamma else 0.0, c.gamma))
         return c
 
     def recorded_observe(self, selector, ctx, n, verified, seconds):
@@ -52,12 +54,14 @@ def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else "sampled"
     batch = int(sys.argv[2]) if len(sys.argv) > 2 else 4
     new = int(sys.argv[3]) if len(sys.argv) > 3 else 64
+    workload = sys.argv[4] if len(sys.argv) > 4 else "mixed"
+    context = int(sys.argv[5]) if len(sys.argv) > 5 else 1024
     get = [sys.executable, str(ROOT / "scripts" / "get_model.py")]
     model = subprocess.check_output(get, text=True).strip().splitlines()[-1]
     tok = AutoTokenizer.from_pretrained(model)
     llm = make_llm(model, speculative_config=yaml.safe_load(open(ROOT / "configs" / "knapspec.yaml")))
     d = drafter_of(llm)
-    ps = [TokensPrompt(prompt_token_ids=list(p.token_ids)) for p in build_mixed_prompts(tok, 1024, batch)]
+    ps = [TokensPrompt(prompt_token_ids=list(p.token_ids)) for p in WORKLOADS[workload](tok, context, batch)]
     temp = 0.0 if mode == "greedy" else 0.8
     sps = [
         SamplingParams(max_tokens=new, temperature=temp, seed=100 + i if temp else None, ignore_eos=True)
@@ -71,8 +75,10 @@ def main():
     llm.generate(ps, sps, use_tqdm=False)
     c1 = d.stats.counters
     got = {k: c1.get(f"lookup_{k}_tokens", 0) - c0.get(f"lookup_{k}_tokens", 0) for k in ("draft", "accepted")}
-    print(f"{mode}, batch {batch}, {new} tokens: {time.perf_counter() - t:.2f} s")
-    print(f"lookup: predicted {sum(choices):.1f} extra tokens, accepted {got['accepted']:.0f} of {got['draft']:.0f}")
+    print(f"{workload} {context}, {mode}, batch {batch}, {new} tokens: {time.perf_counter() - t:.2f} s")
+    pred, gammas = sum(c[0] for c in choices), [c[1] for c in choices]
+    print(f"lookup: predicted {pred:.1f} extra tokens, accepted {got['accepted']:.0f} of {got['draft']:.0f}")
+    print(f"steps choosing gamma 0..5: {[gammas.count(g) for g in range(6)]}")
     for name, rows in (("drafting", [c for c in costs if c[0]]), ("plain", [c for c in costs if not c[0]])):
         if rows:
             med = [1e3 * statistics.median(r[i] for r in rows) for i in (1, 2)]

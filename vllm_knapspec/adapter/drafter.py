@@ -148,7 +148,7 @@ class KnapSpecDrafter(DraftModelProposer):
         self.lookup = None  # lookup_drafts.LookupDrafts (lookup: auto, sync scheduling)
         self.device_lookup = None  # lookup_device.DeviceLookup (lookup: auto, async scheduling, V2 runner)
         self._lookup_prev = None  # the last full step's lookup_device._Record
-        self._skip_ran = False  # the last full step ran the layer-skip draft loop (device lookup)
+        self._skip_ran = False  # the layer-skip draft loop ran since the last step began (_timed_draft)
         self.trace: list | None = None  # benchmarks: (step gap s, draft loop s, draft steps) per step
         self.warmup_s = 0.0
         self.warmups: dict[str, float] = {}
@@ -378,7 +378,6 @@ class KnapSpecDrafter(DraftModelProposer):
             self._timed_draft(step, drafts, steps, bonus, self._bonus_positions(cad, n, rejected), cad, n, plan[0])
         elif not choice.gamma:
             self.stats.no_spec_step()
-        self._skip_ran = bool(steps)
         skip_rows = ~choice.lookup_rows if steps else None
         self._lookup_prev = self.device_lookup.propose(src, bonus, skip_rows, drafts)
 
@@ -487,6 +486,7 @@ class KnapSpecDrafter(DraftModelProposer):
         self._draft(drafts, steps, tokens, pos, cad, n, skip)
         step.skip, step.steps, step.draft_s = skip, steps, time.perf_counter() - t0
         step.events = (start, self.feedback.event()) if start is not None else None
+        self._skip_ran = True  # the next step's gap holds this loop
 
     def _draft(self, drafts, steps: int, tokens, pos, cad, n: int, skip) -> None:
         d = self.draft

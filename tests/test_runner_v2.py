@@ -97,7 +97,7 @@ def _drafter(gamma: int):
     d._last_call = d._prev_reqs = None
     d._verified_next, d._quiet, d._quiet_n, d._quiet_s = 0, 0, 0, 0.0
     d.graphs = d.lookup = d.device_lookup = d._lookup_prev = d.trace = None
-    d._skip_ran = False
+    d._draft_step = None
     d.selector, d._drafts = _Selector(), torch.zeros(4, 4, dtype=torch.int64)
     return d
 
@@ -192,3 +192,29 @@ def test_v2_lookup_drafts_are_matched_on_the_device_tokens():
     full = outs[drafter_mod.QUIET_STRIDE - 1]  # the first step the selector sees
     assert full.tolist() == [[3, 4, 5, 6], [9, 9, 9, 9]]  # row a copies after "1 2"; row b (state 0) has no match
     assert d.device_lookup.match_len == {"a": 4, "b": 0}  # read back by the next full step
+
+
+def test_a_step_gap_reaches_the_selector_less_the_draft_loop_it_held():
+    """Steps are timed propose() to propose(), so the gap after a drafting step holds that step's draft loop: the
+    selector gets the gap less the loop (else the verification is priced with a draft in it and the guard
+    charges each draft twice). A quiet step takes the loop into its own gap."""
+    d = _drafter(gamma=3)
+    d._draft = lambda *a: None  # the loop's host logic only: no draft model here
+    seen = []
+    d.selector.observe_verify = lambda ctx, p, a, seconds, steady, verified=None: seen.append(seconds)
+    d.selector.observe_draft = lambda *a: None
+    first = d._begin(_metadata(2), 2, None)
+    d._timed_draft(first, None, 3, None, None, None, 2, "skip")
+    first.draft_s = 0.006  # what the loop took (host time on a CPU, device time on a GPU)
+    second = d._begin(_metadata(2), 2, None)
+    assert second.held is first and d._draft_step is None
+    second.gap = 0.010
+    d._report(first)
+    d._report(second)
+    assert seen[0] is None and abs(seen[1] - 0.004) < 1e-12
+    third = d._begin(_metadata(2), 2, None)
+    d._timed_draft(third, None, 3, None, None, None, 2, "skip")
+    d._next_gamma = 0
+    for _ in range(drafter_mod.QUIET_STRIDE - 1):
+        assert d.quiet_step(2, 4) is not None
+    assert d._begin(_metadata(2), 2, None).held is None

@@ -299,15 +299,22 @@ def test_first_selection_waits_for_its_calibrated_cost():
     assert sel._due(ctx)
 
 
-def test_lookup_verify_steps_refit_with_their_tokens():
-    """A step that verified only prompt-lookup drafts is not a plain step: it refits the target model with its
-    verified tokens (what its time depends on) and does not calibrate the plain step time."""
+def test_lookup_only_steps_leave_the_target_model_to_verify_jump():
+    """A step that verified only prompt-lookup drafts is not a plain step and does not refit the target model:
+    its cost beyond the model's line is VerifyJump's. Fed to the model, 3x-slow lookup steps would raise the
+    plain step every plan and the guard are priced against. A step with layer-skip drafts refits with every
+    token it verified."""
     sel = selector()
     seen = []
     orig = sel.target.observe_verify
     sel.target.observe_verify = lambda *a, **kw: seen.append(a) or orig(*a, **kw)
     ctx = np.array([1000, 3000])
-    sel.observe_verify(ctx, 0, 0, 0.05, verified=7)  # lookup drafts only: 2 rows + 7 verified tokens
-    assert [a[1] for a in seen] == [9] and len(sel._plain_steps) == 0
-    sel.observe_verify(ctx, 0, 0, 0.01)  # a plain step still calibrates
+    plain = sel.target.plain_step_time(ctx)
+    for _ in range(40):
+        sel.observe_verify(ctx, 0, 0, 3 * plain, verified=7)  # lookup drafts only: slow steps
+    assert seen == [] and len(sel._plain_steps) == 0
+    assert abs(sel.target.plain_step_time(ctx) / plain - 1) < 1e-9
+    sel.observe_verify(ctx, 0, 0, plain)  # a plain step still calibrates
     assert len(sel._plain_steps) == 1
+    sel.observe_verify(ctx, 4, 2, plain, verified=7)  # layer-skip rows and lookup rows in one step
+    assert seen[-1][1] == 2 + 7

@@ -73,7 +73,7 @@ class _Step:
         "lookup_tokens",
         "req_ids",
         "lookup_rec",
-        "after_skip",
+        "held",
     )
 
     def __init__(self, n, ctx, gap, steady, verified, rejected):
@@ -83,7 +83,7 @@ class _Step:
         self.lookup_tokens = 0  # lookup draft tokens this step verified
         self.req_ids = None  # [n] (device lookup: rows are matched to the last step's by request)
         self.lookup_rec = None  # lookup_device._Record of the drafts this step verified
-        self.after_skip = False  # the gap before this step held a layer-skip draft loop
+        self.held = None  # the step whose layer-skip draft loop ran inside this step's gap
 
 
 class _Feedback:
@@ -120,6 +120,24 @@ class _Feedback:
             yield s
 
 
+MIN_VERIFY_SHARE = 0.1  # a gap less its draft loop below this share of the gap did not hold that loop
+
+
+def verify_seconds(gap: float | None, held: float) -> float | None:
+    """The verification's share of a step gap. Steps are timed from one propose() to the next, so a gap also
+    holds the draft loop the previous propose() ran (`held`: its host time on a CPU, its device time on a GPU,
+    which paces an async engine). Fed whole, the verification would be priced with a draft loop in it, and the
+    guard would charge every draft twice. A gap that cannot have held its loop is no measurement: None.
+
+    >>> verify_seconds(0.012, 0.008), verify_seconds(0.004, 0.0), verify_seconds(0.008, 0.0079)
+    (0.004, 0.004, None)
+    """
+    if not gap or not held:
+        return gap
+    rest = gap - held
+    return rest if rest > MIN_VERIFY_SHARE * gap else None
+
+
 def _tensor(x) -> torch.Tensor:
     """A tensor, or the call that makes it (the V2 speculator gathers the bonus tokens only for a draft)."""
     return x() if callable(x) else x
@@ -148,7 +166,7 @@ class KnapSpecDrafter(DraftModelProposer):
         self.lookup = None  # lookup_drafts.LookupDrafts (lookup: auto, sync scheduling)
         self.device_lookup = None  # lookup_device.DeviceLookup (lookup: auto, async scheduling, V2 runner)
         self._lookup_prev = None  # the last full step's lookup_device._Record
-        self._skip_ran = False  # the layer-skip draft loop ran since the last step began (_timed_draft)
+        self._draft_step = None  # the step whose draft loop ran since the last step began (_timed_draft)
         self.trace: list | None = None  # benchmarks: (step gap s, draft loop s, draft steps) per step
         self.warmup_s = 0.0
         self.warmups: dict[str, float] = {}
@@ -336,6 +354,7 @@ class KnapSpecDrafter(DraftModelProposer):
         if self._last_call is not None:
             self._quiet_s += now - self._last_call
         self._last_call, self._prev_reqs = now, n  # the next full step's gap is one step
+        self._draft_step = None  # a draft loop before it is in this quiet gap, not the next step's
         self._quiet_n += 1
         self.stats.tick("no_spec_steps")
         return self._drafts[:n, :k]
@@ -403,9 +422,9 @@ class KnapSpecDrafter(DraftModelProposer):
         if rejected is not None and (np.any(verified) or lookup_tokens):
             rej = rejected[:n].to("cpu", non_blocking=True) if self.feedback.cuda else rejected[:n]
         step = _Step(n, self._context(cad, n), gap, self._prev_reqs == n, verified if rej is not None else 0, rej)
+        step.held, self._draft_step = self._draft_step, None
         if self.device_lookup is not None:
             step.req_ids, step.lookup_rec = (None if src is None else src.req_ids), rec
-            step.after_skip, self._skip_ran = self._skip_ran, False
         if self.lookup is not None:  # sync scheduling: the counts are ready
             if gap and step.steady and not self.lookup.pending_skip:  # a lookup-only or plain step: its cost
                 self.lookup.observe_cost(self.selector, step.ctx, n, lookup_tokens, gap)
@@ -431,7 +450,7 @@ class KnapSpecDrafter(DraftModelProposer):
             self.selector.observe_draft(s.skip, s.ctx, None, s.draft_s, s.steps)
         if s.lookup_rec is not None and s.lookup_rec[0] is not None and s.req_ids is not None:
             self._observe_device_lookup(s)
-        if self.device_lookup is not None and s.gap and s.steady and not s.after_skip:  # lookup-only or plain
+        if self.device_lookup is not None and s.gap and s.steady and s.held is None:  # lookup-only or plain
             verified = int(np.broadcast_to(s.verified, (s.n,)).sum())
             self.device_lookup.observe_cost(self.selector, s.ctx, s.n, verified, s.gap)
         keep = np.ones(s.n, dtype=bool) if s.lookup is None else ~s.lookup  # layer-skip rows only
@@ -439,7 +458,8 @@ class KnapSpecDrafter(DraftModelProposer):
         accepted = max(0, proposed - int(s.rejected[torch.from_numpy(keep)].sum())) if proposed else 0
         if proposed and self.lookup is not None:
             self.stats.inc("layer_skip_accepted_tokens", float(accepted))
-        self.selector.observe_verify(s.ctx, proposed, accepted, s.gap, s.steady, verified=proposed + s.lookup_tokens)
+        seconds = verify_seconds(s.gap, 0.0 if s.held is None else s.held.draft_s)
+        self.selector.observe_verify(s.ctx, proposed, accepted, seconds, s.steady, verified=proposed + s.lookup_tokens)
 
     def _observe_device_lookup(self, s: _Step) -> None:
         rec, stale = s.lookup_rec
@@ -486,7 +506,7 @@ class KnapSpecDrafter(DraftModelProposer):
         self._draft(drafts, steps, tokens, pos, cad, n, skip)
         step.skip, step.steps, step.draft_s = skip, steps, time.perf_counter() - t0
         step.events = (start, self.feedback.event()) if start is not None else None
-        self._skip_ran = True  # the next step's gap holds this loop
+        self._draft_step = step  # the next step's gap holds this loop
 
     def _draft(self, drafts, steps: int, tokens, pos, cad, n: int, skip) -> None:
         d = self.draft

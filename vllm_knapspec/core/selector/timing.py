@@ -28,9 +28,12 @@ class TimingFeed:
     def observe_verify(self, ctx, proposed, accepted, seconds, steady=True, verified=None):
         """One engine step finished: `proposed` drafts of the plan were verified, `accepted` of them accepted;
         `seconds` is the wall time between drafts (verification + engine overhead), None when unknown.
-        `verified`: every draft token the step verified (prompt-lookup drafts too; default `proposed`): what the
-        step's time depends on, so what the target model is refit with. A step that verified only lookup drafts
-        is not a plain step."""
+        `verified`: every draft token the step verified (prompt-lookup drafts too; default `proposed`). A step
+        that verified only lookup drafts is neither a plain step nor a refit of the target model: what it cost
+        beyond the model's line is VerifyJump's to measure (lookup.VerifyJump). Refit with such steps, the line
+        itself rose with their extra cost, and with it the plain step that every plan, the guard and VerifyJump
+        are priced against (real Qwen2.5-Coder-1.5B at batch 16 on an H200: predicted 3.4-3.8x, measured
+        0.43-0.79x; docs/real-model.md)."""
         verified = proposed if verified is None else verified
         self.proposed += proposed
         self.accepted += accepted
@@ -46,7 +49,7 @@ class TimingFeed:
         if len(ctx):
             if verified == proposed or self.current is not None:
                 self._account(ctx, proposed, accepted, seconds)
-            if self.cfg.online_refit:
+            if self.cfg.online_refit and (proposed or not verified):
                 self._refit_target(ctx, verified, seconds)
 
     def observe_quiet(self, steps: int, seconds: float) -> None:

@@ -86,13 +86,14 @@ def _selections(worker):
     sel = getattr(d, "shipped", d.selector)
     hist = getattr(sel, "history", None) or []
     cur = getattr(sel, "current", None)
-    keys = ("ctx", "batch", "skip", "gamma", "speculate", "alpha", "speedup", "cost_s")
+    keys = ("ctx", "batch", "skip", "gamma", "speculate", "alpha", "speedup", "cost_s", "t_plain_s", "plain_scale")
     counters = d.stats.counters
     return dict(
         current=None if cur is None else [str(cur[0]), int(cur[1])],
         n_history=len(hist),
         lookup_tokens_total={k: counters.get(f"lookup_{k}_tokens", 0.0) for k in ("draft", "accepted")},  # engine life
         draft_fallbacks=counters.get("draft_fallbacks", 0.0),  # engine life: steps whose drafting failed
+        guard_events=list(getattr(sel, "guard_events", []))[-4:],  # plans the guard stopped: measured speedup
         last=[{k: (float(h[k]) if isinstance(h.get(k), float) else h.get(k)) for k in keys} for h in hist[-4:]],
     )
 

@@ -59,6 +59,8 @@ class Telemetry:
             w_attn=w_attn,
             w_mlp=w_mlp,
             candidates=n_cands,
+            t_plain_s=float(t_plain),  # the plain step the choice priced against (scaled by plain_scale)
+            plain_scale=self._plain_scale,
         )
         entry["top"] = self.top
         self.history.append(entry)

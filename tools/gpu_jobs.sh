@@ -26,7 +26,7 @@ case "${1:-}" in
     while alive "$name" && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
     alive "$name" && echo "$name still running" || echo "$name ended"
     [ -n "${OUT:-}" ] && cp "$J/$name".* "$OUT/" 2>/dev/null || true
-    grep -E '^(engines up|lossless|bench|accept|\{|  steps:|.* done in)' "$J/$name.log" | cut -c1-1500 || tail -c 1500 "$J/$name.log"
+    grep -E '^(queue|engines up|lossless|bench|accept|\{|  steps:|.* done in)' "$J/$name.log" | cut -c1-1500 || tail -c 1500 "$J/$name.log"
     grep -E 'Traceback|Error|warm-up failed|draft failed' "$J/$name.log" | sort | uniq -c | head -5 | cut -c1-300 || true ;;
   running)
     for p in "$J"/*.pid; do [ -e "$p" ] && alive "$(basename "$p" .pid)" && exit 0; done

@@ -42,6 +42,37 @@ def lookup_tokens(alpha, m: int) -> float:
     return 1.0 + (first * expected_tokens(nxt, m - 1) if m > 0 else 0.0)
 
 
+def _lookup_tokens_rows(alpha, m: np.ndarray) -> np.ndarray:
+    """lookup_tokens per row: alpha [n] per-token rates or [n, 2] (first, next); m [n] draft lengths."""
+    if alpha.ndim == 1:
+        return _expected_tokens_np(alpha, m)
+    if not len(m):
+        return np.zeros(0)
+    rest = _expected_tokens_np(alpha[:, 1], np.maximum(m - 1, 0))
+    return np.where(m > 0, 1.0 + alpha[:, 0] * rest, 1.0)
+
+
+def _expected_tokens_np(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """tpt.expected_tokens element-wise over numpy arrays (the same expm1 ratio, exact at a = 0 and 1)."""
+    a = np.clip(a, 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        la = np.log(a)
+        ratio = np.expm1((g + 1) * la) / np.expm1(la)
+    return np.where(a >= 1.0, g + 1.0, np.where(a <= 0.0, 1.0, ratio))
+
+
+def _best_prefix(n: int, gains: np.ndarray, lengths: np.ndarray, t_verify) -> tuple[float, int]:
+    """Rows in order, each adding gains[j] expected tokens for lengths[j] verified drafts: the prefix with the
+    best tokens per time (rate, length; 0 rows: (0.0, 0))."""
+    tokens, drafted = (n + np.cumsum(gains)).tolist(), np.cumsum(lengths).tolist()
+    rate, take = 0.0, 0
+    for j in range(len(tokens)):
+        r = tokens[j] / t_verify(drafted[j])
+        if r > rate:
+            rate, take = r, j + 1
+    return rate, take
+
+
 def choose_step(
     has_lookup,
     alpha_lookup,
@@ -79,20 +110,20 @@ def choose_step(
     plain = n / t_plain
     best = StepChoice(0, False, np.zeros(n, dtype=bool), plain, plain)
     cap = np.full(n, gamma_max) if lookup_len is None else np.asarray(lookup_len, dtype=np.int64)
+    alpha_lookup = np.asarray(alpha_lookup, dtype=np.float64)
     for g in range(1, gamma_max + 1):
         glen = np.minimum(cap, g)  # [n] lookup tokens each row drafts at this gamma
-        e_look = np.array([lookup_tokens(a, int(m)) for a, m in zip(alpha_lookup, glen)]) if n else np.zeros(0)
+        e_look = _lookup_tokens_rows(alpha_lookup, glen)
         cands = []
         # lookup drafts alone: rows by expected tokens per drafted token, best first; the prefix with the best rate
         gain = (e_look - 1.0) / np.maximum(glen, 1)
-        order = [i for i in np.argsort(-gain, kind="stable") if has_lookup[i] and glen[i] > 0]
-        tokens, drafted, rate, take = float(n), 0.0, 0.0, 0
-        for j, i in enumerate(order):
-            tokens += e_look[i] - 1.0
-            drafted += glen[i]
-            r = float(tokens / t_verify(n * g if uniform else drafted))
-            if r > rate or uniform:
-                rate, take = r, j + 1
+        by_gain = np.argsort(-gain, kind="stable")
+        order = by_gain[(has_lookup & (glen > 0))[by_gain]]  # [rows with a draft], best gain first
+        if uniform:  # every row verifies g tokens: all matched rows take their (free) drafts
+            take = len(order)
+            rate = float((n + (e_look[order] - 1.0).sum()) / t_verify(n * g)) if take else 0.0
+        else:
+            rate, take = _best_prefix(n, e_look[order] - 1.0, glen[order], t_verify)
         if take:
             rows = np.zeros(n, dtype=bool)
             rows[order[:take]] = True

@@ -212,6 +212,7 @@ def test_a_step_gap_reaches_the_selector_less_the_draft_loop_it_held():
     d._report(first)
     d._report(second)
     assert seen[0] is None and abs(seen[1] - 0.004) < 1e-12
+    assert second.held is None  # read once: a run of drafting steps is not a chain of live records
     third = d._begin(_metadata(2), 2, None)
     d._timed_draft(third, None, 3, None, None, None, 2, "skip")
     d._next_gamma = 0

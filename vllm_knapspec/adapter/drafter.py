@@ -459,6 +459,7 @@ class KnapSpecDrafter(DraftModelProposer):
         if proposed and self.lookup is not None:
             self.stats.inc("layer_skip_accepted_tokens", float(accepted))
         seconds = verify_seconds(s.gap, 0.0 if s.held is None else s.held.draft_s)
+        s.held = None  # read: each step keeps at most the one before it alive
         self.selector.observe_verify(s.ctx, proposed, accepted, seconds, s.steady, verified=proposed + s.lookup_tokens)
 
     def _observe_device_lookup(self, s: _Step) -> None:

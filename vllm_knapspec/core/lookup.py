@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from vllm_knapspec.core.tpt import expected_tokens
 
@@ -42,23 +43,14 @@ def lookup_tokens(alpha, m: int) -> float:
     return 1.0 + (first * expected_tokens(nxt, m - 1) if m > 0 else 0.0)
 
 
-def _lookup_tokens_rows(alpha, m: np.ndarray) -> np.ndarray:
-    """lookup_tokens per row: alpha [n] per-token rates or [n, 2] (first, next); m [n] draft lengths."""
-    if alpha.ndim == 1:
-        return _expected_tokens_np(alpha, m)
-    if not len(m):
-        return np.zeros(0)
-    rest = _expected_tokens_np(alpha[:, 1], np.maximum(m - 1, 0))
-    return np.where(m > 0, 1.0 + alpha[:, 0] * rest, 1.0)
-
-
-def _expected_tokens_np(a: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """tpt.expected_tokens element-wise over numpy arrays (the same expm1 ratio, exact at a = 0 and 1)."""
-    a = np.clip(a, 0.0, 1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        la = np.log(a)
-        ratio = np.expm1((g + 1) * la) / np.expm1(la)
-    return np.where(a >= 1.0, g + 1.0, np.where(a <= 0.0, 1.0, ratio))
+def _lookup_tokens_rows(alpha: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """lookup_tokens for every row and draft length at once: alpha [n] per-token rates or [n, 2] (first, next);
+    m [G, n] draft lengths -> [G, n] (tpt.expected_tokens element-wise, one call for every gamma of a step)."""
+    a, m = torch.from_numpy(alpha), torch.from_numpy(m)
+    if a.dim() == 1:
+        return expected_tokens(a, m).numpy()
+    rest = expected_tokens(a[:, 1], (m - 1).clamp(min=0))
+    return torch.where(m > 0, 1.0 + a[:, 0] * rest, 1.0).numpy()
 
 
 def _best_prefix(n: int, gains: np.ndarray, lengths: np.ndarray, t_verify) -> tuple[float, int]:
@@ -110,10 +102,10 @@ def choose_step(
     plain = n / t_plain
     best = StepChoice(0, False, np.zeros(n, dtype=bool), plain, plain)
     cap = np.full(n, gamma_max) if lookup_len is None else np.asarray(lookup_len, dtype=np.int64)
-    alpha_lookup = np.asarray(alpha_lookup, dtype=np.float64)
+    glens = np.minimum(cap[None, :], np.arange(1, gamma_max + 1)[:, None])  # [G, n] lookup tokens per row, gamma
+    e_looks = _lookup_tokens_rows(np.asarray(alpha_lookup, dtype=np.float64), glens)
     for g in range(1, gamma_max + 1):
-        glen = np.minimum(cap, g)  # [n] lookup tokens each row drafts at this gamma
-        e_look = _lookup_tokens_rows(alpha_lookup, glen)
+        glen, e_look = glens[g - 1], e_looks[g - 1]
         cands = []
         # lookup drafts alone: rows by expected tokens per drafted token, best first; the prefix with the best rate
         gain = (e_look - 1.0) / np.maximum(glen, 1)

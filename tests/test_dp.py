@@ -3,6 +3,7 @@
 import itertools
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from vllm_knapspec.core.dp import (
     default_budget,
     default_frozen_items,
     estimate_acceptance,
+    holdout_split,
     integer_weights,
     item_weights,
     knapsack_additive,
@@ -280,3 +282,31 @@ def test_warmup_kernels_runs_every_specialisation_class_or_nothing():
     if HAS_TRITON and interpret_mode():
         assert warmup_kernels(64, torch.float32, "cpu", 32, impl="auto") == 2 * 4
         assert warmup_kernels(64, torch.float32, "cpu", 1, impl="auto") == 4  # r = 1 has one class
+
+
+# -- held-out tokens ---------------------------------------------------------------------------------------
+
+
+def test_holdout_split_alternates_within_each_request():
+    tw, held = holdout_split([np.arange(0, 5), np.arange(5, 6), np.arange(6, 8)], 8)
+    assert tw.sum().item() == pytest.approx(1.0)
+    assert (tw > 0).nonzero().flatten().tolist() == [0, 2, 4, 5, 6]  # a one-token request is on both sides
+    assert [h.tolist() for h in held] == [[1, 3], [5], [7]]
+
+
+def test_dp_with_token_weights_never_sees_held_out_tokens():
+    """The DP's choice depends on its own tokens only: other inputs at the held-out places give the same
+    candidates, scored on the DP's tokens; the held-out tokens still run through every branch."""
+    a, b = ToyModel(), ToyModel()
+    b.x = b.x.clone()
+    b.x[1::2] = torch.randn(R // 2, D, generator=torch.Generator().manual_seed(9)) * 3
+    tw, held = holdout_split([np.arange(R)], R)
+    budget = default_budget(L, 2, 1)
+    ca, cb = (knapsack_dp(m.run_item, m.refs(), W, budget, 0.5, FROZEN, token_weights=tw) for m in (a, b))
+    assert [(c.weight, c.skipset) for c in ca] == [(c.weight, c.skipset) for c in cb]
+    full = a.refs()[-1]
+    for x, y in zip(ca, cb):
+        assert x.cos == pytest.approx(y.cos, abs=1e-6)
+        assert x.cos == pytest.approx(cosine_proxy(x.hidden[None, 0::2], full[0::2])[0].item(), abs=1e-5)
+        assert torch.allclose(x.hidden, a.forward(set(x.skipset.items())), atol=1e-5)  # held-out rows too
+    assert held[0].tolist() == [1, 3]

@@ -131,6 +131,43 @@ def test_dp_step_out_buffer_and_alias():
         dp_step(prev, exe, ref, 1, pv, 0.2, impl="triton", out=prev)
 
 
+def _held_out_case(seed, K1=9, r=6, d=24):
+    """A case and its twin whose odd tokens (weight 0) are different noise: the score must not see them."""
+    prev, exe, ref, pv = _case(seed, K1, r, d, p_valid=0.8)
+    tw = torch.tensor([1.0, 0.0] * (r // 2), device=DEV)
+    tw = tw / tw.sum()
+    prev2, exe2 = prev.clone(), exe.clone()
+    prev2[:, 1::2] = torch.randn_like(prev2[:, 1::2]) * 5
+    exe2[:, 1::2] = -exe2[:, 1::2]
+    return (prev, exe, ref, pv, tw), (prev2, exe2)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_dp_step_token_weights_score_only_their_tokens(impl):
+    (prev, exe, ref, pv, tw), (prev2, exe2) = _held_out_case(11)
+    a = dp_step(prev, exe, ref, 3, pv, 0.2, impl=impl, tw=tw)
+    b = dp_step(prev2, exe2, ref, 3, pv, 0.2, impl=impl, tw=tw)
+    assert a.parent_skip.tolist() == b.parent_skip.tolist() and a.valid.tolist() == b.valid.tolist()
+    fin = torch.isfinite(a.score)
+    assert torch.allclose(a.score[fin], b.score[fin], atol=1e-5)
+    # the weighted score is the mean over the weighted tokens: the same step on those tokens alone
+    even = dp_step(prev[:, 0::2].contiguous(), exe[:, 0::2].contiguous(), ref[0::2].contiguous(), 3, pv, 0.2, impl=impl)
+    assert a.parent_skip.tolist() == even.parent_skip.tolist()
+    assert torch.allclose(a.score[fin], even.score[fin], atol=1e-5)
+    # held-out tokens are still carried: `new` holds every token of the chosen branch
+    for j in a.valid.nonzero().flatten().tolist():
+        assert torch.equal(a.new[j], prev[j - 3] if a.parent_skip[j] else exe[j])
+
+
+@needs_triton
+def test_dp_step_triton_token_weights_match_torch():
+    (prev, exe, ref, pv, _), _ = _held_out_case(5, K1=12, r=7, d=600)
+    tw = torch.rand(7, device=DEV)
+    tw = tw / tw.sum()
+    a = dp_step(prev, exe, ref, 2, pv, 0.1, impl="triton", tw=tw)
+    _check_same(a, dp_step_torch(prev, exe, ref, 2, pv, 0.1, tw=tw))
+
+
 # -- tpt_argmax -------------------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from vllm import SamplingParams
 
 from conftest import drafter_of, make_llm, spec_counters
@@ -221,6 +222,40 @@ def test_dp_prefix_branches_equal_live_branches_on_the_real_model(spec_llm, monk
         assert a.cos == pytest.approx(b.cos, abs=1e-4)
     same = sum(a.skipset == b.skipset for a, b in zip(live, pre))
     assert same >= 0.9 * len(live)  # fp32 GEMMs of another row count may flip a near-tie, rarely
+
+
+def test_acceptance_is_measured_on_tokens_the_dp_did_not_score(spec_llm, monkeypatch):
+    """The DP scores one half of each request's reference tokens; acceptance is measured on the other half, so
+    the sets it picked for agreeing with the full model on its tokens are not also judged on them."""
+    from vllm_knapspec.core import dp
+
+    seen, split, run, est = [], dp.holdout_split, dp.knapsack_dp, dp.estimate_acceptance
+
+    def spy_split(groups, r):
+        tw, held = split(groups, r)
+        seen.append({"groups": [np.asarray(g) for g in groups], "tw": tw, "held": held, "dp": None, "alpha": []})
+        return tw, held
+
+    def spy_dp(*a, **kw):
+        seen[-1]["dp"] = kw["token_weights"].cpu()
+        return run(*a, **kw)
+
+    def spy_est(cand_hidden, full_hidden, logits_fn, chunk=8):
+        seen[-1]["alpha"].append(full_hidden.shape[0])
+        return est(cand_hidden, full_hidden, logits_fn, chunk)
+
+    for name, fn in (("holdout_split", spy_split), ("knapsack_dp", spy_dp), ("estimate_acceptance", spy_est)):
+        monkeypatch.setattr(dp, name, fn)
+    fresh_selector(spec_llm)
+    spec_llm.generate(PROSE[:2], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    assert seen, "no selection ran"
+    s = seen[0]
+    assert torch.equal(s["dp"], s["tw"])
+    assert s["alpha"] == [len(h) for h in s["held"]]  # one estimate per request, on its held-out tokens
+    for g, h in zip(s["groups"], s["held"]):
+        if len(g) > 1:
+            assert len(h) == len(g) // 2 and (s["tw"][torch.from_numpy(h)] == 0).all()
+            assert (s["tw"][torch.from_numpy(np.setdiff1d(g, h))] > 0).all()
 
 
 def _median(xs):

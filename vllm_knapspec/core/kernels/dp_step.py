@@ -5,8 +5,10 @@ best branch with that weight. At sublayer item i (weight w) state j can be reach
   execute: exec[j] = item_i(prev[j])   (needs prev[j] live)
   skip:    prev[j - w]                 (needs j >= w and prev[j - w] live; the residual stream passes through)
 Each candidate is scored by the mean over the r tokens of cos(h_t, ref_t), ref = the full model's hidden
-state after item i. The higher score wins; a tie goes to execute (the official code checks execute first and
-lets skip replace it only when strictly better). A state whose best score is below `sim_threshold` is
+state after item i; with token weights `tw` [r] (summing to 1), by sum_t tw_t cos_t (a token of weight 0 is
+held out of the score: the selector measures acceptance on tokens the choice was not fitted to). The higher
+score wins; a tie goes to execute (the official code checks execute first and lets skip replace it only when
+strictly better). A state whose best score is below `sim_threshold` is
 pruned (official tau = 0.5).
 
 The Triton kernel runs one program per j: it streams both candidates and ref once to score them, then
@@ -33,7 +35,9 @@ class DPStepOut(NamedTuple):
     valid: torch.Tensor  # [K+1] bool, a candidate existed and its score >= sim_threshold
 
 
-def _check(prev, exec_, ref, w, prev_valid):
+def _check(prev, exec_, ref, w, prev_valid, tw=None):
+    if tw is not None and tw.shape != prev.shape[1:2]:  # the sum is the caller's (no host sync per item)
+        raise ValueError(f"token weights {tuple(tw.shape)} must be [r={prev.shape[1]}]")
     if prev.dim() != 3 or exec_.shape != prev.shape or ref.shape != prev.shape[1:]:
         raise ValueError(
             f"shapes: prev {tuple(prev.shape)}, exec {tuple(exec_.shape)}, ref {tuple(ref.shape)};"
@@ -47,20 +51,30 @@ def _check(prev, exec_, ref, w, prev_valid):
         raise ValueError(f"item weight must be >= 0, got {w}")
 
 
-def _mean_cos(h: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """[N, r, d] x [r, d] -> [N]: mean over tokens of cos(h_t, ref_t), in fp32."""
+def _mean_cos(h: torch.Tensor, ref: torch.Tensor, tw: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[N, r, d] x [r, d] -> [N]: mean over tokens of cos(h_t, ref_t) (weighted by tw [r], summing to 1), fp32."""
     h = h.float()
     ref = ref.float()
     dot = (h * ref).sum(-1)
     den = h.norm(dim=-1).clamp_min(COS_EPS) * ref.norm(dim=-1).clamp_min(COS_EPS)
-    return (dot / den).mean(-1)
+    cos = dot / den  # [N, r]
+    if tw is None:
+        return cos.mean(-1)
+    return (cos * tw.to(cos)).sum(-1)
 
 
 def dp_step_torch(
-    prev, exec_, ref, w: int, prev_valid, sim_threshold: float = 0.5, out: Optional[torch.Tensor] = None
+    prev,
+    exec_,
+    ref,
+    w: int,
+    prev_valid,
+    sim_threshold: float = 0.5,
+    out: Optional[torch.Tensor] = None,
+    tw: Optional[torch.Tensor] = None,
 ) -> DPStepOut:
     """Reference transition (see module docstring). Rows of `exec_`/`prev` that are not live are never used."""
-    _check(prev, exec_, ref, w, prev_valid)
+    _check(prev, exec_, ref, w, prev_valid, tw)
     K1 = prev.shape[0]
     w = int(w)
     prev_valid = prev_valid.bool()
@@ -69,8 +83,8 @@ def dp_step_torch(
     src_c = src.clamp(0, K1 - 1)
     exec_ok = prev_valid
     skip_ok = (src >= 0) & prev_valid[src_c]
-    s_exec = _mean_cos(exec_, ref)
-    s_skip = _mean_cos(prev, ref)[src_c]  # score each prev row once, then shift by w
+    s_exec = _mean_cos(exec_, ref, tw)
+    s_skip = _mean_cos(prev, ref, tw)[src_c]  # score each prev row once, then shift by w
     take_skip = skip_ok & (~exec_ok | (s_skip > s_exec))
     has = exec_ok | skip_ok
     best = torch.where(take_skip, s_skip, s_exec)
@@ -93,6 +107,7 @@ if HAS_TRITON:
         prev_ptr,
         exec_ptr,
         ref_ptr,
+        tw_ptr,
         pvalid_ptr,
         new_ptr,
         score_ptr,
@@ -103,6 +118,7 @@ if HAS_TRITON:
         D,
         thresh,
         eps,
+        HAS_TW: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
@@ -144,10 +160,14 @@ if HAS_TRITON:
             den_r = tl.maximum(tl.sqrt(nn_r), eps)
             cos_e = dot_e / (tl.maximum(tl.sqrt(nn_e), eps) * den_r)
             cos_s = dot_s / (tl.maximum(tl.sqrt(nn_s), eps) * den_r)
+            if HAS_TW:
+                t_w = tl.load(tw_ptr + offs_t, mask=mt, other=0.0)
+                cos_e = cos_e * t_w
+                cos_s = cos_s * t_w
             acc_e += tl.sum(tl.where(mt, cos_e, 0.0), axis=0)
             acc_s += tl.sum(tl.where(mt, cos_s, 0.0), axis=0)
-        s_e = acc_e / R
-        s_s = acc_s / R
+        s_e = acc_e if HAS_TW else acc_e / R  # weights sum to 1
+        s_s = acc_s if HAS_TW else acc_s / R
 
         # select: skip only if strictly better (tie -> execute), prune below the threshold
         take_skip = skip_ok & ((~exec_ok) | (s_s > s_e))
@@ -192,11 +212,12 @@ def dp_step_triton(
     sim_threshold: float = 0.5,
     out: Optional[torch.Tensor] = None,
     config: Optional[tuple] = None,
+    tw: Optional[torch.Tensor] = None,
 ) -> DPStepOut:
     """config = (BLOCK_T, BLOCK_D, num_warps) overrides the default tiling (tools/bench_kernels.py --tune)."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
-    _check(prev, exec_, ref, w, prev_valid)
+    _check(prev, exec_, ref, w, prev_valid, tw)
     prev, exec_, ref = prev.contiguous(), exec_.contiguous(), ref.contiguous()
     K1, r, d = prev.shape
     dev = prev.device
@@ -211,11 +232,13 @@ def dp_step_triton(
     pskip = torch.empty(K1, dtype=torch.uint8, device=dev)
     valid = torch.empty(K1, dtype=torch.uint8, device=dev)
     block_t, block_d, warps = config if config is not None else _blocks(r, d)
+    tw_arg = score if tw is None else tw.to(device=dev, dtype=torch.float32).contiguous()  # never read without
     # w > K is legal (skip impossible: that is how frozen items are run); clamp so it fits an int32 arg
     _dp_step_kernel[(K1,)](
         prev,
         exec_,
         ref,
+        tw_arg,
         pv,
         out,
         score,
@@ -226,6 +249,7 @@ def dp_step_triton(
         d,
         float(sim_threshold),
         COS_EPS,
+        HAS_TW=tw is not None,
         BLOCK_T=block_t,
         BLOCK_D=block_d,
         num_warps=warps,
@@ -242,9 +266,11 @@ def dp_step(
     sim_threshold: float = 0.5,
     impl: str = "auto",
     out: Optional[torch.Tensor] = None,
+    tw: Optional[torch.Tensor] = None,
 ) -> DPStepOut:
     """Fused DP transition. impl: "auto" (triton on CUDA or under TRITON_INTERPRET=1, else torch),
-    "triton" or "torch". `out` (optional) receives `new`; it must not alias prev/exec."""
+    "triton" or "torch". `out` (optional) receives `new`; it must not alias prev/exec. `tw` [r] (optional): token
+    weights of the score, summing to 1."""
     if resolve_impl(impl, prev) == "triton":
-        return dp_step_triton(prev, exec_, ref, w, prev_valid, sim_threshold, out=out)
-    return dp_step_torch(prev, exec_, ref, w, prev_valid, sim_threshold, out=out)
+        return dp_step_triton(prev, exec_, ref, w, prev_valid, sim_threshold, out=out, tw=tw)
+    return dp_step_torch(prev, exec_, ref, w, prev_valid, sim_threshold, out=out, tw=tw)

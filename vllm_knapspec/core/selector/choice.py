@@ -72,6 +72,7 @@ class Choice:
 
     def _candidates(self, ref, w_attn, w_mlp, budget, batch, clock):
         L = self.L
+        tw, held = dp.holdout_split(ref.groups, ref.refs.shape[1])
         cands = dp.knapsack_dp(
             ref.run_item,
             ref.refs,
@@ -80,9 +81,10 @@ class Choice:
             self.cfg.sim_threshold,
             dp.default_frozen_items(L),
             impl=self.cfg.kernels,
+            token_weights=tw.to(ref.refs.device),
         )
         clock.lap("dp", ref.refs)
-        alpha = self._alpha(cands, ref, batch)
+        alpha = self._alpha(cands, ref, held, batch)
         clock.lap("alpha", None)
         return cands, alpha
 
@@ -102,11 +104,12 @@ class Choice:
         self._cost_scale = cost / max(self._estimated_selection_s(np.array([2 * r])), 1e-9)
         return cost
 
-    def _alpha(self, cands, ref, batch: int) -> torch.Tensor:
-        """alpha[C, B]: per sampled request from its own reference tokens; unsampled requests get the mean."""
+    def _alpha(self, cands, ref, held, batch: int) -> torch.Tensor:
+        """alpha[C, B]: per sampled request from its own held-out reference tokens (`dp.holdout_split`: the DP
+        never scored them); unsampled requests get the mean."""
         H = dp.stack_hidden(cands)
         full = ref.refs[-1]
-        per_req = torch.stack([dp.estimate_acceptance(H[:, g], full[g], ref.logits_fn) for g in ref.groups], 1)
+        per_req = torch.stack([dp.estimate_acceptance(H[:, g], full[g], ref.logits_fn) for g in held], 1)
         a = per_req.mean(1, keepdim=True).expand(-1, batch).clone()
         a[:, : per_req.shape[1]] = per_req
         return a.float().cpu()

@@ -86,6 +86,7 @@ def _lookup_drafts(ids):
     ld = object.__new__(LookupDrafts)  # no n-gram matcher needed: fill/observe only
     ld.runner, ld.acceptance, ld.pending, ld.pending_skip = _Runner(ids), LookupAcceptance(), {}, False
     ld.match_len, ld.ngram_len, ld.lengths = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), None
+    ld.pos, ld.shadow = np.zeros(0, dtype=np.int64), {}
     return ld
 
 
@@ -113,6 +114,26 @@ def test_lookup_drafts_are_cut_per_row_and_accounted_as_verified():
     assert ld.observe(3, np.array([1, 0, 0]))[0].tolist() == [True, False, False]
     ld.fill(torch.zeros(3, 0, dtype=torch.int64), drafts, np.array([True, False, True]), 0)
     assert ld.pending == {}  # nothing scheduled this step: nothing verified next
+
+
+def test_rows_that_draft_nothing_still_teach_the_first_token_rate():
+    """A row with a match that verifies nothing is a free trial of its match's first token: the token it emits
+    next either is that token or is not. Rows that verify drafts (lookup or layer-skip) are not."""
+    import torch
+
+    ld = _lookup_drafts(["a", "b", "c"])
+    ld.match_len, ld.ngram_len, ld.pos = np.array([5, 3, 0]), np.array([3, 2, 0]), np.array([100, 200, 300])
+    drafts = np.array([[1, 2, 3, 4, 5], [6, 7, 8, 8, 8], [9, 9, 9, 9, 9]])
+    ld.fill(torch.zeros(3, 5, dtype=torch.int64), drafts, np.array([True, False, False]), 0)
+    assert ld.shadow == {"b": (6, 2, 200)}  # a drafts, c has no match
+    ld.observe_shadow(3, np.array([0, 6, 0]), np.array([105, 201, 301]))  # b emitted its match's first token
+    ld.fill(torch.zeros(3, 5, dtype=torch.int64), drafts, np.array([False, False, False]), 0)
+    assert set(ld.shadow) == {"a", "b"}
+    ld.observe_shadow(3, np.array([4, 0, 0]), np.array([101, 203, 301]))  # a missed; b's position moved by 3
+    assert ld.acceptance.counts == {"b": [1.0, 1.0, 0.0, 0.0], "a": [0.0, 1.0, 0.0, 0.0]}
+    assert ld.shadow == {}
+    ld.fill(torch.zeros(3, 5, dtype=torch.int64), drafts, np.array([False, False, False]), 2)
+    assert ld.shadow == {}  # every row verifies the 2-step layer-skip draft
 
 
 def test_runner_hands_the_scheduler_drafts_cut_per_row():

@@ -369,6 +369,7 @@ class KnapSpecDrafter(DraftModelProposer):
         bonus = next_token_ids[:n].to("cpu").numpy()
         pos_dev = self._bonus_positions(cad, n, rejected)
         pos = pos_dev.to("cpu").numpy()
+        self.lookup.observe_shadow(n, bonus, pos)
         has, lk = self.lookup.propose(n, bonus, pos)
         choice = self.lookup.choose(self.selector, plan, has, step.ctx, n)
         self.next_gamma = self.k_max

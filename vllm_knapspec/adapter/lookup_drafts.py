@@ -56,6 +56,8 @@ class LookupDrafts:
         self.match_len = np.zeros(0, dtype=np.int64)  # [n] tokens of each row's lookup draft (0: no match)
         self.ngram_len = np.zeros(0, dtype=np.int64)  # [n] length of the n-gram each row matched (0: none)
         self.lengths: list[int] | None = None  # drafts per row the scheduler gets from this step (None: all k)
+        self.pos = np.zeros(0, dtype=np.int64)  # [n] bonus positions of the last propose()
+        self.shadow: dict[str, tuple] = {}  # req_id -> (first lookup token, n-gram length, bonus position): no draft
         _llvmlite_dunders_are_attribute_errors()
         self.match(np.arange(8, dtype=np.int32) % 3, 1, 2, 64, 2)  # numba JIT now, not in the first step
 
@@ -80,6 +82,7 @@ class LookupDrafts:
         matcher takes the longest matching n-gram in [lookup_min, lookup_max]; asked one length at a time,
         longest first, it also says which length matched (`ngram_len`: the acceptance is learned per length)."""
         tokens = self.runner.input_batch.token_ids_cpu
+        self.pos = np.asarray(pos[:n], dtype=np.int64)
         drafts = np.repeat(bonus.reshape(n, 1), self.k_max, axis=1).astype(np.int64)
         self.match_len = np.zeros(n, dtype=np.int64)
         self.ngram_len = np.zeros(n, dtype=np.int64)
@@ -132,7 +135,23 @@ class LookupDrafts:
         ng = self.ngram_len if len(self.ngram_len) == n else np.zeros(n, dtype=np.int64)
         self.pending = {ids[i]: (int(lk[i]), int(ng[i]) or None) for i in np.flatnonzero(lk)}
         self.pending_skip = bool(k and skip_steps)
+        # rows with a match that verify nothing next (not even layer-skip drafts): shadow trials of their match
+        quiet = np.zeros(n, dtype=bool)
+        if len(self.match_len) == n and len(self.pos) == n and not self.pending_skip:
+            quiet = (self.match_len > 0) & (lk == 0)
+        self.shadow = {ids[i]: (int(drafts[i, 0]), int(ng[i]) or None, int(self.pos[i])) for i in np.flatnonzero(quiet)}
         return int(lk.sum())
+
+    def observe_shadow(self, n: int, bonus: np.ndarray, pos: np.ndarray) -> None:
+        """Rows that had a match and verified nothing last step: whether the token they emitted (this step's
+        bonus, one position on) was the match's first token (`LookupAcceptance.observe_first`)."""
+        shadow, self.shadow = self.shadow, {}
+        if not shadow:
+            return
+        for i, r in enumerate(self.runner.input_batch.req_ids[:n]):
+            s = shadow.get(r)
+            if s is not None and int(pos[i]) == s[2] + 1:
+                self.acceptance.observe_first(r, int(bonus[i]) == s[0], ngram=s[1], group=self._group(r))
 
     def observe(self, n: int, rejected: np.ndarray | None) -> tuple[np.ndarray, int]:
         """What the step verified of the last step's lookup drafts, per request. Returns the rows whose drafts

@@ -230,6 +230,23 @@ class LookupAcceptance:
         if proposed <= 0:
             return
         obs = (float(accepted >= 1), 1.0, float(max(accepted - 1, 0)), float(min(accepted, proposed - 1)))
+        self._add(req_id, obs, ngram, group)
+
+    def observe_first(self, req_id: str, hit: bool, ngram: int | None = None, group=None) -> None:
+        """A trial of `first` that no verification paid for: a request had a match, drafted nothing, and the
+        token the target then produced was (`hit`) or was not the match's first token. Under sampling that
+        happens with probability p(token), the chance that the rejection sampler accepts it as a draft, so it
+        is the same trial as a verified one. Requests that write new text learn to draft nothing without
+        paying for rejected drafts first, and requests that copy learn it before their first draft.
+
+        >>> acc = LookupAcceptance(prior=0.5, weight=4.0, decay=1.0)
+        >>> acc.observe_first("r", False); acc.observe_first("r", False)
+        >>> [round(x, 3) for x in acc.alpha("r")]  # first: (0 + .333 * 4) / (2 + 4), the pool's (0 + .5 * 4) / (2 + 4)
+        [0.222, 0.5]
+        """
+        self._add(req_id, (float(hit), 1.0, 0.0, 0.0), ngram, group)
+
+    def _add(self, req_id: str, obs: tuple, ngram: int | None, group) -> None:
         c = self.counts.setdefault(req_id, [0.0] * 4)
         for i, x in enumerate(obs):
             c[i] += x

@@ -193,7 +193,8 @@ def test_selector_skips_more_attention_when_context_prices_it_higher(spec_llm, m
     )
     assert l["w_attn"] / l["w_mlp"] > s["w_attn"] / s["w_mlp"]  # attention got dearer relative to MLP
     assert l["attn"] > s["attn"]  # ... so more of it is skipped
-    assert l["attn"] / (l["attn"] + l["mlp"]) > s["attn"] / max(s["attn"] + s["mlp"], 1)
+    # Not asserted: the attention share of the two sets. Each is the TPT argmax over candidates of every size, priced
+    # with acceptance held out from the DP, so the two may differ in size (6 of 8 against 13 of 23 sublayers once).
 
 
 def test_dp_prefix_branches_equal_live_branches_on_the_real_model(spec_llm, monkeypatch):

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from vllm_knapspec.core.kernels.dp_step import COS_EPS, dp_step
+from vllm_knapspec.core.kernels.dp_step import dp_step, mean_cos
 from vllm_knapspec.core.skipset import SkipSet
 
 
@@ -224,11 +224,7 @@ def estimate_acceptance(
 def cosine_proxy(cand_hidden: torch.Tensor, full_hidden: torch.Tensor, tw: torch.Tensor | None = None) -> torch.Tensor:
     """[C]: mean over tokens of cos(draft_t, full_t), the DP's own score (F.normalize semantics; weighted by
     the DP's token weights tw [r] if given)."""
-    h = cand_hidden.float()
-    f = full_hidden.float()
-    den = h.norm(dim=-1).clamp_min(COS_EPS) * f.norm(dim=-1).clamp_min(COS_EPS)
-    cos = (h * f).sum(-1) / den
-    return cos.mean(-1) if tw is None else (cos * tw.to(cos)).sum(-1)
+    return mean_cos(cand_hidden, full_hidden, tw)
 
 
 # -- additive-value mode (same DP, exact 0/1 knapsack) -------------------------------------------------------

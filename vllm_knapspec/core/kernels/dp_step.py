@@ -51,7 +51,7 @@ def _check(prev, exec_, ref, w, prev_valid, tw=None):
         raise ValueError(f"item weight must be >= 0, got {w}")
 
 
-def _mean_cos(h: torch.Tensor, ref: torch.Tensor, tw: Optional[torch.Tensor] = None) -> torch.Tensor:
+def mean_cos(h: torch.Tensor, ref: torch.Tensor, tw: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[N, r, d] x [r, d] -> [N]: mean over tokens of cos(h_t, ref_t) (weighted by tw [r], summing to 1), fp32."""
     h = h.float()
     ref = ref.float()
@@ -83,8 +83,8 @@ def dp_step_torch(
     src_c = src.clamp(0, K1 - 1)
     exec_ok = prev_valid
     skip_ok = (src >= 0) & prev_valid[src_c]
-    s_exec = _mean_cos(exec_, ref, tw)
-    s_skip = _mean_cos(prev, ref, tw)[src_c]  # score each prev row once, then shift by w
+    s_exec = mean_cos(exec_, ref, tw)
+    s_skip = mean_cos(prev, ref, tw)[src_c]  # score each prev row once, then shift by w
     take_skip = skip_ok & (~exec_ok | (s_skip > s_exec))
     has = exec_ok | skip_ok
     best = torch.where(take_skip, s_skip, s_exec)

@@ -40,6 +40,29 @@ def record_steps(log: list) -> None:
     drafter_mod.KnapSpecDrafter._begin = _begin
 
 
+def time_runner(log: dict) -> None:
+    """Each engine's runner time per step (execute_model + sample_tokens, which drafts), by runner, for steps
+    that scheduled only decodes: what a step costs each engine apart from the scheduler."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    execute, sample = GPUModelRunner.execute_model, GPUModelRunner.sample_tokens
+
+    def execute_model(self, so, *a, **kw):
+        self._ab_t = time.perf_counter()
+        self._ab_decode = all(
+            n <= 1 + len(so.scheduled_spec_decode_tokens.get(r, ())) for r, n in so.num_scheduled_tokens.items()
+        )
+        return execute(self, so, *a, **kw)
+
+    def sample_tokens(self, *a, **kw):
+        out = sample(self, *a, **kw)
+        if getattr(self, "_ab_decode", False):
+            log.setdefault(id(self), []).append(time.perf_counter() - self._ab_t)
+        return out
+
+    GPUModelRunner.execute_model, GPUModelRunner.sample_tokens = execute_model, sample_tokens
+
+
 def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else "sampled"
     batch, requests, reps = (int(sys.argv[i]) if len(sys.argv) > i else d for i, d in ((2, 4), (3, 16), (4, 3)))
@@ -57,6 +80,8 @@ def main():
     ks = make_llm(model, speculative_config=spec, max_num_seqs=batch)
     log: list = []
     record_steps(log)
+    steps: dict = {}
+    time_runner(steps)
     for llm in (plain, ks):
         llm.generate(ps[:batch], sps[:batch], use_tqdm=False)  # warm
     wall = {"plain": [], "knapspec": []}
@@ -64,9 +89,15 @@ def main():
         order = (("plain", plain), ("knapspec", ks))
         for name, llm in order if rep % 2 == 0 else order[::-1]:
             log.clear()
+            steps.clear()
             t = time.perf_counter()
             llm.generate(ps, sps, use_tqdm=False)
             wall[name].append(time.perf_counter() - t)
+            for gaps in steps.values():
+                print(
+                    f"rep {rep} {name}: {len(gaps)} decode steps, runner median {1e3 * statistics.median(gaps):.1f} ms,"
+                    f" sum {sum(gaps):.2f} s of {wall[name][-1]:.2f} s"
+                )
             if name == "knapspec":
                 full = [(g, v) for g, v, n in log if g is not None and n == batch]
                 drafting, other = [g for g, v in full if v], [g for g, v in full if not v]

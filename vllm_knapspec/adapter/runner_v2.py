@@ -118,6 +118,8 @@ class KnapSpecSpeculator(DraftModelSpeculator):
         super().__init__(vllm_config, device)
         self.view: RunnerView | None = None
         self.drafter: KnapSpecDrafter | None = None
+        self.decided = False  # quiet() ran for this step and said it is a full step
+        self.async_scheduling = bool(vllm_config.scheduler_config.async_scheduling)
 
     def attach(self, runner) -> None:
         """Called by the v2_speculator patch at the end of the runner's __init__ (vLLM builds speculators
@@ -145,6 +147,19 @@ class KnapSpecSpeculator(DraftModelSpeculator):
         self.drafter.warmup_after_kv_cache()  # the KV cache exists: draft graphs, selector calibration
 
     # -- one step ----------------------------------------------------------------------------------
+    def quiet(self, input_batch) -> bool:
+        """Called by the v2_plain_steps patch before the runner samples: True if this step verified no drafts
+        and the drafter will not draft after it (KnapSpecDrafter.quiet_step), so the runner samples and
+        returns as without a speculator and propose() is not called. Async scheduling only: under sync
+        scheduling the engine hands the runner's draft tokens to the scheduler after every step."""
+        if not self.async_scheduling or input_batch.num_draft_tokens or input_batch.has_structured_output_reqs:
+            return False  # sync scheduling reads the draft-token handoff every step
+        n = input_batch.num_reqs
+        if self.drafter.quiet_step(n, self.num_speculative_steps) is not None:
+            return True
+        self.decided = True
+        return False
+
     def propose(
         self,
         input_batch,
@@ -167,9 +182,11 @@ class KnapSpecSpeculator(DraftModelSpeculator):
         n = input_batch.num_reqs
         if dummy_run or is_profile:
             return self.draft_tokens[:n]
-        drafts = self.drafter.quiet_step(n, self.num_speculative_steps)  # plain decoding planned: no host work
-        if drafts is not None:
-            return drafts
+        decided, self.decided = self.decided, False
+        if not decided:  # the v2_plain_steps patch did not ask quiet_step (a step with drafts): ask it here
+            drafts = self.drafter.quiet_step(n, self.num_speculative_steps)  # plain decoding planned: no host work
+            if drafts is not None:
+                return drafts
         self.view.idx_np = input_batch.idx_mapping_np[:n]
 
         def tokens() -> torch.Tensor:

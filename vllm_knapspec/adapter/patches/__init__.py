@@ -5,7 +5,7 @@ every vLLM process, sometimes twice).
 config_entry     speculative_config_file, knapspec_as_draft_model
 drafting         runner_drafter, draft_length_control, drafter_warmup, lookup_draft_lengths, plain_steps
 uniform_graphs   uniform_graphs
-runner_v2        v2_admits_knapspec, v2_speculator, v2_decode_graphs
+runner_v2        v2_admits_knapspec, v2_speculator, v2_decode_graphs, v2_plain_steps
 cpu              cpu_sampler_expand, cpu_generator_rewind, ray_cpu
 """
 
@@ -26,6 +26,7 @@ PATCHES = {
     "v2_admits_knapspec": runner_v2.patch_v2_admits_knapspec,
     "v2_speculator": runner_v2.patch_v2_speculator,
     "v2_decode_graphs": runner_v2.patch_v2_decode_graphs,
+    "v2_plain_steps": runner_v2.patch_v2_plain_steps,
     "cpu_sampler_expand": cpu.patch_cpu_sampler_expand,
     "cpu_generator_rewind": cpu.patch_cpu_generator_rewind,
     "ray_cpu": cpu.patch_ray_cpu,

@@ -11,6 +11,13 @@ models: async scheduling, drafts kept on the device, the V2 runner's own input p
   FULL decode graphs for every verification length 1..1+gamma_max, as vLLM captures for its dynamic
   speculative decoding: a step in which the selector chose plain decoding (1 token per request) replays the
   graph plain vLLM replays. Off with `uniform_graphs: false`.
+- v2_plain_steps          gpu.model_runner.GPUModelRunner.sample_tokens            (0.26.0)
+  A step that verified no drafts and that the drafter will not draft from (plain decoding chosen:
+  KnapSpecDrafter.quiet_step) samples as an engine without a speculator does: no speculator call, no copy of
+  draft tokens into the request states, no draft-token handoff. Those cost ~0.2 ms of host time per step
+  where a 1.5B model's decode step is ~2 ms and host-bound (tools/gpu_overhead.py; tools/gpu_bench.py
+  `ks_noop`: an engine whose propose() returns at once ran at 0.92x of plain at 1K x 1). Requests with
+  structured output keep vLLM's path (their draft tokens go back to the scheduler).
 """
 
 from __future__ import annotations
@@ -81,6 +88,29 @@ def _make_runner_init(orig):
             attach(self)
 
     return __init__
+
+
+def patch_v2_plain_steps() -> None:
+    mr = _v2_runner_module() if _on_cuda() else None
+    if mr is not None and "sample_tokens" in mr.GPUModelRunner.__dict__:
+        wrap(mr.GPUModelRunner, "sample_tokens", _make_sample_tokens)
+
+
+def _make_sample_tokens(orig):
+    @functools.wraps(orig)
+    def sample_tokens(self, grammar_output):
+        spec, state = self.speculator, self.execute_model_state
+        quiet = getattr(spec, "quiet", None)
+        if quiet is None or state is None or not self.is_last_pp_rank or not quiet(state.input_batch):
+            return orig(self, grammar_output)
+        k = self.num_speculative_steps
+        self.speculator, self.num_speculative_steps = None, 0
+        try:
+            return orig(self, grammar_output)
+        finally:
+            self.speculator, self.num_speculative_steps = spec, k
+
+    return sample_tokens
 
 
 def patch_v2_decode_graphs() -> None:

@@ -168,6 +168,32 @@ def test_v2_plain_steps_reach_the_selector_one_in_stride():
     assert d.selector.plans == steps // drafter_mod.QUIET_STRIDE
 
 
+def test_v2_plain_steps_sample_without_the_speculator():
+    """The v2_plain_steps patch: a step that verified no drafts and that the drafter keeps quiet runs vLLM's
+    sample_tokens with no speculator (no propose, no draft-token copies); a full step, a step that verified
+    drafts and sync scheduling keep it, and propose() does not ask quiet_step twice for one step."""
+    from vllm_knapspec.adapter.runner_v2 import KnapSpecSpeculator
+
+    d = _drafter(gamma=0)
+    spec = KnapSpecSpeculator.__new__(KnapSpecSpeculator)
+    spec.drafter, spec.num_speculative_steps, spec.decided, spec.async_scheduling = d, 4, False, True
+    seen = []
+    runner = SimpleNamespace(speculator=spec, num_speculative_steps=4, is_last_pp_rank=True)
+    sample = patches_v2._make_sample_tokens(lambda self, g: seen.append(self.speculator) or self.num_speculative_steps)
+    batch = SimpleNamespace(num_reqs=2, num_draft_tokens=0, has_structured_output_reqs=False)
+    runner.execute_model_state = SimpleNamespace(input_batch=batch)
+    ks = [sample(runner, None) for _ in range(drafter_mod.QUIET_STRIDE)]
+    assert seen.count(None) == drafter_mod.QUIET_STRIDE - 1 and ks.count(0) == drafter_mod.QUIET_STRIDE - 1
+    assert seen[-1] is spec and spec.decided  # the full step: propose() runs it without asking again
+    assert runner.speculator is spec and runner.num_speculative_steps == 4  # restored
+    seen.clear()
+    batch.num_draft_tokens = 3
+    sample(runner, None)
+    spec.async_scheduling, batch.num_draft_tokens = False, 0
+    sample(runner, None)
+    assert seen == [spec, spec]
+
+
 def test_v2_lookup_drafts_are_matched_on_the_device_tokens():
     """With `lookup: auto` under async scheduling, a full step of the V2 speculator matches each row's tokens
     in the runner's request states (vLLM's GPU matcher, here on CPU tensors) and returns them as drafts; the

@@ -56,11 +56,22 @@ def time_runner(log: dict) -> None:
 
     def sample_tokens(self, *a, **kw):
         out = sample(self, *a, **kw)
-        if getattr(self, "_ab_decode", False):
-            log.setdefault(id(self), []).append(time.perf_counter() - self._ab_t)
+        if hasattr(self, "_ab_t"):
+            kind = "decode" if self._ab_decode else "other"
+            log.setdefault(id(self), {}).setdefault(kind, []).append(time.perf_counter() - self._ab_t)
         return out
 
     GPUModelRunner.execute_model, GPUModelRunner.sample_tokens = execute_model, sample_tokens
+    propose = drafter_mod.KnapSpecDrafter.propose
+
+    def timed_propose(self, *a, **kw):
+        t = time.perf_counter()
+        out = propose(self, *a, **kw)
+        kind = "decode" if getattr(self.runner, "_ab_decode", True) else "other"
+        log.setdefault("propose", {}).setdefault(kind, []).append(time.perf_counter() - t)
+        return out
+
+    drafter_mod.KnapSpecDrafter.propose = timed_propose
 
 
 def main():
@@ -93,10 +104,12 @@ def main():
             t = time.perf_counter()
             llm.generate(ps, sps, use_tqdm=False)
             wall[name].append(time.perf_counter() - t)
-            for gaps in steps.values():
+            for kinds in steps.values():
+                gaps, other = kinds.get("decode", [0.0]), kinds.get("other", [])
                 print(
-                    f"rep {rep} {name}: {len(gaps)} decode steps, runner median {1e3 * statistics.median(gaps):.1f} ms,"
-                    f" sum {sum(gaps):.2f} s of {wall[name][-1]:.2f} s"
+                    f"rep {rep} {name}: {len(gaps)} decode steps, runner median {1e3 * statistics.median(gaps):.1f}"
+                    f" ms, sum {sum(gaps):.2f} s; {len(other)} other steps, sum {sum(other):.2f} s;"
+                    f" wall {wall[name][-1]:.2f} s"
                 )
             if name == "knapspec":
                 full = [(g, v) for g, v, n in log if g is not None and n == batch]

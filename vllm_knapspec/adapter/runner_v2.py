@@ -182,7 +182,7 @@ class KnapSpecSpeculator(DraftModelSpeculator):
         n = input_batch.num_reqs
         if dummy_run or is_profile:
             return self.draft_tokens[:n]
-        decided, self.decided = self.decided, False
+        decided, self.decided = getattr(self, "decided", False), False
         if not decided:  # the v2_plain_steps patch did not ask quiet_step (a step with drafts): ask it here
             drafts = self.drafter.quiet_step(n, self.num_speculative_steps)  # plain decoding planned: no host work
             if drafts is not None:

@@ -259,6 +259,23 @@ def test_acceptance_is_measured_on_tokens_the_dp_did_not_score(spec_llm, monkeyp
             assert (s["tw"][torch.from_numpy(np.setdiff1d(g, h))] > 0).all()
 
 
+def test_reference_reads_the_tokens_the_model_generated(spec_llm):
+    """The selection's reference (the last committed tokens, run through the full model against the cached KV)
+    predicts its own next tokens where a greedy run of the same model wrote them: `ref_self` in the selection
+    history. A reference that read other tokens, positions or KV would agree far less, while its candidate
+    sets could still agree with the full model on it."""
+    from vllm.inputs import TokensPrompt
+
+    gen = spec_llm.generate(PROSE[:1], SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    ids = list(gen[0].prompt_token_ids) + list(gen[0].outputs[0].token_ids)  # the prompt, then 48 greedy tokens
+    sel = fresh_selector(spec_llm)
+    spec_llm.generate(
+        [TokensPrompt(prompt_token_ids=ids)], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False
+    )
+    assert sel.history, "no selection ran"
+    assert sel.history[0]["ref_self"] >= 0.9, sel.history[0]
+
+
 def _median(xs):
     xs = sorted(xs)
     return xs[len(xs) // 2]

@@ -86,7 +86,19 @@ def _selections(worker):
     sel = getattr(d, "shipped", d.selector)
     hist = getattr(sel, "history", None) or []
     cur = getattr(sel, "current", None)
-    keys = ("ctx", "batch", "skip", "gamma", "speculate", "alpha", "speedup", "cost_s", "t_plain_s", "plain_scale")
+    keys = (
+        "ctx",
+        "batch",
+        "skip",
+        "gamma",
+        "speculate",
+        "alpha",
+        "speedup",
+        "cost_s",
+        "t_plain_s",
+        "plain_scale",
+        "ref_self",
+    )
     counters = d.stats.counters
     return dict(
         current=None if cur is None else [str(cur[0]), int(cur[1])],

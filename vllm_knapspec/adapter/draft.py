@@ -184,6 +184,7 @@ class Reference:
     rows_np: np.ndarray  # input-batch rows of the sampled requests
     run_item: object  # (item, h[J, r, d]) -> h[J, r, d]
     logits_fn: object  # h[N, d] (before the final norm) -> logits[N, V]
+    ids: torch.Tensor | None = None  # [r] the reference tokens
 
 
 class ReferenceBuilder:
@@ -302,4 +303,4 @@ class ReferenceBuilder:
         for item in range(2 * d.num_layers):
             h = run_item(item, h)
             refs.append(h[0])
-        return Reference(torch.stack(refs), groups, rows_np, run_item, lambda x: d.logits(d.lm.norm(x)))
+        return Reference(torch.stack(refs), groups, rows_np, run_item, lambda x: d.logits(d.lm.norm(x)), ids_t)

@@ -29,6 +29,22 @@ class _PhaseClock:
         self._t = now
 
 
+def self_agreement(ref) -> float | None:
+    """Share of reference tokens that the full model's own greedy prediction at the token before produced: ~1 for
+    tokens a greedy request generated, lower for prompt text. A reference that reads the wrong tokens, positions
+    or KV cache shows here at once, while candidate sets still agree with the full model on it (its alpha looks
+    perfect). None without the tokens. For the selection history (`ref_self`); it decides nothing."""
+    ids = getattr(ref, "ids", None)
+    if ids is None:
+        return None
+    top = ref.logits_fn(ref.refs[-1]).argmax(-1)  # [r]
+    pairs = [(g[:-1], g[1:]) for g in ref.groups if len(g) > 1]
+    if not pairs:
+        return None
+    hit = sum(int((top[torch.as_tensor(a)] == ids[torch.as_tensor(b)].to(top.device)).sum()) for a, b in pairs)
+    return hit / sum(len(a) for a, _ in pairs)
+
+
 class Choice:
     """KnapSpecSelector's selection pass (mixin)."""
 
@@ -61,6 +77,7 @@ class Choice:
             self._spec["pred_step_s"] = choice.gamma * float(t_draft[choice.index]) + t_plain
         self._record(best.skipset, choice, t_plain, w_attn, w_mlp, len(cands), ctx)
         self.history[-1]["phases_s"] = clock.laps
+        self.history[-1]["ref_self"] = self_agreement(ref)
 
     def _dp_shape(self, ctx):
         """Integer weights (rank 0's under TP), knapsack budget and reference tokens of a selection at ctx."""

@@ -33,7 +33,7 @@ from vllm_knapspec.tools.workloads import WORKLOADS  # noqa: E402
 
 def recorders(choices: list, costs: list):
     """Wrap the choice and the cost observation of lookup_drafts to record what they see."""
-    choose, observe = ld.choose_with_models, ld.LookupDrafts.observe_step
+    choose, observe = ld.choose_with_models, ld.LookupDrafts.observe_cost
 
     def recorded_choose(selector, plan, has, alphas, lookup_len, ctx, n, k_max, jump, uniform=False):
         c = choose(selector, plan, has, alphas, lookup_len, ctx, n, k_max, jump, uniform)
@@ -42,12 +42,12 @@ def recorders(choices: list, costs: list):
         choices.append((sum(lookup_tokens(a, int(g)) - 1.0 for a, g, r in rows if r) if c.gamma else 0.0, c.gamma))
         return c
 
-    def recorded_observe(self, selector, ctx, n, verified, kept, seconds):
+    def recorded_observe(self, selector, ctx, n, verified, seconds):
         t_plain, slope = ld._line(selector, ctx, n)
         costs.append((verified, seconds, t_plain + verified * slope))
-        return observe(self, selector, ctx, n, verified, kept, seconds)
+        return observe(self, selector, ctx, n, verified, seconds)
 
-    ld.choose_with_models, ld.LookupDrafts.observe_step = recorded_choose, recorded_observe
+    ld.choose_with_models, ld.LookupDrafts.observe_cost = recorded_choose, recorded_observe
 
 
 def main():

@@ -71,7 +71,6 @@ class _Step:
         "events",
         "lookup",
         "lookup_tokens",
-        "lookup_kept",
         "req_ids",
         "lookup_rec",
         "held",
@@ -82,7 +81,6 @@ class _Step:
         self.skip, self.steps, self.draft_s, self.events = None, 0, 0.0, None
         self.lookup = None  # [n] bool: rows whose verified drafts were not the layer-skip draft's
         self.lookup_tokens = 0  # lookup draft tokens this step verified
-        self.lookup_kept = 0  # of them accepted (device lookup: None until its record is on the host)
         self.req_ids = None  # [n] (device lookup: rows are matched to the last step's by request)
         self.lookup_rec = None  # lookup_device._Record of the drafts this step verified
         self.held = None  # the step whose layer-skip draft loop ran inside this step's gap
@@ -418,8 +416,6 @@ class KnapSpecDrafter(DraftModelProposer):
             observe = getattr(self.selector, "observe_quiet", None)
             if observe is not None:
                 observe(self._quiet_n, self._quiet_s)
-            if self.device_lookup is not None and self._prev_reqs:
-                self.device_lookup.guard.observe_plain_steps(self._prev_reqs, self._quiet_n, self._quiet_s)
             self._quiet_n, self._quiet_s = 0, 0.0
         verified = self._verified(cad, n)
         rej = None
@@ -431,11 +427,10 @@ class KnapSpecDrafter(DraftModelProposer):
         if self.device_lookup is not None:
             step.req_ids, step.lookup_rec = (None if src is None else src.req_ids), rec
         if self.lookup is not None:  # sync scheduling: the counts are ready
-            lookup_only = bool(gap and step.steady and not self.lookup.pending_skip)  # a lookup-only or plain step
+            if gap and step.steady and not self.lookup.pending_skip:  # a lookup-only or plain step: its cost
+                self.lookup.observe_cost(self.selector, step.ctx, n, lookup_tokens, gap)
             step.lookup_tokens = lookup_tokens
             step.lookup, kept = self.lookup.observe(n, None if rej is None else rej.to("cpu").numpy())
-            if lookup_only:  # its cost and its tokens per second
-                self._guarded(self.lookup, step.ctx, n, lookup_tokens, kept, gap)
             if kept:
                 self.stats.inc("lookup_accepted_tokens", float(kept))
         self._prev_reqs = n
@@ -458,8 +453,7 @@ class KnapSpecDrafter(DraftModelProposer):
             self._observe_device_lookup(s)
         if self.device_lookup is not None and s.gap and s.steady and s.held is None:  # lookup-only or plain
             verified = int(np.broadcast_to(s.verified, (s.n,)).sum())
-            if s.lookup_kept is not None or not verified:  # what it kept is known
-                self._guarded(self.device_lookup, s.ctx, s.n, verified, s.lookup_kept or 0, s.gap)
+            self.device_lookup.observe_cost(self.selector, s.ctx, s.n, verified, s.gap)
         keep = np.ones(s.n, dtype=bool) if s.lookup is None else ~s.lookup  # layer-skip rows only
         proposed = int(np.broadcast_to(s.verified, (s.n,))[keep].sum())
         accepted = max(0, proposed - int(s.rejected[torch.from_numpy(keep)].sum())) if proposed else 0
@@ -471,31 +465,15 @@ class KnapSpecDrafter(DraftModelProposer):
 
     def _observe_device_lookup(self, s: _Step) -> None:
         rec, stale = s.lookup_rec
-        s.lookup_kept = None
         ver = np.broadcast_to(np.asarray(0 if stale else s.verified, dtype=np.int64), (s.n,))
         rej = None if s.rejected is None else s.rejected.numpy()
         lookup, drafted, kept = self.device_lookup.observe(rec, s.req_ids, ver, rej)
         if lookup is None:
             return
         s.lookup, s.lookup_tokens = lookup, int(ver[lookup].sum())
-        s.lookup_kept = kept
         if drafted:
             self.stats.inc("lookup_draft_tokens", float(drafted))
             self.stats.inc("lookup_accepted_tokens", float(kept))
-
-    def _guarded(self, lookup, ctx, n: int, verified: int, kept: int, seconds: float) -> None:
-        """A step without layer-skip drafts to the lookup's cost and guard (LookupGuard), its stops counted."""
-        stops = lookup.guard.stops
-        lookup.observe_step(self.selector, ctx, n, verified, kept, seconds)
-        if lookup.guard.stops > stops:
-            self.stats.inc("lookup_guard_stops")
-            logger.info(
-                "KnapSpec lookup guard: drafting steps at batch %d measured %.3fx of plain steps; lookup drafts "
-                "off there for %d steps",
-                n,
-                lookup.guard.last,
-                lookup.guard.blocked[lookup.guard.bucket(n)],
-            )
 
     def _context(self, cad, n: int) -> np.ndarray:
         """Context lengths whose KV is committed on every path (host, no sync): the step's upper bound of

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_knapspec.adapter.lookup_drafts import choose_with_models, guard_step, observe_cost
-from vllm_knapspec.core.lookup import LookupAcceptance, LookupGuard, StepChoice, VerifyJump
+from vllm_knapspec.adapter.lookup_drafts import choose_with_models, observe_cost
+from vllm_knapspec.core.lookup import LookupAcceptance, StepChoice, VerifyJump
 
 
 def vllm_matcher():
@@ -95,7 +95,6 @@ class DeviceLookup:
         # steps (same batch, no prefill), and a drafting step's host work can cost 3-4x a ~2 ms plain step
         # (Qwen2.5-1.5B on the H200 with the search eager): they count.
         self.jump = VerifyJump(cap=8.0)
-        self.guard = LookupGuard()
         self.match_len: dict[str, int] = {}  # req_id -> tokens of its latest lookup draft the host has seen
         self.search = functools.partial(match_drafts, self.match)  # eager until compile()
 
@@ -115,10 +114,8 @@ class DeviceLookup:
             self.search = eager
             raise
 
-    def observe_step(self, selector, ctx, n: int, verified: int, kept: int, seconds: float) -> None:
-        """A steady step without layer-skip drafts (lookup_drafts.LookupDrafts.observe_step)."""
+    def observe_cost(self, selector, ctx, n: int, verified: int, seconds: float) -> None:
         observe_cost(self.jump, selector, ctx, n, verified, seconds)
-        guard_step(self.guard, selector, ctx, n, verified, kept, seconds)
 
     @staticmethod
     def wanted(cfg, vllm_config) -> bool:
@@ -127,7 +124,6 @@ class DeviceLookup:
     def choose(self, selector, plan, ctx, req_ids: list) -> StepChoice:
         n = len(req_ids)
         m = np.array([self.match_len.get(r, 0) for r in req_ids], dtype=np.int64)
-        m = m if self.guard.allow(n) else np.zeros_like(m)
         alphas = np.array([self.acceptance.alpha(r) for r in req_ids])
         return choose_with_models(selector, plan, m > 0, alphas, m, ctx, n, self.k_max, self.jump, uniform=True)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vllm_knapspec.core.lookup import LookupAcceptance, LookupGuard, StepChoice, VerifyJump, choose_step
+from vllm_knapspec.core.lookup import LookupAcceptance, StepChoice, VerifyJump, choose_step
 
 
 def _llvmlite_dunders_are_attribute_errors() -> None:
@@ -51,7 +51,6 @@ class LookupDrafts:
         self.lmin, self.lmax = cfg.lookup_min, cfg.lookup_max
         self.acceptance = LookupAcceptance()
         self.jump = VerifyJump()
-        self.guard = LookupGuard()
         self.pending: dict[str, tuple] = {}  # req_id -> (lookup drafts the next step verifies, n-gram length)
         self.pending_skip = False  # the next step verifies layer-skip drafts in the other rows
         self.match_len = np.zeros(0, dtype=np.int64)  # [n] tokens of each row's lookup draft (0: no match)
@@ -112,14 +111,10 @@ class LookupDrafts:
 
     def choose(self, selector, plan, has, ctx, n: int) -> StepChoice:
         lookup_len = self.match_len[:n] if len(self.match_len) >= n else None
-        has = has & self.guard.allow(n)
         return choose_with_models(selector, plan, has, self.alphas(n), lookup_len, ctx, n, self.k_max, self.jump)
 
-    def observe_step(self, selector, ctx, n: int, verified: int, kept: int, seconds: float) -> None:
-        """A steady step without layer-skip drafts: `verified` lookup tokens, `kept` of them, in `seconds`. Its
-        cost beyond the model's line feeds the VerifyJump, its tokens per second the LookupGuard."""
+    def observe_cost(self, selector, ctx, n: int, verified: int, seconds: float) -> None:
         observe_cost(self.jump, selector, ctx, n, verified, seconds)
-        guard_step(self.guard, selector, ctx, n, verified, kept, seconds)
 
     def fill(
         self, out: torch.Tensor, drafts: np.ndarray, lookup_rows: np.ndarray, skip_steps: int, gamma: int | None = None
@@ -212,12 +207,6 @@ def observe_cost(jump, selector, ctx, n: int, verified: int, seconds: float) -> 
     if hasattr(selector, "target") and len(ctx):
         t_plain, slope = _line(selector, ctx, n)
         jump.observe(verified, seconds, t_plain, t_plain + verified * slope)
-
-
-def guard_step(guard, selector, ctx, n: int, verified: int, kept: int, seconds: float) -> None:
-    """One steady step for the LookupGuard: n + kept tokens in `seconds`, the model's plain step as a stand-in."""
-    t_plain = _line(selector, ctx, n)[0] if hasattr(selector, "target") and len(ctx) else None
-    guard.observe(n, n + kept, seconds, drafted=verified, plain_s=t_plain)
 
 
 def _line(selector, ctx, n: int) -> tuple[float, float]:

@@ -63,8 +63,9 @@ def _trace_take(worker):
 
 
 def step_times(trace) -> dict:
-    """Median step gap, draft step (per drafted token) and verify (a drafting step's gap less its draft loop) in
-    ms; the plain steps' gap apart (a run whose selector drafted a few times has mostly plain steps)."""
+    """Median, mean and 90th-percentile step gap, draft step (per drafted token) and verify (a drafting step's gap
+    less its draft loop) in ms; the plain steps' gap apart (a run whose selector drafted a few times has mostly
+    plain steps). Traced steps are full steps: while plain decoding is planned, quiet steps are not traced."""
     tr = trace[2:]  # the first reports may belong to the previous run (one step late)
     gaps = [g for g, _, _ in tr if g]
     drafting = [(g, ds, s) for g, ds, s in tr if g and s]
@@ -72,8 +73,12 @@ def step_times(trace) -> dict:
     if not gaps:
         return {}
     med = statistics.median
+    ordered = sorted(gaps)
     return dict(
         step_ms=med(gaps) * 1e3,
+        mean_step_ms=sum(gaps) / len(gaps) * 1e3,  # long steps show here, not in the median
+        p90_step_ms=ordered[int(0.9 * (len(ordered) - 1))] * 1e3,
+        steps=len(gaps),
         plain_step_ms=med(plain) * 1e3 if plain else None,
         draft_step_ms=med([ds / s for _, ds, s in drafting]) * 1e3 if drafting else None,
         verify_ms=med([g - ds for g, ds, _ in drafting]) * 1e3 if drafting else None,

@@ -41,8 +41,9 @@ def record_steps(log: list) -> None:
 
 
 def time_runner(log: dict) -> None:
-    """Each engine's runner time per step (execute_model + sample_tokens, which drafts), by runner, for steps
-    that scheduled only decodes: what a step costs each engine apart from the scheduler."""
+    """Each engine's runner time per step (execute_model + sample_tokens, which drafts), by runner, split into
+    steps that scheduled only decodes and the rest (prefill chunks); and KnapSpec's propose() time alone under
+    the key "propose": what a step costs each engine apart from the scheduler."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     execute, sample = GPUModelRunner.execute_model, GPUModelRunner.sample_tokens
@@ -104,10 +105,11 @@ def main():
             t = time.perf_counter()
             llm.generate(ps, sps, use_tqdm=False)
             wall[name].append(time.perf_counter() - t)
-            for kinds in steps.values():
+            for key, kinds in steps.items():
                 gaps, other = kinds.get("decode", [0.0]), kinds.get("other", [])
+                what = "propose()" if key == "propose" else "runner"
                 print(
-                    f"rep {rep} {name}: {len(gaps)} decode steps, runner median {1e3 * statistics.median(gaps):.1f}"
+                    f"rep {rep} {name} {what}: {len(gaps)} decode steps, median {1e3 * statistics.median(gaps):.1f}"
                     f" ms, sum {sum(gaps):.2f} s; {len(other)} other steps, sum {sum(other):.2f} s;"
                     f" wall {wall[name][-1]:.2f} s"
                 )

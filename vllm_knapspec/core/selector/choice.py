@@ -35,14 +35,13 @@ def self_agreement(ref) -> float | None:
     or KV cache shows here at once, while candidate sets still agree with the full model on it (its alpha looks
     perfect). None without the tokens. For the selection history (`ref_self`); it decides nothing."""
     ids = getattr(ref, "ids", None)
-    if ids is None:
+    groups = [np.asarray(g) for g in ref.groups if len(g) > 1]
+    if ids is None or not groups:
         return None
-    top = ref.logits_fn(ref.refs[-1]).argmax(-1)  # [r]
-    pairs = [(g[:-1], g[1:]) for g in ref.groups if len(g) > 1]
-    if not pairs:
-        return None
-    hit = sum(int((top[torch.as_tensor(a)] == ids[torch.as_tensor(b)].to(top.device)).sum()) for a, b in pairs)
-    return hit / sum(len(a) for a, _ in pairs)
+    before = torch.from_numpy(np.concatenate([g[:-1] for g in groups])).to(ref.refs.device)  # [m]
+    after = torch.from_numpy(np.concatenate([g[1:] for g in groups])).to(ids.device)  # [m] the tokens they predict
+    top = ref.logits_fn(ref.refs[-1][before]).argmax(-1)  # [m] logits only where a next token exists
+    return float((top == ids[after].to(top.device)).float().mean())  # one sync
 
 
 class Choice:

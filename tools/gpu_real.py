@@ -10,10 +10,12 @@ Engines, all up at once, vLLM's own process layout (what `vllm serve` runs):
 Prompts are real text every Python carries (vllm_knapspec/tools/workloads.py): `code` continues stdlib sources
 (modules concatenated up to the length), `prose` asks for a summary of the language reference.
 
-lossless  greedy KnapSpec (shipped selector, static 25 %, 50 %) == plain: batch 1 (4 prompts) and batch 16, with
+lossless  greedy KnapSpec (shipped selector, full depth with and without lookup drafts and draft graphs, static
+          25 %) == plain: batch 1 (4 prompts) and batch 16, with
           plain's top-2 logprob margin at any first divergence
 accept    realised acceptance (vLLM's spec-decode counters; the first draft position is the teacher-forced top-1
-          agreement) vs skipped share: attention-only, MLP-only, mixed, and the selector's own sets
+          agreement) vs skipped share: attention-only, MLP-only, mixed (layer-skip drafts alone: lookup off),
+          and the shipped selector's own plans
 bench     ms per output token, methods rotated per repetition, per (kind, context, batch); speedup = plain / x
 """
 
@@ -38,16 +40,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -- worker-side (collective_rpc) ----------------------------------------------------------------------------
-def _pin(worker, skip, gamma):
-    """skip None: the shipped selector; else a fixed plan (gamma 0 = no drafts)."""
+def _pin(worker, skip, gamma, lookup=True, graphs=True):
+    """skip None: the shipped selector; else a fixed plan (gamma 0 = no drafts). lookup False: no lookup drafts
+    (a pinned plan's acceptance is then its layer-skip draft's alone); graphs False: draft steps run eagerly
+    (the draft graphs' numerics against the modules')."""
     from vllm_knapspec.core.selector import FixedSelector
     from vllm_knapspec.core.skipset import SkipSet
 
     d = worker.model_runner.drafter
     if not hasattr(d, "shipped"):
         d.shipped = d.selector
+        d.shipped_parts = (d.device_lookup, d.graphs)
     d.selector = d.shipped if skip is None else FixedSelector(SkipSet.parse(d.draft.num_layers, skip), gamma)
     d.next_gamma = d.k_max if skip is None else gamma
+    d.device_lookup = d.shipped_parts[0] if lookup else None
+    d.graphs = d.shipped_parts[1] if graphs else None
     return True
 
 
@@ -162,7 +169,13 @@ def acceptance(before: dict, after: dict) -> dict:
 def lossless(E, tok, L, a, SP, TP):
     res = []
     fixed = static_sets(L)
-    sets = [("shipped", None, 0), ("full", "", 4), ("static25", fixed["static25"], 4)]
+    sets = [
+        ("shipped", None, 0),
+        ("full", "", 4),
+        ("full-nolookup", "", 4, False),  # the target's own modules: acceptance 1 up to bf16 ties
+        ("full-nolookup-eager", "", 4, False, False),
+        ("static25", fixed["static25"], 4),
+    ]
     for bs, ps in (
         (1, prompts(tok, "code", 1024, 2) + prompts(tok, "prose", 1024, 2)),
         (16, prompts(tok, "code", 1024, 8) + prompts(tok, "prose", 1024, 8)),
@@ -170,8 +183,8 @@ def lossless(E, tok, L, a, SP, TP):
         groups = [[p] for p in ps] if bs == 1 else [ps]
         sp = SP(max_tokens=128, temperature=0.0, ignore_eos=True, logprobs=2)
         ref = [o for g in groups for o in E["plain"].generate([TP(prompt_token_ids=p) for p in g], sp, use_tqdm=False)]
-        for name, skip, gamma in sets:
-            E["knapspec"].collective_rpc(_pin, args=(skip, gamma))
+        for name, *pin in sets:
+            E["knapspec"].collective_rpc(_pin, args=tuple(pin))
             b = spec_counts(E["knapspec"])
             got = [
                 o
@@ -218,7 +231,7 @@ def accept(E, tok, L, a, SP, TP):
         ps = [TP(prompt_token_ids=p) for p in prompts(tok, "code", ctx, 2) + prompts(tok, "prose", ctx, 2)]
         ks.generate(ps, SP(max_tokens=1), use_tqdm=False)
         for name, skip, gamma in sets:
-            ks.collective_rpc(_pin, args=(skip, gamma))
+            ks.collective_rpc(_pin, args=(skip, gamma, skip is None))  # fixed sets: layer-skip drafts alone
             b = spec_counts(ks)
             ks.generate(ps, SP(max_tokens=a.accept_new, temperature=0.0, ignore_eos=True), use_tqdm=False)
             row = dict(

@@ -154,6 +154,34 @@ def requests_per_cell(context: int, concurrency: int, requests: int, cell_tokens
     return max(concurrency, min(requests, max(1, cell_tokens // context)))
 
 
+def kv_bytes_per_token(model: str, itemsize: int = 4) -> int | None:
+    """KV cache bytes per token of a Hugging Face model folder (float32 by default: the servers' dtype), or None
+    where its config.json does not say. SmolLM2-135M: 30 layers x 2 x 3 KV heads x 64 x 4 B = 46,080 B."""
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+        heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        return cfg["num_hidden_layers"] * 2 * cfg.get("num_key_value_heads", heads) * head_dim * itemsize
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
+def prefix_cache_misses(pool_tokens: dict, kv_bytes: int | None, kv_cache_gib: float) -> list[str]:
+    """Contexts whose prompt pool (tokens of every request a context's cells send, outputs included) does not fit
+    the servers' KV cache: their cells would prefill again on every request instead of measuring decoding.
+
+    >>> prefix_cache_misses({512: 4 * 544, 8160: 4 * 8192}, 46080, 1.0)
+    ['8160: 32768 tokens need 1.41 GiB of KV cache, the servers have 1 GiB']
+    """
+    if not kv_bytes:
+        return []
+    return [
+        f"{ctx}: {tokens} tokens need {tokens * kv_bytes / 2**30:.2f} GiB of KV cache, the servers have {kv_cache_gib:g} GiB"
+        for ctx, tokens in sorted(pool_tokens.items())
+        if tokens * kv_bytes > 0.9 * kv_cache_gib * 2**30  # vLLM keeps a few blocks back
+    ]
+
+
 def effective_context(context: int, max_model_len: int, max_tokens: int) -> int:
     """Prompt tokens for a nominal context: the model's window must hold the prompt and the output."""
     return min(context, max_model_len - max_tokens)
@@ -1321,6 +1349,16 @@ def main(argv=None) -> int:
     for ctx in sorted({c for c, _ in grid}):
         count = max(requests_per_cell(ctx, n, args.requests, args.cell_tokens) for c, n in grid if c == ctx)
         prompts_by_ctx[ctx] = WORKLOADS[args.workload](tok, ctx, count)
+    pool = {c: sum(len(p.token_ids) + args.max_tokens for p in ps) for c, ps in prompts_by_ctx.items()}
+    misses = prefix_cache_misses(pool, kv_bytes_per_token(args.model), args.kv_cache_space)
+    if misses:
+        print(
+            "--kv-cache-space: the prompts of a context must stay in the prefix cache, or every request prefills "
+            f"again and the cells time prefill, not decoding. Too small for {'; '.join(misses)}. "
+            "Raise --kv-cache-space or lower --requests / --cell-tokens.",
+            file=sys.stderr,
+        )
+        return 2
 
     meta = {
         "machine": machine_info(),

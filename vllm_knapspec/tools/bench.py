@@ -176,7 +176,8 @@ def prefix_cache_misses(pool_tokens: dict, kv_bytes: int | None, kv_cache_gib: f
     if not kv_bytes:
         return []
     return [
-        f"{ctx}: {tokens} tokens need {tokens * kv_bytes / 2**30:.2f} GiB of KV cache, the servers have {kv_cache_gib:g} GiB"
+        f"{ctx}: {tokens} tokens need {tokens * kv_bytes / 2**30:.2f} GiB of KV cache, "
+        f"the servers have {kv_cache_gib:g} GiB"
         for ctx, tokens in sorted(pool_tokens.items())
         if tokens * kv_bytes > 0.9 * kv_cache_gib * 2**30  # vLLM keeps a few blocks back
     ]

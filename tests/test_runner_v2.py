@@ -95,7 +95,7 @@ def _drafter(gamma: int):
     d.k_max, d.stats, d.channel, d._next_gamma = 4, KnapSpecStats.get(), None, gamma
     d.feedback = drafter_mod._Feedback(torch.device("cpu"))
     d._last_call = d._prev_reqs = None
-    d._verified_next, d._quiet, d._quiet_n, d._quiet_s = 0, 0, 0, 0.0
+    d._verified_next, d._quiet, d._quiet_n, d._quiet_s, d._stride = 0, 0, 0, 0.0, drafter_mod.QUIET_STRIDE
     d.graphs = d.lookup = d.device_lookup = d._lookup_prev = d.trace = None
     d._draft_step = None
     d.selector, d._drafts = _Selector(), torch.zeros(4, 4, dtype=torch.int64)
@@ -112,15 +112,35 @@ def _metadata(n: int, drafts=None):
     )
 
 
+# While plain decoding is planned for a batch of one size, the full steps come after strides of 8, 16, 32, 64, 64:
+# 5 full steps in 184.
+STRIDE_STEPS, STRIDE_FULL = 184, 5
+
+
 def test_plain_steps_reach_the_selector_one_in_stride():
     d = _drafter(gamma=0)
     before = d.stats.counters["no_spec_steps"]
-    steps = 4 * drafter_mod.QUIET_STRIDE
-    for _ in range(steps):
+    for _ in range(STRIDE_STEPS):
         d.propose(4, None, None, None, torch.zeros(2, dtype=torch.int64), None, _metadata(2), None)
-    assert d.selector.plans == steps // drafter_mod.QUIET_STRIDE
-    assert sum(d.selector.quiet) + d._quiet_n == steps - d.selector.plans  # every quiet step is accounted
-    assert d.stats.counters["no_spec_steps"] - before == steps  # and counted
+    assert d.selector.plans == STRIDE_FULL
+    assert d._stride == drafter_mod.QUIET_STRIDE_MAX
+    assert sum(d.selector.quiet) + d._quiet_n == STRIDE_STEPS - d.selector.plans  # every quiet step is accounted
+    assert d.stats.counters["no_spec_steps"] - before == STRIDE_STEPS  # and counted
+
+
+def test_a_batch_that_changes_size_is_planned_at_once():
+    """A request arriving or leaving makes the next step a full one and the stride short again: a new request
+    gets its lookup search and a plan within a step, not within QUIET_STRIDE_MAX."""
+    d = _drafter(gamma=0)
+    for _ in range(3 * drafter_mod.QUIET_STRIDE):
+        d.propose(4, None, None, None, torch.zeros(2, dtype=torch.int64), None, _metadata(2), None)
+    plans, stride = d.selector.plans, d._stride
+    assert stride > drafter_mod.QUIET_STRIDE
+    d.propose(4, None, None, None, torch.zeros(3, dtype=torch.int64), None, _metadata(3), None)
+    assert d.selector.plans == plans + 1 and d._stride == drafter_mod.QUIET_STRIDE
+    for _ in range(drafter_mod.QUIET_STRIDE):
+        d.propose(4, None, None, None, torch.zeros(3, dtype=torch.int64), None, _metadata(3), None)
+    assert d.selector.plans == plans + 2  # the short stride again
 
 
 def test_drafting_steps_are_never_quiet():
@@ -152,8 +172,8 @@ def _v2_batch(states: list[int], seq_len: int, req_ids=None):
 
 
 def test_v2_plain_steps_reach_the_selector_one_in_stride():
-    """Through the V2 speculator too, while plain decoding is planned the selector sees one step in
-    QUIET_STRIDE (the quiet check runs once per step)."""
+    """Through the V2 speculator too, while plain decoding is planned the selector sees one step per stride
+    (the quiet check runs once per step)."""
     from vllm_knapspec.adapter.runner_v2 import KnapSpecSpeculator
 
     d = _drafter(gamma=0)
@@ -162,10 +182,9 @@ def test_v2_plain_steps_reach_the_selector_one_in_stride():
     batch = _v2_batch([0, 1], seq_len=100)
     ones, zeros = torch.ones(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
     last = torch.zeros(4, 1, dtype=torch.int64)
-    steps = 4 * drafter_mod.QUIET_STRIDE
-    for _ in range(steps):
+    for _ in range(STRIDE_STEPS):
         KnapSpecSpeculator.propose(spec, batch, {}, {}, None, None, ones, zeros, last, zeros, None, None)
-    assert d.selector.plans == steps // drafter_mod.QUIET_STRIDE
+    assert d.selector.plans == STRIDE_FULL
 
 
 def test_v2_plain_steps_sample_without_the_speculator():
@@ -213,7 +232,7 @@ def test_v2_lookup_drafts_are_matched_on_the_device_tokens():
     last = torch.tensor([[9], [2], [0], [0]])
     outs = [
         KnapSpecSpeculator.propose(spec, batch, {}, {}, None, None, ones, zeros, last, zeros, None, None).clone()
-        for _ in range(2 * drafter_mod.QUIET_STRIDE)
+        for _ in range(3 * drafter_mod.QUIET_STRIDE)  # full steps: the 8th and, the stride doubled, the 24th
     ]
     full = outs[drafter_mod.QUIET_STRIDE - 1]  # the first step the selector sees
     assert full.tolist() == [[3, 4, 5, 6], [9, 9, 9, 9]]  # row a copies after "1 2"; row b (state 0) has no match

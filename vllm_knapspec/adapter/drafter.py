@@ -50,7 +50,9 @@ def knapspec_config_of(vllm_config) -> ks_config.KnapSpecConfig:
     return cfg
 
 
-QUIET_STRIDE = 8  # plain decoding planned: the selector sees every 8th step (quiet_step)
+# Plain decoding planned: the selector sees one step in `stride` (quiet_step), from QUIET_STRIDE up to
+# QUIET_STRIDE_MAX while the batch keeps its size.
+QUIET_STRIDE, QUIET_STRIDE_MAX = 8, 64
 
 
 class _Step:
@@ -159,6 +161,7 @@ class KnapSpecDrafter(DraftModelProposer):
         self.feedback = _Feedback(torch.device(device))
         self._last_call = None  # host time of the previous propose(): steps are timed call to call
         self._quiet = self._quiet_n = 0  # quiet_step(): position in the stride, steps not yet reported
+        self._stride = QUIET_STRIDE  # quiet_step(): steps per full step while plain decoding is planned
         self._quiet_s = 0.0  # ... and their time
         self._verified_next = 0  # drafts per request the next step verifies
         self._prev_reqs = None
@@ -338,17 +341,23 @@ class KnapSpecDrafter(DraftModelProposer):
         return drafts
 
     def quiet_step(self, n: int, k: int) -> torch.Tensor | None:
-        """While the plan is plain decoding, QUIET_STRIDE - 1 of every QUIET_STRIDE steps do no host work
-        beyond timing: the selector (whose decisions come every reselect_interval steps or on a context change)
-        sees every QUIET_STRIDE-th step. When a plain step costs ~2 ms, the engine loop is host-bound and the
-        full propose() (~0.2 ms on the H200 host) was 0.77-0.92x of plain decoding at 1K x 1 / x 16
-        (tools/gpu_bench.py, variants ks_off vs ks_noop). Returns the drafts (ignored: none are scheduled) or
-        None for a full step."""
+        """While the plan is plain decoding, most steps do no host work beyond timing: the selector, and with
+        `lookup: auto` the device lookup's search and choice, see one step in `stride`. When a plain step costs
+        ~2 ms the engine loop is host-bound, and a full propose() costs ~1.4 ms of host time on the H200
+        (docs/gpu.md): one in 8 is ~8 % of plain decoding's speed at 1K x 1. So the stride doubles, from
+        QUIET_STRIDE to QUIET_STRIDE_MAX, at each full step that again planned plain decoding for a batch of
+        the same size, and falls back to QUIET_STRIDE when the batch changes size (a request arrived or left:
+        the next step is a full one) or a step drafts. A request that starts copying its context mid-way is
+        seen within `stride` steps. Returns the drafts (ignored: none are scheduled) or None for a full step."""
         if self._next_gamma or self.lookup is not None:
-            self._quiet = 0
+            self._quiet, self._stride = 0, QUIET_STRIDE
             return None
-        self._quiet = (self._quiet + 1) % QUIET_STRIDE
+        if n != self._prev_reqs and self._prev_reqs is not None:  # a request arrived or left: plan for it now
+            self._quiet, self._stride = 0, QUIET_STRIDE
+            return None
+        self._quiet = (self._quiet + 1) % self._stride
         if not self._quiet:
+            self._stride = min(2 * self._stride, QUIET_STRIDE_MAX)  # plain again, the same batch size
             return None
         now = time.perf_counter()
         if self._last_call is not None:

@@ -310,3 +310,26 @@ def test_dp_with_token_weights_never_sees_held_out_tokens():
         assert x.cos == pytest.approx(cosine_proxy(x.hidden[None, 0::2], full[0::2])[0].item(), abs=1e-5)
         assert torch.allclose(x.hidden, a.forward(set(x.skipset.items())), atol=1e-5)  # held-out rows too
     assert held[0].tolist() == [1, 3]
+
+
+def test_a_selection_prices_acceptance_at_its_lower_bound(monkeypatch):
+    """Each candidate's per-request held-out agreement is scaled so that its token-weighted mean is the Wilson
+    lower bound over all held-out tokens: 15 of 16 is priced at 0.76, not 0.94, and the ranking of candidates
+    measured on the same tokens is kept."""
+    from types import SimpleNamespace
+
+    from vllm_knapspec.core import dp as dp_mod
+    from vllm_knapspec.core.selector import choice
+
+    raw = [torch.tensor([1.0, 0.5]), torch.tensor([7 / 8, 0.5])]  # [C] per request: 15/16 and 8/16 in all
+    it = iter(raw)
+    monkeypatch.setattr(dp_mod, "stack_hidden", lambda cands: torch.zeros(2, 16, 4))
+    monkeypatch.setattr(dp_mod, "estimate_acceptance", lambda h, full, fn: next(it))
+    ref = SimpleNamespace(refs=torch.zeros(3, 16, 4), logits_fn=None)
+    held = [np.arange(0, 16, 2), np.arange(1, 16, 2)]  # two requests, 8 held-out tokens each
+    a = choice.Choice._alpha(None, None, ref, held, batch=3)  # [C, 3]: the third request gets the mean
+    lb = dp_mod.wilson_lower(torch.tensor([15 / 16, 0.5]), 16, choice.ALPHA_Z)
+    assert torch.allclose(a[:, :2].mean(1), lb, atol=1e-6)
+    assert torch.allclose(a[:, 2], a[:, :2].mean(1))
+    assert a[0, 0] > a[0, 1] and (a[:, :2] <= torch.stack(raw, 1)).all()
+    assert 0.75 < float(a[0, :2].mean()) < 0.77

@@ -458,7 +458,8 @@ class KnapSpecDrafter(DraftModelProposer):
             self.trace.append((s.gap, s.draft_s, s.steps))
         if s.steps and s.skip is not None:
             self.selector.observe_draft(s.skip, s.ctx, None, s.draft_s, s.steps)
-        if s.lookup_rec is not None and s.lookup_rec[0] is not None and s.req_ids is not None:
+        dl = self.device_lookup  # None once lookup drafts are turned off (tools pin them off between runs)
+        if dl is not None and s.lookup_rec is not None and s.lookup_rec[0] is not None and s.req_ids is not None:
             self._observe_device_lookup(s)
         if self.device_lookup is not None and s.gap and s.steady and s.held is None:  # lookup-only or plain
             verified = int(np.broadcast_to(s.verified, (s.n,)).sum())

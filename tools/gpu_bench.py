@@ -7,6 +7,7 @@ Engines (dummy weights of the shape, no tokenizer), all up at once:
   plain2   a second identical engine: the A/A control (how far two identical engines differ here)
   knapspec KnapSpec as shipped (method knapspec), its plan set per variant in the worker:
            off (the selector chose plain decoding), skip '' (full-depth draft), 25 % and 50 % of sublayers
+           (+ ks_noop: propose() returns at once; ks_quiet: every step quiet, no full steps)
 Each cell (context x batch): per repetition every variant in rotating order; the prompt is cached first
 (prefix caching), so a timed call is decode only. Reported: ms per output token (median), ratios to plain,
 and KnapSpec's per-step device times (draft loop per draft step from CUDA events; verify step = step gap
@@ -114,6 +115,17 @@ def _set_noop(worker, on):
     return True
 
 
+def _set_quiet(worker, on):
+    """ks_quiet: every step is a quiet one (no full steps, so no selector, lookup search or choice): what remains
+    against plain is vLLM's own cost of an engine with a speculator, plus the per-step quiet check."""
+    d = worker.model_runner.drafter
+    if on:
+        d.quiet_step = lambda n, k: d._drafts[:n, :k]  # the instance attribute shadows the method
+    else:
+        d.__dict__.pop("quiet_step", None)
+    return True
+
+
 def _time_propose(worker):
     """Host time of each propose() call (V2 speculator), collected by _take_propose_times; ks_noop's
     shortcut lives here too."""
@@ -195,7 +207,9 @@ def main():
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--mem", type=float, default=0.2)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--variants", default="plain,plain2,ks_off,ks_full,ks_25,ks_50", help="subset to run (+ks_noop)")
+    ap.add_argument(
+        "--variants", default="plain,plain2,ks_off,ks_full,ks_25,ks_50", help="subset to run (+ks_noop, ks_quiet)"
+    )
     a = ap.parse_args()
     import torch
     import vllm
@@ -246,6 +260,7 @@ def main():
         ("ks_25", (probe_set(L, 0.25), a.gamma)),
         ("ks_50", (probe_set(L, 0.5), a.gamma)),
         ("ks_noop", ("", 0)),
+        ("ks_quiet", ("", 0)),
     ]
     variants = [v for v in variants if v[0] in a.variants.split(",")]
     info["knapspec"]["propose_timed"] = engines["knapspec"].collective_rpc(_time_propose)[0]
@@ -269,6 +284,7 @@ def main():
                 if plan is not None:
                     ks.collective_rpc(_set_plan, args=plan)
                     ks.collective_rpc(_set_noop, args=(v == "ks_noop",))
+                    ks.collective_rpc(_set_quiet, args=(v == "ks_quiet",))
                     ks.collective_rpc(_take_propose_times)
                 sync()
                 t = time.perf_counter()

@@ -327,9 +327,11 @@ def test_a_selection_prices_acceptance_at_its_lower_bound(monkeypatch):
     monkeypatch.setattr(dp_mod, "estimate_acceptance", lambda h, full, fn: next(it))
     ref = SimpleNamespace(refs=torch.zeros(3, 16, 4), logits_fn=None)
     held = [np.arange(0, 16, 2), np.arange(1, 16, 2)]  # two requests, 8 held-out tokens each
-    a = choice.Choice._alpha(None, None, ref, held, batch=3)  # [C, 3]: the third request gets the mean
+    sel = SimpleNamespace()
+    a = choice.Choice._alpha(sel, None, ref, held, batch=3)  # [C, 3]: the third request gets the mean
     lb = dp_mod.wilson_lower(torch.tensor([15 / 16, 0.5]), 16, choice.ALPHA_Z)
     assert torch.allclose(a[:, :2].mean(1), lb, atol=1e-6)
     assert torch.allclose(a[:, 2], a[:, :2].mean(1))
     assert a[0, 0] > a[0, 1] and (a[:, :2] <= torch.stack(raw, 1)).all()
     assert 0.75 < float(a[0, :2].mean()) < 0.77
+    assert torch.allclose(sel.alpha_point, torch.tensor([15 / 16, 0.5]))  # the reselection trigger's reference

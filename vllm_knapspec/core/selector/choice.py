@@ -79,6 +79,7 @@ class Choice:
             cfg.reselect_interval if choice.speculate else min(2 * self.interval, BACKOFF_MAX * cfg.reselect_interval)
         )
         self.predicted_alpha = float(alpha[choice.index].mean())
+        self.measured_alpha = float(self.alpha_point[choice.index])  # unbounded: the reselection trigger's reference
         self._reset_window(ctx)
         if choice.speculate:  # what one step of the plan should cost: gamma drafts (verify slope folded in) + plain
             self._spec["pred_step_s"] = choice.gamma * float(t_draft[choice.index]) + t_plain
@@ -131,12 +132,15 @@ class Choice:
     def _alpha(self, cands, ref, held, batch: int) -> torch.Tensor:
         """alpha[C, B]: per sampled request from its own held-out reference tokens (`dp.holdout_split`: the DP
         never scored them), scaled so that their token-weighted mean is the Wilson lower bound of the agreement
-        over all held-out tokens (ALPHA_Z); unsampled requests get the mean."""
+        over all held-out tokens (ALPHA_Z); unsampled requests get the mean. Keeps the measured agreement per
+        candidate (`alpha_point`): realised acceptance is compared with it, not with the bound, when deciding
+        whether to select again (`acceptance_change`)."""
         H = dp.stack_hidden(cands)
         full = ref.refs[-1]
         per_req = torch.stack([dp.estimate_acceptance(H[:, g], full[g], ref.logits_fn) for g in held], 1)
         lens = torch.tensor([float(len(g)) for g in held], device=per_req.device)  # [S] held-out tokens
         pooled = (per_req * lens).sum(1) / lens.sum()  # [C] agreement over every held-out token
+        self.alpha_point = pooled.float().cpu()  # [C] the measured agreement: what realised acceptance is held to
         shrink = dp.wilson_lower(pooled, int(lens.sum()), ALPHA_Z) / pooled.clamp(min=1e-6)  # [C]
         per_req = per_req * shrink.unsqueeze(1)
         a = per_req.mean(1, keepdim=True).expand(-1, batch).clone()

@@ -39,7 +39,8 @@ class KnapSpecSelector(Choice, Schedule, Guard, TimingFeed, Telemetry):
         self.current: tuple[SkipSet, int] | None = None
         self.steps = 0  # engine steps since the last selection
         self.selected_ctx = None  # mean context at the last selection
-        self.predicted_alpha = None
+        self.predicted_alpha = None  # the chosen set's acceptance as priced (Wilson lower bound)
+        self.measured_alpha = None  # ... and as measured on the held-out tokens
         self.proposed = self.accepted = 0  # since the last selection
         self.selection_s = 0.0  # cost of the last selection
         self._cost_scale = 1.0  # last measured cost / its _estimated_selection_s

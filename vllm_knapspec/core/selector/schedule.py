@@ -33,7 +33,8 @@ class Schedule:
             return True
         if self.current is not None and self.proposed >= 8 * self.cfg.num_speculative_tokens:
             realised = self.accepted / self.proposed
-            return abs(realised - self.predicted_alpha) > self.cfg.acceptance_change
+            measured = self.measured_alpha if self.measured_alpha is not None else self.predicted_alpha  # not the bound
+            return abs(realised - measured) > self.cfg.acceptance_change
         return False
 
     def _affordable(self, ctx) -> bool:

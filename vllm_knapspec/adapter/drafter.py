@@ -349,10 +349,8 @@ class KnapSpecDrafter(DraftModelProposer):
         the same size, and falls back to QUIET_STRIDE when the batch changes size (a request arrived or left:
         the next step is a full one) or a step drafts. A request that starts copying its context mid-way is
         seen within `stride` steps. Returns the drafts (ignored: none are scheduled) or None for a full step."""
-        if self._next_gamma or self.lookup is not None:
-            self._quiet, self._stride = 0, QUIET_STRIDE
-            return None
-        if n != self._prev_reqs and self._prev_reqs is not None:  # a request arrived or left: plan for it now
+        resized = self._prev_reqs is not None and n != self._prev_reqs  # a request arrived or left: plan for it now
+        if self._next_gamma or self.lookup is not None or resized:
             self._quiet, self._stride = 0, QUIET_STRIDE
             return None
         self._quiet = (self._quiet + 1) % self._stride
@@ -458,10 +456,10 @@ class KnapSpecDrafter(DraftModelProposer):
             self.trace.append((s.gap, s.draft_s, s.steps))
         if s.steps and s.skip is not None:
             self.selector.observe_draft(s.skip, s.ctx, None, s.draft_s, s.steps)
-        dl = self.device_lookup  # None once lookup drafts are turned off (tools pin them off between runs)
-        if dl is not None and s.lookup_rec is not None and s.lookup_rec[0] is not None and s.req_ids is not None:
+        lookup_on = self.device_lookup is not None  # tools turn lookup drafts off between runs
+        if lookup_on and s.lookup_rec is not None and s.lookup_rec[0] is not None and s.req_ids is not None:
             self._observe_device_lookup(s)
-        if self.device_lookup is not None and s.gap and s.steady and s.held is None:  # lookup-only or plain
+        if lookup_on and s.gap and s.steady and s.held is None:  # lookup-only or plain
             verified = int(np.broadcast_to(s.verified, (s.n,)).sum())
             self.device_lookup.observe_cost(self.selector, s.ctx, s.n, verified, s.gap)
         keep = np.ones(s.n, dtype=bool) if s.lookup is None else ~s.lookup  # layer-skip rows only

@@ -327,9 +327,47 @@ def test_device_lookup_stops_drafting_when_its_steps_measure_dear():
     ctx, sel = np.array([1000]), _Line()
     assert dl.choose(sel, None, ctx, ["a"]).gamma > 0
     for _ in range(8):
-        dl.observe_cost(sel, ctx, 1, 5, 0.008)  # a step that verified 5 tokens: 8 ms
-        dl.observe_cost(sel, ctx, 1, 0, 0.002)  # a plain step: 2 ms
+        dl.observe_cost(sel, ctx, 1, 5, 2, 0.008)  # a step that verified 5 tokens, kept 2: 8 ms
+        dl.observe_cost(sel, ctx, 1, 0, 0, 0.002)  # a plain step: 2 ms
     assert dl.choose(sel, None, ctx, ["a"]).gamma == 0
+
+
+def test_lookup_guard_stops_drafts_the_models_overrate_and_retries_them_later():
+    """The models say a lookup draft pays (acceptance 0.9, a step 1.25x a plain one); the steps that drafted kept
+    nothing. After GUARD_STEPS such steps lookup drafts are off for the backoff, then the choice's again."""
+    import torch
+
+    from vllm_knapspec.adapter.lookup_device import DeviceLookup
+
+    dl = DeviceLookup(type("Cfg", (), {"lookup_min": 2, "lookup_max": 3}), 5, torch.device("cpu"))
+    dl.match_len = {"a": 5}
+    dl.acceptance.alpha = lambda r: 0.9
+    ctx, sel = np.array([1000]), _Line()
+    for _ in range(dl.guard.steps - 1):
+        dl.observe_cost(sel, ctx, 1, 5, 0, 0.0025)
+    assert dl.choose(sel, None, ctx, ["a"]).gamma > 0
+    dl.observe_cost(sel, ctx, 1, 5, 0, 0.0025)
+    assert dl.choose(sel, None, ctx, ["a"]).gamma == 0 and dl.guard.stops == 1
+    dl.guard.tick(dl.guard.base)
+    assert dl.choose(sel, None, ctx, ["a"]).gamma > 0
+
+
+def test_device_lookup_learns_from_shadow_trials_in_rows_that_verify_no_lookup_draft():
+    """Each search also matches one token back: whether that match's first token is the token the target then
+    emitted is a trial of the row's first-token rate, for rows that verified no lookup draft."""
+    import torch
+
+    from vllm_knapspec.adapter.lookup_device import DeviceLookup
+
+    dl = DeviceLookup(type("Cfg", (), {"lookup_min": 2, "lookup_max": 3}), 3, torch.device("cpu"))
+    # r0: "1 2" one token back was followed by 3, and 3 came (right); r1: "7 8" was followed by 9, 5 came
+    # (wrong); r2: nothing one token back matches
+    src = _src([[1, 2, 3, 4, 1, 2, 3, 0], [7, 8, 9, 7, 8, 5, 0, 0], [1, 2, 3, 4, 5, 6, 0, 0]], [7, 6, 6])
+    rec = dl.propose(src, torch.tensor([3, 5, 6]), None, torch.zeros(3, 3, dtype=torch.int64))
+    assert rec.shadow.tolist() == [1, 0, -1]
+    dl.observe(rec, ["r0", "r1", "r2"], np.array([0, 0, 0]), None)  # a plain step verified nothing
+    assert dl.acceptance.counts["r0"][:2] == [1.0, 1.0] and dl.acceptance.counts["r1"][:2] == [0.0, 1.0]
+    assert "r2" not in dl.acceptance.counts
 
 
 def test_device_lookup_search_stays_eager_when_compiling_fails(monkeypatch):

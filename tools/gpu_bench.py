@@ -313,6 +313,7 @@ def main():
         for v, tr in traces.items():
             if not tr:
                 continue
+            tr = [t[:3] for t in tr]  # (gap, draft loop s, draft steps)
             gaps = [g for g, _, _ in tr if g]
             drafts = [ds / s for _, ds, s in tr if s]
             loop = [ds for _, ds, s in tr if s]

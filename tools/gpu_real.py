@@ -72,11 +72,13 @@ def _trace_take(worker):
 def step_times(trace) -> dict:
     """Median, mean and 90th-percentile step gap, draft step (per drafted token) and verify (a drafting step's gap
     less its draft loop) in ms; the plain steps' gap apart (a run whose selector drafted a few times has mostly
-    plain steps). Traced steps are full steps: while plain decoding is planned, quiet steps are not traced."""
+    plain steps), and the lookup-only steps' (drafts verified, no layer-skip loop) with their tokens per row.
+    Traced steps are full steps: while plain decoding is planned, quiet steps are not traced."""
     tr = trace[2:]  # the first reports may belong to the previous run (one step late)
-    gaps = [g for g, _, _ in tr if g]
-    drafting = [(g, ds, s) for g, ds, s in tr if g and s]
-    plain = [g for g, _, s in tr if g and not s]
+    gaps = [t[0] for t in tr if t[0]]
+    drafting = [(g, ds, s) for g, ds, s, *_ in tr if g and s]
+    plain = [g for g, _, s, *rest in tr if g and not s and not (rest and rest[0])]
+    lookup = [(g, v, a, n) for g, _, s, v, a, n in (t for t in tr if len(t) == 6) if g and not s and v]
     if not gaps:
         return {}
     med = statistics.median
@@ -90,6 +92,11 @@ def step_times(trace) -> dict:
         draft_step_ms=med([ds / s for _, ds, s in drafting]) * 1e3 if drafting else None,
         verify_ms=med([g - ds for g, ds, _ in drafting]) * 1e3 if drafting else None,
         drafting_steps=len(drafting),
+        lookup_steps=len(lookup),
+        lookup_step_ms=med([g for g, *_ in lookup]) * 1e3 if lookup else None,
+        lookup_mean_step_ms=sum(g for g, *_ in lookup) / len(lookup) * 1e3 if lookup else None,
+        lookup_verified_per_row=sum(v / n for _, v, _, n in lookup) / len(lookup) if lookup else None,
+        lookup_tokens_per_row=sum(1 + a / n for _, _, a, n in lookup) / len(lookup) if lookup else None,
     )
 
 
@@ -117,6 +124,7 @@ def _selections(worker):
         n_history=len(hist),
         lookup_tokens_total={k: counters.get(f"lookup_{k}_tokens", 0.0) for k in ("draft", "accepted")},  # engine life
         draft_fallbacks=counters.get("draft_fallbacks", 0.0),  # engine life: steps whose drafting failed
+        lookup_guard_stops=counters.get("lookup_guard_stops", 0.0),  # engine life
         guard_events=list(getattr(sel, "guard_events", []))[-4:],  # plans the guard stopped: measured speedup
         last=[{k: (float(h[k]) if isinstance(h.get(k), float) else h.get(k)) for k in keys} for h in hist[-4:]],
     )

@@ -170,7 +170,8 @@ class KnapSpecDrafter(DraftModelProposer):
         self.device_lookup = None  # lookup_device.DeviceLookup (lookup: auto, async scheduling, V2 runner)
         self._lookup_prev = None  # the last full step's lookup_device._Record
         self._draft_step = None  # the step whose draft loop ran since the last step began (_timed_draft)
-        self.trace: list | None = None  # benchmarks: (step gap s, draft loop s, draft steps) per step
+        # benchmarks: (step gap s, draft loop s, draft steps, drafts verified, accepted, batch) per full step
+        self.trace: list | None = None
         self.warmup_s = 0.0
         self.warmups: dict[str, float] = {}
 
@@ -419,6 +420,7 @@ class KnapSpecDrafter(DraftModelProposer):
             src = getattr(cad, "lookup_src", None)
             rec, self._lookup_prev = (self._lookup_prev, self._quiet_n > 0), None
             self.device_lookup.seen(rec[0])
+            self.device_lookup.guard.tick(1 + self._quiet_n)
         if self._quiet_n:  # plain steps that quiet_step() did not report one by one
             observe = getattr(self.selector, "observe_quiet", None)
             if observe is not None:
@@ -434,12 +436,14 @@ class KnapSpecDrafter(DraftModelProposer):
         if self.device_lookup is not None:
             step.req_ids, step.lookup_rec = (None if src is None else src.req_ids), rec
         if self.lookup is not None:  # sync scheduling: the counts are ready
-            if gap and step.steady and not self.lookup.pending_skip:  # a lookup-only or plain step: its cost
-                self.lookup.observe_cost(self.selector, step.ctx, n, lookup_tokens, gap)
             step.lookup_tokens = lookup_tokens
             step.lookup, kept = self.lookup.observe(n, None if rej is None else rej.to("cpu").numpy())
             if kept:
                 self.stats.inc("lookup_accepted_tokens", float(kept))
+            self.lookup.guard.tick()
+            if gap and step.steady and not self.lookup.pending_skip:  # a lookup-only or plain step: its cost
+                if self.lookup.observe_cost(self.selector, step.ctx, n, lookup_tokens, kept, gap):
+                    self._lookup_stopped(self.lookup.guard)
         self._prev_reqs = n
         return step
 
@@ -452,16 +456,18 @@ class KnapSpecDrafter(DraftModelProposer):
         return 0 if counts is None else np.asarray(counts[:n], dtype=np.int64)
 
     def _report(self, s: _Step) -> None:
+        verified = int(np.broadcast_to(s.verified, (s.n,)).sum())  # every row's drafts, whatever their source
+        kept = verified - int(s.rejected.sum()) if verified and s.rejected is not None else 0
         if self.trace is not None:
-            self.trace.append((s.gap, s.draft_s, s.steps))
+            self.trace.append((s.gap, s.draft_s, s.steps, verified, kept, s.n))
         if s.steps and s.skip is not None:
             self.selector.observe_draft(s.skip, s.ctx, None, s.draft_s, s.steps)
         lookup_on = self.device_lookup is not None  # tools turn lookup drafts off between runs
         if lookup_on and s.lookup_rec is not None and s.lookup_rec[0] is not None and s.req_ids is not None:
             self._observe_device_lookup(s)
         if lookup_on and s.gap and s.steady and s.held is None:  # lookup-only or plain
-            verified = int(np.broadcast_to(s.verified, (s.n,)).sum())
-            self.device_lookup.observe_cost(self.selector, s.ctx, s.n, verified, s.gap)
+            if self.device_lookup.observe_cost(self.selector, s.ctx, s.n, verified, kept, s.gap):
+                self._lookup_stopped(self.device_lookup.guard)
         keep = np.ones(s.n, dtype=bool) if s.lookup is None else ~s.lookup  # layer-skip rows only
         proposed = int(np.broadcast_to(s.verified, (s.n,))[keep].sum())
         accepted = max(0, proposed - int(s.rejected[torch.from_numpy(keep)].sum())) if proposed else 0
@@ -470,6 +476,14 @@ class KnapSpecDrafter(DraftModelProposer):
         seconds = verify_seconds(s.gap, 0.0 if s.held is None else s.held.draft_s)
         s.held = None  # read: each step keeps at most the one before it alive
         self.selector.observe_verify(s.ctx, proposed, accepted, seconds, s.steady, verified=proposed + s.lookup_tokens)
+
+    def _lookup_stopped(self, guard) -> None:
+        self.stats.inc("lookup_guard_stops")
+        logger.info(
+            "KnapSpec lookup guard: lookup drafts measured %.3fx of plain decoding; off for %d steps",
+            guard.realised,
+            guard.off,
+        )
 
     def _observe_device_lookup(self, s: _Step) -> None:
         rec, stale = s.lookup_rec

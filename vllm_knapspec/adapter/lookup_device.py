@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from vllm_knapspec.adapter.lookup_drafts import choose_with_models, observe_cost
-from vllm_knapspec.core.lookup import LookupAcceptance, StepChoice, VerifyJump
+from vllm_knapspec.core.lookup import LookupAcceptance, LookupGuard, StepChoice, VerifyJump
 
 
 def vllm_matcher():
@@ -79,6 +79,8 @@ class _Record:
     m: torch.Tensor  # [n] host: tokens of each row's lookup draft
     used: torch.Tensor  # [n] host: rows that verify their lookup draft next
     skip_ran: bool  # the other rows verify layer-skip drafts
+    shadow: torch.Tensor  # [n] host: 1 / 0 where the match one token back predicted this step's bonus token
+    # right / wrong, -1 where there was none (LookupAcceptance.observe_first)
     event: object  # CUDA event after the copies (None on a CPU device)
 
     def ready(self) -> bool:
@@ -95,6 +97,7 @@ class DeviceLookup:
         # steps (same batch, no prefill), and a drafting step's host work can cost 3-4x a ~2 ms plain step
         # (Qwen2.5-1.5B on the H200 with the search eager): they count.
         self.jump = VerifyJump(cap=8.0)
+        self.guard = LookupGuard()
         self.match_len: dict[str, int] = {}  # req_id -> tokens of its latest lookup draft the host has seen
         self.search = functools.partial(match_drafts, self.match)  # eager until compile()
 
@@ -105,7 +108,8 @@ class DeviceLookup:
         self.search = torch.compile(eager, dynamic=True)
         try:
             dev = "cuda" if self.cuda else "cpu"
-            for n in (1, 2):  # inputs like propose()'s: distinct tensors (dynamo guards on aliasing), seq < width
+            for n in (2, 4):  # inputs like propose()'s (rows stacked twice): distinct tensors (dynamo guards on
+                # aliasing), seq < width
                 t = torch.ones(n, 4 * self.lmax + 8, dtype=torch.int32, device=dev)
                 seq = torch.full((n,), t.shape[1] - 1, dtype=torch.int64, device=dev)
                 bonus = torch.ones(n, dtype=torch.int64, device=dev)
@@ -114,8 +118,8 @@ class DeviceLookup:
             self.search = eager
             raise
 
-    def observe_cost(self, selector, ctx, n: int, verified: int, seconds: float) -> None:
-        observe_cost(self.jump, selector, ctx, n, verified, seconds)
+    def observe_cost(self, selector, ctx, n: int, verified: int, accepted: int, seconds: float) -> bool:
+        return observe_cost(self.jump, self.guard, selector, ctx, n, verified, accepted, seconds)
 
     @staticmethod
     def wanted(cfg, vllm_config) -> bool:
@@ -125,7 +129,7 @@ class DeviceLookup:
         n = len(req_ids)
         m = np.array([self.match_len.get(r, 0) for r in req_ids], dtype=np.int64)
         alphas = np.array([self.acceptance.alpha(r) for r in req_ids])
-        return choose_with_models(selector, plan, m > 0, alphas, m, ctx, n, self.k_max, self.jump, uniform=True)
+        return choose_with_models(selector, plan, m > 0, alphas, m, ctx, n, self.k_max, self.jump, self.guard, True)
 
     def propose(self, src: LookupSource, bonus: torch.Tensor, skip_rows: np.ndarray | None, drafts: torch.Tensor):
         """This step's lookup drafts into `drafts` [n, k] (k <= k_max) in the rows with a match, except
@@ -138,7 +142,7 @@ class DeviceLookup:
         idx = src.idx.to(torch.int64)
         seq = src.total_len[idx].to(torch.int64).clamp(max=width)
         rows = src.tokens[idx, :width].to(torch.int32)  # [n, width] the dtypes compile() compiled for
-        lk, m = self.search(rows, seq, bonus[:n].to(torch.int64), self.lmin, self.lmax, self.k_max)
+        lk, m, shadow = self._search_with_shadow(rows, seq, bonus[:n].to(torch.int64))
         used = m > 0
         if skip_rows is not None:
             used &= ~torch.from_numpy(skip_rows).to(drafts.device, non_blocking=True)
@@ -147,10 +151,24 @@ class DeviceLookup:
             drafts.copy_(lk[:, :k])
         event = None
         m_host, used_host = m.to("cpu", non_blocking=self.cuda), used.to("cpu", non_blocking=self.cuda)
+        shadow_host = shadow.to("cpu", non_blocking=self.cuda)
         if self.cuda:
             event = torch.cuda.Event()
             event.record()
-        return _Record(list(src.req_ids), m_host, used_host, skip_rows is not None, event)
+        return _Record(list(src.req_ids), m_host, used_host, skip_rows is not None, shadow_host, event)
+
+    def _search_with_shadow(self, rows, seq, bonus):
+        """This step's matches, and in the same search call (rows stacked: one launch sequence) each row's match
+        one token back, whose first token predicted the bonus token: a shadow trial of the row's `first` rate,
+        read for rows that verify no lookup draft. A request that stopped drafting after unlucky drafts learns
+        that its output copies after all, and one that never drafted learns it before its first draft.
+        Returns drafts [n, k], match lengths [n], shadow [n] (1 right, 0 wrong, -1 no match)."""
+        n = rows.shape[0]
+        both, seqs = torch.cat([rows, rows]), torch.cat([seq, (seq - 1).clamp(min=1)])
+        lk, m = self.search(both, seqs, torch.cat([bonus, bonus]), self.lmin, self.lmax, self.k_max)
+        last = rows.gather(1, (seq - 1).clamp(min=0).unsqueeze(1)).squeeze(1).to(torch.int64)  # [n] bonus tokens
+        shadow = torch.where(m[n:] > 0, (lk[n:, 0] == last).to(torch.int8), -1)
+        return lk[:n], m[:n], shadow
 
     def seen(self, rec: _Record | None) -> None:
         """The matches of `rec` as soon as they are on the host: the next choice prices them."""
@@ -164,7 +182,7 @@ class DeviceLookup:
         if not rec.ready():
             return None, 0, 0
         n = len(req_ids)
-        m, used = rec.m.numpy(), rec.used.numpy()
+        m, used, shadow = rec.m.numpy(), rec.used.numpy(), rec.shadow.numpy()
         where = {r: j for j, r in enumerate(rec.req_ids)}
         ver = np.broadcast_to(np.asarray(verified, dtype=np.int64), (n,))
         rej = None if rejected is None else np.asarray(rejected, dtype=np.int64)
@@ -175,10 +193,12 @@ class DeviceLookup:
             if j is None:
                 continue
             self.match_len[r] = int(m[j])
+            g = min(int(m[j]), int(ver[i])) if used[j] else 0
+            if g <= 0 and shadow[j] >= 0:  # no lookup draft verified: the shadow trial
+                self.acceptance.observe_first(r, bool(shadow[j]))
             if not used[j]:
                 continue
             lookup[i] = True
-            g = min(int(m[j]), int(ver[i]))
             if g > 0 and rej is not None:
                 a = max(0, min(g, int(ver[i]) - int(rej[i])))
                 self.acceptance.observe(r, g, a)

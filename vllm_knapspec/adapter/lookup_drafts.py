@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vllm_knapspec.core.lookup import LookupAcceptance, StepChoice, VerifyJump, choose_step
+from vllm_knapspec.core.lookup import LookupAcceptance, LookupGuard, StepChoice, VerifyJump, choose_step
 
 
 def _llvmlite_dunders_are_attribute_errors() -> None:
@@ -51,6 +51,7 @@ class LookupDrafts:
         self.lmin, self.lmax = cfg.lookup_min, cfg.lookup_max
         self.acceptance = LookupAcceptance()
         self.jump = VerifyJump()
+        self.guard = LookupGuard()
         self.pending: dict[str, tuple] = {}  # req_id -> (lookup drafts the next step verifies, n-gram length)
         self.pending_skip = False  # the next step verifies layer-skip drafts in the other rows
         self.match_len = np.zeros(0, dtype=np.int64)  # [n] tokens of each row's lookup draft (0: no match)
@@ -111,10 +112,11 @@ class LookupDrafts:
 
     def choose(self, selector, plan, has, ctx, n: int) -> StepChoice:
         lookup_len = self.match_len[:n] if len(self.match_len) >= n else None
-        return choose_with_models(selector, plan, has, self.alphas(n), lookup_len, ctx, n, self.k_max, self.jump)
+        alphas = self.alphas(n)
+        return choose_with_models(selector, plan, has, alphas, lookup_len, ctx, n, self.k_max, self.jump, self.guard)
 
-    def observe_cost(self, selector, ctx, n: int, verified: int, seconds: float) -> None:
-        observe_cost(self.jump, selector, ctx, n, verified, seconds)
+    def observe_cost(self, selector, ctx, n: int, verified: int, accepted: int, seconds: float) -> bool:
+        return observe_cost(self.jump, self.guard, selector, ctx, n, verified, accepted, seconds)
 
     def fill(
         self, out: torch.Tensor, drafts: np.ndarray, lookup_rows: np.ndarray, skip_steps: int, gamma: int | None = None
@@ -171,9 +173,14 @@ class LookupDrafts:
         return not_skip, kept
 
 
-def choose_with_models(selector, plan, has, alphas, lookup_len, ctx, n: int, k_max: int, jump, uniform=False):
+def choose_with_models(
+    selector, plan, has, alphas, lookup_len, ctx, n: int, k_max: int, jump, guard=None, uniform=False
+):
     """choose_step with the selector's latency models: verification of x draft tokens in all, the plan's draft
-    step, plain decoding; the bar is min_speedup as for layer-skip plans."""
+    step, plain decoding; the bar is min_speedup as for layer-skip plans. No row has a lookup draft while
+    `guard` (LookupGuard) holds lookup drafts off."""
+    if guard is not None and not guard.allowed:
+        has = np.zeros_like(has)
     if not hasattr(selector, "target"):  # a fixed plan (skip_set): lookup drafts wherever there is a match
         g = 0 if plan is None else min(plan[1], k_max)
         return StepChoice(g, plan is not None, has & (g > 0), 0.0, 0.0)
@@ -201,12 +208,16 @@ def choose_with_models(selector, plan, has, alphas, lookup_len, ctx, n: int, k_m
     )
 
 
-def observe_cost(jump, selector, ctx, n: int, verified: int, seconds: float) -> None:
-    """A step that verified `verified` draft tokens (none of them layer-skip drafts) took `seconds`: what it cost
-    beyond the model's line feeds `jump` (VerifyJump), which prices the next choices' verification."""
-    if hasattr(selector, "target") and len(ctx):
-        t_plain, slope = _line(selector, ctx, n)
-        jump.observe(verified, seconds, t_plain, t_plain + verified * slope)
+def observe_cost(jump, guard, selector, ctx, n: int, verified: int, accepted: int, seconds: float) -> bool:
+    """A steady step that verified `verified` draft tokens (none of them layer-skip drafts), `accepted` of them,
+    took `seconds`: what it cost beyond the model's line feeds `jump` (VerifyJump), which prices the next
+    choices' verification, and a drafting step's tokens per time feed `guard` (LookupGuard). Returns True when
+    the guard turned lookup drafts off."""
+    if not hasattr(selector, "target") or not len(ctx):
+        return False
+    t_plain, slope = _line(selector, ctx, n)
+    jump.observe(verified, seconds, t_plain, t_plain + verified * slope)
+    return bool(verified) and guard.observe(n + accepted, seconds, n, t_plain, float(selector.cfg.min_speedup))
 
 
 def _line(selector, ctx, n: int) -> tuple[float, float]:

@@ -35,6 +35,7 @@ COUNTERS = {
     "verify_seconds": "Time between drafts (verification step and engine overhead)",
     "lookup_draft_tokens": "Draft tokens from prompt lookup (vLLM's n-gram matcher)",
     "lookup_accepted_tokens": "Prompt-lookup draft tokens accepted by verification",
+    "lookup_guard_stops": "Times lookup drafts were switched off because they decoded slower than plain decoding",
     "layer_skip_draft_tokens": "Draft tokens from the layer-skip draft, in steps that also weighed lookup drafts",
     "layer_skip_accepted_tokens": "Layer-skip draft tokens accepted, in steps that also weighed lookup drafts",
 }

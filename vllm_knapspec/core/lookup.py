@@ -316,3 +316,63 @@ class LookupAcceptance:
             if trials >= 2:
                 p = right / trials
                 stats[k] += (1.0, p, p * p, p * (1.0 - p) / (trials - 1.0))
+
+
+class LookupGuard:
+    """Lookup drafting measured, as the layer-skip plan's guard measures a plan: the tokens per second of the steps
+    that verified lookup drafts against plain decoding's over the same steps. The choice prices a lookup draft
+    with models (acceptance per request, VerifyJump for its cost) that learn from the steps it drafts in; the
+    guard is what holds when they are wrong. A window of `steps` such steps at or below `bar` x plain turns
+    lookup drafts off for `backoff` engine steps, doubling up to `max_backoff` each time the retry after it loses
+    too; a window that pays sets the backoff back. While off, the acceptance models go on learning from shadow
+    trials, and VerifyJump keeps its price: the retry is the choice's again, not forced.
+
+    >>> g = LookupGuard(steps=2, backoff=4)
+    >>> [g.observe(tokens=16, seconds=0.006, plain_tokens=16, plain_s=0.003, bar=1.0) for _ in range(2)]
+    [False, True]
+    >>> g.allowed, g.stops, g.realised  # 0.5x plain over 2 steps
+    (False, 1, 0.5)
+    >>> g.tick(4); g.allowed
+    True
+    >>> _ = [g.observe(20, 0.003, 16, 0.003, 1.0) for _ in range(2)]  # 1.25x: pays, the backoff is 4 again
+    >>> g.allowed, g.backoff
+    (True, 4)
+    """
+
+    OUTLIER_X = 4.0  # a step counts as at most this many plain steps (one-off costs: JIT, a graph capture)
+
+    def __init__(self, steps: int = 16, backoff: int = 64, max_backoff: int = 4096):
+        self.steps, self.base, self.max_backoff = steps, backoff, max_backoff
+        self.backoff = backoff
+        self.off = 0  # engine steps left with lookup drafts off
+        self.stops = 0
+        self.realised = float("nan")  # the last window's tokens per time over plain decoding's
+        self._window = [0.0, 0.0, 0.0, 0.0, 0]  # tokens, seconds, plain tokens, plain seconds, steps
+
+    @property
+    def allowed(self) -> bool:
+        return self.off <= 0
+
+    def tick(self, steps: int = 1) -> None:
+        """`steps` engine steps went by."""
+        self.off = max(0, self.off - steps)
+
+    def observe(self, tokens: float, seconds: float, plain_tokens: float, plain_s: float, bar: float) -> bool:
+        """A steady step that verified lookup drafts: `tokens` emitted (bonus tokens included) in `seconds`, where
+        plain decoding emits `plain_tokens` in `plain_s`. `bar` <= 0 turns the guard off (min_speedup 0: always
+        draft). Returns True when this step turned lookup drafts off."""
+        if bar <= 0 or seconds <= 0 or plain_s <= 0:
+            return False
+        w = self._window
+        for i, x in enumerate((tokens, min(seconds, self.OUTLIER_X * plain_s), plain_tokens, plain_s, 1)):
+            w[i] += x
+        if w[4] < self.steps:
+            return False
+        self.realised = (w[0] / w[1]) / (w[2] / w[3])
+        self._window = [0.0, 0.0, 0.0, 0.0, 0]
+        if self.realised > min(1.0, bar):
+            self.backoff = self.base
+            return False
+        self.off, self.stops = self.backoff, self.stops + 1
+        self.backoff = min(2 * self.backoff, self.max_backoff)
+        return True

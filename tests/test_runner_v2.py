@@ -77,7 +77,7 @@ def test_step_metadata_from_input_batch():
 
 class _Selector:
     def __init__(self):
-        self.plans, self.quiet = 0, []
+        self.plans, self.quiet, self.quiet_ctx = 0, [], []
 
     def plan(self, rows, ctx):
         self.plans += 1
@@ -86,8 +86,9 @@ class _Selector:
     def observe_verify(self, *a, **k):
         pass
 
-    def observe_quiet(self, steps, seconds):
+    def observe_quiet(self, steps, seconds, ctx=None):
         self.quiet.append(steps)
+        self.quiet_ctx.append(ctx)
 
 
 def _drafter(gamma: int):
@@ -96,8 +97,8 @@ def _drafter(gamma: int):
     d.feedback = drafter_mod._Feedback(torch.device("cpu"))
     d._last_call = d._prev_reqs = None
     d._verified_next, d._quiet, d._quiet_n, d._quiet_s, d._stride = 0, 0, 0, 0.0, drafter_mod.QUIET_STRIDE
-    d.graphs = d.lookup = d.device_lookup = d._lookup_prev = d.trace = None
-    d._draft_step = None
+    d.graphs = d.lookup = d.device_lookup = d._lookup_prev = d.trace = d.quiet_trace = None
+    d._draft_step, d._lookup_warm = None, 0
     d.selector, d._drafts = _Selector(), torch.zeros(4, 4, dtype=torch.int64)
     return d
 
@@ -132,7 +133,7 @@ def test_a_batch_that_changes_size_is_planned_at_once():
     """A request arriving or leaving makes the next step a full one and the stride short again: a new request
     gets its lookup search and a plan within a step, not within QUIET_STRIDE_MAX."""
     d = _drafter(gamma=0)
-    for _ in range(3 * drafter_mod.QUIET_STRIDE):
+    for _ in range(3 * drafter_mod.QUIET_STRIDE + 3):  # 3 quiet steps pending at the resize
         d.propose(4, None, None, None, torch.zeros(2, dtype=torch.int64), None, _metadata(2), None)
     plans, stride = d.selector.plans, d._stride
     assert stride > drafter_mod.QUIET_STRIDE
@@ -141,6 +142,54 @@ def test_a_batch_that_changes_size_is_planned_at_once():
     for _ in range(drafter_mod.QUIET_STRIDE):
         d.propose(4, None, None, None, torch.zeros(3, dtype=torch.int64), None, _metadata(3), None)
     assert d.selector.plans == plans + 2  # the short stride again
+    # quiet windows price plain decoding with their batch's context; the one a resize ended does not
+    ctxs = d.selector.quiet_ctx
+    assert [None if c is None else len(c) for c in ctxs] == [2, 2, None, 3]
+
+
+class _DeviceLookup:
+    """What KnapSpecDrafter asks of lookup_device.DeviceLookup on a plain route (no lookup source)."""
+
+    def __init__(self, kept: int = 0):
+        self.costs, self.kept = [], kept
+        self.guard = SimpleNamespace(tick=lambda k: None)
+
+    def seen(self, rec):
+        pass
+
+    def observe_cost(self, selector, ctx, n, verified, accepted, seconds):
+        self.costs.append((n, verified, seconds))
+        return False
+
+    def observe(self, rec, req_ids, ver, rej):
+        return np.ones(len(req_ids), dtype=bool), 4, self.kept
+
+
+def test_quiet_windows_price_plain_steps_for_device_lookup_drafts():
+    """With device lookup drafts, plain decoding's cost in VerifyJump comes from the quiet windows (their mean
+    step), not from the full steps that plan plain decoding, which also pay the search and the choice."""
+    d = _drafter(gamma=0)
+    d.device_lookup = _DeviceLookup()
+    for _ in range(STRIDE_STEPS):
+        d.propose(4, None, None, None, torch.zeros(2, dtype=torch.int64), None, _metadata(2), None)
+    assert len(d.device_lookup.costs) == STRIDE_FULL  # one per quiet window, at the full step after it
+    assert all(n == 2 and v == 0 and sec > 0 for n, v, sec in d.device_lookup.costs)
+
+
+def test_stride_stays_short_while_lookup_drafts_keep_tokens():
+    """A lookup draft that kept tokens keeps the stride at QUIET_STRIDE for LOOKUP_WARM full steps: text that
+    copies does so in bursts, and the next burst is matched within QUIET_STRIDE steps, not QUIET_STRIDE_MAX."""
+    d = _drafter(gamma=0)
+    d.device_lookup = _DeviceLookup(kept=3)
+    step = SimpleNamespace(lookup_rec=(object(), False), n=2, verified=np.array([4, 4]), rejected=None)
+    step.req_ids = ["a", "b"]
+    d._observe_device_lookup(step)
+    for _ in range(drafter_mod.LOOKUP_WARM * drafter_mod.QUIET_STRIDE):
+        d.propose(4, None, None, None, torch.zeros(2, dtype=torch.int64), None, _metadata(2), None)
+    assert d._stride == drafter_mod.QUIET_STRIDE and d.selector.plans == drafter_mod.LOOKUP_WARM
+    for _ in range(drafter_mod.QUIET_STRIDE):
+        d.propose(4, None, None, None, torch.zeros(2, dtype=torch.int64), None, _metadata(2), None)
+    assert d._stride == 2 * drafter_mod.QUIET_STRIDE  # warm spent: doubling again
 
 
 def test_drafting_steps_are_never_quiet():

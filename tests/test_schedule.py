@@ -318,3 +318,41 @@ def test_lookup_only_steps_leave_the_target_model_to_verify_jump():
     assert len(sel._plain_steps) == 1
     sel.observe_verify(ctx, 4, 2, plain, verified=7)  # layer-skip rows and lookup rows in one step
     assert seen[-1][1] == 2 + 7
+
+
+def test_quiet_steps_price_plain_decoding_and_full_plain_steps_stop_counting():
+    """On the async path most plain steps are quiet (the drafter reports them per stride window with the
+    batch's context): their mean time is what plain decoding costs, and full steps that plan plain decoding
+    (dearer: the selector's host work) no longer calibrate t_plain or refit the target model."""
+    sel = selector()
+    ctx = np.array([1000, 3000])
+    predicted = sel.target.plain_step_time(ctx)
+    sel.cfg = sel.cfg.model_copy(update={"online_refit": False})  # isolate the calibration from the refit
+    for _ in range(12):
+        sel.observe_verify(ctx, proposed=0, accepted=0, seconds=0.9 * predicted)  # full plain steps
+    assert abs(sel._t_plain(ctx) / predicted - 0.9) < 1e-9
+    sel.observe_quiet(7, 7 * 0.5 * predicted)  # without ctx (the batch changed): counted, not priced
+    assert abs(sel._t_plain(ctx) / predicted - 0.9) < 1e-9 and sel.steps == 7
+    sel.observe_quiet(15, 15 * 0.5 * predicted, ctx)
+    assert abs(sel._t_plain(ctx) / predicted - 0.5) < 1e-9
+    n = len(sel._plain_steps)
+    sel.observe_verify(ctx, proposed=0, accepted=0, seconds=0.9 * predicted)  # a full plain step: left out
+    assert len(sel._plain_steps) == n and abs(sel._t_plain(ctx) / predicted - 0.5) < 1e-9
+    sel.observe_verify(ctx, proposed=0, accepted=0, seconds=3 * predicted, verified=8)  # lookup only: VerifyJump's
+    assert len(sel._plain_steps) == n
+
+
+def test_quiet_steps_refit_the_target_model():
+    sel = selector()
+    seen = []
+    orig = sel.target.observe_verify
+    sel.target.observe_verify = lambda *a, **kw: seen.append((a, kw)) or orig(*a, **kw)
+    ctx = np.array([1000, 3000])
+    true_s = 0.5 * sel.target.plain_step_time(ctx)
+    for _ in range(4):
+        sel.observe_quiet(15, 15 * true_s, ctx)
+    sel.observe_verify(ctx, 0, 0, 4 * true_s)  # a full plain step: no refit
+    sel._flush_plain()
+    assert seen and all(kw.get("num_reqs") == 2 for _, kw in seen)
+    assert all(abs(a[2] - true_s) < 1e-12 for a, _ in seen)  # the quiet steps' mean, never the full step
+    assert sum(1 for _ in seen) == 2  # 60 quiet steps: PLAIN_BATCH at a time

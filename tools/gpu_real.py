@@ -59,21 +59,24 @@ def _pin(worker, skip, gamma, lookup=True, graphs=True):
 
 
 def _trace_on(worker):
-    worker.model_runner.drafter.trace = []
+    d = worker.model_runner.drafter
+    d.trace, d.quiet_trace = [], []
     return True
 
 
 def _trace_take(worker):
     d = worker.model_runner.drafter
-    t, d.trace = d.trace or [], None
-    return t
+    t, q = d.trace or [], d.quiet_trace or []
+    d.trace = d.quiet_trace = None
+    return t, q
 
 
-def step_times(trace) -> dict:
+def step_times(trace, quiet=()) -> dict:
     """Median, mean and 90th-percentile step gap, draft step (per drafted token) and verify (a drafting step's gap
     less its draft loop) in ms; the plain steps' gap apart (a run whose selector drafted a few times has mostly
     plain steps), and the lookup-only steps' (drafts verified, no layer-skip loop) with their tokens per row.
-    Traced steps are full steps: while plain decoding is planned, quiet steps are not traced."""
+    Traced steps are full steps; while plain decoding is planned, quiet steps are traced per stride window
+    (`quiet`: steps, seconds, batch) and reported as their mean, which is what prices plain decoding."""
     tr = trace[2:]  # the first reports may belong to the previous run (one step late)
     gaps = [t[0] for t in tr if t[0]]
     drafting = [(g, ds, s) for g, ds, s, *_ in tr if g and s]
@@ -97,6 +100,8 @@ def step_times(trace) -> dict:
         lookup_mean_step_ms=sum(g for g, *_ in lookup) / len(lookup) * 1e3 if lookup else None,
         lookup_verified_per_row=sum(v / n for _, v, _, n in lookup) / len(lookup) if lookup else None,
         lookup_tokens_per_row=sum(1 + a / n for _, _, a, n in lookup) / len(lookup) if lookup else None,
+        quiet_steps=sum(q for q, _, b in quiet if b),
+        quiet_step_ms=sum(s for _, s, b in quiet if b) / max(1, sum(q for q, _, b in quiet if b)) * 1e3,
     )
 
 
@@ -305,9 +310,9 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None):
                     times[m].append((time.perf_counter() - t) / a.new * 1e3)
                     acc[m] = acceptance(b, spec_counts(e))["rate"] if m not in ("plain", "plain2") else None
                 if e is E["knapspec"]:
-                    tr = e.collective_rpc(_trace_take)[0]
+                    tr, quiet = e.collective_rpc(_trace_take)[0]
                     if rep:
-                        steps[m] = step_times(tr)
+                        steps[m] = step_times(tr, quiet)
                     if m == "knapspec" and rep == a.reps:
                         sel = e.collective_rpc(_selections)[0]
         ms = {m: statistics.median(t) for m, t in times.items()}

@@ -51,8 +51,9 @@ def knapspec_config_of(vllm_config) -> ks_config.KnapSpecConfig:
 
 
 # Plain decoding planned: the selector sees one step in `stride` (quiet_step), from QUIET_STRIDE up to
-# QUIET_STRIDE_MAX while the batch keeps its size.
-QUIET_STRIDE, QUIET_STRIDE_MAX = 8, 64
+# QUIET_STRIDE_MAX while the batch keeps its size; it stays at QUIET_STRIDE for LOOKUP_WARM full steps after a
+# verified lookup draft kept tokens (the text copies in bursts: the next one is matched within QUIET_STRIDE).
+QUIET_STRIDE, QUIET_STRIDE_MAX, LOOKUP_WARM = 8, 64, 4
 
 
 class _Step:
@@ -163,6 +164,7 @@ class KnapSpecDrafter(DraftModelProposer):
         self._quiet = self._quiet_n = 0  # quiet_step(): position in the stride, steps not yet reported
         self._stride = QUIET_STRIDE  # quiet_step(): steps per full step while plain decoding is planned
         self._quiet_s = 0.0  # ... and their time
+        self._lookup_warm = 0  # full steps the stride stays short for (LOOKUP_WARM)
         self._verified_next = 0  # drafts per request the next step verifies
         self._prev_reqs = None
         self.graphs = None  # graphs.SublayerGraphs once captured (GPU)
@@ -172,6 +174,7 @@ class KnapSpecDrafter(DraftModelProposer):
         self._draft_step = None  # the step whose draft loop ran since the last step began (_timed_draft)
         # benchmarks: (step gap s, draft loop s, draft steps, drafts verified, accepted, batch) per full step
         self.trace: list | None = None
+        self.quiet_trace: list | None = None  # (quiet steps, their seconds, batch or 0 when it changed)
         self.warmup_s = 0.0
         self.warmups: dict[str, float] = {}
 
@@ -348,7 +351,7 @@ class KnapSpecDrafter(DraftModelProposer):
         (docs/gpu.md): one in 8 is ~8 % of plain decoding's speed at 1K x 1. So the stride doubles, from
         QUIET_STRIDE to QUIET_STRIDE_MAX, at each full step that again planned plain decoding for a batch of
         the same size, and falls back to QUIET_STRIDE when the batch changes size (a request arrived or left:
-        the next step is a full one) or a step drafts. A request that starts copying its context mid-way is
+        the next step is a full one) or a step drafts; it stays there a while after lookup drafts kept tokens. A request that starts copying its context mid-way is
         seen within `stride` steps. Returns the drafts (ignored: none are scheduled) or None for a full step."""
         resized = self._prev_reqs is not None and n != self._prev_reqs  # a request arrived or left: plan for it now
         if self._next_gamma or self.lookup is not None or resized:
@@ -356,7 +359,10 @@ class KnapSpecDrafter(DraftModelProposer):
             return None
         self._quiet = (self._quiet + 1) % self._stride
         if not self._quiet:
-            self._stride = min(2 * self._stride, QUIET_STRIDE_MAX)  # plain again, the same batch size
+            if self._lookup_warm:  # lookup drafts paid lately: look for the next match as soon
+                self._lookup_warm -= 1
+            else:
+                self._stride = min(2 * self._stride, QUIET_STRIDE_MAX)  # plain again, the same batch size
             return None
         now = time.perf_counter()
         if self._last_call is not None:
@@ -421,17 +427,15 @@ class KnapSpecDrafter(DraftModelProposer):
             rec, self._lookup_prev = (self._lookup_prev, self._quiet_n > 0), None
             self.device_lookup.seen(rec[0])
             self.device_lookup.guard.tick(1 + self._quiet_n)
-        if self._quiet_n:  # plain steps that quiet_step() did not report one by one
-            observe = getattr(self.selector, "observe_quiet", None)
-            if observe is not None:
-                observe(self._quiet_n, self._quiet_s)
-            self._quiet_n, self._quiet_s = 0, 0.0
+        ctx = self._context(cad, n)
+        if self._quiet_n:
+            self._report_quiet(ctx if self._prev_reqs == n else None)
         verified = self._verified(cad, n)
         rej = None
         lookup_tokens = self.lookup.pending_tokens() if self.lookup is not None else 0  # verified this step
         if rejected is not None and (np.any(verified) or lookup_tokens):
             rej = rejected[:n].to("cpu", non_blocking=True) if self.feedback.cuda else rejected[:n]
-        step = _Step(n, self._context(cad, n), gap, self._prev_reqs == n, verified if rej is not None else 0, rej)
+        step = _Step(n, ctx, gap, self._prev_reqs == n, verified if rej is not None else 0, rej)
         step.held, self._draft_step = self._draft_step, None
         if self.device_lookup is not None:
             step.req_ids, step.lookup_rec = (None if src is None else src.req_ids), rec
@@ -446,6 +450,21 @@ class KnapSpecDrafter(DraftModelProposer):
                     self._lookup_stopped(self.lookup.guard)
         self._prev_reqs = n
         return step
+
+    def _report_quiet(self, ctx) -> None:
+        """The plain steps quiet_step() did not report one by one, with the batch's context when it is the
+        same batch (they price plain decoding: KnapSpecSelector.observe_quiet) and, with device lookup
+        drafts, the VerifyJump's plain base: full steps that plan plain decoding are left out of both."""
+        steps, seconds = self._quiet_n, self._quiet_s
+        self._quiet_n, self._quiet_s = 0, 0.0
+        if self.quiet_trace is not None:
+            self.quiet_trace.append((steps, seconds, 0 if ctx is None else len(ctx)))
+        observe = getattr(self.selector, "observe_quiet", None)
+        if observe is None:
+            return
+        observe(steps, seconds, ctx)
+        if ctx is not None and seconds > 0 and self.device_lookup is not None:
+            self.device_lookup.observe_cost(self.selector, ctx, len(ctx), 0, 0, seconds / steps)
 
     def _verified(self, cad, n: int):
         """Drafts this step verified per request: exact where the runner says (V2: `num_draft_tokens`, None
@@ -465,7 +484,7 @@ class KnapSpecDrafter(DraftModelProposer):
         lookup_on = self.device_lookup is not None  # tools turn lookup drafts off between runs
         if lookup_on and s.lookup_rec is not None and s.lookup_rec[0] is not None and s.req_ids is not None:
             self._observe_device_lookup(s)
-        if lookup_on and s.gap and s.steady and s.held is None:  # lookup-only or plain
+        if lookup_on and verified and s.gap and s.steady and s.held is None:  # lookup-only (plain: quiet steps)
             if self.device_lookup.observe_cost(self.selector, s.ctx, s.n, verified, kept, s.gap):
                 self._lookup_stopped(self.device_lookup.guard)
         keep = np.ones(s.n, dtype=bool) if s.lookup is None else ~s.lookup  # layer-skip rows only
@@ -496,6 +515,8 @@ class KnapSpecDrafter(DraftModelProposer):
         if drafted:
             self.stats.inc("lookup_draft_tokens", float(drafted))
             self.stats.inc("lookup_accepted_tokens", float(kept))
+        if kept:
+            self._lookup_warm = LOOKUP_WARM
 
     def _context(self, cad, n: int) -> np.ndarray:
         """Context lengths whose KV is committed on every path (host, no sync): the step's upper bound of

@@ -47,16 +47,33 @@ class TimingFeed:
         self._last_steady_s = seconds
         self._decode_time(seconds)
         if len(ctx):
-            if verified == proposed or self.current is not None:
+            full_plain = not verified and self.current is None and self._quiet_priced
+            if (verified == proposed or self.current is not None) and not full_plain:
                 self._account(ctx, proposed, accepted, seconds)
-            if self.cfg.online_refit and (proposed or not verified):
+            if self.cfg.online_refit and (proposed or not verified) and not full_plain:
                 self._refit_target(ctx, verified, seconds)
 
-    def observe_quiet(self, steps: int, seconds: float) -> None:
+    def observe_quiet(self, steps: int, seconds: float, ctx=None) -> None:
         """Plain steps the engine did not report one by one (while plain decoding is planned it reports one
-        step in a few): they count in the re-selection interval and in decode time (the selection budget)."""
+        step in a few): they count in the re-selection interval and in decode time (the selection budget).
+        With `ctx` (the batch's context lengths, the same batch throughout) they are also what plain decoding
+        costs here, and from then on the only plain steps that price it: their mean time holds the full
+        steps' host work spread over the stride, as plain decoding with KnapSpec pays it. A full step that
+        plans plain decoding costs more (real Qwen2.5-Coder-1.5B at 1K x 16 on an H100: 4.1-4.6 ms against
+        ~2.8 ms for a quiet step; docs/real-model.md), and priced from those, plain decoding looked slow and
+        lookup drafts that lost to it were kept."""
         self.steps += steps
         self._decode_time(seconds)
+        if ctx is None or steps <= 0 or seconds <= 0 or not len(ctx):
+            return
+        self._quiet_priced = True
+        mean = seconds / steps
+        for _ in range(min(steps, PLAIN_WINDOW)):  # each quiet step is one plain step at its mean time
+            self._plain_steps.append((ctx, 0, mean))
+        if self.cfg.online_refit:
+            if self._plain_obs.batch != len(ctx):
+                self._flush_plain()
+            self._pend_plain(len(ctx), steps, float(sum(ctx.tolist())) * steps, seconds)
 
     def _decode_time(self, seconds: float) -> None:
         self.since_selection_s += seconds

@@ -352,7 +352,8 @@ class KnapSpecDrafter(DraftModelProposer):
         QUIET_STRIDE to QUIET_STRIDE_MAX, at each full step that again planned plain decoding for a batch of
         the same size, and falls back to QUIET_STRIDE when the batch changes size (a request arrived or left:
         the next step is a full one) or a step drafts; it stays there a while after lookup drafts kept tokens.
-        A request that starts copying its context mid-way is seen within `stride` steps. Returns the drafts (ignored: none are scheduled) or None for a full step."""
+        A request that starts copying its context mid-way is seen within `stride` steps. Returns the drafts
+        (ignored: none are scheduled) or None for a full step."""
         resized = self._prev_reqs is not None and n != self._prev_reqs  # a request arrived or left: plan for it now
         if self._next_gamma or self.lookup is not None or resized:
             self._quiet, self._stride = 0, QUIET_STRIDE

@@ -98,7 +98,7 @@ def _drafter(gamma: int):
     d._last_call = d._prev_reqs = None
     d._verified_next, d._quiet, d._quiet_n, d._quiet_s, d._stride = 0, 0, 0, 0.0, drafter_mod.QUIET_STRIDE
     d.graphs = d.lookup = d.device_lookup = d._lookup_prev = d.trace = d.quiet_trace = None
-    d._draft_step, d._lookup_warm = None, 0
+    d._draft_step, d._lookup_warm, d._quiet_mixed = None, 0, False
     d.selector, d._drafts = _Selector(), torch.zeros(4, 4, dtype=torch.int64)
     return d
 
@@ -210,6 +210,7 @@ def _v2_batch(states: list[int], seq_len: int, req_ids=None):
     n = len(states)
     return SimpleNamespace(
         num_reqs=n,
+        num_tokens=n,
         req_ids=req_ids or [f"r{i}" for i in range(n)],
         idx_mapping_np=np.array(states, dtype=np.int32),
         idx_mapping=torch.tensor(states),
@@ -248,7 +249,7 @@ def test_v2_plain_steps_sample_without_the_speculator():
     seen = []
     runner = SimpleNamespace(speculator=spec, num_speculative_steps=4, is_last_pp_rank=True)
     sample = patches_v2._make_sample_tokens(lambda self, g: seen.append(self.speculator) or self.num_speculative_steps)
-    batch = SimpleNamespace(num_reqs=2, num_draft_tokens=0, has_structured_output_reqs=False)
+    batch = SimpleNamespace(num_reqs=2, num_tokens=2, num_draft_tokens=0, has_structured_output_reqs=False)
     runner.execute_model_state = SimpleNamespace(input_batch=batch)
     ks = [sample(runner, None) for _ in range(drafter_mod.QUIET_STRIDE)]
     assert seen.count(None) == drafter_mod.QUIET_STRIDE - 1 and ks.count(0) == drafter_mod.QUIET_STRIDE - 1

@@ -165,6 +165,7 @@ class KnapSpecDrafter(DraftModelProposer):
         self._stride = QUIET_STRIDE  # quiet_step(): steps per full step while plain decoding is planned
         self._quiet_s = 0.0  # ... and their time
         self._lookup_warm = 0  # full steps the stride stays short for (LOOKUP_WARM)
+        self._quiet_mixed = False  # the quiet steps not yet reported held a prefill chunk
         self._verified_next = 0  # drafts per request the next step verifies
         self._prev_reqs = None
         self.graphs = None  # graphs.SublayerGraphs once captured (GPU)
@@ -304,7 +305,7 @@ class KnapSpecDrafter(DraftModelProposer):
         slot_mappings=None,
     ) -> torch.Tensor:
         n, k = common_attn_metadata.num_reqs, int(num_speculative_tokens)
-        drafts = self.quiet_step(n, k)
+        drafts = self.quiet_step(n, k, int(common_attn_metadata.query_start_loc_cpu[n]) == n)
         if drafts is not None:
             return drafts
         return self.propose_step(k, next_token_ids, common_attn_metadata, num_rejected_tokens_gpu)
@@ -344,7 +345,7 @@ class KnapSpecDrafter(DraftModelProposer):
             self.stats.fallback(logger)
         return drafts
 
-    def quiet_step(self, n: int, k: int) -> torch.Tensor | None:
+    def quiet_step(self, n: int, k: int, decode_only: bool = True) -> torch.Tensor | None:
         """While the plan is plain decoding, most steps do no host work beyond timing: the selector, and with
         `lookup: auto` the device lookup's search and choice, see one step in `stride`. When a plain step costs
         ~2 ms the engine loop is host-bound, and a full propose() costs ~1.4 ms of host time on the H200
@@ -371,6 +372,7 @@ class KnapSpecDrafter(DraftModelProposer):
         self._last_call, self._prev_reqs = now, n  # the next full step's gap is one step
         self._draft_step = None  # a draft loop before it is in this quiet gap, not the next step's
         self._quiet_n += 1
+        self._quiet_mixed |= not decode_only  # a prefill chunk in the window: its time is not a plain step's
         self.stats.tick("no_spec_steps")
         return self._drafts[:n, :k]
 
@@ -430,7 +432,7 @@ class KnapSpecDrafter(DraftModelProposer):
             self.device_lookup.guard.tick(1 + self._quiet_n)
         ctx = self._context(cad, n)
         if self._quiet_n:
-            self._report_quiet(ctx if self._prev_reqs == n else None)
+            self._report_quiet(ctx if self._prev_reqs == n and not self._quiet_mixed else None)
         verified = self._verified(cad, n)
         rej = None
         lookup_tokens = self.lookup.pending_tokens() if self.lookup is not None else 0  # verified this step
@@ -454,10 +456,11 @@ class KnapSpecDrafter(DraftModelProposer):
 
     def _report_quiet(self, ctx) -> None:
         """The plain steps quiet_step() did not report one by one, with the batch's context when it is the
-        same batch (they price plain decoding: KnapSpecSelector.observe_quiet) and, with device lookup
-        drafts, the VerifyJump's plain base: full steps that plan plain decoding are left out of both."""
+        same batch and no step held a prefill chunk (they price plain decoding: KnapSpecSelector.observe_quiet)
+        and, with device lookup drafts, the VerifyJump's plain base: full steps that plan plain decoding are left
+        out of both."""
         steps, seconds = self._quiet_n, self._quiet_s
-        self._quiet_n, self._quiet_s = 0, 0.0
+        self._quiet_n, self._quiet_s, self._quiet_mixed = 0, 0.0, False
         if self.quiet_trace is not None:
             self.quiet_trace.append((steps, seconds, 0 if ctx is None else len(ctx)))
         observe = getattr(self.selector, "observe_quiet", None)

@@ -155,7 +155,7 @@ class KnapSpecSpeculator(DraftModelSpeculator):
         if not self.async_scheduling or input_batch.num_draft_tokens or input_batch.has_structured_output_reqs:
             return False  # sync scheduling reads the draft-token handoff every step
         n = input_batch.num_reqs
-        if self.drafter.quiet_step(n, self.num_speculative_steps) is not None:
+        if self.drafter.quiet_step(n, self.num_speculative_steps, input_batch.num_tokens == n) is not None:
             return True
         self.decided = True
         return False
@@ -184,7 +184,8 @@ class KnapSpecSpeculator(DraftModelSpeculator):
             return self.draft_tokens[:n]
         decided, self.decided = getattr(self, "decided", False), False
         if not decided:  # the v2_plain_steps patch did not ask quiet_step (a step with drafts): ask it here
-            drafts = self.drafter.quiet_step(n, self.num_speculative_steps)  # plain decoding planned: no host work
+            # plain decoding planned: no host work
+            drafts = self.drafter.quiet_step(n, self.num_speculative_steps, input_batch.num_tokens == n)
             if drafts is not None:
                 return drafts
         self.view.idx_np = input_batch.idx_mapping_np[:n]

@@ -295,7 +295,7 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None):
         sp = SP(max_tokens=a.new, temperature=temp, ignore_eos=True, seed=0 if temp else None)
         times = {m: [] for m, _ in methods}
         sel = None
-        acc, steps = {}, {}
+        acc, steps, by_rep = {}, {}, {}
         for rep in range(a.reps + 1):
             for m, skip in methods[rep % len(methods) :] + methods[: rep % len(methods)]:
                 e = E["knapspec" if m in fixed else m]
@@ -313,6 +313,12 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None):
                     tr, quiet = e.collective_rpc(_trace_take)[0]
                     if rep:
                         steps[m] = step_times(tr, quiet)
+                        # each timed repetition apart: which one held a selection, a guard stop, slow steps
+                        s_now = e.collective_rpc(_selections)[0]
+                        keep = ("n_history", "lookup_guard_stops", "draft_fallbacks")
+                        by_rep.setdefault(m, []).append(
+                            dict(ms=times[m][-1], steps=steps[m], **{k: s_now[k] for k in keep})
+                        )
                     if m == "knapspec" and rep == a.reps:
                         sel = e.collective_rpc(_selections)[0]
         ms = {m: statistics.median(t) for m, t in times.items()}
@@ -326,6 +332,7 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None):
             acceptance=acc,
             speedup={m: ms["plain"] / v for m, v in ms.items()},
             steps=steps,
+            by_rep=by_rep,
             selector=sel,
         )
         res.append(row)

@@ -122,6 +122,7 @@ def _selections(worker):
         "t_plain_s",
         "plain_scale",
         "ref_self",
+        "phases_s",  # the selection's wall time by phase: reference, dp, alpha, choose
     )
     counters = d.stats.counters
     return dict(

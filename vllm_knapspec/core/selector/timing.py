@@ -59,7 +59,7 @@ class TimingFeed:
         With `ctx` (the batch's context lengths, the same batch throughout) they are also what plain decoding
         costs here, and from then on the only plain steps that price it: their mean time holds the full
         steps' host work spread over the stride, as plain decoding with KnapSpec pays it. A full step that
-        plans plain decoding costs more (real Qwen2.5-Coder-1.5B at 1K x 16 on an H100: 4.0-5.6 ms against
+        plans plain decoding costs more (real Qwen2.5-Coder-1.5B at 1K x 16 on an H100: 3.1-4.4 ms against
         2.4-3.3 ms per quiet step; docs/real-model.md), and priced from those, plain decoding looked slow and
         lookup drafts that lost to it were kept."""
         self.steps += steps

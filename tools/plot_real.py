@@ -2,6 +2,8 @@
 or more `tools/gpu_real.py` JSON files (a later file's cell replaces an earlier one's).
 
     python tools/plot_real.py docs/data/v2-qwen-coder-1.5b-real-graphs.json --png docs/data/real-speedup.png
+    python tools/plot_real.py "docs/data/v2-qwen-coder-1.5b-real-h100-quiet-priced.json#quiet_priced_run2" \
+        "docs/data/v2-qwen-coder-1.5b-real-h100-quiet-priced.json#quiet_priced_prefill_excluded_run4" --png ...
 
 Prints a markdown table (one row per cell: each method's speed vs plain, plain2 being the A/A control, and
 acceptance where the method drafted); the PNG has one panel per text kind and temperature, speed vs context with
@@ -17,9 +19,12 @@ ORDER = ("plain2", "knapspec", "ngram", "full", "static25", "static50", "mlp2", 
 
 
 def load_cells(paths: list[str]) -> dict:
+    """Cells of `tools/gpu_real.py` results; `FILE#KEY` reads the run stored under KEY of a file of runs."""
     cells = {}
     for p in paths:
-        for b in json.load(open(p)).get("bench", []):
+        path, _, key = p.partition("#")
+        run = json.load(open(path))
+        for b in (run[key] if key else run).get("bench", []):
             c = cells.setdefault((b["kind"], b["temperature"], b["ctx"], b["bs"]), {"speedup": {}, "acceptance": {}})
             c["speedup"].update(b["speedup"])
             c["acceptance"].update({m: a for m, a in (b.get("acceptance") or {}).items() if m in b["speedup"]})

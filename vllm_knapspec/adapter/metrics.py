@@ -28,6 +28,8 @@ COUNTERS = {
     "draft_steps": "Single-token draft forward passes",
     "no_spec_steps": "Engine steps where the selector chose plain decoding",
     "selections": "Skip-set selections (DP runs)",
+    "selections_passed": "Due selections not run: no skip set within the budget could beat plain decoding "
+    "by the bar, even with every draft token accepted",
     "guard_stops": "Times drafting was switched off because the plan decoded slower than plain decoding",
     "guard_capped_steps": "Plan steps counted as at most 4 typical steps by the guard (one-off costs: JIT, capture)",
     "selection_seconds": "Time spent selecting skip sets (DP runs and the new plan's draft-graph captures)",

@@ -87,6 +87,41 @@ class Choice:
         self.history[-1]["phases_s"] = clock.laps
         self.history[-1]["ref_self"] = self_agreement(ref)
 
+    def best_case(self, ctx) -> float:
+        """The most any selection at ctx could predict, as a ratio to plain decoding's tokens per time: the cheapest
+        draft the budget allows (the costliest sublayers it may skip skipped, layer 0 and the last layer kept),
+        drafting num_speculative_tokens tokens that are all accepted. No reference pass: the latency models only.
+        After a plan measured short of its prediction (pred_scale < 1), the bar a plan must clear rises, and a
+        selection whose best case cannot clear it is not worth its reference pass and DP (on an H100 with real
+        Qwen2.5-Coder-1.5B: 0.12-0.16 s, every decoding request stalled for it; docs/real-model.md)."""
+        t_attn, t_mlp = self._sublayer_times(ctx)
+        w_attn, w_mlp = dp.integer_weights(t_attn, t_mlp, self.cfg.weight_cap)
+        budget = int(self.cfg.budget_fraction * (w_attn + w_mlp) * self.L)
+        free = self.L - 2  # skippable attention (and MLP) sublayers: dp.default_frozen_items
+        n_attn, n_mlp = max(
+            ((a, min(free, (budget - a * w_attn) // w_mlp)) for a in range(min(free, budget // w_attn) + 1)),
+            key=lambda n: n[0] * t_attn + n[1] * t_mlp,
+        )
+        t_plain = self._t_plain(ctx)
+        slope = max(self.target.verify_step_time(ctx, 2) - self.target.plain_step_time(ctx), 0.0) * self._plain_scale
+        t_draft = max(self.latency.draft_step_time((self.L - n_attn, self.L - n_mlp), ctx) + slope, 0.0)
+        k = self.cfg.num_speculative_tokens
+        return (k + 1) * t_plain / max(k * t_draft + t_plain, 1e-12)
+
+    def pass_selection(self, ctx) -> None:
+        """A due selection whose best case cannot clear the bar (`best_case`): decode plainly until the next
+        one, as a selection that chose plain decoding would (the interval backs off, the discount recovers)."""
+        self._flush_plain()
+        if self.current is not None:
+            self._measure_plan()
+        self.pred_scale = min(1.0, self.pred_scale * RECOVER)
+        self.current, self._plan_pred = None, None
+        self.interval = min(2 * self.interval, BACKOFF_MAX * self.cfg.reselect_interval)
+        self._reset_window(ctx)
+        self.stats.inc("selections_passed")
+        for name in ("drafting_enabled", "skipped_attention", "skipped_mlp", "draft_length"):
+            self.stats.set(name, 0)
+
     def _dp_shape(self, ctx):
         """Integer weights (rank 0's under TP), knapsack budget and reference tokens of a selection at ctx."""
         cfg = self.cfg

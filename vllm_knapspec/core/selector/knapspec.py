@@ -67,6 +67,9 @@ class KnapSpecSelector(Choice, Schedule, Guard, TimingFeed, Telemetry):
         if self.current is not None and self.sync(self._guard()):
             self._stop_drafting(ctx)
         if self.sync(self._due(ctx)):
+            if self.cfg.min_speedup > 0 and self.sync(self.best_case(ctx) * self.pred_scale < self.cfg.min_speedup):
+                self.pass_selection(ctx)
+                return None
             estimate = self._estimated_selection_s(ctx)
             t0 = time.perf_counter()
             try:

@@ -16,7 +16,9 @@ KnapSpecSelector (the paper's method, batch-aware):
   7. a plan that ran (or was stopped by the guard) measured some share of its predicted speedup: later
      predictions are discounted by that share (min 1; it recovers by RECOVER per selection), so that a
      latency model that flatters the draft on this machine (an H100 profile on an H200: plans predicted at
-     1.06-1.14x measured 0.5-0.69x) does not start one losing plan after another.
+     1.06-1.14x measured 0.5-0.69x) does not start one losing plan after another. A due selection whose
+     best case (`best_case`: the cheapest draft the budget allows, every token accepted), so discounted,
+     cannot clear min_speedup is passed without its reference pass and DP.
 Re-selection: every `reselect_interval` steps, or earlier when the context grew by `context_change` or the
 realised acceptance left the prediction by `acceptance_change`; never more often than keeps selection time
 under `max_selection_overhead` of the decode wall time (decode time = steps and drafts; the gap before a step

@@ -66,7 +66,9 @@ def test_guard_stops_a_plan_slower_than_plain_decoding():
         sel.observe_draft(sel.current[0], ctx, [[1], [1]], t_plain)
         sel.observe_verify(ctx, proposed=2, accepted=1, seconds=t_plain)  # 3 tokens for 2 requests
     assert sel.plan(np.arange(2), ctx) is None
-    assert sel.guard_events and abs(sel.guard_events[0]["realised_speedup"] - 0.75) < 1e-6
+    event = sel.guard_events[0] if sel.guard_events else {}
+    assert abs(event["realised_speedup"] - 0.75) < 1e-6
+    assert event["acceptance"] == 0.5 and abs(event["step_s"] - 2 * t_plain) < 1e-12  # what fell short, and by how much
     assert sel.stats.counters["guard_stops"] >= 1
 
 

@@ -37,6 +37,11 @@ class Guard:
                 realised_speedup=r,
                 skip=str(self.current[0]),
                 gamma=self.current[1],
+                # what fell short: acceptance (predicted: the selection's alpha) or the step (predicted: pred_step_s)
+                acceptance=self.accepted / self.proposed if self.proposed else None,
+                predicted_alpha=self.predicted_alpha,
+                step_s=sorted(self._spec["recent"])[len(self._spec["recent"]) // 2] if self._spec["recent"] else None,
+                predicted_step_s=self._spec["pred_step_s"],
             )
         )
         logger.info(

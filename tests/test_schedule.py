@@ -386,3 +386,29 @@ def test_a_selection_that_cannot_clear_the_bar_is_not_run():
     sel.steps, sel.since_selection_s = 100, 1e9
     sel.plan(rows, ctx)
     assert builds == [1]  # the discounted best case clears the bar: the selection runs
+
+
+def test_full_steps_price_a_drafting_steps_host_work():
+    """Once quiet steps price plain decoding, the full steps that plan it measure what a full step costs beyond
+    a quiet one (the drafter's host work, which every drafting step pays). A plan that beats plain decoding
+    without that cost and loses with it is not chosen, and the best case says so before any reference pass."""
+    sel = _toy_selector(reselect_interval=1, min_speedup=0.0)
+    ctx, rows = np.array([1000]), np.arange(1)
+    sel.select(rows, ctx)
+    sel.cfg = sel.cfg.model_copy(update={"min_speedup": 0.8 * sel.history[-1]["speedup"]})
+    sel.select(rows, ctx)
+    assert sel.current is not None  # the toy's plan clears the bar against the model's plain step
+    best = sel.best_case(ctx)
+    assert sel.full_step_extra_s() == 0.0 and sel.history[-1]["full_step_extra_s"] == 0.0
+    sel.current = None
+    t = sel._t_plain(ctx)
+    sel.observe_quiet(8, 8 * t, ctx)  # quiet steps at the model's plain step
+    t = sel._t_plain(ctx)
+    for _ in range(3):
+        sel.observe_verify(ctx, 0, 0, 4 * t)  # full plain steps: 3 t of host work each
+    assert sel.full_step_extra_s() == 0.0  # too few to say
+    sel.observe_verify(ctx, 0, 0, 4 * t)
+    assert abs(sel.full_step_extra_s() - 3 * t) < 1e-6 * t
+    assert sel.best_case(ctx) < 1.0 < best  # no skip set can beat plain decoding now
+    sel.select(rows, ctx)
+    assert sel.current is None and abs(sel.history[-1]["full_step_extra_s"] - 3 * t) < 1e-6 * t

@@ -66,13 +66,13 @@ class Choice:
         ref = self.adapter.build(rows, ctx, r)
         clock.lap("reference", ref.refs)
         cands, alpha = self._candidates(ref, w_attn, w_mlp, budget, len(ctx), clock)
-        choice, t_plain, t_draft = self._choose(cands, alpha, ctx)
+        choice, t_plain, t_draft, t_verify = self._choose(cands, alpha, ctx)
         clock.lap("choose", None)
         choice = choice._replace(
             **dict(zip(("index", "gamma", "speculate"), self.sync((choice.index, choice.gamma, choice.speculate))))
         )
         best = cands[choice.index]
-        self.top = self._top(cands, alpha, t_draft, t_plain)
+        self.top = self._top(cands, alpha, t_draft, t_plain, t_verify)
         self.current = (best.skipset, choice.gamma) if choice.speculate else None
         self._plan_pred = choice.tpt / choice.plain if choice.speculate else None
         self.interval = (
@@ -82,8 +82,9 @@ class Choice:
         self.measured_alpha = float(self.alpha_point[choice.index])  # unbounded: the reselection trigger's reference
         self._reset_window(ctx)
         if choice.speculate:  # what one step of the plan should cost: gamma drafts (verify slope folded in) + plain
-            self._spec["pred_step_s"] = choice.gamma * float(t_draft[choice.index]) + t_plain
+            self._spec["pred_step_s"] = choice.gamma * float(t_draft[choice.index]) + t_verify
         self._record(best.skipset, choice, t_plain, w_attn, w_mlp, len(cands), ctx)
+        self.history[-1]["full_step_extra_s"] = t_verify - t_plain
         self.history[-1]["phases_s"] = clock.laps
         self.history[-1]["ref_self"] = self_agreement(ref)
 
@@ -106,7 +107,7 @@ class Choice:
         slope = max(self.target.verify_step_time(ctx, 2) - self.target.plain_step_time(ctx), 0.0) * self._plain_scale
         t_draft = max(self.latency.draft_step_time((self.L - n_attn, self.L - n_mlp), ctx) + slope, 0.0)
         k = self.cfg.num_speculative_tokens
-        return (k + 1) * t_plain / max(k * t_draft + t_plain, 1e-12)
+        return (k + 1) * t_plain / max(k * t_draft + t_plain + self.full_step_extra_s(), 1e-12)
 
     def pass_selection(self, ctx) -> None:
         """A due selection whose best case cannot clear the bar (`best_case`): decode plainly until the next
@@ -192,22 +193,23 @@ class Choice:
         )
         # min_speedup = 0 drafts always; otherwise the bar rises by what the last plan fell short of its prediction
         bar = self.cfg.min_speedup / self.pred_scale if self.cfg.min_speedup > 0 else 0.0
+        t_verify = t_plain + self.full_step_extra_s()  # a drafting step is a full step: its host work included
         choice = tpt.choose(
             alpha,
             t_draft,
-            t_plain,
+            t_verify,
             self.cfg.num_speculative_tokens,
             t_plain=t_plain,
             margin=bar - 1.0,
             impl=self.cfg.kernels,
         )
-        return choice, t_plain, t_draft
+        return choice, t_plain, t_draft, t_verify
 
-    def _top(self, cands, alpha, t_draft, t_plain, k: int = 5) -> list[dict]:
+    def _top(self, cands, alpha, t_draft, t_plain, t_verify, k: int = 5) -> list[dict]:
         """The k best candidates by predicted speedup (for logs, benchmarks and tests)."""
         from vllm_knapspec.core.kernels.tpt_argmax import tpt_grid_torch
 
-        grid = tpt_grid_torch(alpha, t_draft, t_plain, self.cfg.num_speculative_tokens)  # [C, gamma]
+        grid = tpt_grid_torch(alpha, t_draft, t_verify, self.cfg.num_speculative_tokens)  # [C, gamma]
         best, g = grid.max(1)
         plain = alpha.shape[1] / t_plain
         order = best.argsort(descending=True)[:k].tolist()

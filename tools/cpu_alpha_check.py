@@ -41,7 +41,7 @@ SETS = {
     "m14-15": "m14,m15",
 }
 PROMPTS = [
-    "def merge_intervals(intervals):\n    \"\"\"Merge overlapping [start, end] intervals and return them sorted.\"\"\"\n",
+    'def merge_intervals(intervals):\n    """Merge overlapping [start, end] intervals, sorted."""\n',
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg",
 ]
 
@@ -121,13 +121,12 @@ def main():
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
-    from conftest import drafter_of, make_llm, spec_counters
+    import vllm
     from vllm import SamplingParams
 
+    from conftest import drafter_of, make_llm, spec_counters
     from vllm_knapspec.core.selector import FixedSelector
     from vllm_knapspec.core.skipset import SkipSet
-
-    import vllm
 
     llm = make_llm(
         a.model,
@@ -145,8 +144,13 @@ def main():
         t0 = time.perf_counter()
         llm.generate(PROMPTS, sp, use_tqdm=False)
         after = spec_counters(llm)
-        pos = [x - y for x, y in zip(after["vllm:spec_decode_num_accepted_tokens_per_pos"],
-                                      before.get("vllm:spec_decode_num_accepted_tokens_per_pos") or [0] * 4)]
+        pos = [
+            x - y
+            for x, y in zip(
+                after["vllm:spec_decode_num_accepted_tokens_per_pos"],
+                before.get("vllm:spec_decode_num_accepted_tokens_per_pos") or [0] * 4,
+            )
+        ]
         drafts = after["vllm:spec_decode_num_drafts"] - before.get("vllm:spec_decode_num_drafts", 0)
         row = dict(
             skip=str(skip),

@@ -412,3 +412,16 @@ def test_full_steps_price_a_drafting_steps_host_work():
     assert sel.best_case(ctx) < 1.0 < best  # no skip set can beat plain decoding now
     sel.select(rows, ctx)
     assert sel.current is None and abs(sel.history[-1]["full_step_extra_s"] - 3 * t) < 1e-6 * t
+
+
+def test_lookup_steps_measure_the_full_step_extra_beyond_their_verified_tokens():
+    """A lookup-only step costs the model's line for its verified tokens plus the full step's extra; the extra
+    is what is left once the line is taken off, so drafting steps of any length measure the same host work."""
+    sel = _toy_selector()
+    ctx = np.array([1000, 1000])
+    sel.observe_quiet(8, 8 * sel._t_plain(ctx), ctx)
+    t, per_token, extra = sel._t_plain(ctx), sel._token_slope(ctx), 1e-3
+    assert per_token > 0
+    for verified in (2, 4, 6, 8):
+        sel.observe_verify(ctx, 0, 1, t + verified * per_token + extra, verified=verified)
+    assert abs(sel.full_step_extra_s() - extra) < 1e-9

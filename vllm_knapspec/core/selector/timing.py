@@ -49,8 +49,8 @@ class TimingFeed:
         self._decode_time(seconds)
         if len(ctx):
             full_plain = not verified and self.current is None and self._quiet_priced
-            if full_plain:
-                self._full_extra.append(seconds - self._t_plain(ctx))
+            if self._quiet_priced and self.current is None and not proposed:  # a full step, no layer-skip draft
+                self._full_extra.append(seconds - self._t_plain(ctx) - verified * self._token_slope(ctx))
             if (verified == proposed or self.current is not None) and not full_plain:
                 self._account(ctx, proposed, accepted, seconds)
             if self.cfg.online_refit and (proposed or not verified) and not full_plain:
@@ -122,15 +122,21 @@ class TimingFeed:
             self._latency_metrics()
 
     def full_step_extra_s(self) -> float:
-        """What a full step costs beyond a quiet plain step at the same context (median of the recent full
-        steps that planned plain decoding, once quiet steps price plain decoding; 0 before). Every drafting
-        step is a full step: the drafter's host work runs in it (plan, feedback, lookup search, draft-loop
-        launch), and where that work outlasts the device step the engine waits for it. Real Qwen2.5-Coder-1.5B
-        on an H100: full plain steps 4.1-5.3 ms against 2.4-3.3 ms quiet ones; layer-skip plans priced without
-        it were predicted at 1.07-1.15x and measured 0.42-0.67x (docs/real-model.md)."""
+        """What a full step costs beyond the model's line for the tokens it verified: the median over the
+        recent full steps without a layer-skip draft (plain ones and lookup-only ones), once quiet steps price
+        plain decoding (0 before). Every drafting step is a full step: the drafter's host work runs in it
+        (plan, feedback, lookup search, draft-loop launch), and where that outlasts the device step the engine
+        waits for it. Real Qwen2.5-Coder-1.5B on an H100 at 1K x 1: quiet steps 2.4 ms, full plain steps 3.0
+        ms, lookup steps verifying 5 tokens 4.7 ms; layer-skip plans priced without it were predicted at
+        1.07-1.15x and measured 0.42-0.67x (docs/real-model.md)."""
         if len(self._full_extra) < FULL_MIN:
             return 0.0
         return max(0.0, float(np.median(self._full_extra)))
+
+    def _token_slope(self, ctx) -> float:
+        """The model's cost of one more verified draft token in a step of this batch."""
+        slope = self.target.verify_step_time(ctx, 2) - self.target.plain_step_time(ctx)
+        return max(slope, 0.0) * self._plain_scale / max(len(ctx), 1)
 
     def _t_plain(self, ctx) -> float:
         """The target model's plain step time, scaled down by the median measured/predicted ratio of the last

@@ -5,6 +5,8 @@ KnapSpecSelector (the paper's method, batch-aware):
   2. knapsack DP over the 2L sublayers on reference hidden states of the real context -> candidate sets;
   3. alpha per candidate and request: top-1 agreement with the full model on the reference tokens;
   4. argmax over (candidate, gamma) of the batch's sum_r E[tokens_r] / (gamma t_draft(S) + t_verify(gamma));
+     a drafting step is a full engine step, so t_verify holds what full steps measured beyond the model's line
+     (`full_step_extra_s`: the drafter's host work where it outlasts the device step);
   5. speculate only if that beats plain decoding (B / t_plain) by `min_speedup`; otherwise draft nothing
      until the next selection. t_plain is the target model's prediction scaled by what the last plain steps
      measured (the model may still be converging from its prior when the first selection runs);

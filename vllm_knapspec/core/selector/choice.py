@@ -98,7 +98,7 @@ class Choice:
         t_attn, t_mlp = self._sublayer_times(ctx)
         w_attn, w_mlp = dp.integer_weights(t_attn, t_mlp, self.cfg.weight_cap)
         budget = int(self.cfg.budget_fraction * (w_attn + w_mlp) * self.L)
-        free = self.L - 2  # skippable attention (and MLP) sublayers: dp.default_frozen_items
+        free = max(0, self.L - 2)  # skippable attention (and MLP) sublayers: dp.default_frozen_items
         n_attn, n_mlp = max(
             ((a, min(free, (budget - a * w_attn) // w_mlp)) for a in range(min(free, budget // w_attn) + 1)),
             key=lambda n: n[0] * t_attn + n[1] * t_mlp,

@@ -33,7 +33,9 @@ class ClaspSelector(KnapSpecSelector):
     """CLaSp-style baseline: whole layers, cosine DP, a fixed number of skipped layers, fixed gamma,
     re-selected on the same schedule (no latency model, no TPT, always speculates)."""
 
-    def _guard(self) -> bool:  # the baseline as published: no guard
+    passes = False  # the baseline as published: every due selection runs, and it always speculates
+
+    def _guard(self) -> bool:  # ... and no guard
         return False
 
     def select(self, rows, ctx):

@@ -63,12 +63,17 @@ class KnapSpecSelector(Choice, Schedule, Guard, TimingFeed, Telemetry):
         for name in ("drafting_enabled", "skipped_attention", "skipped_mlp", "draft_length"):
             self.stats.set(name, 0)  # until the first selection: plain decoding
 
+    passes = True  # a due selection that cannot clear the bar is passed (Choice.best_case)
+
+    def _hopeless(self, ctx) -> bool:
+        return self.best_case(ctx) * self.pred_scale < self.cfg.min_speedup
+
     def plan(self, rows: np.ndarray, ctx: np.ndarray):
         self.steps += 1
         if self.current is not None and self.sync(self._guard()):
             self._stop_drafting(ctx)
         if self.sync(self._due(ctx)):
-            if self.cfg.min_speedup > 0 and self.sync(self.best_case(ctx) * self.pred_scale < self.cfg.min_speedup):
+            if self.passes and self.cfg.min_speedup > 0 and self.sync(self._hopeless(ctx)):
                 self.pass_selection(ctx)
                 return None
             estimate = self._estimated_selection_s(ctx)

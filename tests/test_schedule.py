@@ -425,3 +425,19 @@ def test_lookup_steps_measure_the_full_step_extra_beyond_their_verified_tokens()
     for verified in (2, 4, 6, 8):
         sel.observe_verify(ctx, 0, 1, t + verified * per_token + extra, verified=verified)
     assert abs(sel.full_step_extra_s() - extra) < 1e-9
+
+
+def test_the_clasp_baseline_runs_every_due_selection():
+    """CLaSp as published always speculates: a hopeless best case does not pass its selections."""
+    from vllm_knapspec.config import parse_knapspec
+    from vllm_knapspec.core.selector import ClaspSelector
+
+    cfg = parse_knapspec(
+        {"num_speculative_tokens": 5, "reselect_interval": 1, "kernels": "torch", "clasp_skip_layers": 4}
+    )
+    sel = ClaspSelector(cfg, adapter=_ToyAdapter(), latency=LatencyModel.prior(L, unit_s=1e-4), num_layers=L)
+    sel.pred_scale = 1e-3  # no best case clears min_speedup at this discount
+    assert sel._hopeless(np.array([1000]))
+    sel.steps, sel.since_selection_s = 100, 1e9
+    assert sel.plan(np.arange(1), np.array([1000])) is not None
+    assert "selections_passed" not in sel.stats.counters

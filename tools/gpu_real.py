@@ -123,6 +123,7 @@ def _selections(worker):
         "plain_scale",
         "ref_self",
         "phases_s",  # the selection's wall time by phase: reference, dp, alpha, choose
+        "full_step_extra_s",  # what the choice added to a plan's verification: a full step's measured extra
     )
     counters = d.stats.counters
     return dict(
@@ -131,6 +132,8 @@ def _selections(worker):
         lookup_tokens_total={k: counters.get(f"lookup_{k}_tokens", 0.0) for k in ("draft", "accepted")},  # engine life
         draft_fallbacks=counters.get("draft_fallbacks", 0.0),  # engine life: steps whose drafting failed
         lookup_guard_stops=counters.get("lookup_guard_stops", 0.0),  # engine life
+        selections_passed=counters.get("selections_passed", 0.0),  # engine life: hopeless selections not run
+        full_step_extra_s=sel.full_step_extra_s() if hasattr(sel, "full_step_extra_s") else None,  # now
         guard_events=list(getattr(sel, "guard_events", []))[-4:],  # plans the guard stopped: measured speedup
         last=[{k: (float(h[k]) if isinstance(h.get(k), float) else h.get(k)) for k in keys} for h in hist[-4:]],
     )

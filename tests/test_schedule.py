@@ -5,7 +5,7 @@ import numpy as np
 
 from vllm_knapspec.config import parse_knapspec
 from vllm_knapspec.core.latency import LatencyModel
-from vllm_knapspec.core.selector import PLAIN_WINDOW, KnapSpecSelector
+from vllm_knapspec.core.selector import PLAIN_MIN, PLAIN_WINDOW, KnapSpecSelector
 
 L = 30
 
@@ -32,9 +32,17 @@ def test_next_selection_waits_for_its_predicted_cost():
     assert sel._due(long_)
 
 
+def plain_measured(sel, ctx):
+    """Plain steps at the model's plain step time: enough for t_plain to be measured (a priced selection
+    waits for them)."""
+    for _ in range(PLAIN_MIN):
+        sel.observe_verify(ctx, 0, 0, sel.target.plain_step_time(ctx))
+
+
 def test_cost_scale_tracks_measured_selection_cost():
     sel = selector(max_selection_overhead=1.0)
     ctx = np.array([2000, 3000])
+    plain_measured(sel, ctx)
     sel.select = lambda rows, c: None  # a "DP" that costs nothing measurable
     sel.since_selection_s = 1e9
     sel.plan(np.arange(2), ctx)
@@ -289,6 +297,7 @@ def test_first_selection_waits_for_its_calibrated_cost():
     prices compute only (a launch-bound DP on an H200 cost 3-10x it)."""
     sel = _toy_selector(max_selection_overhead=0.01)
     ctx = np.array([1000])
+    plain_measured(sel, ctx)
     est = sel._estimated_selection_s(ctx)
     sel.adapter.delay = 4 * est / L  # every sublayer run: the pass costs >> the estimate
     cost = sel.calibrate()
@@ -438,6 +447,26 @@ def test_the_clasp_baseline_runs_every_due_selection():
     sel = ClaspSelector(cfg, adapter=_ToyAdapter(), latency=LatencyModel.prior(L, unit_s=1e-4), num_layers=L)
     sel.pred_scale = 1e-3  # no best case clears min_speedup at this discount
     assert sel._hopeless(np.array([1000]))
+    plain_measured(sel, np.array([1000]))
     sel.steps, sel.since_selection_s = 100, 1e9
     assert sel.plan(np.arange(1), np.array([1000])) is not None
     assert "selections_passed" not in sel.stats.counters
+
+
+def test_the_first_priced_selection_waits_for_plain_decoding_to_be_measured():
+    """Plain decoding is what every plan is priced against: the first selection waits for PLAIN_MIN plain steps
+    and, once quiet steps price plain decoding, for the full steps that measure a drafting step's extra cost.
+    A config that asks to always draft does not wait."""
+    from vllm_knapspec.core.selector.timing import FULL_MIN
+
+    sel = selector(max_selection_overhead=1.0)
+    ctx = np.array([1000])
+    sel.since_selection_s = 1e9
+    assert not sel._due(ctx)
+    sel.observe_quiet(PLAIN_MIN, PLAIN_MIN * sel.target.plain_step_time(ctx), ctx)
+    assert len(sel._plain_steps) >= PLAIN_MIN and not sel._due(ctx)  # the full steps' extra is not known yet
+    for _ in range(FULL_MIN):
+        sel.observe_verify(ctx, 0, 0, 1.5 * sel._t_plain(ctx))
+    assert sel._due(ctx)
+    eager = selector(min_speedup=0.0)
+    assert eager._due(ctx)

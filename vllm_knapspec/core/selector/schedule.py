@@ -19,6 +19,8 @@ class Schedule:
         if self.selected_ctx is None:  # first selection: once plain decoding has paid for it ...
             if self.cfg.min_speedup <= 0:
                 return True  # ... unless the config asks to always draft: at once
+            if not self.plain_measured():
+                return False  # ... and been measured: the plans are priced against it
             if not self.selection_s:
                 self.selection_s = self._predicted_selection_s(ctx)  # calibrated at start-up on a GPU
             return self.since_selection_s * self._share() >= self.selection_s

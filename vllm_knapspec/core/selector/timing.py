@@ -9,6 +9,7 @@ import numpy as np
 from vllm_knapspec.core.skipset import SkipSet
 
 PLAIN_WINDOW = 32  # recent plain steps that calibrate t_plain
+PLAIN_MIN = 8  # ... at least this many before t_plain is scaled by them (and before a priced selection)
 METRIC_EVERY = 32  # latency-model gauges are refreshed every this many refit steps
 PLAIN_BATCH = 32  # plain steps of one batch size averaged into one observation of the target model
 FULL_WINDOW, FULL_MIN = 16, 4  # full plain steps whose extra cost prices a drafting step's host work
@@ -121,6 +122,16 @@ class TimingFeed:
         if self._metric_steps % METRIC_EVERY == 1:  # medians over windows: not every step (host time)
             self._latency_metrics()
 
+    def plain_measured(self) -> bool:
+        """Plain decoding has been measured enough to price a plan against: PLAIN_MIN plain steps, and once
+        quiet steps price it, FULL_MIN full steps for `full_step_extra_s`. Until then a selection would price
+        with the latency model's prior alone: on an H100 the first selection (real Qwen2.5-Coder-1.5B, 1K x 1)
+        priced plain decoding at 3.41 ms where quiet steps then measured 2.44 ms, and its plan, predicted at
+        1.15x, was stopped by the guard at 0.58x."""
+        if len(self._plain_steps) < PLAIN_MIN:
+            return False
+        return not self._quiet_priced or len(self._full_extra) >= FULL_MIN
+
     def full_step_extra_s(self) -> float:
         """What a full step costs beyond the model's line for the tokens it verified: the median over the
         recent full steps without a layer-skip draft (plain ones and lookup-only ones), once quiet steps price
@@ -144,7 +155,7 @@ class TimingFeed:
         on an H100 the graphed-draft prior priced the compiled target step 1.8x too high). Only down: plain
         steps measured slower than predicted (a busy host) would slow the drafts too, which no draft timing
         has shown yet, so scaling up would favour speculation on a guess."""
-        last = self._plain_steps[-1] if len(self._plain_steps) >= 8 else None
+        last = self._plain_steps[-1] if len(self._plain_steps) >= PLAIN_MIN else None
         if last is not None and last is not self._plain_scaled_at:  # once per new plain step
             ratios = [sec / max(self.target.plain_step_time(c + k), 1e-12) for c, k, sec in self._plain_steps]
             self._plain_scale, self._plain_scaled_at = min(1.0, float(np.median(ratios))), last

@@ -21,9 +21,10 @@ KnapSpecSelector (the paper's method, batch-aware):
      1.06-1.14x measured 0.5-0.69x) does not start one losing plan after another. A due selection whose
      best case (`best_case`: the cheapest draft the budget allows, every token accepted), so discounted,
      cannot clear min_speedup is passed without its reference pass and DP.
-The first selection waits until plain decoding has been measured (`plain_measured`: the steps that price t_plain
-and a full step's extra); re-selection: every `reselect_interval` steps, or earlier when the context grew by `context_change` or the
-realised acceptance left the prediction by `acceptance_change`; never more often than keeps selection time
+The first selection waits until plain decoding has been measured (`plain_measured`: the steps that price
+t_plain and a full step's extra); re-selection: every `reselect_interval` steps, or earlier when the context
+grew by `context_change` or the realised acceptance left the prediction by `acceptance_change`; never more
+often than keeps selection time
 under `max_selection_overhead` of the decode wall time (decode time = steps and drafts; the gap before a step
 that admitted new requests counts as at most two steady steps: it may hold an idle server). While selections
 keep choosing plain decoding the interval doubles, up to BACKOFF_MAX x `reselect_interval` (the context-change

@@ -55,12 +55,21 @@ def self_agreement(ref) -> float | None:
 class Choice:
     """KnapSpecSelector's selection pass (mixin)."""
 
-    def select(self, rows: np.ndarray, ctx: np.ndarray) -> None:
-        cfg = self.cfg
-        self._flush_plain()  # the target model sees every plain step before it prices
+    def _open_selection(self) -> None:
+        """What every due selection does first, run or passed: the target model sees every plain step before it
+        prices, the running plan's measured share is kept, and the discount recovers a step."""
+        self._flush_plain()
         if self.current is not None:
             self._measure_plan()
         self.pred_scale = min(1.0, self.pred_scale * RECOVER)
+
+    def _next_interval(self, speculate: bool) -> int:
+        """reselect_interval after a plan; doubled (up to BACKOFF_MAX x) while selections choose plain."""
+        r = self.cfg.reselect_interval
+        return r if speculate else min(2 * self.interval, BACKOFF_MAX * r)
+
+    def select(self, rows: np.ndarray, ctx: np.ndarray) -> None:
+        self._open_selection()
         w_attn, w_mlp, budget, r = self._dp_shape(ctx)
         clock = _PhaseClock()
         ref = self.adapter.build(rows, ctx, r)
@@ -75,9 +84,7 @@ class Choice:
         self.top = self._top(cands, alpha, t_draft, t_plain, t_verify)
         self.current = (best.skipset, choice.gamma) if choice.speculate else None
         self._plan_pred = choice.tpt / choice.plain if choice.speculate else None
-        self.interval = (
-            cfg.reselect_interval if choice.speculate else min(2 * self.interval, BACKOFF_MAX * cfg.reselect_interval)
-        )
+        self.interval = self._next_interval(choice.speculate)
         self.predicted_alpha = float(alpha[choice.index].mean())
         self.measured_alpha = float(self.alpha_point[choice.index])  # unbounded: the reselection trigger's reference
         self._reset_window(ctx)
@@ -112,12 +119,9 @@ class Choice:
     def pass_selection(self, ctx) -> None:
         """A due selection whose best case cannot clear the bar (`best_case`): decode plainly until the next
         one, as a selection that chose plain decoding would (the interval backs off, the discount recovers)."""
-        self._flush_plain()
-        if self.current is not None:
-            self._measure_plan()
-        self.pred_scale = min(1.0, self.pred_scale * RECOVER)
+        self._open_selection()
         self.current, self._plan_pred = None, None
-        self.interval = min(2 * self.interval, BACKOFF_MAX * self.cfg.reselect_interval)
+        self.interval = self._next_interval(False)
         self._reset_window(ctx)
         self.stats.inc("selections_passed")
         for name in ("drafting_enabled", "skipped_attention", "skipped_mlp", "draft_length"):

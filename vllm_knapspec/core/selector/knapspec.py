@@ -55,7 +55,7 @@ class KnapSpecSelector(Choice, Schedule, Guard, TimingFeed, Telemetry):
         self._spec = self._new_spec()  # the current plan's measured record since its selection
         self._plain_obs = _PlainSteps()  # plain steps pending for the target model
         self._quiet_priced = False  # quiet steps price plain decoding (observe_quiet with ctx)
-        self._full_extra: deque = deque(maxlen=FULL_WINDOW)  # full plain steps' seconds beyond a quiet one
+        self._full_extra: deque = deque(maxlen=FULL_WINDOW)  # full steps' seconds beyond the model's line
         self.interval = cfg.reselect_interval  # steps between selections (doubles while choosing plain)
         self._last_steady_s = 0.0  # the last steady step's time: caps what an unsteady gap counts
         self.pred_scale = 1.0  # measured / predicted speedup of the last plan that ran (<= 1)

@@ -12,7 +12,7 @@ PLAIN_WINDOW = 32  # recent plain steps that calibrate t_plain
 PLAIN_MIN = 8  # ... at least this many before t_plain is scaled by them (and before a priced selection)
 METRIC_EVERY = 32  # latency-model gauges are refreshed every this many refit steps
 PLAIN_BATCH = 32  # plain steps of one batch size averaged into one observation of the target model
-FULL_WINDOW, FULL_MIN = 16, 4  # full plain steps whose extra cost prices a drafting step's host work
+FULL_WINDOW, FULL_MIN = 16, 4  # full steps (no layer-skip draft) whose extra prices a drafting step's
 
 
 class _PlainSteps:

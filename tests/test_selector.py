@@ -276,6 +276,34 @@ def test_reference_reads_the_tokens_the_model_generated(spec_llm):
     assert sel.history[0]["ref_self"] >= 0.9, sel.history[0]
 
 
+def test_the_acceptance_estimate_predicts_what_an_exact_draft_step_predicts(spec_llm, baseline):
+    """A selection prices a skip set by its agreement with the full model on reference tokens, reading the KV the
+    full model wrote at each token; a real draft writes its own KV there. `tools/cpu_alpha_check.py` runs both
+    on the same tokens while the engine decodes (the exact steps write KV and restore the cache): the two
+    predictions of the set agree token by token, and the outputs stay those of plain decoding."""
+    import sys
+
+    from conftest import ROOT
+    from vllm_knapspec.core.selector import FixedSelector
+    from vllm_knapspec.core.skipset import SkipSet
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import cpu_alpha_check
+
+    d = drafter_of(spec_llm)
+    saved = d.selector
+    skip = SkipSet.parse(d.draft.num_layers, "a8,a9,a10,a11,m12,m13")
+    probe = d.selector = cpu_alpha_check.Probe(FixedSelector(skip, 4), d, every=4, r=8)
+    try:
+        out = spec_llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    finally:
+        d.selector = saved
+    print(f"reference {probe.ref_hits}/{probe.n}, exact {probe.exact_hits}/{probe.n}, same {probe.same}/{probe.n}")
+    assert probe.n >= 64
+    assert probe.same >= 0.85 * probe.n
+    assert [list(o.outputs[0].token_ids) for o in out] == baseline
+
+
 def _median(xs):
     xs = sorted(xs)
     return xs[len(xs) // 2]

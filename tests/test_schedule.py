@@ -429,7 +429,8 @@ def test_lookup_steps_measure_the_full_step_extra_beyond_their_verified_tokens()
     sel = _toy_selector()
     ctx = np.array([1000, 1000])
     sel.observe_quiet(8, 8 * sel._t_plain(ctx), ctx)
-    t, per_token, extra = sel._t_plain(ctx), sel._token_slope(ctx), 1e-3
+    t, slope = sel.verify_line(ctx)
+    per_token, extra = slope / len(ctx), 1e-3
     assert per_token > 0
     for verified in (2, 4, 6, 8):
         sel.observe_verify(ctx, 0, 1, t + verified * per_token + extra, verified=verified)

@@ -222,6 +222,5 @@ def observe_cost(jump, guard, selector, ctx, n: int, verified: int, accepted: in
 
 def _line(selector, ctx, n: int) -> tuple[float, float]:
     """The latency model's plain step and its cost per verified draft token at ctx (batch n)."""
-    t_plain = selector._t_plain(ctx)
-    t_model = selector.target.plain_step_time(ctx)
-    return t_plain, max(selector.target.verify_step_time(ctx, 2) - t_model, 0.0) * selector._plain_scale / n
+    t_plain, slope = selector.verify_line(ctx)
+    return t_plain, slope / n

@@ -110,8 +110,7 @@ class Choice:
             ((a, min(free, (budget - a * w_attn) // w_mlp)) for a in range(min(free, budget // w_attn) + 1)),
             key=lambda n: n[0] * t_attn + n[1] * t_mlp,
         )
-        t_plain = self._t_plain(ctx)
-        slope = max(self.target.verify_step_time(ctx, 2) - self.target.plain_step_time(ctx), 0.0) * self._plain_scale
+        t_plain, slope = self.verify_line(ctx)
         t_draft = max(self.latency.draft_step_time((self.L - n_attn, self.L - n_mlp), ctx) + slope, 0.0)
         k = self.cfg.num_speculative_tokens
         return (k + 1) * t_plain / max(k * t_draft + t_plain + self.full_step_extra_s(), 1e-12)
@@ -124,8 +123,7 @@ class Choice:
         self.interval = self._next_interval(False)
         self._reset_window(ctx)
         self.stats.inc("selections_passed")
-        for name in ("drafting_enabled", "skipped_attention", "skipped_mlp", "draft_length"):
-            self.stats.set(name, 0)
+        self._gauges_plain()
 
     def _dp_shape(self, ctx):
         """Integer weights (rank 0's under TP), knapsack budget and reference tokens of a selection at ctx."""
@@ -188,10 +186,7 @@ class Choice:
         return a.float().cpu()
 
     def _choose(self, cands, alpha, ctx):
-        t_model = self.target.plain_step_time(ctx)
-        t_plain = self._t_plain(ctx)
-        # verify(gamma) is linear in gamma (T = B(1+gamma)): fold its slope into the per-draft-token cost.
-        slope = max(self.target.verify_step_time(ctx, 2) - t_model, 0.0) * self._plain_scale
+        t_plain, slope = self.verify_line(ctx)  # fold verify's slope into the per-draft-token cost
         t_draft = torch.tensor(
             [self.latency.draft_step_time(c.skipset, ctx) + slope for c in cands], dtype=torch.float32
         )

@@ -60,8 +60,7 @@ class KnapSpecSelector(Choice, Schedule, Guard, TimingFeed, Telemetry):
         self._last_steady_s = 0.0  # the last steady step's time: caps what an unsteady gap counts
         self.pred_scale = 1.0  # measured / predicted speedup of the last plan that ran (<= 1)
         self._plan_pred = None  # predicted speedup of the current plan
-        for name in ("drafting_enabled", "skipped_attention", "skipped_mlp", "draft_length"):
-            self.stats.set(name, 0)  # until the first selection: plain decoding
+        self._gauges_plain()  # until the first selection: plain decoding
 
     passes = True  # a due selection that cannot clear the bar is passed (Choice.best_case)
 

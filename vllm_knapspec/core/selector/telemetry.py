@@ -28,6 +28,11 @@ class LocalStats:
 class Telemetry:
     """KnapSpecSelector's reporting (mixin)."""
 
+    def _gauges_plain(self) -> None:
+        """The plan gauges while decoding plainly."""
+        for name in ("drafting_enabled", "skipped_attention", "skipped_mlp", "draft_length"):
+            self.stats.set(name, 0)
+
     def _latency_metrics(self):
         for kind, model in (("draft", self.latency), ("verify", self.target)):
             err = model.prediction_error()[kind]

@@ -51,7 +51,8 @@ class TimingFeed:
         if len(ctx):
             full_plain = not verified and self.current is None and self._quiet_priced
             if self._quiet_priced and self.current is None and not proposed:  # a full step, no layer-skip draft
-                self._full_extra.append(seconds - self._t_plain(ctx) - verified * self._token_slope(ctx))
+                t_plain, slope = self.verify_line(ctx)
+                self._full_extra.append(seconds - t_plain - (verified * slope / len(ctx) if verified else 0.0))
             if (verified == proposed or self.current is not None) and not full_plain:
                 self._account(ctx, proposed, accepted, seconds)
             if self.cfg.online_refit and (proposed or not verified) and not full_plain:
@@ -144,10 +145,12 @@ class TimingFeed:
             return 0.0
         return max(0.0, float(np.median(self._full_extra)))
 
-    def _token_slope(self, ctx) -> float:
-        """The model's cost of one more verified draft token in a step of this batch."""
-        slope = self.target.verify_step_time(ctx, 2) - self.target.plain_step_time(ctx)
-        return max(slope, 0.0) * self._plain_scale / max(len(ctx), 1)
+    def verify_line(self, ctx) -> tuple[float, float]:
+        """The plain step at ctx (`_t_plain`) and what one more verified token per request adds to it: the
+        target model's line, scaled like t_plain. verify(gamma) is linear in gamma (T = B(1+gamma))."""
+        t_model = self.target.plain_step_time(ctx)
+        t_plain = self._t_plain(ctx)  # may rescale: the slope below takes the new scale
+        return t_plain, max(self.target.verify_step_time(ctx, 2) - t_model, 0.0) * self._plain_scale
 
     def _t_plain(self, ctx) -> float:
         """The target model's plain step time, scaled down by the median measured/predicted ratio of the last

@@ -54,3 +54,41 @@ def test_soak_serves_as_vllm_serve_does_on_each_device():
     for common, spec, plain in (cpu, gpu):
         blocks = int(spec[spec.index("--num-gpu-blocks-override") + 1])
         assert blocks * 32 == 512 + 2 * 32 and "--speculative-config" in spec and "--speculative-config" not in plain
+
+
+def test_gpu_mismatches_are_ties_only_within_the_margin():
+    """A GPU mismatch passes when the plain server ranks KnapSpec's token within --tie-margin of its own at the
+    first differing token (asked with the agreed prefix); a wider lead, or a token outside its top 5, fails.
+    On CPU every mismatch fails."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from vllm_knapspec.tools.soak import judge_mismatches, parse_args
+
+    tops = {7: {"token_id:7": -0.5, "token_id:8": -0.9}, 9: {"token_id:9": -0.1, "token_id:3": -2.9}}
+    asked = []
+
+    class Client:
+        async def post(self, url, json):
+            asked.append(json["prompt"])
+            top = tops[json["prompt"][-1]]  # the agreed prefix ends in the token that picks the case
+            return SimpleNamespace(
+                raise_for_status=lambda: None,
+                json=lambda: {"choices": [{"logprobs": {"top_logprobs": [top]}}]},
+            )
+
+    def mism(prompt, common, plain, ks):
+        return dict(prompt=prompt, first_diff=len(common), common=common, plain_token=plain, ks_token=ks)
+
+    pool = [([1, 2], 8), ([4], 8)]
+    plain = SimpleNamespace(url="http://x")
+    gpu = parse_args(["--short", "--model", "m", "--gpu"])
+    summary = {"compared": {}}
+    tie = [mism(0, [5, 7], 7, 8), mism(0, [5, 7], 7, 8)]  # the same first difference: asked once
+    assert asyncio.run(judge_mismatches(Client(), plain, pool, tie, gpu, summary)) == []
+    assert asked == [[1, 2, 5, 7]] and summary["compared"]["margins"]["max"] == 0.4
+    wide = [mism(1, [9], 9, 3), mism(1, [9], 9, 4)]  # lead 2.8; token 4 not in the top 5
+    v = asyncio.run(judge_mismatches(Client(), plain, pool, tie + wide, gpu, summary))
+    assert summary["compared"]["beyond_tie"] == 2 and "2 of 4" in v[0]
+    cpu = parse_args(["--short", "--model", "m"])
+    assert "1 of 1" in asyncio.run(judge_mismatches(Client(), plain, pool, tie[:1], cpu, summary))[0]

@@ -133,6 +133,7 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--mem", type=float, default=0.2)
+    ap.add_argument("--kernel-bs", type=int, default=1, help="batch of the profiled plain decode steps")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     import torch
@@ -193,9 +194,13 @@ def main():
         out["e2e"].append(row)
         print(json.dumps(row), flush=True)
 
-    # (2) kernels: plain decode steps (batch 1, V2 and V1) vs replays of the captured draft loop
-    prompts = [TokensPrompt(prompt_token_ids=list(range(100, 100 + a.ctx)))]
-    for name in ("plain", "plainv1"):
+    # (2) kernels: plain decode steps (batch --kernel-bs: V2, V1, KnapSpec with drafting off) vs replays of the
+    # captured draft loop
+    prompts = [
+        TokensPrompt(prompt_token_ids=[100 + (i * 131 + j) % 30000 for j in range(a.ctx)]) for i in range(a.kernel_bs)
+    ]
+    ks.collective_rpc(_plan, args=("", 0))
+    for name in ("plain", "plainv1", "knapspec"):
         e = engines[name]
         e.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
         e.collective_rpc(_prof_start)

@@ -100,8 +100,8 @@ def step_times(trace, quiet=()) -> dict:
         lookup_mean_step_ms=sum(g for g, *_ in lookup) / len(lookup) * 1e3 if lookup else None,
         lookup_verified_per_row=sum(v / n for _, v, _, n in lookup) / len(lookup) if lookup else None,
         lookup_tokens_per_row=sum(1 + a / n for _, _, a, n in lookup) / len(lookup) if lookup else None,
-        quiet_steps=sum(q for q, _, b in quiet if b),
-        quiet_step_ms=sum(s for _, s, b in quiet if b) / max(1, sum(q for q, _, b in quiet if b)) * 1e3,
+        quiet_steps=sum(q for q, _, b, *_ in quiet if b),
+        quiet_step_ms=sum(s for _, s, b, *_ in quiet if b) / max(1, sum(q for q, _, b, *_ in quiet if b)) * 1e3,
     )
 
 
@@ -323,6 +323,11 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None):
                         by_rep.setdefault(m, []).append(
                             dict(ms=times[m][-1], steps=steps[m], **{k: s_now[k] for k in keep})
                         )
+                        if a.raw_trace:  # step by step: (gap ms, draft steps, verified, kept, rows); quiet windows
+                            by_rep[m][-1]["trace"] = [
+                                (round((t[0] or 0) * 1e3, 3), t[2], *(t[3:] if len(t) == 6 else (0, 0, 0))) for t in tr
+                            ]
+                            by_rep[m][-1]["quiet"] = [(q, round(s * 1e3, 3), b, *at) for q, s, b, *at in quiet]
                     if m == "knapspec" and rep == a.reps:
                         sel = e.collective_rpc(_selections)[0]
         ms = {m: statistics.median(t) for m, t in times.items()}
@@ -366,6 +371,7 @@ def main():
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--mem", type=float, default=0.21)
     ap.add_argument("--max-len", type=int, default=32768)
+    ap.add_argument("--raw-trace", action="store_true", help="bench: keep each timed repetition's steps one by one")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     import torch

@@ -175,7 +175,8 @@ class KnapSpecDrafter(DraftModelProposer):
         self._draft_step = None  # the step whose draft loop ran since the last step began (_timed_draft)
         # benchmarks: (step gap s, draft loop s, draft steps, drafts verified, accepted, batch) per full step
         self.trace: list | None = None
-        self.quiet_trace: list | None = None  # (quiet steps, their seconds, batch or 0 when it changed)
+        # (quiet steps, their seconds, batch or 0 when it changed, full steps traced before them)
+        self.quiet_trace: list | None = None
         self.warmup_s = 0.0
         self.warmups: dict[str, float] = {}
 
@@ -462,7 +463,7 @@ class KnapSpecDrafter(DraftModelProposer):
         steps, seconds = self._quiet_n, self._quiet_s
         self._quiet_n, self._quiet_s, self._quiet_mixed = 0, 0.0, False
         if self.quiet_trace is not None:
-            self.quiet_trace.append((steps, seconds, 0 if ctx is None else len(ctx)))
+            self.quiet_trace.append((steps, seconds, 0 if ctx is None else len(ctx), len(self.trace or ())))
         observe = getattr(self.selector, "observe_quiet", None)
         if observe is None:
             return

@@ -5,7 +5,8 @@
 In-process engines (VLLM_ENABLE_V1_MULTIPROCESSING=0, so the profiler sees the worker), dummy weights:
   plain    vLLM's defaults (V2 runner, async scheduling)
   plainv1  the V1 runner, async scheduling, no speculation (what KnapSpec's engine is on the V1 runner)
-  knapspec KnapSpec (the V2 runner's speculator, async scheduling), drafting off / full depth / 50 %
+  knapspec KnapSpec (the V2 runner's speculator, async scheduling), drafting off (with and without lookup drafts) / full
+         depth / 50 %
 Prints (1) ms per output token at ctx x {1, 16}, interleaved; (2) the kernels of one plain decode step and of one
 draft step (replays of the captured draft loop), by name, with count and device time per step; (3) device time
 of one captured sublayer graph (attention, MLP, head) by CUDA events.
@@ -33,11 +34,14 @@ def _runner(worker):
     return type(r).__module__
 
 
-def _plan(worker, skip, gamma):
+def _plan(worker, skip, gamma, lookup=True):
     from vllm_knapspec.core.selector import FixedSelector
     from vllm_knapspec.core.skipset import SkipSet
 
     d = worker.model_runner.drafter
+    if not hasattr(d, "shipped_lookup"):
+        d.shipped_lookup = d.device_lookup
+    d.device_lookup = d.shipped_lookup if lookup else None
     d.selector = FixedSelector(SkipSet.parse(d.draft.num_layers, skip), gamma) if gamma else _Off()
     d.next_gamma = gamma
     return True
@@ -165,7 +169,14 @@ def main():
     ks = engines["knapspec"]
     s50 = probe_set(L, 0.5)
     out = dict(shape=a.shape, ctx=a.ctx, runners=info, e2e=[], gpu=torch.cuda.get_device_name(0))
-    variants = [("plain", None), ("plainv1", None), ("ks_off", ("", 0)), ("ks_full", ("", 4)), ("ks_50", (s50, 4))]
+    variants = [
+        ("plain", None),
+        ("plainv1", None),
+        ("ks_off", ("", 0)),
+        ("ks_off_nolookup", ("", 0, False)),
+        ("ks_full", ("", 4)),
+        ("ks_50", (s50, 4)),
+    ]
     for bs in batches:
         prompts = [
             TokensPrompt(prompt_token_ids=[(1000 + 7 * i + 13 * j) % 30000 + 10 for j in range(a.ctx)])
@@ -177,7 +188,7 @@ def main():
         times = {v: [] for v, _ in variants}
         drafted = {v: 0 for v, _ in variants}
         for rep in range(a.reps + 1):
-            for v, plan in variants[rep % 5 :] + variants[: rep % 5]:
+            for v, plan in variants[rep % len(variants) :] + variants[: rep % len(variants)]:
                 if plan is not None:
                     ks.collective_rpc(_plan, args=plan)
                 e = ks if plan is not None else engines[v]
@@ -199,9 +210,10 @@ def main():
     prompts = [
         TokensPrompt(prompt_token_ids=[100 + (i * 131 + j) % 30000 for j in range(a.ctx)]) for i in range(a.kernel_bs)
     ]
-    ks.collective_rpc(_plan, args=("", 0))
-    for name in ("plain", "plainv1", "knapspec"):
-        e = engines[name]
+    for name, lookup in (("plain", None), ("plainv1", None), ("knapspec", True), ("knapspec_nolookup", False)):
+        e = engines[name.split("_")[0]]
+        if lookup is not None:
+            ks.collective_rpc(_plan, args=("", 0, lookup))
         e.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
         e.collective_rpc(_prof_start)
         e.generate(prompts, SamplingParams(max_tokens=33, temperature=0.0, ignore_eos=True), use_tqdm=False)

@@ -242,9 +242,13 @@ async def margins(client, server: Server, pool, mismatches: list, limit: int = 2
         if key not in asked:
             ids = pool[m["prompt"]][0] + m["common"]
             body = dict(request_body(ids, 1, False), logprobs=5, return_tokens_as_token_ids=True)
-            r = await client.post(server.url + "/v1/completions", json=body)
-            r.raise_for_status()
-            top = r.json()["choices"][0]["logprobs"]["top_logprobs"][0]
+            try:
+                r = await client.post(server.url + "/v1/completions", json=body)
+                r.raise_for_status()
+                top = r.json()["choices"][0]["logprobs"]["top_logprobs"][0]
+            except Exception as e:  # unmeasured: counts as beyond a tie
+                m["margin_error"] = f"{type(e).__name__}: {e}"[:200]
+                top = {}
             asked[key] = tie_margin(top, m["plain_token"], m["ks_token"])
         m["margin"] = asked[key]
 

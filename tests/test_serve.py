@@ -141,3 +141,34 @@ def test_completion_then_streaming_chat_then_metrics(server):
     assert 0 < metric(text, "vllm:knapspec_draft_steps_total") < STALE_STEPS
     assert metric(text, "vllm:knapspec_selections_total") >= 1
     assert metric(text, "vllm:knapspec_draft_fallbacks_total") == 0
+
+
+def test_the_soak_reads_tie_margins_from_a_real_server(server, monkeypatch):
+    """The soak's GPU check asks the plain server for its top log-probabilities at a first difference
+    (return_tokens_as_token_ids): the runner-up's margin is the leader's lead over it; a token outside the top
+    five has none."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from vllm_knapspec.tools import soak
+
+    monkeypatch.setattr(soak, "SERVED_NAME", "smollm2")
+    ids = httpx.post(server + "/tokenize", json={"model": "smollm2", "prompt": "def fibonacci(n):\n"}).json()["tokens"]
+    body = dict(soak.request_body(ids, 1, False), logprobs=5, return_tokens_as_token_ids=True)
+    top = httpx.post(server + "/v1/completions", json=body, timeout=120).json()["choices"][0]["logprobs"]
+    top = sorted(((v, int(k.split(":")[1])) for k, v in top["top_logprobs"][0].items()), reverse=True)
+    (lp1, first), (lp2, second) = top[0], top[1]
+    outside = next(t for t in range(100, 200) if t not in {i for _, i in top})
+
+    def mism(ks):
+        return dict(prompt=0, first_diff=0, common=[], plain_token=first, ks_token=ks)
+
+    found = [mism(second), mism(outside)]
+
+    async def ask():
+        async with httpx.AsyncClient(timeout=120) as client:
+            await soak.margins(client, SimpleNamespace(url=server), [(ids, 8)], found)
+
+    asyncio.run(ask())
+    assert found[0]["margin"] == round(lp1 - lp2, 4) and found[0]["margin"] >= 0
+    assert found[1]["margin"] is None and "margin_error" not in found[1]

@@ -286,8 +286,13 @@ def static_sets(L: int) -> dict:
     )
 
 
+# KnapSpec's engine pinned to plain decoding (no layer-skip plan): `off` without lookup drafts (every step a plain
+# single-token step of this engine), `lookup_only` with them; (skip, gamma, lookup) for _pin
+PLAIN_PINS = {"off": ("", 0, False), "lookup_only": ("", 0, True)}
+
+
 def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None):
-    fixed = static_sets(L)
+    fixed = {**{m: (s, 4) for m, s in static_sets(L).items()}, **PLAIN_PINS}
     methods = [(m, fixed.get(m)) for m in a.methods.split(",")]
     res = []
     for cell in a.cells.split(","):
@@ -304,7 +309,7 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None):
             for m, skip in methods[rep % len(methods) :] + methods[: rep % len(methods)]:
                 e = E["knapspec" if m in fixed else m]
                 if e is E["knapspec"]:
-                    e.collective_rpc(_pin, args=(skip, 4) if skip is not None else (None, 0))
+                    e.collective_rpc(_pin, args=skip if skip is not None else (None, 0))
                     e.collective_rpc(_trace_on)
                 b = spec_counts(e)
                 sync()

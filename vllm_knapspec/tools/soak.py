@@ -233,11 +233,12 @@ def tie_margin(top: dict, ref_id: int, cand_id: int) -> float | None:
     return round(lp[ref_id] - lp[cand_id], 4)
 
 
-async def margins(client, server: Server, pool, mismatches: list, limit: int = 200) -> None:
+async def margins(client, server: Server, pool, mismatches: list) -> None:
     """Fill each mismatch's `margin` (tie_margin) by asking the plain server for the top log-probabilities at
-    the first differing token: the prompt plus the output both servers agree on, one greedy token."""
+    the first differing token: the prompt plus the output both servers agree on, one greedy token (asked once
+    per prompt, position and token)."""
     asked = {}
-    for m in mismatches[:limit]:
+    for m in mismatches:
         key = (m["prompt"], m["first_diff"], m["ks_token"])
         if key not in asked:
             ids = pool[m["prompt"]][0] + m["common"]
@@ -282,9 +283,9 @@ def server_args(args, model: str) -> tuple[list, list, list]:
 
 async def judge_mismatches(client, plain: Server, pool, mismatches: list, args, summary: dict) -> list[str]:
     """On CPU (float32) every mismatch is a violation. On a GPU the two servers batch differently (and the
-    KnapSpec server verifies several tokens per request in one pass), so bf16 logits differ in their last bits
-    between them, as they do between two plain servers: a mismatch is a tie when, at the first differing token,
-    the plain server ranks KnapSpec's token within --tie-margin of its own. The margins are reported."""
+    KnapSpec server verifies several tokens per request in one pass, and recomputes preempted ones), so bf16
+    logits differ in their last bits between them: a mismatch is a tie when, at the first differing token, the
+    plain server ranks KnapSpec's token within --tie-margin of its own. The margins are reported."""
     if args.gpu:
         tokens = [m for m in mismatches if m["plain_token"] is not None and m["ks_token"] is not None]
         await margins(client, plain, pool, tokens)

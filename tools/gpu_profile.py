@@ -5,8 +5,8 @@
 In-process engines (VLLM_ENABLE_V1_MULTIPROCESSING=0, so the profiler sees the worker), dummy weights:
   plain    vLLM's defaults (V2 runner, async scheduling)
   plainv1  the V1 runner, async scheduling, no speculation (what KnapSpec's engine is on the V1 runner)
-  knapspec KnapSpec (the V2 runner's speculator, async scheduling), drafting off (with and without lookup drafts) / full
-         depth / 50 %
+  knapspec KnapSpec (the V2 runner's speculator, async scheduling): drafting off, with and without lookup
+           drafts; full depth; 50 %
 Prints (1) ms per output token at ctx x {1, 16}, interleaved; (2) the kernels of one plain decode step and of one
 draft step (replays of the captured draft loop), by name, with count and device time per step; (3) device time
 of one captured sublayer graph (attention, MLP, head) by CUDA events.

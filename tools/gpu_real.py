@@ -292,7 +292,7 @@ PLAIN_PINS = {"off": ("", 0, False), "lookup_only": ("", 0, True)}
 
 
 def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None):
-    fixed = {**{m: (s, 4) for m, s in static_sets(L).items()}, **PLAIN_PINS}
+    fixed = {**{m: (s, 4) for m, s in static_sets(L).items()}, **PLAIN_PINS}  # method -> _pin's arguments
     methods = [(m, fixed.get(m)) for m in a.methods.split(",")]
     res = []
     for cell in a.cells.split(","):
@@ -306,10 +306,10 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None):
         sel = None
         acc, steps, by_rep = {}, {}, {}
         for rep in range(a.reps + 1):
-            for m, skip in methods[rep % len(methods) :] + methods[: rep % len(methods)]:
+            for m, pin in methods[rep % len(methods) :] + methods[: rep % len(methods)]:
                 e = E["knapspec" if m in fixed else m]
                 if e is E["knapspec"]:
-                    e.collective_rpc(_pin, args=skip if skip is not None else (None, 0))
+                    e.collective_rpc(_pin, args=pin if pin is not None else (None, 0))
                     e.collective_rpc(_trace_on)
                 b = spec_counts(e)
                 sync()

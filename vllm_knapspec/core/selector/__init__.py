@@ -26,9 +26,9 @@ t_plain and a full step's extra); re-selection: every `reselect_interval` steps,
 grew by `context_change` or the realised acceptance left the prediction by `acceptance_change`; never more
 often than keeps selection time under `max_selection_overhead` of the decode wall time (decode time = steps and
 drafts; the gap before a step that admitted new requests counts as at most two steady steps: it may hold an
-idle server). While selections
-keep choosing plain decoding the interval doubles, up to BACKOFF_MAX x `reselect_interval` (the context-change
-trigger stays), and the overhead share shrinks with it, down to 1/BUDGET_BACKOFF_MAX of `max_selection_overhead`:
+idle server). While selections keep choosing plain decoding the interval doubles, up to BACKOFF_MAX x
+`reselect_interval` (the context-change trigger stays), and the overhead share shrinks with it, down to
+1/BUDGET_BACKOFF_MAX of `max_selection_overhead`:
 a model on which no draft pays (SmolLM2 on an H200: ten selections, all choosing plain, take 1.8 % of decode time
 at the full share) stops paying the full share for asking again.
 

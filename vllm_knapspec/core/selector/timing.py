@@ -12,7 +12,7 @@ PLAIN_WINDOW = 32  # recent plain steps that calibrate t_plain
 PLAIN_MIN = 8  # ... at least this many before t_plain is scaled by them (and before a priced selection)
 METRIC_EVERY = 32  # latency-model gauges are refreshed every this many refit steps
 PLAIN_BATCH = 32  # plain steps of one batch size averaged into one observation of the target model
-FULL_WINDOW, FULL_MIN = 16, 4  # full steps (no layer-skip draft) whose extra prices a drafting step's
+FULL_WINDOW, FULL_MIN = 16, 4  # full steps without a layer-skip draft, whose extra cost prices a drafting step
 
 
 class _PlainSteps:
@@ -52,7 +52,7 @@ class TimingFeed:
             full_plain = not verified and self.current is None and self._quiet_priced
             if self._quiet_priced and self.current is None and not proposed:  # a full step, no layer-skip draft
                 t_plain, slope = self.verify_line(ctx)
-                self._full_extra.append(seconds - t_plain - (verified * slope / len(ctx) if verified else 0.0))
+                self._full_extra.append(seconds - t_plain - verified * slope / len(ctx))
             if (verified == proposed or self.current is not None) and not full_plain:
                 self._account(ctx, proposed, accepted, seconds)
             if self.cfg.online_refit and (proposed or not verified) and not full_plain:

@@ -2,6 +2,8 @@
 state into what the drafter reads, and the drafter's quiet plain steps. The V2 path itself runs on the GPU
 (tools/gpu_bench.py; numbers in docs/gpu.md)."""
 
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,6 +15,8 @@ from vllm_knapspec.adapter.metrics import KnapSpecStats
 from vllm_knapspec.adapter.patches import runner_v2 as patches_v2
 from vllm_knapspec.adapter.runner_v2 import RunnerView, _StepMetadata
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
 
 def test_decode_lengths_schedule_is_a_valid_vllm_schedule():
     from vllm.v1.spec_decode.dynamic.utils import validate_and_normalize_dynamic_sd_schedule
@@ -20,6 +24,34 @@ def test_decode_lengths_schedule_is_a_valid_vllm_schedule():
     schedule = patches_v2.decode_lengths_schedule(4)
     assert [g for _, _, g in schedule] == [0, 1, 2, 3, 4]  # verification lengths 1..5
     validate_and_normalize_dynamic_sd_schedule(schedule)  # raises on a malformed schedule
+
+
+def test_every_decode_batch_replays_a_full_graph():
+    """With FULL decode graphs for verification lengths 1..1+k, vLLM's candidate lists hide graphs: 6 requests
+    verifying nothing (6 tokens) find only the size-6 graphs of 1 x 6 and 2 x 3 tokens and miss the FULL graph
+    of 8 x 1 (eager on vLLM 0.26, PIECEWISE on 0.32). The v2_decode_graphs patch lists every FULL graph that
+    holds the batch, smallest first: each uniform decode batch replays the smallest FULL graph that fits it,
+    mixed batches keep vLLM's PIECEWISE graph, and the captured graphs are the same."""
+    from graph_dispatch import dispatchers  # tools/
+    from vllm.config import CUDAGraphMode
+
+    k = 5
+    vllm_own, patched = dispatchers(k)
+    assert patched._capture_descs == vllm_own._capture_descs  # the same graphs are captured
+    assert vllm_own.dispatch(6, 6, 1, 0).cg_mode != CUDAGraphMode.FULL  # what the patch is for
+    for q in range(1, k + 2):
+        for n in range(1, 17):
+            d = patched.dispatch(n, n * q, q, 0)
+            assert d.cg_mode == CUDAGraphMode.FULL and d.uniform_token_count == q and d.num_reqs >= n, (n, q, d)
+            # the smallest FULL graph for q tokens per request that holds n requests
+            best = min(
+                g.num_tokens
+                for g in patched._capture_descs[CUDAGraphMode.FULL]
+                if g.uniform_token_count == q and g.num_reqs >= n
+            )
+            assert d.num_tokens == best, (n, q, d)
+    for tokens in (3, 6, 20, 30):  # a batch with a prefill: vLLM's PIECEWISE graph of the smallest size
+        assert patched.dispatch(2, tokens, None, 0) == vllm_own.dispatch(2, tokens, None, 0)
 
 
 @pytest.mark.parametrize("cuda", [True, False])

@@ -146,11 +146,45 @@ def _make_init_candidates(orig):
             or self.decode_query_len != 1 + spec.num_speculative_tokens  # a speculator's own manager
         ):
             return orig(self)
+        from vllm.config import CUDAGraphMode
+
         schedule = decode_lengths_schedule(spec.num_speculative_tokens)
         object.__setattr__(spec, "num_speculative_tokens_per_batch_size", schedule)
         try:
-            return orig(self)
+            orig(self)
         finally:
             object.__setattr__(spec, "num_speculative_tokens_per_batch_size", None)
+        self._candidates = full_graphs_first(self._candidates, CUDAGraphMode.FULL)
 
     return _init_candidates
+
+
+def full_graphs_first(candidates: dict, full) -> dict:
+    """Each (token count i, LoRA case) key's graphs: every FULL graph of at least i tokens, smallest first, then,
+    per other mode, vLLM's graphs of the smallest size of that mode that holds i tokens (its PIECEWISE graph).
+
+    vLLM lists for i the graphs of the smallest captured size >= i and takes the first that fits the batch. With
+    FULL decode graphs for several verification lengths, sizes appear that hold only other lengths' graphs, and
+    they hide the sizes above them. On vLLM 0.26, 6 requests verifying nothing (6 tokens, 1 each) found the
+    graphs of size 6 (6 x 1 token, 2 x 3 tokens), none of which fits, and ran eagerly: 13-15 ms per step at
+    30K x 6 on the H100, where the captured FULL graph of 8 x 1 token replays in ~4 ms (plain vLLM replays it
+    for 5-7 requests). The FULL graphs are the same ones, captured as before; only the order of the search grows.
+
+    Example (FULL graphs as tokens/requests x tokens each, P: PIECEWISE; LoRA case 0):
+        {6: [6/1x6, 6/2x3], 8: [8/8x1, 8/4x2, P8]}
+        -> {6: [6/1x6, 6/2x3, 8/8x1, 8/4x2, P8], 8: [8/8x1, 8/4x2, P8]}
+    """
+    by_lora: dict[int, dict] = {}  # lora -> {desc: None}, every graph once, in vLLM's order
+    for (_, lora), descs in candidates.items():
+        by_lora.setdefault(lora, {}).update(dict.fromkeys(descs))
+    out = {}
+    for (i, lora), _ in candidates.items():
+        descs = by_lora[lora]
+        fulls = sorted((d for d in descs if d.cg_mode == full and d.num_tokens >= i), key=lambda d: d.num_tokens)
+        others = []
+        for mode in dict.fromkeys(d.cg_mode for d in descs if d.cg_mode != full):
+            sizes = [d.num_tokens for d in descs if d.cg_mode == mode and d.num_tokens >= i]
+            if sizes:
+                others += [d for d in descs if d.cg_mode == mode and d.num_tokens == min(sizes)]
+        out[(i, lora)] = fulls + others
+    return out

@@ -1,0 +1,113 @@
+"""Which CUDA graph the V2 runner replays for each step of a traced KnapSpec run, by vLLM's own dispatcher.
+
+    python tools/graph_dispatch.py docs/data/v2-qwen-coder-1.5b-real-h100-graph-dispatch.json --cell 0
+
+KnapSpec verifies 0..k drafts per request, so a step is a uniform batch of n requests x q tokens, q in 1..1+k.
+For each (n, q) in the trace of a `tools/gpu_real.py --raw-trace` run this prints the steps, their median gap,
+and the graph that vLLM's CudaGraphManager (the installed vLLM's, built without a device: `graph_manager`)
+dispatches to with vLLM's candidate lists and with the v2_decode_graphs patch's (`full_graphs_first`). A step
+that finds no FULL graph runs its attention outside a graph: PIECEWISE, or eagerly where no PIECEWISE graph is
+listed either (vLLM 0.26; 0.32 lists one). Quiet plain steps (q = 1) are traced in windows and shown apart.
+Capture sizes are vLLM's defaults for max_num_seqs 16: 1, 2, 4, then steps of 8 up to 2 x 16 x (1 + k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from types import SimpleNamespace
+
+
+def graph_manager(k: int, max_num_reqs: int = 16, capture_sizes: list[int] | None = None):
+    """vLLM's CudaGraphManager for an engine verifying up to k drafts per request, built without a device from the
+    fields its candidate lists read (FULL_AND_PIECEWISE, no LoRA, no micro-batching). Returns the manager and its
+    speculative config (`num_speculative_tokens_per_batch_size` unset)."""
+    from vllm.config import CUDAGraphMode
+    from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager
+
+    spec = SimpleNamespace(knapspec={}, num_speculative_tokens=k, num_speculative_tokens_per_batch_size=None)
+    spec.uses_dynamic_speculative_decoding = lambda: spec.num_speculative_tokens_per_batch_size is not None
+    sizes = capture_sizes or [1, 2, 4] + list(range(8, min(2 * max_num_reqs * (k + 1), 512) + 1, 8))
+    m = object.__new__(CudaGraphManager)
+    fields = dict(
+        vllm_config=SimpleNamespace(
+            speculative_config=spec, num_speculative_tokens=k, cache_config=SimpleNamespace(use_kda_recoverssm=False)
+        ),
+        compilation_config=SimpleNamespace(cudagraph_capture_sizes=sizes, max_cudagraph_capture_size=sizes[-1]),
+        cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE,
+        max_num_reqs=max_num_reqs,
+        decode_query_len=1 + k,
+        varlen_decode=False,
+        ubatch_runner=None,
+        lora_capture_cases=[0],
+        _lora_dispatch_map={},
+        _max_lora_case=0,
+        use_breakable_cg=False,
+        _candidates={},
+        _capture_descs={},
+    )
+    for name, value in fields.items():
+        setattr(m, name, value)
+    return m, spec
+
+
+def dispatchers(k: int, max_num_reqs: int = 16):
+    """(vLLM's lists, the patch's lists): two captured managers with the same FULL decode graphs for 1..1+k
+    tokens per request (v2_decode_graphs' schedule)."""
+    from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager
+
+    from vllm_knapspec.adapter.patches import runner_v2
+
+    own, spec = graph_manager(k, max_num_reqs)
+    spec.num_speculative_tokens_per_batch_size = runner_v2.decode_lengths_schedule(k)
+    CudaGraphManager._init_candidates(own)
+    spec.num_speculative_tokens_per_batch_size = None
+    patched, _ = graph_manager(k, max_num_reqs)
+    runner_v2._make_init_candidates(CudaGraphManager._init_candidates)(patched)
+    for m in (own, patched):
+        m._graphs_captured = True
+    return own, patched
+
+
+def _mode(m, n: int, q: int) -> str:
+    d = m.dispatch(n, n * q, q, 0)
+    return d.cg_mode.name + ("" if d.num_reqs is None else f" {d.num_reqs}x{d.uniform_token_count}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("json", help="tools/gpu_real.py --raw-trace output")
+    ap.add_argument("--cell", type=int, default=0)
+    ap.add_argument("--method", default="knapspec")
+    a = ap.parse_args()
+    import vllm
+
+    d = json.load(open(a.json))
+    c = d["bench"][a.cell]
+    k = d["knapspec_config"]["num_speculative_tokens"]
+    by_rep = c["by_rep"] if isinstance(c["by_rep"], dict) else json.loads(c["by_rep"])
+    own, patched = dispatchers(k)
+    gaps, quiet = defaultdict(list), defaultdict(list)
+    for rep in by_rep[a.method]:
+        trace = rep["trace"]
+        for gap, _, verified, _, n in trace[2:]:  # the first two may belong to the run before
+            gaps[(n, verified // n + 1 if n else 1)].append(gap)
+        for steps, ms, _, pos in rep["quiet"]:
+            n = trace[min(pos, len(trace) - 1)][4] if trace else 0
+            quiet[n].append(ms / steps)
+    print(f"{c['kind']} {c['ctx']} x {c['bs']}, speedup {c['speedup']}; graphs by vLLM {vllm.__version__}")
+    print("requests x tokens | steps | median ms | vLLM's lists | full_graphs_first")
+    for (n, q), g in sorted(gaps.items()):
+        print(f"{n:>3} x {q} | {len(g):>4} | {statistics.median(g):7.2f} | {_mode(own, n, q)} | {_mode(patched, n, q)}")
+    for n, per in sorted(quiet.items()):
+        if n:
+            print(
+                f"{n:>3} x 1 quiet | {len(per):>4} windows | {statistics.median(per):7.2f} per step | "
+                f"{_mode(own, n, 1)} | {_mode(patched, n, 1)}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -81,6 +81,7 @@ def main():
     ap.add_argument("json", help="tools/gpu_real.py --raw-trace output")
     ap.add_argument("--cell", type=int, default=0)
     ap.add_argument("--method", default="knapspec")
+    ap.add_argument("--new", type=int, default=256, help="tokens per request of the run")
     a = ap.parse_args()
     import vllm
 
@@ -91,11 +92,9 @@ def main():
     own, patched = dispatchers(k)
     gaps, quiet = defaultdict(list), defaultdict(list)
     for rep in by_rep[a.method]:
-        trace = rep["trace"]
-        for gap, _, verified, _, n in trace[2:]:  # the first two may belong to the run before
+        for gap, _, verified, _, n in rep["trace"][2:]:  # the first two may belong to the run before
             gaps[(n, verified // n + 1 if n else 1)].append(gap)
-        for steps, ms, _, pos in rep["quiet"]:
-            n = trace[min(pos, len(trace) - 1)][4] if trace else 0
+        for steps, ms, n, _ in rep["quiet"]:  # n = 0: the batch changed inside the window
             quiet[n].append(ms / steps)
     print(f"{c['kind']} {c['ctx']} x {c['bs']}, speedup {c['speedup']}; graphs by vLLM {vllm.__version__}")
     print("requests x tokens | steps | median ms | vLLM's lists | full_graphs_first")
@@ -107,6 +106,28 @@ def main():
                 f"{n:>3} x 1 quiet | {len(per):>4} windows | {statistics.median(per):7.2f} per step | "
                 f"{_mode(own, n, 1)} | {_mode(patched, n, 1)}"
             )
+    full = {key: statistics.median(g) for key, g in gaps.items() if _full(own, *key)}
+    plain = statistics.median(c["all_ms"]["plain"])
+    print("Estimate, not a measurement: ms per token of each repetition as run -> with each traced step and quiet")
+    print("window that found no FULL graph at the median gap of the FULL steps of the same q, nearest batch")
+    print(f"(quiet windows whose batch changed are left as run; plain: {plain:.2f}):")
+    for rep in by_rep[a.method]:
+        saved = 0.0
+        for gap, _, verified, _, n in rep["trace"][2:]:
+            q = verified // n + 1 if n else 1
+            saved += gap - _nearest(full, n, q, gap) if n and not _full(own, n, q) else 0.0
+        for steps, ms, n, _ in rep["quiet"]:
+            saved += ms - steps * _nearest(full, n, 1, ms / steps) if n and not _full(own, n, 1) else 0.0
+        print(f"  {rep['ms']:.2f} -> {rep['ms'] - saved / a.new:.2f}")
+
+
+def _full(m, n: int, q: int) -> bool:
+    return m.dispatch(n, n * q, q, 0).cg_mode.name == "FULL"
+
+
+def _nearest(full: dict, n: int, q: int, default: float) -> float:
+    near = [(abs(m - n), g) for (m, p), g in full.items() if p == q]
+    return min(near)[1] if near else default
 
 
 if __name__ == "__main__":

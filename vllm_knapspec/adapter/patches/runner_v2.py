@@ -7,10 +7,12 @@ models: async scheduling, drafts kept on the device, the V2 runner's own input p
   KnapSpecDrafter stay. VLLM_USE_V2_MODEL_RUNNER=0 picks the V1 runner, as for any vLLM engine.
 - v2_speculator           gpu.model_runner.init_speculator, gpu.model_runner.GPUModelRunner.__init__ (0.26.0)
   The V2 runner's speculator is runner_v2.KnapSpecSpeculator, attached to its runner once that exists.
-- v2_decode_graphs        gpu.cudagraph_utils.CudaGraphManager._init_candidates    (0.26.0)
+- v2_decode_graphs        gpu.cudagraph_utils.CudaGraphManager._init_candidates    (0.26.0, 0.32.0)
   FULL decode graphs for every verification length 1..1+gamma_max, as vLLM captures for its dynamic
   speculative decoding: a step in which the selector chose plain decoding (1 token per request) replays the
-  graph plain vLLM replays. Off with `uniform_graphs: false`.
+  graph plain vLLM replays. Each token count's candidates list every FULL graph that holds it, smallest
+  first (`full_graphs_first`): vLLM's lists let sizes made by other lengths hide them, and a batch of 5-6
+  requests ran eagerly (tools/graph_dispatch.py). Off with `uniform_graphs: false`.
 - v2_plain_steps          gpu.model_runner.GPUModelRunner.sample_tokens            (0.26.0)
   A step that verified no drafts and that the drafter will not draft from (plain decoding chosen:
   KnapSpecDrafter.quiet_step) samples as an engine without a speculator does: no speculator call, no copy of

@@ -29,9 +29,9 @@ def test_decode_lengths_schedule_is_a_valid_vllm_schedule():
 def test_every_decode_batch_replays_a_full_graph():
     """With FULL decode graphs for verification lengths 1..1+k, vLLM's candidate lists hide graphs: 6 requests
     verifying nothing (6 tokens) find only the size-6 graphs of 1 x 6 and 2 x 3 tokens and miss the FULL graph
-    of 8 x 1 (eager on vLLM 0.26, PIECEWISE on 0.32). The v2_decode_graphs patch lists every FULL graph that
-    holds the batch, smallest first: each uniform decode batch replays the smallest FULL graph that fits it,
-    mixed batches keep vLLM's PIECEWISE graph, and the captured graphs are the same."""
+    of 8 x 1 (eager on vLLM 0.26, PIECEWISE on 0.32). The v2_decode_graphs patch lists, per tokens per request,
+    the smallest FULL graph that holds the batch: each uniform decode batch replays the smallest FULL graph that
+    fits it, mixed batches keep vLLM's PIECEWISE graph, and the captured graphs are the same."""
     from graph_dispatch import dispatchers  # tools/
     from vllm.config import CUDAGraphMode
 

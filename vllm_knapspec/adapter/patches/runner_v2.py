@@ -10,9 +10,9 @@ models: async scheduling, drafts kept on the device, the V2 runner's own input p
 - v2_decode_graphs        gpu.cudagraph_utils.CudaGraphManager._init_candidates    (0.26.0, 0.32.0)
   FULL decode graphs for every verification length 1..1+gamma_max, as vLLM captures for its dynamic
   speculative decoding: a step in which the selector chose plain decoding (1 token per request) replays the
-  graph plain vLLM replays. Each token count's candidates list every FULL graph that holds it, smallest
-  first (`full_graphs_first`): vLLM's lists let sizes made by other lengths hide them, and a batch of 5-6
-  requests ran eagerly (tools/graph_dispatch.py). Off with `uniform_graphs: false`.
+  graph plain vLLM replays. Each token count's candidates list, per tokens per request, the smallest FULL
+  graph that holds the batch (`full_graphs_first`): vLLM's lists let sizes made by other lengths hide them,
+  and a batch of 5-6 requests ran eagerly (tools/graph_dispatch.py). Off with `uniform_graphs: false`.
 - v2_plain_steps          gpu.model_runner.GPUModelRunner.sample_tokens            (0.26.0)
   A step that verified no drafts and that the drafter will not draft from (plain decoding chosen:
   KnapSpecDrafter.quiet_step) samples as an engine without a speculator does: no speculator call, no copy of
@@ -162,31 +162,41 @@ def _make_init_candidates(orig):
 
 
 def full_graphs_first(candidates: dict, full) -> dict:
-    """Each (token count i, LoRA case) key's graphs: every FULL graph of at least i tokens, smallest first, then,
-    per other mode, vLLM's graphs of the smallest size of that mode that holds i tokens (its PIECEWISE graph).
+    """Each (token count i, LoRA case) key's graphs: for every verification length q that divides i, the smallest
+    FULL decode graph of q tokens per request that holds i // q requests, smallest first; then, per kind of
+    other graph (PIECEWISE, FULL graphs for any batch), vLLM's graphs of the smallest size that holds i tokens.
 
     vLLM lists for i the graphs of the smallest captured size >= i and takes the first that fits the batch. With
     FULL decode graphs for several verification lengths, sizes appear that hold only other lengths' graphs, and
     they hide the sizes above them. On vLLM 0.26, 6 requests verifying nothing (6 tokens, 1 each) found the
     graphs of size 6 (6 x 1 token, 2 x 3 tokens), none of which fits, and ran eagerly: 13-15 ms per step at
     30K x 6 on the H100, where the captured FULL graph of 8 x 1 token replays in ~4 ms (plain vLLM replays it
-    for 5-7 requests). The FULL graphs are the same ones, captured as before; only the order of the search grows.
+    for 5-7 requests). The graphs are the same ones, captured as before, and a list stays as short as vLLM's:
+    a uniform batch of i tokens has q tokens per request for a q that divides i, and the first graph of its q
+    in the list is the one it replays.
 
-    Example (FULL graphs as tokens/requests x tokens each, P: PIECEWISE; LoRA case 0):
-        {6: [6/1x6, 6/2x3], 8: [8/8x1, 8/4x2, P8]}
-        -> {6: [6/1x6, 6/2x3, 8/8x1, 8/4x2, P8], 8: [8/8x1, 8/4x2, P8]}
+    Example (FULL decode graphs as tokens/requests x tokens each, P: PIECEWISE; LoRA case 0):
+        {6: [6/1x6, 6/2x3], 8: [8/8x1, 8/4x2, 8/2x4, P8]}
+        -> {6: [6/2x3, 6/1x6, 8/8x1, 8/4x2, P8], 8: [8/8x1, 8/4x2, 8/2x4, P8]}
     """
     by_lora: dict[int, dict] = {}  # lora -> {desc: None}, every graph once, in vLLM's order
     for (_, lora), descs in candidates.items():
         by_lora.setdefault(lora, {}).update(dict.fromkeys(descs))
     out = {}
     for (i, lora), _ in candidates.items():
-        descs = by_lora[lora]
-        fulls = sorted((d for d in descs if d.cg_mode == full and d.num_tokens >= i), key=lambda d: d.num_tokens)
+        descs = list(by_lora[lora])
+        decode = [d for d in descs if d.cg_mode == full and d.uniform_token_count]
+        firsts = []
+        for q in sorted({d.uniform_token_count for d in decode if i % d.uniform_token_count == 0}):
+            fits = [d for d in decode if d.uniform_token_count == q and d.num_tokens >= i and d.num_reqs >= i // q]
+            if fits:
+                firsts.append(min(fits, key=lambda d: d.num_tokens))
         others = []
-        for mode in dict.fromkeys(d.cg_mode for d in descs if d.cg_mode != full):
-            sizes = [d.num_tokens for d in descs if d.cg_mode == mode and d.num_tokens >= i]
-            if sizes:
-                others += [d for d in descs if d.cg_mode == mode and d.num_tokens == min(sizes)]
-        out[(i, lora)] = fulls + others
+        rest = [d for d in descs if not (d.cg_mode == full and d.uniform_token_count)]
+        for kind in dict.fromkeys((d.cg_mode, d.num_reqs is None) for d in rest):
+            group = [d for d in rest if (d.cg_mode, d.num_reqs is None) == kind and d.num_tokens >= i]
+            if group:
+                smallest = min(d.num_tokens for d in group)
+                others += [d for d in group if d.num_tokens == smallest]
+        out[(i, lora)] = sorted(firsts, key=lambda d: d.num_tokens) + others
     return out

@@ -286,9 +286,10 @@ def static_sets(L: int) -> dict:
     )
 
 
-# KnapSpec's engine pinned to plain decoding (no layer-skip plan): `off` without lookup drafts (every step a plain
-# single-token step of this engine), `lookup_only` with them; (skip, gamma, lookup) for _pin
-PLAIN_PINS = {"off": ("", 0, False), "lookup_only": ("", 0, True)}
+# KnapSpec's engine pinned to plain decoding: `off`, no layer-skip plan and no lookup drafts (every step a plain
+# single-token step of this engine); (skip, gamma, lookup) for _pin. A fixed plan without drafts also stops lookup
+# drafts (lookup_drafts.choose_with_models), so a pin cannot ask for lookup drafts alone.
+PLAIN_PINS = {"off": ("", 0, False)}
 
 
 def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None):

@@ -189,8 +189,9 @@ def full_graphs_first(candidates: dict, full) -> dict:
         firsts = []
         for q in sorted({d.uniform_token_count for d in decode if i % d.uniform_token_count == 0}):
             fits = [d for d in decode if d.uniform_token_count == q and d.num_tokens >= i and d.num_reqs >= i // q]
-            if fits:
-                firsts.append(min(fits, key=lambda d: d.num_tokens))
+            if fits:  # the smallest size's graphs (vLLM 0.32 may add a micro-batched twin of the same size)
+                smallest = min(d.num_tokens for d in fits)
+                firsts += [d for d in fits if d.num_tokens == smallest]
         others = []
         rest = [d for d in descs if not (d.cg_mode == full and d.uniform_token_count)]
         for kind in dict.fromkeys((d.cg_mode, d.num_reqs is None) for d in rest):

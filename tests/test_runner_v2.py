@@ -54,6 +54,21 @@ def test_every_decode_batch_replays_a_full_graph():
         assert patched.dispatch(2, tokens, None, 0) == vllm_own.dispatch(2, tokens, None, 0)
 
 
+def test_uniform_graphs_false_leaves_vllms_graphs_and_lists():
+    """`uniform_graphs: false`: the v2_decode_graphs patch steps aside (vLLM's own graphs, for 1 + k tokens per
+    request only, and vLLM's candidate lists)."""
+    from graph_dispatch import graph_manager  # tools/
+    from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager
+
+    own, _ = graph_manager(5)
+    CudaGraphManager._init_candidates(own)
+    off, spec = graph_manager(5)
+    spec.knapspec = {"uniform_graphs": False}
+    patches_v2._make_init_candidates(CudaGraphManager._init_candidates)(off)
+    assert off._candidates == own._candidates and off._capture_descs == own._capture_descs
+    assert {d.uniform_token_count for descs in off._capture_descs.values() for d in descs} <= {None, 6}
+
+
 @pytest.mark.parametrize("cuda", [True, False])
 def test_v2_admits_knapspec_on_cuda_only(monkeypatch, cuda):
     monkeypatch.setattr(patches_v2, "_on_cuda", lambda: cuda)

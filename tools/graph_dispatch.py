@@ -1,6 +1,7 @@
 """Which CUDA graph the V2 runner replays for each step of a traced KnapSpec run, by vLLM's own dispatcher.
 
-    python tools/graph_dispatch.py docs/data/v2-qwen-coder-1.5b-real-h100-graph-dispatch.json --cell 0
+    python tools/graph_dispatch.py docs/data/v2-qwen-coder-1.5b-real-h100-graph-dispatch.json --cell 0 \
+        --vllm-source /tmp/gpukit-build/site/vllm/v1/worker/gpu/cudagraph_utils.py   # vLLM 0.26's lists
 
 KnapSpec verifies 0..k drafts per request, so a step is a uniform batch of n requests x q tokens, q in 1..1+k.
 For each (n, q) in the trace of a `tools/gpu_real.py --raw-trace` run this prints the steps, their median gap,
@@ -20,17 +21,32 @@ from collections import defaultdict
 from types import SimpleNamespace
 
 
-def graph_manager(k: int, max_num_reqs: int = 16, capture_sizes: list[int] | None = None):
+def manager_class(source: str | None = None):
+    """vLLM's CudaGraphManager: the installed vLLM's, or the one in `source`, a vllm/v1/worker/gpu/cudagraph_utils.py
+    of another vLLM (its imports resolved by the installed one): vLLM 0.26's, whose lists run a batch eagerly where
+    0.32's run it PIECEWISE, from the GPU kit's tree (.gpukit or /tmp/gpukit-build/site after build.sh)."""
+    if source is None:
+        from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager
+
+        return CudaGraphManager
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_graph_dispatch_source", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.CudaGraphManager
+
+
+def graph_manager(k: int, max_num_reqs: int = 16, capture_sizes: list[int] | None = None, cls=None):
     """vLLM's CudaGraphManager for an engine verifying up to k drafts per request, built without a device from the
     fields its candidate lists read (FULL_AND_PIECEWISE, no LoRA, no micro-batching). Returns the manager and its
     speculative config (`num_speculative_tokens_per_batch_size` unset)."""
     from vllm.config import CUDAGraphMode
-    from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager
 
     spec = SimpleNamespace(knapspec={}, num_speculative_tokens=k, num_speculative_tokens_per_batch_size=None)
     spec.uses_dynamic_speculative_decoding = lambda: spec.num_speculative_tokens_per_batch_size is not None
     sizes = capture_sizes or [1, 2, 4] + list(range(8, min(2 * max_num_reqs * (k + 1), 512) + 1, 8))
-    m = object.__new__(CudaGraphManager)
+    m = object.__new__(cls or manager_class())
     fields = dict(
         vllm_config=SimpleNamespace(
             speculative_config=spec, num_speculative_tokens=k, cache_config=SimpleNamespace(use_kda_recoverssm=False)
@@ -53,19 +69,18 @@ def graph_manager(k: int, max_num_reqs: int = 16, capture_sizes: list[int] | Non
     return m, spec
 
 
-def dispatchers(k: int, max_num_reqs: int = 16):
+def dispatchers(k: int, max_num_reqs: int = 16, source: str | None = None):
     """(vLLM's lists, the patch's lists): two captured managers with the same FULL decode graphs for 1..1+k
     tokens per request (v2_decode_graphs' schedule)."""
-    from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager
-
     from vllm_knapspec.adapter.patches import runner_v2
 
-    own, spec = graph_manager(k, max_num_reqs)
+    cls = manager_class(source)
+    own, spec = graph_manager(k, max_num_reqs, cls=cls)
     spec.num_speculative_tokens_per_batch_size = runner_v2.decode_lengths_schedule(k)
-    CudaGraphManager._init_candidates(own)
+    cls._init_candidates(own)
     spec.num_speculative_tokens_per_batch_size = None
-    patched, _ = graph_manager(k, max_num_reqs)
-    runner_v2._make_init_candidates(CudaGraphManager._init_candidates)(patched)
+    patched, _ = graph_manager(k, max_num_reqs, cls=cls)
+    runner_v2._make_init_candidates(cls._init_candidates)(patched)
     for m in (own, patched):
         m._graphs_captured = True
     return own, patched
@@ -73,7 +88,9 @@ def dispatchers(k: int, max_num_reqs: int = 16):
 
 def _mode(m, n: int, q: int) -> str:
     d = m.dispatch(n, n * q, q, 0)
-    return d.cg_mode.name + ("" if d.num_reqs is None else f" {d.num_reqs}x{d.uniform_token_count}")
+    if d.cg_mode.name == "NONE":
+        return "NONE (eager)"
+    return d.cg_mode.name + ("" if d.uniform_token_count is None else f" {d.num_reqs}x{d.uniform_token_count}")
 
 
 def main():
@@ -82,6 +99,7 @@ def main():
     ap.add_argument("--cell", type=int, default=0)
     ap.add_argument("--method", default="knapspec")
     ap.add_argument("--new", type=int, default=256, help="tokens per request of the run")
+    ap.add_argument("--vllm-source", default=None, help="another vLLM's v1/worker/gpu/cudagraph_utils.py")
     a = ap.parse_args()
     import vllm
 
@@ -89,14 +107,15 @@ def main():
     c = d["bench"][a.cell]
     k = d["knapspec_config"]["num_speculative_tokens"]
     by_rep = c["by_rep"] if isinstance(c["by_rep"], dict) else json.loads(c["by_rep"])
-    own, patched = dispatchers(k)
+    own, patched = dispatchers(k, source=a.vllm_source)
     gaps, quiet = defaultdict(list), defaultdict(list)
     for rep in by_rep[a.method]:
         for gap, _, verified, _, n in rep["trace"][2:]:  # the first two may belong to the run before
             gaps[(n, verified // n + 1 if n else 1)].append(gap)
         for steps, ms, n, _ in rep["quiet"]:  # n = 0: the batch changed inside the window
             quiet[n].append(ms / steps)
-    print(f"{c['kind']} {c['ctx']} x {c['bs']}, speedup {c['speedup']}; graphs by vLLM {vllm.__version__}")
+    by = a.vllm_source or f"vLLM {vllm.__version__}"
+    print(f"{c['kind']} {c['ctx']} x {c['bs']}, speedup {c['speedup']}; graphs by {by}")
     print("requests x tokens | steps | median ms | vLLM's lists | full_graphs_first")
     for (n, q), g in sorted(gaps.items()):
         print(f"{n:>3} x {q} | {len(g):>4} | {statistics.median(g):7.2f} | {_mode(own, n, q)} | {_mode(patched, n, q)}")

@@ -71,6 +71,34 @@ def _trace_take(worker):
     return t, q
 
 
+def _graphs_on(worker):
+    """Count the graph the V2 runner dispatches each step to, by requests x tokens per request ('mixed' for a
+    batch that is not uniform), until _graphs_take. False on the V1 runner (vLLM's ngram)."""
+    mgr = getattr(worker.model_runner, "cudagraph_manager", None)
+    if mgr is None or not hasattr(mgr, "dispatch"):
+        return False
+    if not hasattr(mgr, "_ks_counts"):
+        orig = mgr.dispatch
+
+        def dispatch(num_reqs, num_tokens, uniform_token_count, *a, **kw):
+            desc = orig(num_reqs, num_tokens, uniform_token_count, *a, **kw)
+            key = f"{desc.cg_mode.name} {num_reqs}x{uniform_token_count or 'mixed'}"
+            mgr._ks_counts[key] = mgr._ks_counts.get(key, 0) + 1
+            return desc
+
+        mgr.dispatch = dispatch
+    mgr._ks_counts = {}
+    return True
+
+
+def _graphs_take(worker):
+    mgr = getattr(worker.model_runner, "cudagraph_manager", None)
+    counts = dict(getattr(mgr, "_ks_counts", None) or {})
+    if counts:
+        mgr._ks_counts = {}
+    return counts
+
+
 def step_times(trace, quiet=()) -> dict:
     """Median, mean and 90th-percentile step gap, draft step (per drafted token) and verify (a drafting step's gap
     less its draft loop) in ms; the plain steps' gap apart (a run whose selector drafted a few times has mostly
@@ -305,7 +333,7 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None):
         sp = SP(max_tokens=a.new, temperature=temp, ignore_eos=True, seed=0 if temp else None)
         times = {m: [] for m, _ in methods}
         sel = None
-        acc, steps, by_rep = {}, {}, {}
+        acc, steps, by_rep, graphs = {}, {}, {}, {}
         for rep in range(a.reps + 1):
             for m, pin in methods[rep % len(methods) :] + methods[: rep % len(methods)]:
                 e = E["knapspec" if m in fixed else m]
@@ -313,11 +341,18 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None):
                     e.collective_rpc(_pin, args=pin if pin is not None else (None, 0))
                     e.collective_rpc(_trace_on)
                 b = spec_counts(e)
+                if a.raw_trace:
+                    e.collective_rpc(_graphs_on)
                 sync()
                 t = time.perf_counter()
                 e.generate(ps, sp, use_tqdm=False)
                 if rep:
                     times[m].append((time.perf_counter() - t) / a.new * 1e3)
+                if a.raw_trace:  # the graph of each step of this run, summed over the timed repetitions
+                    counts = e.collective_rpc(_graphs_take)[0]
+                    got = graphs.setdefault(m, {})
+                    for key, c in counts.items() if rep else ():
+                        got[key] = got.get(key, 0) + c
                     acc[m] = acceptance(b, spec_counts(e))["rate"] if m not in ("plain", "plain2") else None
                 if e is E["knapspec"]:
                     tr, quiet = e.collective_rpc(_trace_take)[0]
@@ -348,6 +383,7 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None):
             speedup={m: ms["plain"] / v for m, v in ms.items()},
             steps=steps,
             by_rep=by_rep,
+            graphs=graphs,  # --raw-trace: steps per "MODE requests x tokens each" per method
             selector=sel,
         )
         res.append(row)

@@ -125,6 +125,11 @@ def main():
                 f"{n:>3} x 1 quiet | {len(per):>4} windows | {statistics.median(per):7.2f} per step | "
                 f"{_mode(own, n, 1)} | {_mode(patched, n, 1)}"
             )
+    for method, counts in (c.get("graphs") or {}).items():  # what the runner dispatched, where it was recorded
+        modes = {}
+        for key, n in counts.items():
+            modes[key.split()[0]] = modes.get(key.split()[0], 0) + n
+        print(f"recorded by the runner, {method}: {modes}")
     full = {key: statistics.median(g) for key, g in gaps.items() if _full(own, *key)}
     plain = statistics.median(c["all_ms"]["plain"])
     print("Estimate, not a measurement: ms per token of each repetition as run -> with each traced step and quiet")

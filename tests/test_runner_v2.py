@@ -54,6 +54,19 @@ def test_every_decode_batch_replays_a_full_graph():
         assert patched.dispatch(2, tokens, None, 0) == vllm_own.dispatch(2, tokens, None, 0)
 
 
+def test_full_graphs_for_any_batch_dispatch_as_vllm_does():
+    """cudagraph_mode FULL: one kind of FULL graph serves every batch (no separate decode graphs), so the lists
+    give every batch vLLM's own graph."""
+    from graph_dispatch import dispatchers  # tools/
+    from vllm.config import CUDAGraphMode
+
+    vllm_own, patched = dispatchers(5, mode=CUDAGraphMode.FULL)
+    for q in range(1, 7):
+        for n in range(1, 17):
+            assert patched.dispatch(n, n * q, q, 0) == vllm_own.dispatch(n, n * q, q, 0)
+            assert patched.dispatch(n, n * q, None, 0) == vllm_own.dispatch(n, n * q, None, 0)
+
+
 def test_uniform_graphs_false_leaves_vllms_graphs_and_lists():
     """`uniform_graphs: false`: the v2_decode_graphs patch steps aside (vLLM's own graphs, for 1 + k tokens per
     request only, and vLLM's candidate lists)."""

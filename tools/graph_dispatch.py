@@ -37,10 +37,11 @@ def manager_class(source: str | None = None):
     return module.CudaGraphManager
 
 
-def graph_manager(k: int, max_num_reqs: int = 16, capture_sizes: list[int] | None = None, cls=None):
+def graph_manager(k: int, max_num_reqs: int = 16, capture_sizes: list[int] | None = None, cls=None, mode=None):
     """vLLM's CudaGraphManager for an engine verifying up to k drafts per request, built without a device from the
-    fields its candidate lists read (FULL_AND_PIECEWISE, no LoRA, no micro-batching). Returns the manager and its
-    speculative config (`num_speculative_tokens_per_batch_size` unset)."""
+    fields its candidate lists read (cudagraph `mode`, FULL_AND_PIECEWISE unless given; no LoRA, no
+    micro-batching). Returns the manager and its speculative config (`num_speculative_tokens_per_batch_size`
+    unset)."""
     from vllm.config import CUDAGraphMode
 
     spec = SimpleNamespace(knapspec={}, num_speculative_tokens=k, num_speculative_tokens_per_batch_size=None)
@@ -52,7 +53,7 @@ def graph_manager(k: int, max_num_reqs: int = 16, capture_sizes: list[int] | Non
             speculative_config=spec, num_speculative_tokens=k, cache_config=SimpleNamespace(use_kda_recoverssm=False)
         ),
         compilation_config=SimpleNamespace(cudagraph_capture_sizes=sizes, max_cudagraph_capture_size=sizes[-1]),
-        cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE,
+        cudagraph_mode=mode or CUDAGraphMode.FULL_AND_PIECEWISE,
         max_num_reqs=max_num_reqs,
         decode_query_len=1 + k,
         varlen_decode=False,
@@ -69,17 +70,17 @@ def graph_manager(k: int, max_num_reqs: int = 16, capture_sizes: list[int] | Non
     return m, spec
 
 
-def dispatchers(k: int, max_num_reqs: int = 16, source: str | None = None):
+def dispatchers(k: int, max_num_reqs: int = 16, source: str | None = None, mode=None):
     """(vLLM's lists, the patch's lists): two captured managers with the same FULL decode graphs for 1..1+k
     tokens per request (v2_decode_graphs' schedule)."""
     from vllm_knapspec.adapter.patches import runner_v2
 
     cls = manager_class(source)
-    own, spec = graph_manager(k, max_num_reqs, cls=cls)
+    own, spec = graph_manager(k, max_num_reqs, cls=cls, mode=mode)
     spec.num_speculative_tokens_per_batch_size = runner_v2.decode_lengths_schedule(k)
     cls._init_candidates(own)
     spec.num_speculative_tokens_per_batch_size = None
-    patched, _ = graph_manager(k, max_num_reqs, cls=cls)
+    patched, _ = graph_manager(k, max_num_reqs, cls=cls, mode=mode)
     runner_v2._make_init_candidates(cls._init_candidates)(patched)
     for m in (own, patched):
         m._graphs_captured = True

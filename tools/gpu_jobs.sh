@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Long GPU runs on a lent machine whose calls return after at most 10 minutes: start a run in its own process
-# session (it survives the call that started it, until the machine goes back), then poll it from later calls and
+# Long GPU runs on a lent machine whose calls return after at most 10 minutes: start a run detached with setsid
+# (it survives the call that started it, until the machine goes back), then poll it from later calls and
 # bring its log and files back under $OUT each time, so a run cut short still leaves what it finished.
 #
 #   bash tools/gpu_jobs.sh start real python3 tools/gpu_real.py --model M --out /tmp/jobs/real.json

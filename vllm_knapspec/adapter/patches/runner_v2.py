@@ -183,21 +183,29 @@ def full_graphs_first(candidates: dict, full) -> dict:
     for (_, lora), descs in candidates.items():
         by_lora.setdefault(lora, {}).update(dict.fromkeys(descs))
     out = {}
-    for (i, lora), _ in candidates.items():
-        descs = list(by_lora[lora])
-        decode = [d for d in descs if d.cg_mode == full and d.uniform_token_count]
-        firsts = []
-        for q in sorted({d.uniform_token_count for d in decode if i % d.uniform_token_count == 0}):
-            fits = [d for d in decode if d.uniform_token_count == q and d.num_tokens >= i and d.num_reqs >= i // q]
-            if fits:  # the smallest size's graphs (vLLM 0.32 may add a micro-batched twin of the same size)
-                smallest = min(d.num_tokens for d in fits)
-                firsts += [d for d in fits if d.num_tokens == smallest]
-        others = []
-        rest = [d for d in descs if not (d.cg_mode == full and d.uniform_token_count)]
-        for kind in dict.fromkeys((d.cg_mode, d.num_reqs is None) for d in rest):
-            group = [d for d in rest if (d.cg_mode, d.num_reqs is None) == kind and d.num_tokens >= i]
-            if group:
-                smallest = min(d.num_tokens for d in group)
-                others += [d for d in group if d.num_tokens == smallest]
-        out[(i, lora)] = sorted(firsts, key=lambda d: d.num_tokens) + others
+    for lora, descs in by_lora.items():
+        decode: dict[int, list] = {}  # q -> FULL decode graphs of q tokens per request
+        rest: dict[tuple, list] = {}  # (mode, for any number of requests) -> the other graphs
+        for d in descs:
+            if d.cg_mode == full and d.uniform_token_count:
+                decode.setdefault(d.uniform_token_count, []).append(d)
+            else:
+                rest.setdefault((d.cg_mode, d.num_reqs is None), []).append(d)
+        for i in (i for i, case in candidates if case == lora):
+            firsts = [
+                d
+                for q, graphs in sorted(decode.items())
+                if i % q == 0
+                for d in _smallest([g for g in graphs if g.num_tokens >= i and g.num_reqs >= i // q])
+            ]
+            others = [d for graphs in rest.values() for d in _smallest([g for g in graphs if g.num_tokens >= i])]
+            out[(i, lora)] = sorted(firsts, key=lambda d: d.num_tokens) + others
     return out
+
+
+def _smallest(graphs: list) -> list:
+    """The graphs of the smallest size among `graphs` (vLLM 0.32 may add a micro-batched twin of a size)."""
+    if not graphs:
+        return []
+    size = min(g.num_tokens for g in graphs)
+    return [g for g in graphs if g.num_tokens == size]

@@ -73,8 +73,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", nargs="+")
     ap.add_argument("--png", default=None)
+    ap.add_argument(
+        "--exclude",
+        default="",
+        help="cells left out, KIND:CTX:BS[,...] (e.g. a cell whose KV cache did not hold the batch)",
+    )
     args = ap.parse_args()
     cells = load_cells(args.json)
+    for cell in filter(None, args.exclude.split(",")):
+        kind, ctx, bs = cell.split(":")
+        for key in [k for k in cells if (k[0], k[2], k[3]) == (kind, int(ctx), int(bs))]:
+            del cells[key]
     print(table(cells))
     if args.png:
         plot(cells, args.png)

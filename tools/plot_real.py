@@ -25,6 +25,9 @@ def load_cells(paths: list[str]) -> dict:
         path, _, key = p.partition("#")
         run = json.load(open(path))
         for b in (run[key] if key else run).get("bench", []):
+            if b.get("kv_short"):  # an engine decoded part of the batch at a time: no speed of one batch
+                print(f"left out: {b['kind']} {b['ctx']} x {b['bs']}, KV cache short in {b['kv_short']}")
+                continue
             c = cells.setdefault((b["kind"], b["temperature"], b["ctx"], b["bs"]), {"speedup": {}, "acceptance": {}})
             c["speedup"].update(b["speedup"])
             c["acceptance"].update({m: a for m, a in (b.get("acceptance") or {}).items() if m in b["speedup"]})

@@ -451,7 +451,7 @@ def main():
     kw = dict(max_model_len=a.max_len, max_num_seqs=16, gpu_memory_utilization=a.mem, seed=0, disable_log_stats=False)
     t0 = time.time()
     E = {"plain": LLM(a.model, **kw)}
-    if "bench" in phases:
+    if "bench" in phases and "plain2" in a.methods.split(","):  # the A/A control, where asked for
         E["plain2"] = LLM(a.model, **kw)
     if "bench" in phases and "ngram" in a.methods.split(","):
         E["ngram"] = LLM(

@@ -59,16 +59,61 @@ def _pin(worker, skip, gamma, lookup=True, graphs=True):
 
 
 def _trace_on(worker):
+    """Trace each full step, and the host time of each full propose() (`host_trace`: (full steps traced before
+    it, seconds)); propose() is wrapped once per engine, here, not in the product."""
     d = worker.model_runner.drafter
-    d.trace, d.quiet_trace = [], []
+    d.trace, d.quiet_trace, d.host_trace = [], [], []
+    if not hasattr(d, "untimed_propose_step"):
+        d.untimed_propose_step = d.propose_step
+
+        def timed(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return d.untimed_propose_step(*args, **kw)
+            finally:
+                if d.host_trace is not None:
+                    d.host_trace.append((len(d.trace or ()), time.perf_counter() - t0))
+
+        d.propose_step = timed
     return True
 
 
 def _trace_take(worker):
     d = worker.model_runner.drafter
-    t, q = d.trace or [], d.quiet_trace or []
-    d.trace = d.quiet_trace = None
-    return t, q
+    t, q, h = d.trace or [], d.quiet_trace or [], d.host_trace or []
+    d.trace = d.quiet_trace = d.host_trace = None
+    return t, q, h
+
+
+def _gc_on(worker):
+    """Time the engine process's garbage collections (gc.callbacks) until _gc_take: a collection of the oldest
+    generation stops the engine loop for as long as it runs, in any engine."""
+    import gc
+
+    log, start = [], [0.0]
+
+    def cb(phase, info):
+        if phase == "start":
+            start[0] = time.perf_counter()
+        else:
+            log.append((info["generation"], time.perf_counter() - start[0]))
+
+    worker.gc_trace = (cb, log)
+    gc.callbacks.append(cb)
+    return True
+
+
+def _gc_take(worker):
+    """(collections per generation, their seconds per generation) since _gc_on."""
+    import gc
+
+    cb, log = worker.gc_trace
+    gc.callbacks.remove(cb)
+    count, seconds = [0, 0, 0], [0.0, 0.0, 0.0]
+    for gen, dt in log:
+        count[gen] += 1
+        seconds[gen] += dt
+    return count, seconds
 
 
 def _graphs_on(worker):
@@ -351,7 +396,7 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None, kv_tokens=None):
         sp = SP(max_tokens=a.new, temperature=temp, ignore_eos=True, seed=0 if temp else None)
         times = {m: [] for m, _ in methods}
         sel = None
-        acc, steps, by_rep, graphs = {}, {}, {}, {}
+        acc, steps, by_rep, graphs, gcs = {}, {}, {}, {}, {}
         for rep in range(a.reps + 1):
             for m, pin in methods[rep % len(methods) :] + methods[: rep % len(methods)]:
                 e = E["knapspec" if m in fixed else m]
@@ -361,6 +406,7 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None, kv_tokens=None):
                 b = spec_counts(e)
                 if a.raw_trace:
                     e.collective_rpc(_graphs_on)
+                    e.collective_rpc(_gc_on)
                 sync()
                 t = time.perf_counter()
                 e.generate(ps, sp, use_tqdm=False)
@@ -371,9 +417,12 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None, kv_tokens=None):
                     got = graphs.setdefault(m, {})
                     for key, c in counts.items() if rep else ():
                         got[key] = got.get(key, 0) + c
+                    n_gc, s_gc = e.collective_rpc(_gc_take)[0]
+                    if rep:  # per timed repetition: collections and ms per generation
+                        gcs.setdefault(m, []).append(dict(count=n_gc, ms=[round(x * 1e3, 3) for x in s_gc]))
                     acc[m] = acceptance(b, spec_counts(e))["rate"] if m not in ("plain", "plain2") else None
                 if e is E["knapspec"]:
-                    tr, quiet = e.collective_rpc(_trace_take)[0]
+                    tr, quiet, host = e.collective_rpc(_trace_take)[0]
                     if rep:
                         steps[m] = step_times(tr, quiet)
                         # each timed repetition apart: which one held a selection, a guard stop, slow steps
@@ -387,6 +436,8 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None, kv_tokens=None):
                                 (round((t[0] or 0) * 1e3, 3), t[2], *(t[3:] if len(t) == 6 else (0, 0, 0))) for t in tr
                             ]
                             by_rep[m][-1]["quiet"] = [(q, round(s * 1e3, 3), b, *at) for q, s, b, *at in quiet]
+                            # propose() host ms of each full step: (full steps traced before it, ms)
+                            by_rep[m][-1]["host"] = [(i, round(x * 1e3, 3)) for i, x in host]
                     if m == "knapspec" and rep == a.reps:
                         sel = e.collective_rpc(_selections)[0]
         ms = {m: statistics.median(t) for m, t in times.items()}
@@ -402,6 +453,7 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None, kv_tokens=None):
             steps=steps,
             by_rep=by_rep,
             graphs=graphs,  # --raw-trace: steps per "MODE requests x tokens each" per method
+            gc=gcs,  # --raw-trace: the engine process's garbage collections per timed repetition, per method
             selector=sel,
             kv_short=kv_short(kv_tokens or {}, ctx, bs, a.new),  # engines that could not hold the whole batch
         )

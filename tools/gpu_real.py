@@ -412,6 +412,7 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None, kv_tokens=None):
                 e.generate(ps, sp, use_tqdm=False)
                 if rep:
                     times[m].append((time.perf_counter() - t) / a.new * 1e3)
+                    acc[m] = acceptance(b, spec_counts(e))["rate"] if m not in ("plain", "plain2") else None
                 if a.raw_trace:  # the graph of each step of this run, summed over the timed repetitions
                     counts = e.collective_rpc(_graphs_take)[0]
                     got = graphs.setdefault(m, {})
@@ -420,7 +421,6 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None, kv_tokens=None):
                     n_gc, s_gc = e.collective_rpc(_gc_take)[0]
                     if rep:  # per timed repetition: collections and ms per generation
                         gcs.setdefault(m, []).append(dict(count=n_gc, ms=[round(x * 1e3, 3) for x in s_gc]))
-                    acc[m] = acceptance(b, spec_counts(e))["rate"] if m not in ("plain", "plain2") else None
                 if e is E["knapspec"]:
                     tr, quiet, host = e.collective_rpc(_trace_take)[0]
                     if rep:

@@ -282,14 +282,14 @@ def test_device_lookup_drafts_and_learns_from_what_the_next_step_kept():
     dl = DeviceLookup(cfg, 3, torch.device("cpu"))
     src = _src([[1, 2, 3, 4, 1, 2, 0, 0], [5, 6, 7, 8, 0, 0, 0, 0], [7, 8, 9, 7, 8, 0, 0, 0]], [6, 4, 5])
     drafts = torch.full((3, 3), -5, dtype=torch.int64)  # the layer-skip draft's tokens
-    rec = dl.propose(src, torch.tensor([2, 8, 8]), np.array([False, False, True]), drafts)
+    rec = dl.propose(src, np.array([False, False, True]), drafts)
     # row 0 copies 3 4 1; row 1 has no match (keeps the layer-skip draft); row 2 was given the layer-skip draft
     assert drafts.tolist() == [[3, 4, 1], [-5, -5, -5], [-5, -5, -5]]
     lookup, drafted, kept = dl.observe(rec, ["r0", "r1", "r2"], np.array([3, 3, 3]), np.array([1, 3, 0]))
     assert lookup.tolist() == [True, False, False] and (drafted, kept) == (3, 2)
     assert dl.match_len == {"r0": 3, "r1": 0, "r2": 3} and dl.acceptance.counts["r0"] == [1.0, 1.0, 1.0, 2.0]
     out = torch.zeros(3, 3, dtype=torch.int64)
-    rec = dl.propose(src, torch.tensor([2, 8, 8]), None, out)  # no layer-skip draft: fillers elsewhere
+    rec = dl.propose(src, None, out)  # no layer-skip draft: fillers (the bonus token) elsewhere
     assert out.tolist() == [[3, 4, 1], [8, 8, 8], [9, 7, 8]]
     lookup, _, _ = dl.observe(rec, ["r2"], np.array([2]), np.array([0]))  # rows matched by request
     assert lookup.tolist() == [True] and dl.match_len == {"r2": 3} and list(dl.acceptance.counts) == ["r2"]
@@ -367,7 +367,7 @@ def test_device_lookup_learns_from_shadow_trials_in_rows_that_verify_no_lookup_d
     # r0: "1 2" one token back was followed by 3, and 3 came (right); r1: "7 8" was followed by 9, 5 came
     # (wrong); r2: nothing one token back matches
     src = _src([[1, 2, 3, 4, 1, 2, 3, 0], [7, 8, 9, 7, 8, 5, 0, 0], [1, 2, 3, 4, 5, 6, 0, 0]], [7, 6, 6])
-    rec = dl.propose(src, torch.tensor([3, 5, 6]), None, torch.zeros(3, 3, dtype=torch.int64))
+    rec = dl.propose(src, None, torch.zeros(3, 3, dtype=torch.int64))
     assert rec.shadow.tolist() == [1, 0, -1]
     dl.observe(rec, ["r0", "r1", "r2"], np.array([0, 0, 0]), None)  # a plain step verified nothing
     assert dl.acceptance.counts["r0"][:2] == [1.0, 1.0] and dl.acceptance.counts["r1"][:2] == [0.0, 1.0]
@@ -381,7 +381,7 @@ def test_device_lookup_search_stays_eager_when_compiling_fails(monkeypatch):
     from vllm_knapspec.adapter.lookup_device import DeviceLookup
 
     dl = DeviceLookup(type("Cfg", (), {"lookup_min": 2, "lookup_max": 3}), 3, torch.device("cpu"))
-    eager = dl.search
+    eager = dl.step
 
     def broken(fn, **kw):
         def run(*a):
@@ -392,35 +392,37 @@ def test_device_lookup_search_stays_eager_when_compiling_fails(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.raises(RuntimeError):
         dl.compile()
-    assert dl.search is eager
+    assert dl.step is eager
     drafts = torch.zeros(1, 3, dtype=torch.int64)
-    dl.propose(_src([[1, 2, 3, 4, 1, 2, 0, 0]], [6]), torch.tensor([2]), None, drafts)
+    dl.propose(_src([[1, 2, 3, 4, 1, 2, 0, 0]], [6]), None, drafts)
     assert drafts.tolist() == [[3, 4, 1]]
 
 
 def test_compiled_device_search_serves_every_batch_without_compiling_again():
-    """compile() at start-up covers the shapes propose() passes (batch 1 and more, any width): a request never
-    waits for a compile (a recompile cost ~2.5 s on the H200 at the first lookup draft), and the drafts are the
-    eager search's."""
+    """compile() at start-up covers the shapes propose() passes (batch 1 and more, any width, with and without a
+    layer-skip draft in the batch): a request never waits for a compile (a recompile cost ~2.5 s on the H200 at
+    the first lookup draft), and the drafts are the eager step's."""
     import torch
     import torch._dynamo.utils as dynamo_utils
 
     from vllm_knapspec.adapter.lookup_device import DeviceLookup, LookupSource
 
     dl = DeviceLookup(type("Cfg", (), {"lookup_min": 2, "lookup_max": 5}), 5, torch.device("cpu"))
-    eager = dl.search
+    eager = dl.step
     dl.compile()
     graphs = dynamo_utils.counters["stats"]["unique_graphs"]
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 6, (16, 512), dtype=torch.int32, generator=gen)
-    for n, width in ((1, 301), (1, 302), (3, 303), (16, 500), (2, 120)):
-        src = LookupSource(tokens, torch.full((16,), 300), torch.arange(n), [f"r{i}" for i in range(n)], width)
-        bonus = torch.randint(0, 6, (16,), generator=gen)
-        got, want = torch.zeros(n, 5, dtype=torch.int64), torch.zeros(n, 5, dtype=torch.int64)
-        dl.propose(src, bonus, None, got)
-        dl.search, compiled = eager, dl.search
-        dl.propose(src, bonus, None, want)
-        dl.search = compiled
+    for n, width, skip in ((1, 301, False), (1, 302, True), (3, 303, False), (16, 500, True), (2, 120, False)):
+        idx = torch.arange(16, dtype=torch.int32)[:n]  # a view: propose() gives the step a tensor of its own
+        src = LookupSource(tokens, torch.full((16,), 300, dtype=torch.int32), idx, [f"r{i}" for i in range(n)], width)
+        rows = np.arange(n) % 2 == 0 if skip else None
+        start = torch.randint(0, 6, (n, 5), generator=gen)  # the layer-skip draft's tokens
+        got, want = start.clone(), start.clone()
+        dl.propose(src, rows, got)
+        dl.step, compiled = eager, dl.step
+        dl.propose(src, rows, want)
+        dl.step = compiled
         assert torch.equal(got, want)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
 

@@ -334,6 +334,8 @@ def test_v2_lookup_drafts_are_matched_on_the_device_tokens():
     d.device_lookup, d._lookup_prev = DeviceLookup(SimpleNamespace(lookup_min=2, lookup_max=3), 4, "cpu"), None
     runner = _fake_v2_runner()
     runner.req_states.all_token_ids.gpu[1, :8] = torch.tensor([1, 2, 3, 4, 5, 6, 1, 2], dtype=torch.int32)
+    runner.req_states.all_token_ids.gpu[0, 8] = 9  # the runner writes each sampled token (post_update) before
+    # propose(): state 0's last one, as in `last`
     runner.req_states.total_len = SimpleNamespace(gpu=torch.tensor([9, 8, 9, 9], dtype=torch.int32))
     spec = SimpleNamespace(drafter=d, view=SimpleNamespace(idx_np=None, runner=runner), num_speculative_steps=4)
     spec._lookup_source = lambda b, n: KnapSpecSpeculator._lookup_source(spec, b, n)

@@ -94,12 +94,12 @@ def main():
         speculative_config={"method": "knapspec", "num_speculative_tokens": 5},
     )
     prompts = [
-        TokensPrompt(prompt_token_ids=[(1000 + 7 * i + 13 * j) % 30000 + 10 for j in range(a.ctx)])
-        for i in range(a.bs)
+        TokensPrompt(prompt_token_ids=[(1000 + 7 * i + 13 * j) % 30000 + 10 for j in range(a.ctx)]) for i in range(a.bs)
     ]
     sp = SamplingParams(max_tokens=a.new, temperature=0.0, ignore_eos=True)
     ks.generate(prompts, sp, use_tqdm=False)  # warm
-    out = dict(shape=a.shape, ctx=a.ctx, bs=a.bs, gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", variants={})
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    out = dict(shape=a.shape, ctx=a.ctx, bs=a.bs, gpu=gpu, variants={})
     for name, lookup in (("lookup", True), ("no_lookup", False), ("lookup_2", True)):
         ks.collective_rpc(_profile_on, args=(lookup,))
         t = time.perf_counter()

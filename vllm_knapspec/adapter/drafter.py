@@ -411,13 +411,13 @@ class KnapSpecDrafter(DraftModelProposer):
         choice = self.device_lookup.choose(self.selector, plan, step.ctx, src.req_ids)
         self.next_gamma = min(choice.gamma, self.k_max)
         steps = min(choice.gamma, k) if choice.use_skip else 0
-        bonus = _tensor(next_token_ids)[:n]
-        if steps:
+        if steps:  # the bonus tokens are gathered for a layer-skip draft only: the lookup step reads its own
+            bonus = _tensor(next_token_ids)[:n]
             self._timed_draft(step, drafts, steps, bonus, self._bonus_positions(cad, n, rejected), cad, n, plan[0])
         elif not choice.gamma:
             self.stats.no_spec_step()
         skip_rows = ~choice.lookup_rows if steps else None
-        self._lookup_prev = self.device_lookup.propose(src, bonus, skip_rows, drafts)
+        self._lookup_prev = self.device_lookup.propose(src, skip_rows, drafts)
 
     def _begin(self, cad, n: int, rejected) -> _Step:
         """Feed the selector what is ready, and open this step's record."""

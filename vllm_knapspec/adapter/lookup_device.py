@@ -60,13 +60,44 @@ def match_drafts(match, tokens, seq_lens, bonus, lmin: int, lmax: int, k: int):
     return torch.where(cols < m.unsqueeze(1), d, fill.unsqueeze(1)).to(torch.int64), m
 
 
+def lookup_step(match, tokens, total_len, idx, n: int, width: int, lmin: int, lmax: int, k: int):
+    """One step's lookup search, whole: rows idx[:n]'s tokens gathered from the request states, their drafts,
+    and in the same search call (rows stacked: one launch sequence) each row's match one token back, whose first
+    token predicted the bonus token: a shadow trial of the row's `first` rate, read for rows that verify no
+    lookup draft. A request that stopped drafting after unlucky drafts learns that its output copies after all,
+    and one that never drafted learns it before its first draft. Compiled once (DeviceLookup.compile), a step is
+    one call of a few fused kernels, where the same ops called one by one launched ~30.
+
+    tokens [max_reqs, max_len] (the runner's token ids, this step's sampled tokens in), total_len [max_reqs]
+    (tokens per request state), idx [>= n] (batch row -> request state). Returns drafts [n, k] (past a row's
+    match, fillers: its last draft token, or its bonus token where it has no match) and [2, n]: match lengths,
+    and the shadow trials (1 right, 0 wrong, -1 no match one token back).
+
+    >>> t = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 0], [7, 8, 9, 7, 8, 5, 0, 0]], dtype=torch.int32)
+    >>> from vllm_knapspec.adapter.lookup_device import vllm_matcher
+    >>> d, info = lookup_step(vllm_matcher(), t, torch.tensor([6, 6]), torch.tensor([0, 1]), 2, 8, 2, 3, 2)
+    >>> d.tolist(), info.tolist()  # row 0 copies 3 4 after "1 2"; row 1 has no match: its bonus token
+    ([[3, 4], [5, 5]], [[2, 0], [-1, 0]])
+
+    One token back, row 1's "7 8" was followed by 9 where 5 came (shadow 0); row 0's "4 1" has no match (-1).
+    """
+    idx = idx[:n].to(torch.int64)
+    seq = total_len[idx].to(torch.int64).clamp(max=width)  # [n] a row in chunked prefill: its staged columns
+    rows = tokens[idx, :width].to(torch.int32)  # [n, width]
+    bonus = rows.gather(1, (seq - 1).clamp(min=0).unsqueeze(1)).squeeze(1).to(torch.int64)  # [n] sampled last
+    both, seqs = torch.cat([rows, rows]), torch.cat([seq, (seq - 1).clamp(min=1)])
+    lk, m = match_drafts(match, both, seqs, torch.cat([bonus, bonus]), lmin, lmax, k)
+    shadow = torch.where(m[n:] > 0, (lk[n:, 0] == bonus).to(torch.int64), -1)
+    return lk[:n], torch.stack([m[:n], shadow])
+
+
 @dataclass
 class LookupSource:
     """Where a V2 step's rows find their tokens on the device."""
 
     tokens: torch.Tensor  # [max_num_reqs, max_model_len] the runner's token ids (UVA)
     total_len: torch.Tensor  # [max_num_reqs] tokens per request state, this step's sampled ones included
-    idx: torch.Tensor  # [n] batch row -> request state
+    idx: torch.Tensor  # [>= n] batch row -> request state
     req_ids: list  # [n]
     width: int  # columns that hold every row's tokens
 
@@ -76,15 +107,45 @@ class _Record:
     """One step's lookup drafts, on their way to the host."""
 
     req_ids: list
-    m: torch.Tensor  # [n] host: tokens of each row's lookup draft
-    used: torch.Tensor  # [n] host: rows that verify their lookup draft next
-    skip_ran: bool  # the other rows verify layer-skip drafts
-    shadow: torch.Tensor  # [n] host: 1 / 0 where the match one token back predicted this step's bonus token
-    # right / wrong, -1 where there was none (LookupAcceptance.observe_first)
-    event: object  # CUDA event after the copies (None on a CPU device)
+    info: torch.Tensor  # [2, n] host: tokens of each row's lookup draft (m), and the shadow trials: 1 / 0
+    # where the match one token back predicted this step's bonus token right / wrong, -1 where there was none
+    # (LookupAcceptance.observe_first)
+    skip_rows: np.ndarray | None  # [n] rows given the layer-skip draft (None: no layer-skip draft ran)
+    event: object  # CUDA event after the copy (None on a CPU device)
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()
+
+    @property
+    def m(self) -> np.ndarray:
+        return self.info[0].numpy()
+
+    @property
+    def shadow(self) -> np.ndarray:
+        return self.info[1].numpy()
+
+    @property
+    def used(self) -> np.ndarray:
+        """[n] rows that verify their lookup draft next."""
+        has = self.m > 0
+        return has if self.skip_rows is None else has & ~self.skip_rows
+
+    @property
+    def skip_ran(self) -> bool:
+        """The other rows verify layer-skip drafts."""
+        return self.skip_rows is not None
+
+
+# the int dtype of the runner's token ids, request-state lengths and batch-to-state map (vLLM 0.26's V2 runner):
+# what compile() compiles for, so that a step never meets a new dtype
+IDS = torch.int32
+
+
+def _ids(x: torch.Tensor) -> torch.Tensor:
+    """x as the compiled step was compiled for: IDS, and a tensor of its own (dynamo guards a view's base too, so
+    a view would compile the step again). The runner's tensors pass as they are."""
+    x = x.to(IDS)
+    return x if x._base is None else x.clone()
 
 
 class DeviceLookup:
@@ -92,6 +153,7 @@ class DeviceLookup:
         self.match = vllm_matcher()
         self.lmin, self.lmax, self.k_max = cfg.lookup_min, cfg.lookup_max, k_max
         self.cuda = torch.device(device).type == "cuda"
+        self.device = torch.device("cuda" if self.cuda else "cpu")
         self.acceptance = LookupAcceptance()
         # What a drafting step costs beyond the latency model's line, measured. The gaps it sees are steady decode
         # steps (same batch, no prefill), and a drafting step's host work can cost 3-4x a ~2 ms plain step
@@ -99,23 +161,23 @@ class DeviceLookup:
         self.jump = VerifyJump(cap=8.0)
         self.guard = LookupGuard()
         self.match_len: dict[str, int] = {}  # req_id -> tokens of its latest lookup draft the host has seen
-        self.search = functools.partial(match_drafts, self.match)  # eager until compile()
+        self.step = functools.partial(lookup_step, self.match)  # eager until compile()
 
     def compile(self) -> None:
-        """Compile the search (dynamic batch and width) and run it once for a batch of 1 and of 2, the shapes
-        torch specialises; on failure the search stays eager and the error is raised to the caller."""
-        eager = self.search
-        self.search = torch.compile(eager, dynamic=True)
+        """Compile the step (dynamic batch, width and token table) and run it once for each case torch
+        specialises: a batch of 1, and of more (2 and 4); on failure the step stays eager and the error is raised
+        to the caller."""
+        eager = self.step
+        self.step = torch.compile(eager, dynamic=True)
         try:
-            dev = "cuda" if self.cuda else "cpu"
-            for n in (2, 4):  # inputs like propose()'s (rows stacked twice): distinct tensors (dynamo guards on
-                # aliasing), seq < width
-                t = torch.ones(n, 4 * self.lmax + 8, dtype=torch.int32, device=dev)
-                seq = torch.full((n,), t.shape[1] - 1, dtype=torch.int64, device=dev)
-                bonus = torch.ones(n, dtype=torch.int64, device=dev)
-                self.search(t, seq, bonus, self.lmin, self.lmax, self.k_max)
+            w = 4 * self.lmax + 8
+            tokens = torch.ones(8, w + 3, dtype=IDS, device=self.device)
+            total = torch.full((8,), w - 1, dtype=IDS, device=self.device)
+            for n in (1, 2, 4):
+                idx = torch.arange(n, dtype=IDS, device=self.device)
+                self.step(tokens, total, idx, n, w, self.lmin, self.lmax, self.k_max)
         except Exception:
-            self.search = eager
+            self.step = eager
             raise
 
     def observe_cost(self, selector, ctx, n: int, verified: int, accepted: int, seconds: float) -> bool:
@@ -131,44 +193,28 @@ class DeviceLookup:
         alphas = np.array([self.acceptance.alpha(r) for r in req_ids])
         return choose_with_models(selector, plan, m > 0, alphas, m, ctx, n, self.k_max, self.jump, self.guard, True)
 
-    def propose(self, src: LookupSource, bonus: torch.Tensor, skip_rows: np.ndarray | None, drafts: torch.Tensor):
+    def propose(self, src: LookupSource, skip_rows: np.ndarray | None, drafts: torch.Tensor):
         """This step's lookup drafts into `drafts` [n, k] (k <= k_max) in the rows with a match, except
         `skip_rows` (they keep the layer-skip drafts already there; None: no layer-skip draft ran, every other row
-        verifies fillers). Returns the step's record (`observe` reads it one or more steps later)."""
+        verifies fillers: its bonus token repeated). Returns the step's record (`observe` reads it one or more
+        steps later)."""
         n, k = drafts.shape
-        # [n] a row in chunked prefill has its whole prompt staged: matched within this step's columns (its
-        # drafts are not scheduled)
-        width = min(max(src.width, self.lmax + 1), src.tokens.shape[1])  # the search's windows need lmax columns
-        idx = src.idx.to(torch.int64)
-        seq = src.total_len[idx].to(torch.int64).clamp(max=width)
-        rows = src.tokens[idx, :width].to(torch.int32)  # [n, width] the dtypes compile() compiled for
-        lk, m, shadow = self._search_with_shadow(rows, seq, bonus[:n].to(torch.int64))
-        used = m > 0
-        if skip_rows is not None:
-            used &= ~torch.from_numpy(skip_rows).to(drafts.device, non_blocking=True)
-            drafts.copy_(torch.where(used.unsqueeze(1), lk[:, :k], drafts))
-        else:
+        # a row in chunked prefill has its whole prompt staged: matched within this step's columns (its drafts are
+        # not scheduled); the search's windows need lmax columns
+        width = min(max(src.width, self.lmax + 1), src.tokens.shape[1])
+        args = (_ids(src.tokens), _ids(src.total_len), _ids(src.idx))
+        lk, info = self.step(*args, n, width, self.lmin, self.lmax, self.k_max)  # [n, k_max], [2, n]
+        if skip_rows is None:
             drafts.copy_(lk[:, :k])
+        else:  # a layer-skip draft ran (a rare step): its rows, and rows without a match, keep it
+            used = (info[0] > 0) & ~torch.from_numpy(skip_rows).to(drafts.device, non_blocking=True)
+            drafts.copy_(torch.where(used.unsqueeze(1), lk[:, :k], drafts))
         event = None
-        m_host, used_host = m.to("cpu", non_blocking=self.cuda), used.to("cpu", non_blocking=self.cuda)
-        shadow_host = shadow.to("cpu", non_blocking=self.cuda)
+        info_host = info.to("cpu", non_blocking=self.cuda)
         if self.cuda:
             event = torch.cuda.Event()
             event.record()
-        return _Record(list(src.req_ids), m_host, used_host, skip_rows is not None, shadow_host, event)
-
-    def _search_with_shadow(self, rows, seq, bonus):
-        """This step's matches, and in the same search call (rows stacked: one launch sequence) each row's match
-        one token back, whose first token predicted the bonus token: a shadow trial of the row's `first` rate,
-        read for rows that verify no lookup draft. A request that stopped drafting after unlucky drafts learns
-        that its output copies after all, and one that never drafted learns it before its first draft.
-        Returns drafts [n, k], match lengths [n], shadow [n] (1 right, 0 wrong, -1 no match)."""
-        n = rows.shape[0]
-        both, seqs = torch.cat([rows, rows]), torch.cat([seq, (seq - 1).clamp(min=1)])
-        lk, m = self.search(both, seqs, torch.cat([bonus, bonus]), self.lmin, self.lmax, self.k_max)
-        last = rows.gather(1, (seq - 1).clamp(min=0).unsqueeze(1)).squeeze(1).to(torch.int64)  # [n] bonus tokens
-        shadow = torch.where(m[n:] > 0, (lk[n:, 0] == last).to(torch.int8), -1)
-        return lk[:n], m[:n], shadow
+        return _Record(list(src.req_ids), info_host, skip_rows, event)
 
     def seen(self, rec: _Record | None) -> None:
         """The matches of `rec` as soon as they are on the host: the next choice prices them."""
@@ -182,7 +228,7 @@ class DeviceLookup:
         if not rec.ready():
             return None, 0, 0
         n = len(req_ids)
-        m, used, shadow = rec.m.numpy(), rec.used.numpy(), rec.shadow.numpy()
+        m, used, shadow = rec.m, rec.used, rec.shadow
         where = {r: j for j, r in enumerate(rec.req_ids)}
         ver = np.broadcast_to(np.asarray(verified, dtype=np.int64), (n,))
         rej = None if rejected is None else np.asarray(rejected, dtype=np.int64)

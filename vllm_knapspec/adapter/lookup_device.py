@@ -60,35 +60,38 @@ def match_drafts(match, tokens, seq_lens, bonus, lmin: int, lmax: int, k: int):
     return torch.where(cols < m.unsqueeze(1), d, fill.unsqueeze(1)).to(torch.int64), m
 
 
-def lookup_step(match, tokens, total_len, idx, n: int, width: int, lmin: int, lmax: int, k: int):
-    """One step's lookup search, whole: rows idx[:n]'s tokens gathered from the request states, their drafts,
-    and in the same search call (rows stacked: one launch sequence) each row's match one token back, whose first
-    token predicted the bonus token: a shadow trial of the row's `first` rate, read for rows that verify no
-    lookup draft. A request that stopped drafting after unlucky drafts learns that its output copies after all,
-    and one that never drafted learns it before its first draft. Compiled once (DeviceLookup.compile), a step is
-    one call of a few fused kernels, where the same ops called one by one launched ~30.
+def lookup_step(match, rows2, seq2, back, lmin: int, lmax: int, k: int):
+    """One step's lookup search, whole: the rows' drafts and, in the same search call, each row's match one token
+    back, whose first token predicted the bonus token: a shadow trial of the row's `first` rate, read for rows
+    that verify no lookup draft. A request that stopped drafting after unlucky drafts learns that its output
+    copies after all, and one that never drafted learns it before its first draft. Compiled once
+    (DeviceLookup.compile), a step is one call of a few fused kernels where the same ops called one by one
+    launched ~20.
 
-    tokens [max_reqs, max_len] (the runner's token ids, this step's sampled tokens in), total_len [max_reqs]
-    (tokens per request state), idx [>= n] (batch row -> request state). Returns drafts [n, k] (past a row's
-    match, fillers: its last draft token, or its bonus token where it has no match) and [2, n]: match lengths,
-    and the shadow trials (1 right, 0 wrong, -1 no match one token back).
+    rows2 [2n, width]: the n rows' tokens (this step's sampled tokens in) stacked twice, seq2 [2n] their lengths,
+    back [2n]: 0 for the first n, 1 for the second (matched one token back). Nothing in it depends on n, so one
+    graph serves every batch, 1 included. Returns drafts [2n, k] (the first n rows': past a row's match,
+    fillers: its last draft token, or its bonus token where it has no match) and [2, 2n]: match lengths (the
+    first n rows'), and the shadow trials (the last n rows': 1 right, 0 wrong, -1 no match one token back).
 
-    >>> t = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 0], [7, 8, 9, 7, 8, 5, 0, 0]], dtype=torch.int32)
+    >>> t = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 0], [7, 8, 9, 7, 8, 5, 0, 0]] * 2, dtype=torch.int32)
     >>> from vllm_knapspec.adapter.lookup_device import vllm_matcher
-    >>> d, info = lookup_step(vllm_matcher(), t, torch.tensor([6, 6]), torch.tensor([0, 1]), 2, 8, 2, 3, 2)
-    >>> d.tolist(), info.tolist()  # row 0 copies 3 4 after "1 2"; row 1 has no match: its bonus token
-    ([[3, 4], [5, 5]], [[2, 0], [-1, 0]])
+    >>> d, info = lookup_step(vllm_matcher(), t, torch.tensor([6] * 4), torch.tensor([0, 0, 1, 1]), 2, 3, 2)
+    >>> d[:2].tolist(), info[0, :2].tolist(), info[1, 2:].tolist()  # row 1 has no match: its bonus token
+    ([[3, 4], [5, 5]], [2, 0], [-1, 0])
 
-    One token back, row 1's "7 8" was followed by 9 where 5 came (shadow 0); row 0's "4 1" has no match (-1).
+    Row 0 copies 3 4 after "1 2". One token back, row 1's "7 8" was followed by 9 where 5 came (shadow 0); row
+    0's "4 1" has no match (-1).
     """
-    idx = idx[:n].to(torch.int64)
-    seq = total_len[idx].to(torch.int64).clamp(max=width)  # [n] a row in chunked prefill: its staged columns
-    rows = tokens[idx, :width].to(torch.int32)  # [n, width]
-    bonus = rows.gather(1, (seq - 1).clamp(min=0).unsqueeze(1)).squeeze(1).to(torch.int64)  # [n] sampled last
-    both, seqs = torch.cat([rows, rows]), torch.cat([seq, (seq - 1).clamp(min=1)])
-    lk, m = match_drafts(match, both, seqs, torch.cat([bonus, bonus]), lmin, lmax, k)
-    shadow = torch.where(m[n:] > 0, (lk[n:, 0] == bonus).to(torch.int64), -1)
-    return lk[:n], torch.stack([m[:n], shadow])
+    width = rows2.shape[1]
+    seqs = (seq2.to(torch.int64).clamp(max=width) - back).clamp(min=1)  # a row in chunked prefill: its staged
+    # columns
+    last = rows2.gather(1, (seqs - 1).unsqueeze(1)).squeeze(1).to(torch.int64)  # [2n] the bonus tokens (first n)
+    lk, m = match_drafts(match, rows2, seqs, last, lmin, lmax, k)
+    after = rows2.gather(1, seqs.clamp(max=width - 1).unsqueeze(1)).squeeze(1).to(torch.int64)  # [2n] the token
+    # that followed each window: the bonus token for the last n
+    shadow = torch.where(m > 0, (lk[:, 0] == after).to(torch.int64), -1)
+    return lk, torch.stack([m, shadow])
 
 
 @dataclass
@@ -97,7 +100,7 @@ class LookupSource:
 
     tokens: torch.Tensor  # [max_num_reqs, max_model_len] the runner's token ids (UVA)
     total_len: torch.Tensor  # [max_num_reqs] tokens per request state, this step's sampled ones included
-    idx: torch.Tensor  # [>= n] batch row -> request state
+    idx: torch.Tensor  # [n] batch row -> request state
     req_ids: list  # [n]
     width: int  # columns that hold every row's tokens
 
@@ -107,9 +110,9 @@ class _Record:
     """One step's lookup drafts, on their way to the host."""
 
     req_ids: list
-    info: torch.Tensor  # [2, n] host: tokens of each row's lookup draft (m), and the shadow trials: 1 / 0
-    # where the match one token back predicted this step's bonus token right / wrong, -1 where there was none
-    # (LookupAcceptance.observe_first)
+    info: torch.Tensor  # [2, 2n] host (lookup_step): tokens of each row's lookup draft (m), and the shadow
+    # trials: 1 / 0 where the match one token back predicted this step's bonus token right / wrong, -1 where there
+    # was none (LookupAcceptance.observe_first)
     skip_rows: np.ndarray | None  # [n] rows given the layer-skip draft (None: no layer-skip draft ran)
     event: object  # CUDA event after the copy (None on a CPU device)
 
@@ -118,11 +121,11 @@ class _Record:
 
     @property
     def m(self) -> np.ndarray:
-        return self.info[0].numpy()
+        return self.info[0, : self.info.shape[1] // 2].numpy()
 
     @property
     def shadow(self) -> np.ndarray:
-        return self.info[1].numpy()
+        return self.info[1, self.info.shape[1] // 2 :].numpy()
 
     @property
     def used(self) -> np.ndarray:
@@ -136,16 +139,9 @@ class _Record:
         return self.skip_rows is not None
 
 
-# the int dtype of the runner's token ids, request-state lengths and batch-to-state map (vLLM 0.26's V2 runner):
-# what compile() compiles for, so that a step never meets a new dtype
+# the int dtype of the runner's token ids and request-state lengths (vLLM 0.26's V2 runner): what compile()
+# compiles for, so that a step never meets a new dtype
 IDS = torch.int32
-
-
-def _ids(x: torch.Tensor) -> torch.Tensor:
-    """x as the compiled step was compiled for: IDS, and a tensor of its own (dynamo guards a view's base too, so
-    a view would compile the step again). The runner's tensors pass as they are."""
-    x = x.to(IDS)
-    return x if x._base is None else x.clone()
 
 
 class DeviceLookup:
@@ -162,23 +158,28 @@ class DeviceLookup:
         self.guard = LookupGuard()
         self.match_len: dict[str, int] = {}  # req_id -> tokens of its latest lookup draft the host has seen
         self.step = functools.partial(lookup_step, self.match)  # eager until compile()
+        self._backs: dict[int, torch.Tensor] = {}
 
     def compile(self) -> None:
-        """Compile the step (dynamic batch, width and token table) and run it once for each case torch
-        specialises: a batch of 1, and of more (2 and 4); on failure the step stays eager and the error is raised
-        to the caller."""
+        """Compile the step (dynamic batch and width: one graph) and run it for batches of 1 and 2; on failure the
+        step stays eager and the error is raised to the caller."""
         eager = self.step
         self.step = torch.compile(eager, dynamic=True)
         try:
-            w = 4 * self.lmax + 8
-            tokens = torch.ones(8, w + 3, dtype=IDS, device=self.device)
-            total = torch.full((8,), w - 1, dtype=IDS, device=self.device)
-            for n in (1, 2, 4):
-                idx = torch.arange(n, dtype=IDS, device=self.device)
-                self.step(tokens, total, idx, n, w, self.lmin, self.lmax, self.k_max)
+            for n in (1, 2):  # inputs like propose()'s: fresh tensors (dynamo guards on aliasing), seq < width
+                rows2 = torch.ones(2 * n, 4 * self.lmax + 8, dtype=IDS, device=self.device)
+                seq2 = torch.full((2 * n,), rows2.shape[1] - 1, dtype=IDS, device=self.device)
+                self.step(rows2, seq2, self._back(n), self.lmin, self.lmax, self.k_max)
         except Exception:
             self.step = eager
             raise
+
+    def _back(self, n: int) -> torch.Tensor:
+        """lookup_step's `back` [2n] for a batch of n, made once per batch size."""
+        back = self._backs.get(n)
+        if back is None:
+            back = self._backs[n] = (torch.arange(2 * n, device=self.device) >= n).to(torch.int64)
+        return back
 
     def observe_cost(self, selector, ctx, n: int, verified: int, accepted: int, seconds: float) -> bool:
         return observe_cost(self.jump, self.guard, selector, ctx, n, verified, accepted, seconds)
@@ -202,12 +203,16 @@ class DeviceLookup:
         # a row in chunked prefill has its whole prompt staged: matched within this step's columns (its drafts are
         # not scheduled); the search's windows need lmax columns
         width = min(max(src.width, self.lmax + 1), src.tokens.shape[1])
-        args = (_ids(src.tokens), _ids(src.total_len), _ids(src.idx))
-        lk, info = self.step(*args, n, width, self.lmin, self.lmax, self.k_max)  # [n, k_max], [2, n]
+        idx2 = torch.cat([src.idx[:n], src.idx[:n]])  # [2n] rows stacked twice: see lookup_step
+        # [2n, width] a tensor of its own: given the runner's token table itself (UVA), a compiled step compiled a
+        # second graph at the first drafting step on an H100 (a 10 s stall)
+        rows2 = src.tokens[idx2, :width].to(IDS)
+        out, info = self.step(rows2, src.total_len[idx2].to(IDS), self._back(n), self.lmin, self.lmax, self.k_max)
+        lk = out[:n]
         if skip_rows is None:
             drafts.copy_(lk[:, :k])
         else:  # a layer-skip draft ran (a rare step): its rows, and rows without a match, keep it
-            used = (info[0] > 0) & ~torch.from_numpy(skip_rows).to(drafts.device, non_blocking=True)
+            used = (info[0, :n] > 0) & ~torch.from_numpy(skip_rows).to(drafts.device, non_blocking=True)
             drafts.copy_(torch.where(used.unsqueeze(1), lk[:, :k], drafts))
         event = None
         info_host = info.to("cpu", non_blocking=self.cuda)

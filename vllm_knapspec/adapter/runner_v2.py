@@ -208,7 +208,7 @@ class KnapSpecSpeculator(DraftModelSpeculator):
         return LookupSource(
             tokens=states.all_token_ids.gpu,
             total_len=states.total_len.gpu,
-            idx=input_batch.idx_mapping,  # [num_reqs]: the tensor itself, not a view (lookup_device._ids)
+            idx=input_batch.idx_mapping[:n],
             req_ids=input_batch.req_ids[:n],
             width=min(upper, states.all_token_ids.gpu.shape[1]),
         )

@@ -28,9 +28,8 @@ def load_cells(paths: list[str]) -> dict:
             if b.get("kv_short"):  # an engine decoded part of the batch at a time: no speed of one batch
                 print(f"left out: {b['kind']} {b['ctx']} x {b['bs']}, KV cache short in {b['kv_short']}")
                 continue
-            c = cells.setdefault((b["kind"], b["temperature"], b["ctx"], b["bs"]), {"speedup": {}, "acceptance": {}})
-            c["speedup"].update(b["speedup"])
-            c["acceptance"].update({m: a for m, a in (b.get("acceptance") or {}).items() if m in b["speedup"]})
+            acc = {m: a for m, a in (b.get("acceptance") or {}).items() if m in b["speedup"]}
+            cells[(b["kind"], b["temperature"], b["ctx"], b["bs"])] = {"speedup": dict(b["speedup"]), "acceptance": acc}
     return cells
 
 

@@ -427,6 +427,25 @@ def test_compiled_device_search_serves_every_batch_without_compiling_again():
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
 
 
+def test_a_step_the_compiled_graph_does_not_take_runs_eagerly_without_compiling(caplog):
+    """A decode step never compiles: inputs the start-up graph does not take (here int64 rows where it compiled
+    int32) run the eager step, the same drafts, logged once; later steps stay eager."""
+    import torch
+    import torch._dynamo.utils as dynamo_utils
+
+    from vllm_knapspec.adapter.lookup_device import DeviceLookup
+
+    dl = DeviceLookup(type("Cfg", (), {"lookup_min": 2, "lookup_max": 3}), 3, torch.device("cpu"))
+    dl.compile()
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    rows2 = torch.tensor([[1, 2, 3, 4, 1, 2, 0, 0]] * 2)  # int64
+    with caplog.at_level("WARNING", logger="vllm.knapspec"):
+        out, info = dl._run(rows2, torch.tensor([6, 6]), dl._back(1), 2, 3, 3)
+    assert out[0].tolist() == [3, 4, 1] and info[0, 0] == 3  # "1 2" at 0: 3 4 1 follow
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
+    assert dl.step is dl.eager and "eager from now on" in caplog.text
+
+
 def test_sampled_requests_do_not_inherit_greedy_acceptance():
     """A server's greedy requests copying well say little about its sampled ones: priors are pooled per group."""
     acc = LookupAcceptance(prior=0.5, weight=4.0, decay=1.0)

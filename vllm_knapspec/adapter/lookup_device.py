@@ -19,6 +19,7 @@ says stops lookup drafts that do not pay.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,8 @@ import torch
 
 from vllm_knapspec.adapter.lookup_drafts import choose_with_models, observe_cost
 from vllm_knapspec.core.lookup import LookupAcceptance, LookupGuard, StepChoice, VerifyJump
+
+logger = logging.getLogger("vllm.knapspec")
 
 
 def vllm_matcher():
@@ -158,21 +161,38 @@ class DeviceLookup:
         self.guard = LookupGuard()
         self.match_len: dict[str, int] = {}  # req_id -> tokens of its latest lookup draft the host has seen
         self.step = functools.partial(lookup_step, self.match)  # eager until compile()
+        self.eager = self.step
         self._backs: dict[int, torch.Tensor] = {}
 
     def compile(self) -> None:
         """Compile the step (dynamic batch and width: one graph) and run it for batches of 1 and 2; on failure the
         step stays eager and the error is raised to the caller."""
-        eager = self.step
-        self.step = torch.compile(eager, dynamic=True)
+        self.step = torch.compile(self.eager, dynamic=True)
         try:
             for n in (1, 2):  # inputs like propose()'s: fresh tensors (dynamo guards on aliasing), seq < width
                 rows2 = torch.ones(2 * n, 4 * self.lmax + 8, dtype=IDS, device=self.device)
                 seq2 = torch.full((2 * n,), rows2.shape[1] - 1, dtype=IDS, device=self.device)
                 self.step(rows2, seq2, self._back(n), self.lmin, self.lmax, self.k_max)
         except Exception:
-            self.step = eager
+            self.step = self.eager
             raise
+
+    def _run(self, *args):
+        """The step, compiled where compile() ran; never compiled again in a decode step. An input the start-up
+        graph does not take (a first version of this step compiled a second graph on an H100: a 10 s stall of
+        every request in the batch) runs the eager step from then on, logged once."""
+        if self.step is self.eager:
+            return self.step(*args)
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                return self.step(*args)
+        except Exception:
+            logger.warning(
+                "KnapSpec lookup step: the compiled graph does not take this step's inputs; eager from now on",
+                exc_info=True,
+            )
+            self.step = self.eager
+            return self.step(*args)
 
     def _back(self, n: int) -> torch.Tensor:
         """lookup_step's `back` [2n] for a batch of n, made once per batch size."""
@@ -207,7 +227,7 @@ class DeviceLookup:
         # [2n, width] a tensor of its own: given the runner's token table itself (UVA), a compiled step compiled a
         # second graph at the first drafting step on an H100 (a 10 s stall)
         rows2 = src.tokens[idx2, :width].to(IDS)
-        out, info = self.step(rows2, src.total_len[idx2].to(IDS), self._back(n), self.lmin, self.lmax, self.k_max)
+        out, info = self._run(rows2, src.total_len[idx2].to(IDS), self._back(n), self.lmin, self.lmax, self.k_max)
         lk = out[:n]
         if skip_rows is None:
             drafts.copy_(lk[:, :k])

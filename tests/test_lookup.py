@@ -261,6 +261,51 @@ def test_uniform_steps_pay_for_every_row():
     assert both.lookup_rows.tolist() == [True, True]
 
 
+def _uniform_reference(has, alpha, alpha_skip, t_plain, t_verify, t_draft, gamma_max, bar, lookup_len):
+    """choose_step's uniform case written one gamma at a time, as the objective reads."""
+    from vllm_knapspec.core.lookup import lookup_tokens
+    from vllm_knapspec.core.tpt import expected_tokens
+
+    n = len(has)
+    best = (0, False, [False] * n, n / t_plain)
+    for g in range(1, gamma_max + 1):
+        glen = np.minimum(lookup_len, g)
+        e_look = np.array([lookup_tokens(tuple(a) if np.ndim(a) else a, int(m)) for a, m in zip(alpha, glen)])
+        cands = []
+        rows = has & (glen > 0)
+        if rows.any():
+            cands.append((False, rows, (n + (e_look[rows] - 1.0).sum()) / t_verify(n * g)))
+        if alpha_skip is not None:
+            e_skip = expected_tokens(alpha_skip, g)
+            rows = has & (e_look > e_skip)
+            cands.append((True, rows, np.where(rows, e_look, e_skip).sum() / (t_verify(n * g) + g * t_draft)))
+        for use_skip, rows, r in cands:
+            if r > best[3] and r > bar * n / t_plain:
+                best = (g, use_skip, rows.tolist(), float(r))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_uniform_choice_is_the_objective_read_one_gamma_at_a_time(seed):
+    """The uniform choice (every gamma at once, numpy) picks what the objective picks gamma by gamma."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 17))
+    has = rng.random(n) < 0.6
+    alpha = rng.random((n, 2)) if seed % 2 else rng.random(n)
+    lookup_len = rng.integers(0, 6, n)
+    alpha_skip = float(rng.random()) if seed % 3 == 0 else None
+    slope, t_draft = float(rng.uniform(0.001, 0.1)), float(rng.uniform(0.1, 0.6))
+
+    def t_verify(x):
+        return 1.0 + slope * x
+
+    c = choose_step(has, alpha, alpha_skip, 1.0, t_verify, t_draft, 5, bar=1.02, lookup_len=lookup_len, uniform=True)
+    want = _uniform_reference(has, alpha, alpha_skip, 1.0, t_verify, t_draft, 5, 1.02, lookup_len)
+    assert (c.gamma, c.use_skip) == want[:2] and c.tpt == pytest.approx(want[3], rel=1e-9)
+    if c.gamma:
+        assert c.lookup_rows.tolist() == want[2]
+
+
 def _src(rows, lens):
     import torch
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from vllm_knapspec.core.tpt import expected_tokens
 
@@ -43,14 +42,27 @@ def lookup_tokens(alpha, m: int) -> float:
     return 1.0 + (first * expected_tokens(nxt, m - 1) if m > 0 else 0.0)
 
 
+def _geometric(a: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """tpt.expected_tokens in numpy (no torch op per call: this runs in every full engine step): 1 + a + ... +
+    a^m element-wise, a clamped to [0, 1], exactly m + 1 at a = 1 and 1 at a = 0."""
+    a = np.clip(a, 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        la = np.log(a)
+        ratio = np.expm1((m + 1) * la) / np.expm1(la)
+    return np.where(la == 0, m + 1.0, ratio)
+
+
 def _lookup_tokens_rows(alpha: np.ndarray, m: np.ndarray) -> np.ndarray:
     """lookup_tokens for every row and draft length at once: alpha [n] per-token rates or [n, 2] (first, next);
-    m [G, n] draft lengths -> [G, n] (tpt.expected_tokens element-wise, one call for every gamma of a step)."""
-    a, m = torch.from_numpy(alpha), torch.from_numpy(m)
-    if a.dim() == 1:
-        return expected_tokens(a, m).numpy()
-    rest = expected_tokens(a[:, 1], (m - 1).clamp(min=0))
-    return torch.where(m > 0, 1.0 + a[:, 0] * rest, 1.0).numpy()
+    m [G, n] draft lengths -> [G, n].
+
+    >>> _lookup_tokens_rows(np.array([[0.5, 0.95], [0.0, 0.0]]), np.array([[5, 0]])).round(2).tolist()
+    [[3.26, 1.0]]
+    """
+    if alpha.ndim == 1:
+        return _geometric(alpha, m)
+    rest = _geometric(alpha[:, 1], np.maximum(m - 1, 0))
+    return np.where(m > 0, 1.0 + alpha[:, 0] * rest, 1.0)
 
 
 def _best_prefix(n: int, gains: np.ndarray, lengths: np.ndarray, t_verify) -> tuple[float, int]:
@@ -104,32 +116,53 @@ def choose_step(
     cap = np.full(n, gamma_max) if lookup_len is None else np.asarray(lookup_len, dtype=np.int64)
     glens = np.minimum(cap[None, :], np.arange(1, gamma_max + 1)[:, None])  # [G, n] lookup tokens per row, gamma
     e_looks = _lookup_tokens_rows(np.asarray(alpha_lookup, dtype=np.float64), glens)
-    for g in range(1, gamma_max + 1):
+    cands = _uniform_candidates if uniform else _candidates
+    for g, use_skip, rows, r in cands(has_lookup, glens, e_looks, alpha_skip, t_verify, t_draft_step):
+        if r > best.tpt and r > bar * plain:
+            best = StepChoice(g, use_skip, rows, r, plain)
+    return best
+
+
+def _candidates(has_lookup, glens, e_looks, alpha_skip, t_verify, t_draft_step):
+    """(gamma, layer-skip on, lookup rows, tokens per time) of every candidate step, gamma ascending: rows verify
+    what they drafted."""
+    n = len(has_lookup)
+    for g in range(1, len(glens) + 1):
         glen, e_look = glens[g - 1], e_looks[g - 1]
-        cands = []
         # lookup drafts alone: rows by expected tokens per drafted token, best first; the prefix with the best rate
         gain = (e_look - 1.0) / np.maximum(glen, 1)
         by_gain = np.argsort(-gain, kind="stable")
         order = by_gain[(has_lookup & (glen > 0))[by_gain]]  # [rows with a draft], best gain first
-        if uniform:  # every row verifies g tokens: all matched rows take their (free) drafts
-            take = len(order)
-            rate = float((n + (e_look[order] - 1.0).sum()) / t_verify(n * g)) if take else 0.0
-        else:
-            rate, take = _best_prefix(n, e_look[order] - 1.0, glen[order], t_verify)
+        rate, take = _best_prefix(n, e_look[order] - 1.0, glen[order], t_verify)
         if take:
             rows = np.zeros(n, dtype=bool)
             rows[order[:take]] = True
-            cands.append((False, rows, rate))
+            yield g, False, rows, rate
         if alpha_skip is not None and t_draft_step is not None:
             e_skip = expected_tokens(alpha_skip, g)
             rows = has_lookup & (e_look > e_skip)
             tokens = float(np.where(rows, e_look, e_skip).sum())
-            drafted = float(n * g if uniform else np.where(rows, glen, g).sum())
-            cands.append((True, rows, float(tokens / (t_verify(drafted) + g * t_draft_step))))
-        for use_skip, rows, r in cands:
-            if r > best.tpt and r > bar * plain:
-                best = StepChoice(g, use_skip, rows, r, plain)
-    return best
+            drafted = float(np.where(rows, glen, g).sum())
+            yield g, True, rows, float(tokens / (t_verify(drafted) + g * t_draft_step))
+
+
+def _uniform_candidates(has_lookup, glens, e_looks, alpha_skip, t_verify, t_draft_step):
+    """_candidates where every row verifies gamma tokens whatever it drafted (`uniform`), every gamma at once: all
+    matched rows take their (free) lookup drafts, and a step pays for n x gamma tokens."""
+    n, G = len(has_lookup), len(glens)
+    gs = np.arange(1, G + 1)
+    t = np.array([t_verify(n * g) for g in gs.tolist()], dtype=np.float64)  # [G]
+    drafts = has_lookup[None, :] & (glens > 0)  # [G, n]
+    rates = (n + np.where(drafts, e_looks - 1.0, 0.0).sum(1)) / t  # [G]
+    if alpha_skip is not None and t_draft_step is not None:
+        e_skip = _geometric(np.float64(alpha_skip), gs.astype(np.float64))[:, None]  # [G, 1]
+        skip_rows = has_lookup[None, :] & (e_looks > e_skip)  # [G, n]
+        skip_rates = np.where(skip_rows, e_looks, e_skip).sum(1) / (t + gs * t_draft_step)  # [G]
+    for j, g in enumerate(gs.tolist()):
+        if drafts[j].any():
+            yield g, False, drafts[j], float(rates[j])
+        if alpha_skip is not None and t_draft_step is not None:
+            yield g, True, skip_rows[j], float(skip_rates[j])
 
 
 class VerifyJump:

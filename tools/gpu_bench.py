@@ -150,6 +150,15 @@ def _time_propose(worker):
     return True
 
 
+def _graphs_compiled(worker):
+    """torch.compile graphs compiled in this engine's worker so far (torch._dynamo's count): a change across timed
+    repetitions is a compile while serving (a lookup step that compiled again stalled a run for 10 s on an
+    H100; docs/gpu.md)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    return int(dynamo_utils.counters["stats"]["unique_graphs"])
+
+
 def _take_propose_times(worker):
     spec = worker.model_runner.speculator
     t, spec._ks_times = list(getattr(spec, "_ks_times", None) or []), []
@@ -277,7 +286,10 @@ def main():
         propose_us: dict[str, list] = {}
         for e in engines.values():
             e.generate(prompts, warm, use_tqdm=False)
+        compiled = {}
         for rep in range(a.reps + 1):  # rep 0: warm-up (first calls, graphs of the size)
+            if rep == 1:
+                compiled = {n: e.collective_rpc(_graphs_compiled)[0] for n, e in engines.items()}
             order = variants[rep % len(variants) :] + variants[: rep % len(variants)]
             for v, plan in order:
                 e = ks if plan is not None else engines[v]
@@ -327,12 +339,22 @@ def main():
                     steps[v][k.replace("_ms", "_over_plain")] = steps[v][k] / plain
         row["steps"] = steps
         row["propose_host_us"] = {v: statistics.median(x) for v, x in propose_us.items()}
+        # graphs compiled during the timed repetitions, per engine: 0 unless something compiled while serving
+        row["compiled_while_timed"] = {n: e.collective_rpc(_graphs_compiled)[0] - c for n, c in compiled.items()}
         results.append(row)
         print(
             json.dumps(
                 {
                     k: row[k]
-                    for k in ("ctx", "bs", "ms_per_token", "ratio_plain_over", "equal_to_plain", "propose_host_us")
+                    for k in (
+                        "ctx",
+                        "bs",
+                        "ms_per_token",
+                        "ratio_plain_over",
+                        "equal_to_plain",
+                        "propose_host_us",
+                        "compiled_while_timed",
+                    )
                 }
             ),
             flush=True,

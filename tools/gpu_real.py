@@ -85,6 +85,15 @@ def _trace_take(worker):
     return t, q, h
 
 
+def _graphs_compiled(worker):
+    """torch.compile graphs compiled in this engine's worker so far (torch._dynamo's count): a change across timed
+    repetitions is a compile while serving (a lookup step that compiled again stalled a run for 10 s on an
+    H100; docs/gpu.md)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    return int(dynamo_utils.counters["stats"]["unique_graphs"])
+
+
 def _gc_on(worker):
     """Time the engine process's garbage collections (gc.callbacks) until _gc_take: a collection of the oldest
     generation stops the engine loop for as long as it runs, in any engine."""
@@ -396,8 +405,10 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None, kv_tokens=None):
         sp = SP(max_tokens=a.new, temperature=temp, ignore_eos=True, seed=0 if temp else None)
         times = {m: [] for m, _ in methods}
         sel = None
-        acc, steps, by_rep, graphs, gcs = {}, {}, {}, {}, {}
+        acc, steps, by_rep, graphs, gcs, compiled = {}, {}, {}, {}, {}, {}
         for rep in range(a.reps + 1):
+            if rep == 1:  # torch.compile graphs of each engine before the timed repetitions
+                compiled = {n: e.collective_rpc(_graphs_compiled)[0] for n, e in E.items()}
             for m, pin in methods[rep % len(methods) :] + methods[: rep % len(methods)]:
                 e = E["knapspec" if m in fixed else m]
                 if e is E["knapspec"]:
@@ -456,6 +467,8 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None, kv_tokens=None):
             gc=gcs,  # --raw-trace: the engine process's garbage collections per timed repetition, per method
             selector=sel,
             kv_short=kv_short(kv_tokens or {}, ctx, bs, a.new),  # engines that could not hold the whole batch
+            # graphs compiled during the timed repetitions, per engine: 0 unless something compiled while serving
+            compiled_while_timed={n: E[n].collective_rpc(_graphs_compiled)[0] - c for n, c in compiled.items()},
         )
         if row["kv_short"]:
             print(f"warning: {cell}: the KV cache of {row['kv_short']} holds less than the batch", flush=True)
@@ -464,7 +477,20 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None, kv_tokens=None):
         print(
             "bench",
             json.dumps(
-                {k: row[k] for k in ("kind", "ctx", "bs", "temperature", "speedup", "acceptance", "steps", "selector")}
+                {
+                    k: row[k]
+                    for k in (
+                        "kind",
+                        "ctx",
+                        "bs",
+                        "temperature",
+                        "speedup",
+                        "acceptance",
+                        "compiled_while_timed",
+                        "steps",
+                        "selector",
+                    )
+                }
             ),
             flush=True,
         )

@@ -32,7 +32,7 @@ import time
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gpu_bench import _runner_info, probe_set  # noqa: E402
+from gpu_bench import _graphs_compiled, _runner_info, probe_set  # noqa: E402
 
 from vllm_knapspec.tools import workloads as wl  # noqa: E402
 
@@ -83,15 +83,6 @@ def _trace_take(worker):
     t, q, h = d.trace or [], d.quiet_trace or [], d.host_trace or []
     d.trace = d.quiet_trace = d.host_trace = None
     return t, q, h
-
-
-def _graphs_compiled(worker):
-    """torch.compile graphs compiled in this engine's worker so far (torch._dynamo's count): a change across timed
-    repetitions is a compile while serving (a lookup step that compiled again stalled a run for 10 s on an
-    H100; docs/gpu.md)."""
-    import torch._dynamo.utils as dynamo_utils
-
-    return int(dynamo_utils.counters["stats"]["unique_graphs"])
 
 
 def _gc_on(worker):

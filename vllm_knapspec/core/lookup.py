@@ -42,16 +42,6 @@ def lookup_tokens(alpha, m: int) -> float:
     return 1.0 + (first * expected_tokens(nxt, m - 1) if m > 0 else 0.0)
 
 
-def _geometric(a: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """tpt.expected_tokens in numpy (no torch op per call: this runs in every full engine step): 1 + a + ... +
-    a^m element-wise, a clamped to [0, 1], exactly m + 1 at a = 1 and 1 at a = 0."""
-    a = np.clip(a, 0.0, 1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        la = np.log(a)
-        ratio = np.expm1((m + 1) * la) / np.expm1(la)
-    return np.where(la == 0, m + 1.0, ratio)
-
-
 def _lookup_tokens_rows(alpha: np.ndarray, m: np.ndarray) -> np.ndarray:
     """lookup_tokens for every row and draft length at once: alpha [n] per-token rates or [n, 2] (first, next);
     m [G, n] draft lengths -> [G, n].
@@ -60,8 +50,8 @@ def _lookup_tokens_rows(alpha: np.ndarray, m: np.ndarray) -> np.ndarray:
     [[3.26, 1.0]]
     """
     if alpha.ndim == 1:
-        return _geometric(alpha, m)
-    rest = _geometric(alpha[:, 1], np.maximum(m - 1, 0))
+        return expected_tokens(alpha, m)
+    rest = expected_tokens(alpha[:, 1], np.maximum(m - 1, 0))
     return np.where(m > 0, 1.0 + alpha[:, 0] * rest, 1.0)
 
 
@@ -155,7 +145,7 @@ def _uniform_candidates(has_lookup, glens, e_looks, alpha_skip, t_verify, t_draf
     drafts = has_lookup[None, :] & (glens > 0)  # [G, n]
     rates = (n + np.where(drafts, e_looks - 1.0, 0.0).sum(1)) / t  # [G]
     if alpha_skip is not None and t_draft_step is not None:
-        e_skip = _geometric(np.float64(alpha_skip), gs.astype(np.float64))[:, None]  # [G, 1]
+        e_skip = expected_tokens(np.float64(alpha_skip), gs.astype(np.float64))[:, None]  # [G, 1]
         skip_rows = has_lookup[None, :] & (e_looks > e_skip)  # [G, n]
         skip_rates = np.where(skip_rows, e_looks, e_skip).sum(1) / (t + gs * t_draft_step)  # [G]
     for j, g in enumerate(gs.tolist()):

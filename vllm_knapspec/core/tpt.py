@@ -8,7 +8,7 @@ full-model pass (t_target, the memory-bound assumption of the paper). In a batch
 and one gamma, so the expected tokens of the R requests add while the time is paid once: `batch_tpt`.
 `plain_tpt` is decoding without speculation (B tokens per t_plain) so a caller can decide not to speculate.
 
-Works on Python floats and torch tensors. No vLLM imports.
+Works on Python floats, numpy arrays and torch tensors. No vLLM imports.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 
 
@@ -26,6 +27,12 @@ def expected_tokens(alpha, gamma):
     digits near a = 1 (0/0), this ratio keeps full relative precision there and is exactly gamma+1 at a = 1
     and 1 at a = 0. alpha is clamped to [0, 1].
     """
+    if isinstance(alpha, np.ndarray) or isinstance(gamma, np.ndarray):  # numpy in, numpy out: no torch op per call
+        a = np.clip(alpha, 0.0, 1.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            la = np.log(a)
+            ratio = np.expm1((gamma + 1) * la) / np.expm1(la)
+        return np.where(la == 0, gamma + 1.0, ratio)
     if isinstance(alpha, torch.Tensor) or isinstance(gamma, torch.Tensor):
         a = torch.as_tensor(alpha)
         if not a.is_floating_point():

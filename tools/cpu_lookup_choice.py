@@ -37,8 +37,8 @@ def recorders(choices: list, costs: list):
     """Wrap the choice and the cost observation of lookup_drafts to record what they see."""
     choose, observe = ld.choose_with_models, ld.LookupDrafts.observe_cost
 
-    def recorded_choose(selector, plan, has, alphas, lookup_len, ctx, n, k_max, jump, uniform=False):
-        c = choose(selector, plan, has, alphas, lookup_len, ctx, n, k_max, jump, uniform)
+    def recorded_choose(selector, plan, has, alphas, lookup_len, ctx, n, k_max, jump, guard=None, uniform=False):
+        c = choose(selector, plan, has, alphas, lookup_len, ctx, n, k_max, jump, guard, uniform)
         lens = np.minimum(np.asarray(lookup_len if lookup_len is not None else [k_max] * n), c.gamma)
         rows = zip(alphas, lens, c.lookup_rows)
         choices.append((sum(lookup_tokens(a, int(g)) - 1.0 for a, g, r in rows if r) if c.gamma else 0.0, c.gamma))
@@ -48,10 +48,10 @@ def recorders(choices: list, costs: list):
             print(f"  choice: rates {rates} match {np.asarray(lookup_len)[has].tolist()} gamma {c.gamma} jump {extra}")
         return c
 
-    def recorded_observe(self, selector, ctx, n, verified, seconds):
+    def recorded_observe(self, selector, ctx, n, verified, accepted, seconds):
         t_plain, slope = ld._line(selector, ctx, n)
         costs.append((verified, seconds, t_plain + verified * slope))
-        return observe(self, selector, ctx, n, verified, seconds)
+        return observe(self, selector, ctx, n, verified, accepted, seconds)
 
     ld.choose_with_models, ld.LookupDrafts.observe_cost = recorded_choose, recorded_observe
 

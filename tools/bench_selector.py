@@ -34,10 +34,13 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def random_feasible(L, weights, target, frozen, n, rng):
+def random_feasible(L, weights, target, frozen, n, rng, patience=1000):
+    """Up to n distinct random sets of exactly `target` weight; fewer when `patience` draws in a row find no new
+    one (a small target has few such sets: weight 0 has only the empty set)."""
     free = [i for i in range(2 * L) if i not in frozen]
-    out, seen = [], set()
-    while len(out) < n:
+    out, seen, misses = [], set(), 0
+    while len(out) < n and misses < patience:
+        misses += 1
         rng.shuffle(free)
         picked, w = [], 0
         for i in free:
@@ -50,6 +53,7 @@ def random_feasible(L, weights, target, frozen, n, rng):
         if w == target and key not in seen:
             seen.add(key)
             out.append(key)
+            misses = 0
     return out
 
 

@@ -36,7 +36,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def random_feasible(L, weights, target, frozen, n, rng, patience=1000):
     """Up to n distinct random sets of exactly `target` weight; fewer when `patience` draws in a row find no new
-    one (a small target has few such sets: weight 0 has only the empty set)."""
+    one (a small target has few such sets: weight 0 has only the empty set).
+
+    >>> random_feasible(3, [1] * 6, 0, set(), 5, random.Random(0))  # the selector chose the empty set
+    [()]
+    >>> len(random_feasible(3, [1] * 6, 2, {0}, 100, random.Random(0)))  # 2 of the 5 free items: C(5, 2)
+    10
+    """
     free = [i for i in range(2 * L) if i not in frozen]
     out, seen, misses = [], set(), 0
     while len(out) < n and misses < patience:

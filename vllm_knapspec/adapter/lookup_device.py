@@ -151,8 +151,8 @@ class DeviceLookup:
     def __init__(self, cfg, k_max: int, device: torch.device):
         self.match = vllm_matcher()
         self.lmin, self.lmax, self.k_max = cfg.lookup_min, cfg.lookup_max, k_max
-        self.cuda = torch.device(device).type == "cuda"
-        self.device = torch.device("cuda" if self.cuda else "cpu")
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
         self.acceptance = LookupAcceptance()
         # What a drafting step costs beyond the latency model's line, measured. The gaps it sees are steady decode
         # steps (same batch, no prefill), and a drafting step's host work can cost 3-4x a ~2 ms plain step

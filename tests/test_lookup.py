@@ -472,6 +472,33 @@ def test_compiled_device_search_serves_every_batch_without_compiling_again():
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
 
 
+def test_narrow_steps_use_the_compiled_graph():
+    """A short prompt's steps have fewer columns than compile() compiled with (the graph guards on the width
+    against lookup_max): they are searched over the compiled width, in the same graph, with the eager step's
+    drafts. Seen on an H100: a first step 8 columns wide turned the lookup step eager for the engine's life."""
+    import torch
+    import torch._dynamo.utils as dynamo_utils
+
+    from vllm_knapspec.adapter.lookup_device import DeviceLookup, LookupSource
+
+    dl = DeviceLookup(type("Cfg", (), {"lookup_min": 2, "lookup_max": 5}), 5, torch.device("cpu"), max_len=512)
+    eager = dl.step
+    dl.compile()
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    tokens = torch.randint(0, 4, (4, 512), dtype=torch.int32, generator=torch.Generator().manual_seed(1))
+    for n, width in ((1, 3), (2, 6), (1, 8), (3, 9), (1, dl.min_width - 1)):
+        idx = torch.arange(4, dtype=torch.int32)[:n]
+        src = LookupSource(tokens, torch.full((4,), width, dtype=torch.int32), idx, [f"r{i}" for i in range(n)], width)
+        got, want = torch.zeros(n, 5, dtype=torch.int64), torch.zeros(n, 5, dtype=torch.int64)
+        dl.propose(src, None, got)
+        assert dl.step is not eager, width
+        dl.step, compiled = eager, dl.step
+        dl.propose(src, None, want)
+        dl.step = compiled
+        assert torch.equal(got, want)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
+
+
 def test_a_step_the_compiled_graph_does_not_take_runs_eagerly_without_compiling(caplog):
     """A decode step never compiles: inputs the start-up graph does not take (here int64 rows where it compiled
     int32) run the eager step, the same drafts, logged once; later steps stay eager."""

@@ -211,7 +211,7 @@ class KnapSpecDrafter(DraftModelProposer):
         if LookupDrafts.wanted(self.cfg, self.vllm_config) and getattr(self.runner, "host_tokens", True):
             self.lookup = LookupDrafts(self.cfg, self.runner, self.k_max, self.max_model_len)
         elif DeviceLookup.wanted(self.cfg, self.vllm_config) and not getattr(self.runner, "host_tokens", True):
-            self.device_lookup = DeviceLookup(self.cfg, self.k_max, self.draft.device)
+            self.device_lookup = DeviceLookup(self.cfg, self.k_max, self.draft.device, self.max_model_len)
         self.next_gamma = self._first_gamma()
         logger.info(
             "KnapSpec drafter ready: %d layers, gamma_max=%d, selector=%s",

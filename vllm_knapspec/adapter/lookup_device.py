@@ -148,9 +148,13 @@ IDS = torch.int32
 
 
 class DeviceLookup:
-    def __init__(self, cfg, k_max: int, device: torch.device):
+    def __init__(self, cfg, k_max: int, device: torch.device, max_len: int | None = None):
         self.match = vllm_matcher()
         self.lmin, self.lmax, self.k_max = cfg.lookup_min, cfg.lookup_max, k_max
+        # The fewest columns a step searches, and those compile() compiles with. The graph guards on the width
+        # against lmax (vLLM's search unfolds windows of lmin..lmax tokens): a narrower step, such as a short
+        # prompt's first decode step, would need a second graph. Wider steps share the first.
+        self.min_width = min(4 * self.lmax + 8, max_len or 1 << 30)
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.acceptance = LookupAcceptance()
@@ -170,7 +174,7 @@ class DeviceLookup:
         self.step = torch.compile(self.eager, dynamic=True)
         try:
             for n in (1, 2):  # inputs like propose()'s: fresh tensors (dynamo guards on aliasing), seq < width
-                rows2 = torch.ones(2 * n, 4 * self.lmax + 8, dtype=IDS, device=self.device)
+                rows2 = torch.ones(2 * n, self.min_width, dtype=IDS, device=self.device)
                 seq2 = torch.full((2 * n,), rows2.shape[1] - 1, dtype=IDS, device=self.device)
                 self.step(rows2, seq2, self._back(n), self.lmin, self.lmax, self.k_max)
         except Exception:
@@ -221,8 +225,9 @@ class DeviceLookup:
         steps later)."""
         n, k = drafts.shape
         # a row in chunked prefill has its whole prompt staged: matched within this step's columns (its drafts are
-        # not scheduled); the search's windows need lmax columns
-        width = min(max(src.width, self.lmax + 1), src.tokens.shape[1])
+        # not scheduled); at least min_width columns: the compiled graph's (columns past a row's length are not
+        # searched)
+        width = min(max(src.width, self.min_width), src.tokens.shape[1])
         idx2 = torch.cat([src.idx[:n], src.idx[:n]])  # [2n] rows stacked twice: see lookup_step
         # [2n, width] a tensor of its own: given the runner's token table itself (UVA), a compiled step compiled a
         # second graph at the first drafting step on an H100 (a 10 s stall)

@@ -249,6 +249,42 @@ def test_verify_jump_fits_what_drafting_steps_cost_beyond_the_line():
     assert j.extra(20) > j.extra(2) > 0.0
 
 
+class _Line33:
+    """A selector whose line says a plain step takes 33 ms and each verified token 3.3 ms more."""
+
+    target = True
+    cfg = type("Cfg", (), {"min_speedup": 1.25})
+    predicted_alpha = None
+
+    def verify_line(self, ctx):
+        return 0.033, 0.0033 * len(ctx)  # the slope of one more token per request
+
+
+def test_drafting_steps_cheaper_than_the_line_are_priced_as_measured():
+    """The latency model's slope per verified token is a prior that lookup steps do not refit: where drafting
+    steps cost less than its line, the jump takes the difference off (so drafts that pay are taken), and the
+    price of a drafting step never falls below a plain step's."""
+    from vllm_knapspec.adapter.lookup_drafts import choose_with_models
+    from vllm_knapspec.core.lookup import VerifyJump
+
+    j = VerifyJump(decay=1.0)
+    for _ in range(8):  # line: 33 ms + 3.3 ms per token; measured: 33 ms + 1.6 ms per token
+        j.observe(10, 0.033 + 0.016, 0.033, 0.033 + 0.033)
+        j.observe(0, 0.033, 0.033)
+    assert j.extra(10) == pytest.approx(-0.017 / 0.033, rel=0.05)
+    # two rows with lookup drafts (first token right 0.3, next 0.8): on the line no gamma reaches the bar of
+    # 1.25x plain (at best 1.10x, gamma 2); priced as measured they do
+    rates, has, m, ctx = np.array([[0.3, 0.8]] * 2), np.array([True, True]), np.array([5, 5]), np.array([900, 900])
+    args = (_Line33(), None, has, rates, m, ctx, 2, 5)
+    assert choose_with_models(*args, VerifyJump(decay=1.0)).gamma == 0
+    assert choose_with_models(*args, j).gamma > 0
+    low = VerifyJump(decay=1.0)
+    low.observe(10, 0.020, 0.033, 0.066)  # a drafting step measured below a plain step: priced as a plain step
+    c = choose_with_models(*args, low)
+    tokens = 2 * (1 + 0.3 * (1 - 0.8**5) / 0.2)  # 2 rows, 5 lookup tokens each
+    assert c.gamma == 5 and c.tpt == pytest.approx(tokens / 0.033)
+
+
 def test_uniform_steps_pay_for_every_row():
     """Async scheduling verifies gamma tokens in every row: with 1 row of 4 matching, lookup drafts pay only
     where verification is cheap, and every matching row then takes its (free) draft."""

@@ -187,8 +187,8 @@ def choose_with_models(
     c = float(np.mean(ctx))
     t_plain, slope = _line(selector, ctx, n)
 
-    def t_verify(x):
-        return t_plain * (1.0 + jump.extra(x)) + x * slope
+    def t_verify(x):  # measured beyond (or below) the line by the jump; never less than a plain step
+        return max(t_plain, t_plain * (1.0 + jump.extra(x)) + x * slope)
 
     alpha_skip = t_draft = None
     if plan is not None:

@@ -162,8 +162,12 @@ class VerifyJump:
     model's line said 49 ms), and where a batch is compute-bound each verified token costs more than the line's
     slope. The residual share (measured - predicted) / t_plain of drafting steps is fitted as a + b x by decayed
     least squares (ridge on b, so steps that all verify the same x give a level, not a slope); that of plain
-    steps is averaged as a base the model already misses by; `extra(x)` is the difference, never below 0, and 0
-    for x = 0. A gap over `cap` x the prediction is not a step's cost (a prefill ran, the engine idled): left out.
+    steps is averaged as a base the model already misses by; `extra(x)` is the difference, 0 for x = 0. It is
+    negative where drafting steps cost less than the line: the line's slope per token is the latency model's,
+    which lookup steps do not refit (TimingFeed.observe_verify), and on a 2-core Xeon it priced SmolLM2's
+    drafting steps at batch 4 at 66 ms where they took 49 ms (plain steps 33 ms, priced right); drafts that paid
+    were left out. Callers keep a drafting step at or above a plain step (`choose_with_models`). A gap over
+    `cap` x the prediction is not a step's cost (a prefill ran, the engine idled): left out.
 
     >>> j = VerifyJump(decay=1.0)
     >>> j.observe(0, 0.044, 0.044); j.observe(1, 0.055, 0.044, 0.049)
@@ -172,6 +176,10 @@ class VerifyJump:
     >>> j.observe(9, 0.094, 0.044, 0.066)  # 9 tokens: 0.028 s over the line
     >>> round(j.extra(1), 2), round(j.extra(9), 2)  # the residual grows with x
     (0.15, 0.62)
+    >>> k = VerifyJump(decay=1.0)
+    >>> k.observe(0, 0.033, 0.033); k.observe(10, 0.049, 0.033, 0.066)  # 17 ms under the line
+    >>> round(k.extra(10), 2)
+    -0.52
     """
 
     def __init__(self, decay: float = 0.9, cap: float = 3.0):
@@ -201,7 +209,7 @@ class VerifyJump:
         b = (s1 * sxr - sx * sr) / det
         a = (sr - b * sx) / s1
         base = self.plain[0] / self.plain[1] if self.plain[1] else 0.0
-        return max(0.0, float(a + b * x - base))
+        return float(a + b * x - base)
 
 
 class LookupAcceptance:

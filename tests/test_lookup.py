@@ -158,6 +158,48 @@ def test_lookup_only_steps_take_the_rows_that_pay():
     assert c.gamma == 0
 
 
+def test_each_lookup_row_drafts_its_own_length():
+    """A row that copies drafts its whole match; a weak row drafts the tokens that still pay, not the copying
+    row's gamma; the drafts are cut per row to what was chosen."""
+    import torch
+
+    c = choose_step(np.array([True, True]), np.array([0.95, 0.3]), None, 1.0, lambda x: 1 + 0.05 * x, None, 5)
+    assert c.lengths.tolist() == [5, 1] and c.gamma == 5 and c.lookup_rows.tolist() == [True, True]
+    ld = _lookup_drafts(["a", "b"])
+    ld.match_len = np.array([5, 5])
+    out = torch.zeros(2, 5, dtype=torch.int64)
+    assert ld.fill(out, np.arange(10).reshape(2, 5), c.lookup_rows, 0, c.gamma, c.lengths) == 6
+    assert ld.lengths == [5, 1] and ld.pending == {"a": (5, None), "b": (1, None)}
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_lookup_lengths_are_the_best_of_every_length_per_row(seed):
+    """The per-row lengths of a lookup-only step are the best of all length vectors (exhaustive search),
+    with a jump for the first verified token as a CPU's attention has."""
+    import itertools
+
+    from vllm_knapspec.core.lookup import lookup_tokens
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 5))
+    has, cap = rng.random(n) < 0.8, rng.integers(1, 6, n)
+    alpha = rng.random((n, 2)) if seed % 2 else rng.random(n)
+    jump, slope = float(rng.uniform(0, 0.5)), float(rng.uniform(0.005, 0.2))
+
+    def t_verify(x):
+        return 1.0 + (jump if x else 0.0) + slope * x
+
+    best = n / t_verify(0)
+    for lens in itertools.product(*[range(int(c) + 1) if h else [0] for c, h in zip(cap, has)]):
+        tokens = sum(lookup_tokens(a, m) for a, m in zip(alpha, lens))
+        best = max(best, tokens / t_verify(sum(lens)))
+    c = choose_step(has, alpha, None, 1.0, t_verify, None, 5, bar=1.0, lookup_len=cap)
+    assert c.tpt == pytest.approx(best, rel=1e-9)
+    if c.gamma:
+        tokens = sum(lookup_tokens(a, int(m)) for a, m in zip(alpha, c.lengths))
+        assert tokens / t_verify(int(c.lengths.sum())) == pytest.approx(best, rel=1e-9)
+
+
 def test_a_short_match_is_priced_at_its_length():
     """A row whose match has 1 token brings at most 1 + alpha tokens for one verified token, whatever gamma."""
     c = choose_step(np.array([True]), np.array([0.9]), None, 1.0, t_verify, None, 5, lookup_len=np.array([1]))
@@ -435,6 +477,22 @@ def test_lookup_guard_stops_drafts_the_models_overrate_and_retries_them_later():
     assert dl.choose(sel, None, ctx, ["a"]).gamma == 0 and dl.guard.stops == 1
     dl.guard.tick(dl.guard.base)
     assert dl.choose(sel, None, ctx, ["a"]).gamma > 0
+
+
+def test_lookup_guard_stops_for_a_loss_beyond_its_windows_noise():
+    """Steps that keep 0 to 5 tokens per row measure from ~0.5x to ~2x plain one by one: a window a little under
+    plain by its total is noise and keeps drafting; a window clearly under plain, as spread, stops it."""
+    from vllm_knapspec.core.lookup import LookupGuard
+
+    rng = np.random.default_rng(0)
+
+    def window(guard, level):  # 16 steps of 4 rows, 10 ms plain steps; each step's ratio level x (0.5 .. 1.5)
+        return [guard.observe(4 * r * level, 0.01, 4, 0.01, 1.02) for r in rng.uniform(0.5, 1.5, guard.steps)]
+
+    noisy = LookupGuard()
+    assert not any(window(noisy, 0.95)) and noisy.realised < 1.0 and noisy.allowed
+    losing = LookupGuard()
+    assert window(losing, 0.6)[-1] and not losing.allowed and losing.stops == 1
 
 
 def test_device_lookup_learns_from_shadow_trials_in_rows_that_verify_no_lookup_draft():

@@ -40,6 +40,7 @@ def recorders(choices: list, costs: list):
     def recorded_choose(selector, plan, has, alphas, lookup_len, ctx, n, k_max, jump, guard=None, uniform=False):
         c = choose(selector, plan, has, alphas, lookup_len, ctx, n, k_max, jump, guard, uniform)
         lens = np.minimum(np.asarray(lookup_len if lookup_len is not None else [k_max] * n), c.gamma)
+        lens = lens if c.lengths is None else np.minimum(lens, c.lengths)
         rows = zip(alphas, lens, c.lookup_rows)
         choices.append((sum(lookup_tokens(a, int(g)) - 1.0 for a, g, r in rows if r) if c.gamma else 0.0, c.gamma))
         if VERBOSE and has.any():  # rows with a match: their rates (first, next), match length, the step's gamma

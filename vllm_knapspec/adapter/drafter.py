@@ -397,7 +397,7 @@ class KnapSpecDrafter(DraftModelProposer):
             self._timed_draft(step, drafts, steps, next_token_ids[:n], pos_dev, cad, n, plan[0])
         elif not choice.gamma:
             self.stats.no_spec_step()
-        drafted = self.lookup.fill(drafts, lk, rows, steps, choice.gamma)
+        drafted = self.lookup.fill(drafts, lk, rows, steps, choice.gamma, choice.lengths)
         if drafted:
             self.stats.inc("lookup_draft_tokens", float(drafted))
         if steps:

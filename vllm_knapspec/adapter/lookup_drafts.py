@@ -119,18 +119,26 @@ class LookupDrafts:
         return observe_cost(self.jump, self.guard, selector, ctx, n, verified, accepted, seconds)
 
     def fill(
-        self, out: torch.Tensor, drafts: np.ndarray, lookup_rows: np.ndarray, skip_steps: int, gamma: int | None = None
+        self,
+        out: torch.Tensor,
+        drafts: np.ndarray,
+        lookup_rows: np.ndarray,
+        skip_steps: int,
+        gamma: int | None = None,
+        lengths: np.ndarray | None = None,
     ) -> int:
         """Lookup drafts into `out` [n, k] in `lookup_rows`, and what each row verifies next (`lengths`, cut by
         the lookup_draft_lengths patch): a lookup row its own lookup draft (its match, at most the step's chosen
-        `gamma` and k), any other row the layer-skip draft's `skip_steps` (0: none). The lookup rows' drafts are
-        accounted at the next step. Returns the lookup draft tokens."""
+        `gamma`, its own chosen length in `lengths` and k), any other row the layer-skip draft's `skip_steps` (0:
+        none). The lookup rows' drafts are accounted at the next step. Returns the lookup draft tokens."""
         n = len(lookup_rows)
         k = out.shape[1] if gamma is None else min(out.shape[1], gamma)
         if k and lookup_rows.any():
             idx = np.flatnonzero(lookup_rows)
             out[torch.from_numpy(idx).to(out.device), :k] = torch.from_numpy(drafts[idx, :k]).to(out.device)
         match = np.minimum(self.match_len, k) if len(self.match_len) == n else np.full(n, k)
+        if lengths is not None:
+            match = np.minimum(match, lengths)
         lk = np.where(lookup_rows, match, 0)
         self.lengths = np.where(lookup_rows, lk, min(skip_steps, k)).tolist()
         ids = self.runner.input_batch.req_ids

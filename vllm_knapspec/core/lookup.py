@@ -372,10 +372,10 @@ class LookupGuard:
     than the window's own noise (one standard error of its steps' ratios to plain), turns lookup drafts off for
     `backoff` engine steps, doubling up to `max_backoff` each time the retry after it loses too; a window that
     pays sets the backoff back. While off, the acceptance models go on learning from shadow trials, and
-    VerifyJump keeps its price: the retry is the choice's again, not forced. The noise term matters because
-    one step verifies 0 to k_max accepted tokens per row: on a 2-core Xeon, SmolLM2's windows of 16 lookup
-    steps at batch 4 had a standard error of 0.09-0.40, and a server whose windows measured 0.93x and 0.99x
-    turned drafts off for 64 steps each while ngram, drafting throughout, kept 10 % more tokens.
+    VerifyJump keeps its price: the retry is the choice's again, not forced. The noise term is there because one
+    step keeps 0 to k_max tokens per row: on a 2-core Xeon, SmolLM2's windows of 16 lookup steps at batch 4
+    (mixed workload, greedy) had standard errors of 0.09-0.40 around ratios of 1.2-3.6, so a single window
+    a little under the bar says little; 64 steps without lookup drafts cost every copying row its copies.
 
     >>> g = LookupGuard(steps=2, backoff=4)
     >>> [g.observe(tokens=16, seconds=0.006, plain_tokens=16, plain_s=0.003, bar=1.0) for _ in range(2)]

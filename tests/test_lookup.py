@@ -479,22 +479,6 @@ def test_lookup_guard_stops_drafts_the_models_overrate_and_retries_them_later():
     assert dl.choose(sel, None, ctx, ["a"]).gamma > 0
 
 
-def test_lookup_guard_compares_with_plain_steps_as_they_measure():
-    """A server's front end shares the cores: plain steps measure 20 % over the model (40 ms for its 33 ms), and
-    drafting steps keeping 0.1 token per step in 44 ms beat them (1.1 tokens per 44 ms against 1 per 40 ms),
-    though they lose to the model's plain step. The guard keeps the drafts."""
-    from vllm_knapspec.adapter.lookup_drafts import observe_cost
-    from vllm_knapspec.core.lookup import LookupGuard, VerifyJump
-
-    jump, guard, sel, ctx = VerifyJump(), LookupGuard(), _Line33(), np.array([512])
-    for _ in range(8):
-        observe_cost(jump, guard, sel, ctx, 1, 0, 0, 0.040)
-    stopped = [observe_cost(jump, guard, sel, ctx, 1, 5, 1 if i % 10 == 0 else 0, 0.044) for i in range(32)]
-    assert jump.plain_share() == pytest.approx(0.212, abs=1e-3) and not any(stopped) and guard.allowed
-    slower = [observe_cost(jump, guard, sel, ctx, 1, 5, 0, 0.050) for i in range(16)]  # 1 token per 50 ms: a loss
-    assert slower[-1] and not guard.allowed
-
-
 def test_lookup_guard_stops_for_a_loss_beyond_its_windows_noise():
     """Steps that keep 0 to 5 tokens per row measure from ~0.5x to ~2x plain one by one: a window a little under
     plain by its total is noise and keeps drafting; a window clearly under plain, as spread, stops it."""

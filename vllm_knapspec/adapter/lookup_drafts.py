@@ -219,17 +219,13 @@ def choose_with_models(
 def observe_cost(jump, guard, selector, ctx, n: int, verified: int, accepted: int, seconds: float) -> bool:
     """A steady step that verified `verified` draft tokens (none of them layer-skip drafts), `accepted` of them,
     took `seconds`: what it cost beyond the model's line feeds `jump` (VerifyJump), which prices the next
-    choices' verification, and a drafting step's tokens per time feed `guard` (LookupGuard), against plain
-    steps as they measured (the jump's plain share). Returns True when the guard turned lookup drafts off."""
+    choices' verification, and a drafting step's tokens per time feed `guard` (LookupGuard). Returns True when
+    the guard turned lookup drafts off."""
     if not hasattr(selector, "target") or not len(ctx):
         return False
     t_plain, slope = _line(selector, ctx, n)
     jump.observe(verified, seconds, t_plain, t_plain + verified * slope)
-    if not verified:
-        return False
-    # plain decoding as its steps measure now, not as the model says: on a server the front end shares the cores
-    t_plain_measured = t_plain * (1.0 + jump.plain_share())
-    return guard.observe(n + accepted, seconds, n, t_plain_measured, float(selector.cfg.min_speedup))
+    return bool(verified) and guard.observe(n + accepted, seconds, n, t_plain, float(selector.cfg.min_speedup))
 
 
 def _line(selector, ctx, n: int) -> tuple[float, float]:

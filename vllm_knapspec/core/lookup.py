@@ -223,12 +223,8 @@ class VerifyJump:
         det = s1 * (sxx + ridge) - sx * sx
         b = (s1 * sxr - sx * sr) / det
         a = (sr - b * sx) / s1
-        return float(a + b * x - self.plain_share())
-
-    def plain_share(self) -> float:
-        """What plain steps measured beyond the model's plain step, as a share of it (decayed mean; 0 before any
-        plain step)."""
-        return self.plain[0] / self.plain[1] if self.plain[1] else 0.0
+        base = self.plain[0] / self.plain[1] if self.plain[1] else 0.0
+        return float(a + b * x - base)
 
 
 class LookupAcceptance:

@@ -108,10 +108,9 @@ def choose_step(
     lookup-only step); t_draft_step: one draft step of the plan (every row drafts gamma tokens then).
     A lookup-only step gives each row its own length (`_best_lengths`: the draft tokens that add most tokens per
     time, over all rows; what a step verifies is what it pays for); with the layer-skip plan, gamma caps every
-    lookup draft of the step. `uniform`: every row verifies gamma tokens
-    whatever it drafted (async scheduling schedules drafts before any match is known): a row without a draft
-    verifies gamma fillers, so every row with a match takes its lookup draft (it is free) and a step pays for
-    n x gamma tokens.
+    lookup draft of the step. `uniform`: every row verifies gamma tokens whatever it drafted (async scheduling
+    schedules drafts before any match is known): a row without a draft verifies gamma fillers, so every row with
+    a match takes its lookup draft (it is free) and a step pays for n x gamma tokens.
 
     2 rows, only row 0 has a lookup match (alpha 0.9), no layer-skip plan, t_plain 1.0, t_verify(x) = 1 + 0.1 x:
     gamma 5 gives (1 + .9 + .81 + .73 + .66 + .59) + 1 = 5.69 tokens in 1.5 -> 3.79/s > plain's 2/s.

@@ -376,3 +376,16 @@ def test_a_step_gap_reaches_the_selector_less_the_draft_loop_it_held():
     for _ in range(drafter_mod.QUIET_STRIDE - 1):
         assert d.quiet_step(2, 4) is not None
     assert d._begin(_metadata(2), 2, None).held is None
+
+
+def test_a_step_that_held_a_prompt_is_not_a_decode_steps_cost():
+    """A step whose batch held prompt tokens (a row scheduled more than 1 + k_max tokens) is not steady: its gap
+    prices neither plain decoding nor a draft's verification (drafter.holds_prompt)."""
+    d = _drafter(gamma=0)
+    d._begin(_metadata(2), 2, None)
+    assert d._begin(_metadata(2), 2, None).steady  # two decode rows, the same batch
+    md = _metadata(2)
+    md.query_start_loc_cpu = torch.tensor([0, 1, 513], dtype=torch.int32)  # row 1: a 512-token prompt chunk
+    assert not d._begin(md, 2, None).steady
+    md.query_start_loc_cpu = torch.tensor([0, 1, 6], dtype=torch.int32)  # row 1 verifies 4 drafts: decoding
+    assert d._begin(md, 2, None).steady

@@ -141,6 +141,24 @@ def verify_seconds(gap: float | None, held: float) -> float | None:
     return rest if rest > MIN_VERIFY_SHARE * gap else None
 
 
+def holds_prompt(query_start_loc, n: int, k: int) -> bool:
+    """Whether a step's batch held prompt tokens: some row scheduled more than 1 + k tokens, where a decoding row
+    schedules its bonus token and at most k drafts. Such a step's gap is not a decode step's cost. Counted as
+    one, a server's prefills (a request's first chunk, or the prompt of a request that asks for one token) read
+    as decode steps at a fraction of plain decoding's speed: on a 2-core Xeon (SmolLM2, `knapspec-bench
+    --workload mixed`) the bench's prefill of the prompt pool stopped lookup drafts for 64 steps and left
+    VerifyJump pricing a draft token at +50-90 % of a plain step when the first cell began.
+
+    >>> q = torch.tensor([0, 1, 6, 518])  # rows: a plain decode, 4 drafts verified, a 512-token prompt
+    >>> holds_prompt(q, 2, 4), holds_prompt(q, 3, 4), holds_prompt(None, 3, 4)
+    (False, True, False)
+    """
+    if query_start_loc is None or n <= 0:
+        return False
+    q = query_start_loc[: n + 1]
+    return int((q[1:] - q[:-1]).max()) > 1 + k
+
+
 def _tensor(x) -> torch.Tensor:
     """A tensor, or the call that makes it (the V2 speculator gathers the bonus tokens only for a draft)."""
     return x() if callable(x) else x
@@ -439,7 +457,8 @@ class KnapSpecDrafter(DraftModelProposer):
         lookup_tokens = self.lookup.pending_tokens() if self.lookup is not None else 0  # verified this step
         if rejected is not None and (np.any(verified) or lookup_tokens):
             rej = rejected[:n].to("cpu", non_blocking=True) if self.feedback.cuda else rejected[:n]
-        step = _Step(n, ctx, gap, self._prev_reqs == n, verified if rej is not None else 0, rej)
+        steady = self._prev_reqs == n and not holds_prompt(getattr(cad, "query_start_loc_cpu", None), n, self.k_max)
+        step = _Step(n, ctx, gap, steady, verified if rej is not None else 0, rej)
         step.held, self._draft_step = self._draft_step, None
         if self.device_lookup is not None:
             step.req_ids, step.lookup_rec = (None if src is None else src.req_ids), rec

@@ -470,6 +470,7 @@ def test_lookup_guard_stops_drafts_the_models_overrate_and_retries_them_later():
     dl.match_len = {"a": 5}
     dl.acceptance.alpha = lambda r: 0.9
     ctx, sel = np.array([1000]), _Line()
+    dl.observe_cost(sel, ctx, 1, 5, 0, 0.0025)  # the shape's first step: one-off costs, left out
     for _ in range(dl.guard.steps - 1):
         dl.observe_cost(sel, ctx, 1, 5, 0, 0.0025)
     assert dl.choose(sel, None, ctx, ["a"]).gamma > 0
@@ -477,6 +478,25 @@ def test_lookup_guard_stops_drafts_the_models_overrate_and_retries_them_later():
     assert dl.choose(sel, None, ctx, ["a"]).gamma == 0 and dl.guard.stops == 1
     dl.guard.tick(dl.guard.base)
     assert dl.choose(sel, None, ctx, ["a"]).gamma > 0
+
+
+def test_a_shapes_first_step_does_not_price_lookup_drafts_out():
+    """A fresh engine's first drafting step of a shape holds one-off costs (on an H100 one measured 4x a plain
+    step). Priced from it, no lookup draft would pay again, and with no drafting step nothing would correct the
+    price: it is left out, and the next step of that shape is measured."""
+    import torch
+
+    from vllm_knapspec.adapter.lookup_device import DeviceLookup
+
+    dl = DeviceLookup(type("Cfg", (), {"lookup_min": 2, "lookup_max": 3}), 5, torch.device("cpu"))
+    dl.match_len = {"a": 5}
+    dl.acceptance.alpha = lambda r: 0.9
+    ctx, sel = np.array([1000]), _Line()
+    plain = sel.verify_line(ctx)[0]
+    dl.observe_cost(sel, ctx, 1, 5, 5, 6.0 * plain)
+    assert dl.choose(sel, None, ctx, ["a"]).gamma > 0
+    dl.observe_cost(sel, ctx, 1, 5, 5, 6.0 * plain)  # the same cost again: that is what the shape costs
+    assert dl.choose(sel, None, ctx, ["a"]).gamma == 0
 
 
 def test_lookup_guard_stops_for_a_loss_beyond_its_windows_noise():

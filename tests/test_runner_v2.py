@@ -155,7 +155,7 @@ def _drafter(gamma: int):
     d = drafter_mod.KnapSpecDrafter.__new__(drafter_mod.KnapSpecDrafter)  # host logic only: no engine
     d.k_max, d.stats, d.channel, d._next_gamma = 4, KnapSpecStats.get(), None, gamma
     d.feedback = drafter_mod._Feedback(torch.device("cpu"))
-    d._last_call = d._prev_reqs = None
+    d._last_call = d._prev_reqs = d._prev_ids = d.runner = None
     d._verified_next, d._quiet, d._quiet_n, d._quiet_s, d._stride = 0, 0, 0, 0.0, drafter_mod.QUIET_STRIDE
     d.graphs = d.lookup = d.device_lookup = d._lookup_prev = d.trace = d.quiet_trace = None
     d._draft_step, d._lookup_warm, d._quiet_mixed = None, 0, False
@@ -389,3 +389,15 @@ def test_a_step_that_held_a_prompt_is_not_a_decode_steps_cost():
     assert not d._begin(md, 2, None).steady
     md.query_start_loc_cpu = torch.tensor([0, 1, 6], dtype=torch.int32)  # row 1 verifies 4 drafts: decoding
     assert d._begin(md, 2, None).steady
+
+
+def test_a_step_of_other_requests_is_not_a_decode_steps_cost():
+    """As many requests as the step before, but others (one batch ended, the next began): the gap may hold the
+    engine's idle time between them, so the step is not steady; the next step of the same requests is."""
+    d = _drafter(gamma=0)
+    d.runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["a", "b"]))
+    d._begin(_metadata(2), 2, None)
+    assert d._begin(_metadata(2), 2, None).steady
+    d.runner.input_batch.req_ids = ["c", "d"]
+    assert not d._begin(_metadata(2), 2, None).steady
+    assert d._begin(_metadata(2), 2, None).steady

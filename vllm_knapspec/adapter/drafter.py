@@ -185,7 +185,7 @@ class KnapSpecDrafter(DraftModelProposer):
         self._lookup_warm = 0  # full steps the stride stays short for (LOOKUP_WARM)
         self._quiet_mixed = False  # the quiet steps not yet reported held a prefill chunk
         self._verified_next = 0  # drafts per request the next step verifies
-        self._prev_reqs = None
+        self._prev_reqs = self._prev_ids = None
         self.graphs = None  # graphs.SublayerGraphs once captured (GPU)
         self.lookup = None  # lookup_drafts.LookupDrafts (lookup: auto, sync scheduling)
         self.device_lookup = None  # lookup_device.DeviceLookup (lookup: auto, async scheduling, V2 runner)
@@ -457,7 +457,10 @@ class KnapSpecDrafter(DraftModelProposer):
         lookup_tokens = self.lookup.pending_tokens() if self.lookup is not None else 0  # verified this step
         if rejected is not None and (np.any(verified) or lookup_tokens):
             rej = rejected[:n].to("cpu", non_blocking=True) if self.feedback.cuda else rejected[:n]
-        steady = self._prev_reqs == n and not holds_prompt(getattr(cad, "query_start_loc_cpu", None), n, self.k_max)
+        ids = self._request_set(cad, n)
+        steady = self._prev_reqs == n and (ids is None or ids == self._prev_ids)
+        steady = steady and not holds_prompt(getattr(cad, "query_start_loc_cpu", None), n, self.k_max)
+        self._prev_ids = ids
         step = _Step(n, ctx, gap, steady, verified if rej is not None else 0, rej)
         step.held, self._draft_step = self._draft_step, None
         if self.device_lookup is not None:
@@ -473,6 +476,15 @@ class KnapSpecDrafter(DraftModelProposer):
                     self._lookup_stopped(self.lookup.guard)
         self._prev_reqs = n
         return step
+
+    def _request_set(self, cad, n: int) -> frozenset | None:
+        """The step's requests (None where the runner does not say). A step is steady only if it runs the requests
+        the step before it ran, not merely as many: where one batch ends and the next begins (an engine idle
+        between `generate` calls, a server between waves of requests) the gap holds the idle time, and a new
+        request's first step its prompt (holds_prompt misses a prompt the prefix cache held)."""
+        src = getattr(cad, "lookup_src", None)
+        ids = src.req_ids if src is not None else getattr(getattr(self.runner, "input_batch", None), "req_ids", None)
+        return None if ids is None else frozenset(ids[:n])
 
     def _report_quiet(self, ctx) -> None:
         """The plain steps quiet_step() did not report one by one, with the batch's context when it is the

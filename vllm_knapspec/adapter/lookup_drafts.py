@@ -220,8 +220,8 @@ def observe_cost(jump, guard, selector, ctx, n: int, verified: int, accepted: in
     """A steady step that verified `verified` draft tokens (none of them layer-skip drafts), `accepted` of them,
     took `seconds`: what it cost beyond the model's line feeds `jump` (VerifyJump), which prices the next
     choices' verification, and a drafting step's tokens per time feed `guard` (LookupGuard). Returns True when
-    the guard turned lookup drafts off."""
-    if not hasattr(selector, "target") or not len(ctx):
+    the guard turned lookup drafts off. The first step of a shape is neither's (`VerifyJump.first_of_shape`)."""
+    if not hasattr(selector, "target") or not len(ctx) or jump.first_of_shape(n, verified):
         return False
     t_plain, slope = _line(selector, ctx, n)
     jump.observe(verified, seconds, t_plain, t_plain + verified * slope)

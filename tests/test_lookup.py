@@ -470,7 +470,6 @@ def test_lookup_guard_stops_drafts_the_models_overrate_and_retries_them_later():
     dl.match_len = {"a": 5}
     dl.acceptance.alpha = lambda r: 0.9
     ctx, sel = np.array([1000]), _Line()
-    dl.observe_cost(sel, ctx, 1, 5, 0, 0.0025)  # the shape's first step: one-off costs, left out
     for _ in range(dl.guard.steps - 1):
         dl.observe_cost(sel, ctx, 1, 5, 0, 0.0025)
     assert dl.choose(sel, None, ctx, ["a"]).gamma > 0
@@ -481,9 +480,10 @@ def test_lookup_guard_stops_drafts_the_models_overrate_and_retries_them_later():
 
 
 def test_a_shapes_first_step_does_not_price_lookup_drafts_out():
-    """A fresh engine's first drafting step of a shape holds one-off costs (on an H100 one measured 4x a plain
+    """A fresh engine's first drafting step of a shape can hold one-off costs (on an H100 one measured 4x a plain
     step). Priced from it, no lookup draft would pay again, and with no drafting step nothing would correct the
-    price: it is left out, and the next step of that shape is measured."""
+    price: a first step over ONE_OFF_X times the line is left out, and the next step of that shape is measured.
+    A first step near the line counts (at batch 16 per-row lengths make dozens of shapes)."""
     import torch
 
     from vllm_knapspec.adapter.lookup_device import DeviceLookup
@@ -497,6 +497,10 @@ def test_a_shapes_first_step_does_not_price_lookup_drafts_out():
     assert dl.choose(sel, None, ctx, ["a"]).gamma > 0
     dl.observe_cost(sel, ctx, 1, 5, 5, 6.0 * plain)  # the same cost again: that is what the shape costs
     assert dl.choose(sel, None, ctx, ["a"]).gamma == 0
+    fresh = DeviceLookup(type("Cfg", (), {"lookup_min": 2, "lookup_max": 3}), 5, torch.device("cpu"))
+    fresh.match_len, fresh.acceptance.alpha = {"a": 5}, lambda r: 0.9
+    fresh.observe_cost(sel, ctx, 1, 5, 5, 1.9 * plain)  # a first step within ONE_OFF_X of the line: a cost
+    assert fresh.jump.extra(5) > 0.8
 
 
 def test_lookup_guard_stops_for_a_loss_beyond_its_windows_noise():

@@ -216,14 +216,24 @@ def choose_with_models(
     )
 
 
+# A shape's first step measured over this many times the line's prediction held one-off costs (a kernel's first
+# launch at those sizes, a graph's first replay): on an H100, 12.2 ms against a ~3 ms prediction. Leaving out every
+# shape's first step instead left a 2-core Xeon at batch 16, where per-row lookup lengths make dozens of shapes,
+# with few measured drafting steps.
+ONE_OFF_X = 2.0
+
+
 def observe_cost(jump, guard, selector, ctx, n: int, verified: int, accepted: int, seconds: float) -> bool:
     """A steady step that verified `verified` draft tokens (none of them layer-skip drafts), `accepted` of them,
     took `seconds`: what it cost beyond the model's line feeds `jump` (VerifyJump), which prices the next
     choices' verification, and a drafting step's tokens per time feed `guard` (LookupGuard). Returns True when
-    the guard turned lookup drafts off. The first step of a shape is neither's (`VerifyJump.first_of_shape`)."""
-    if not hasattr(selector, "target") or not len(ctx) or jump.first_of_shape(n, verified):
+    the guard turned lookup drafts off. The first step of a shape is neither's when it took over ONE_OFF_X times
+    the line's prediction (`VerifyJump.first_of_shape`)."""
+    if not hasattr(selector, "target") or not len(ctx):
         return False
     t_plain, slope = _line(selector, ctx, n)
+    if jump.first_of_shape(n, verified) and seconds > ONE_OFF_X * (t_plain + verified * slope):
+        return False
     jump.observe(verified, seconds, t_plain, t_plain + verified * slope)
     return bool(verified) and guard.observe(n + accepted, seconds, n, t_plain, float(selector.cfg.min_speedup))
 

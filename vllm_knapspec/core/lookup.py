@@ -183,8 +183,9 @@ class VerifyJump:
     were left out. Callers keep a drafting step at or above a plain step (`choose_with_models`). A gap over
     `cap` x the prediction is not a step's cost (a prefill ran, the engine idled): left out.
 
-    The first step of each shape (batch size, tokens verified) is left out too (`first_of_shape`): it holds
-    one-off costs, a kernel's first launch at those sizes or a graph's first replay, that no later step pays.
+    The first step of each shape (batch size, tokens verified) is left out too where it measured far above the
+    line (`first_of_shape`, `lookup_drafts.observe_cost`): it held one-off costs, a kernel's first launch at
+    those sizes or a graph's first replay, that no later step pays.
     Only drafting steps move the fit, so a single step measured far above the rest can price drafts out for
     good: on an H100 (real Qwen2.5-Coder-1.5B, a fresh engine, 1K x 4 code) one drafting step measured 12.2 ms
     against 2.85 ms plain steps, and KnapSpec drafted in no other step of that cell or the next (1K x 1 code:

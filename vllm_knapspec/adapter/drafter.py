@@ -141,22 +141,19 @@ def verify_seconds(gap: float | None, held: float) -> float | None:
     return rest if rest > MIN_VERIFY_SHARE * gap else None
 
 
-def holds_prompt(query_start_loc, n: int, k: int) -> bool:
-    """Whether a step's batch held prompt tokens: some row scheduled more than 1 + k tokens, where a decoding row
-    schedules its bonus token and at most k drafts. Such a step's gap is not a decode step's cost. Counted as
-    one, a server's prefills (a request's first chunk, or the prompt of a request that asks for one token) read
-    as decode steps at a fraction of plain decoding's speed: on a 2-core Xeon (SmolLM2, `knapspec-bench
-    --workload mixed`) the bench's prefill of the prompt pool stopped lookup drafts for 64 steps and left
-    VerifyJump pricing a draft token at +50-90 % of a plain step when the first cell began.
+def holds_prompt(query_lens: np.ndarray, k: int) -> bool:
+    """Whether a step's batch held prompt tokens: some row scheduled (`query_lens` [n]) more than 1 + k tokens,
+    where a decoding row schedules its bonus token and at most k drafts. Such a step's gap is not a decode step's
+    cost. Counted as one, a server's prefills (a request's first chunk, or the prompt of a request that asks for
+    one token) read as decode steps at a fraction of plain decoding's speed: on a 2-core Xeon (SmolLM2,
+    `knapspec-bench --workload mixed`) the bench's prefill of the prompt pool stopped lookup drafts for 64 steps
+    and left VerifyJump pricing a draft token at +50-90 % of a plain step when the first cell began.
 
-    >>> q = torch.tensor([0, 1, 6, 518])  # rows: a plain decode, 4 drafts verified, a 512-token prompt
-    >>> holds_prompt(q, 2, 4), holds_prompt(q, 3, 4), holds_prompt(None, 3, 4)
+    >>> q = np.array([1, 5, 512])  # rows: a plain decode, 4 drafts verified, a 512-token prompt
+    >>> holds_prompt(q[:2], 4), holds_prompt(q, 4), holds_prompt(q[:0], 4)
     (False, True, False)
     """
-    if query_start_loc is None or n <= 0:
-        return False
-    q = query_start_loc[: n + 1]
-    return int((q[1:] - q[:-1]).max()) > 1 + k
+    return bool(len(query_lens)) and int(query_lens.max()) > 1 + k
 
 
 def _tensor(x) -> torch.Tensor:
@@ -449,7 +446,8 @@ class KnapSpecDrafter(DraftModelProposer):
             rec, self._lookup_prev = (self._lookup_prev, self._quiet_n > 0), None
             self.device_lookup.seen(rec[0])
             self.device_lookup.guard.tick(1 + self._quiet_n)
-        ctx = self._context(cad, n)
+        qlens = np.diff(cad.query_start_loc_cpu.numpy()[: n + 1])  # [n] tokens each row scheduled this step
+        ctx = self._context(cad, n, qlens)
         if self._quiet_n:
             self._report_quiet(ctx if self._prev_reqs == n and not self._quiet_mixed else None)
         verified = self._verified(cad, n)
@@ -459,7 +457,7 @@ class KnapSpecDrafter(DraftModelProposer):
             rej = rejected[:n].to("cpu", non_blocking=True) if self.feedback.cuda else rejected[:n]
         ids = self._request_set(cad, n)
         steady = self._prev_reqs == n and (ids is None or ids == self._prev_ids)
-        steady = steady and not holds_prompt(getattr(cad, "query_start_loc_cpu", None), n, self.k_max)
+        steady = steady and not holds_prompt(qlens, self.k_max)
         self._prev_ids = ids
         step = _Step(n, ctx, gap, steady, verified if rej is not None else 0, rej)
         step.held, self._draft_step = self._draft_step, None
@@ -554,7 +552,7 @@ class KnapSpecDrafter(DraftModelProposer):
         if kept:
             self._lookup_warm = LOOKUP_WARM
 
-    def _context(self, cad, n: int) -> np.ndarray:
+    def _context(self, cad, n: int, qlens: np.ndarray) -> np.ndarray:
         """Context lengths whose KV is committed on every path (host, no sync): the step's upper bound of
         seq_lens, less this step's drafts (at most query length - 1, at most k_max: a prefill chunk is all
         committed) and at most k_max rejected drafts of the last step.
@@ -562,8 +560,7 @@ class KnapSpecDrafter(DraftModelProposer):
         upper [1000, 160], query lengths [5, 160], k_max 4 -> [1000 - 4 - 4 + 1, 160 - 4 - 4 + 1]
         """
         upper = self._upper(cad, n)
-        qsl = cad.query_start_loc_cpu.numpy()[: n + 1]
-        drafts = np.minimum(np.diff(qsl) - 1, self.k_max)
+        drafts = np.minimum(qlens - 1, self.k_max)
         return np.maximum(upper - drafts - self.k_max, 1) + 1
 
     @staticmethod

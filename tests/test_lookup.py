@@ -187,7 +187,7 @@ def test_lookup_lengths_are_the_best_of_every_length_per_row(seed):
     jump, slope = float(rng.uniform(0, 0.5)), float(rng.uniform(0.005, 0.2))
 
     def t_verify(x):
-        return 1.0 + (jump if x else 0.0) + slope * x
+        return 1.0 + np.where(np.asarray(x) > 0, jump, 0.0) + slope * x
 
     best = n / t_verify(0)
     for lens in itertools.product(*[range(int(c) + 1) if h else [0] for c, h in zip(cap, has)]):
@@ -430,8 +430,12 @@ class _Line:
         def verify_step_time(ctx, k):
             return 0.002 + 0.00001 * k
 
+        @staticmethod
+        def coefficient_bytes():
+            return b""
+
     cfg = type("Cfg", (), {"min_speedup": 1.02})
-    predicted_alpha, _plain_scale = None, 1.0
+    predicted_alpha, _plain_scale, _plain_steps, _line_memo = None, 1.0, (), None
 
     def _t_plain(self, ctx):
         return 0.002
@@ -664,3 +668,35 @@ def test_requests_that_copy_or_not_are_told_apart_in_one_or_two_drafts():
     assert split.alpha("new")[0] < 0.2 < alike.alpha("new")[0]  # one rejected draft: stop, or not yet
     split.observe("copy", 5, 5)
     assert split.alpha("copy")[0] > 0.8
+
+
+def test_a_step_with_neither_a_plan_nor_a_match_is_plain_unpriced():
+    """Nothing to choose from (no layer-skip plan, no row with a match, or the guard holds lookup drafts off): a
+    plain step, without reading the rows' acceptance or the latency model."""
+    from vllm_knapspec.adapter.lookup_drafts import choose_with_models
+    from vllm_knapspec.core.lookup import LookupGuard, VerifyJump
+
+    def unread():
+        raise AssertionError("priced a step with nothing to choose")
+
+    class Unpriced:
+        target, cfg = None, type("Cfg", (), {"min_speedup": 1.0})
+
+        def verify_line(self, ctx):
+            raise AssertionError("priced a step with nothing to choose")
+
+    ctx, m = np.array([900, 900]), np.array([0, 0])
+    c = choose_with_models(Unpriced(), None, np.array([False, False]), unread, m, ctx, 2, 5, VerifyJump())
+    assert c.gamma == 0 and not c.use_skip and not c.lookup_rows.any()
+    off = LookupGuard()
+    off.off = 8  # lookup drafts held off: the match does not count
+    c = choose_with_models(
+        Unpriced(), None, np.array([True, False]), unread, np.array([5, 0]), ctx, 2, 5, VerifyJump(), off
+    )
+    assert c.gamma == 0
+    # a match: priced (alphas read, the line asked)
+    line = _Line33()
+    c = choose_with_models(
+        line, None, np.array([True, False]), lambda: np.array([0.9, 0.0]), np.array([5, 0]), ctx, 2, 5, VerifyJump()
+    )
+    assert c.gamma > 0 and c.lookup_rows.tolist() == [True, False]

@@ -2,6 +2,7 @@
 even when the next selection will cost more than the last one (longer context, bigger batch)."""
 
 import numpy as np
+import pytest
 
 from vllm_knapspec.config import parse_knapspec
 from vllm_knapspec.core.latency import LatencyModel
@@ -471,3 +472,19 @@ def test_the_first_priced_selection_waits_for_plain_decoding_to_be_measured():
     assert sel._due(ctx)
     eager = selector(min_speedup=0.0)
     assert eager._due(ctx)
+
+
+def test_the_line_is_kept_per_step_and_repriced_after_a_refit_or_a_plain_step():
+    """verify_line answers a step's repeated questions from one computation, and only while nothing it depends
+    on moved: a refit of the target model or a new plain step prices the same context anew."""
+    sel = _toy_selector()
+    ctx = np.array([1000, 1000])
+    sel.observe_quiet(PLAIN_MIN, PLAIN_MIN * 0.5 * sel._t_plain(ctx), ctx)  # plain steps at half the model's price
+    first = sel.verify_line(ctx)
+    assert sel.verify_line(ctx) is first  # the same step asks again
+    assert sel.verify_line(ctx.copy()) == first and sel.verify_line(ctx.copy()) is not first
+    sel.target._theta *= 2.0  # a refit doubled the model (the scale is remeasured at the next plain step)
+    assert sel.verify_line(ctx)[0] == pytest.approx(2.0 * first[0])
+    before = sel.verify_line(ctx)
+    sel.observe_quiet(1, 0.1 * sel.target.plain_step_time(ctx), ctx)  # a cheaper plain step moves the median
+    assert sel.verify_line(ctx) is not before

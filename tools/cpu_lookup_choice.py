@@ -38,6 +38,7 @@ def recorders(choices: list, costs: list):
     choose, observe = ld.choose_with_models, ld.LookupDrafts.observe_cost
 
     def recorded_choose(selector, plan, has, alphas, lookup_len, ctx, n, k_max, jump, guard=None, uniform=False):
+        alphas = alphas() if callable(alphas) else alphas
         c = choose(selector, plan, has, alphas, lookup_len, ctx, n, k_max, jump, guard, uniform)
         lens = np.minimum(np.asarray(lookup_len if lookup_len is not None else [k_max] * n), c.gamma)
         lens = lens if c.lengths is None else np.minimum(lens, c.lengths)

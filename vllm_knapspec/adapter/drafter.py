@@ -156,6 +156,12 @@ def holds_prompt(query_lens: np.ndarray, k: int) -> bool:
     return bool(len(query_lens)) and int(query_lens.max()) > 1 + k
 
 
+def _per_row(v, n: int) -> np.ndarray:
+    """[n] int64 counts from a count per row or one count for every row (np.full: np.broadcast_to costs ~10x
+    more, on a path every step takes)."""
+    return np.asarray(v, dtype=np.int64) if np.ndim(v) else np.full(n, int(v), dtype=np.int64)
+
+
 def _tensor(x) -> torch.Tensor:
     """A tensor, or the call that makes it (the V2 speculator gathers the bonus tokens only for a draft)."""
     return x() if callable(x) else x
@@ -509,7 +515,8 @@ class KnapSpecDrafter(DraftModelProposer):
         return 0 if counts is None else np.asarray(counts[:n], dtype=np.int64)
 
     def _report(self, s: _Step) -> None:
-        verified = int(np.broadcast_to(s.verified, (s.n,)).sum())  # every row's drafts, whatever their source
+        per_row = _per_row(s.verified, s.n)  # [n] drafts each row verified, whatever their source
+        verified = int(per_row.sum())
         kept = verified - int(s.rejected.sum()) if verified and s.rejected is not None else 0
         if self.trace is not None:
             self.trace.append((s.gap, s.draft_s, s.steps, verified, kept, s.n))
@@ -522,7 +529,7 @@ class KnapSpecDrafter(DraftModelProposer):
             if self.device_lookup.observe_cost(self.selector, s.ctx, s.n, verified, kept, s.gap):
                 self._lookup_stopped(self.device_lookup.guard)
         keep = np.ones(s.n, dtype=bool) if s.lookup is None else ~s.lookup  # layer-skip rows only
-        proposed = int(np.broadcast_to(s.verified, (s.n,))[keep].sum())
+        proposed = int(per_row[keep].sum())
         accepted = max(0, proposed - int(s.rejected[torch.from_numpy(keep)].sum())) if proposed else 0
         if proposed and self.lookup is not None:
             self.stats.inc("layer_skip_accepted_tokens", float(accepted))
@@ -540,7 +547,7 @@ class KnapSpecDrafter(DraftModelProposer):
 
     def _observe_device_lookup(self, s: _Step) -> None:
         rec, stale = s.lookup_rec
-        ver = np.broadcast_to(np.asarray(0 if stale else s.verified, dtype=np.int64), (s.n,))
+        ver = _per_row(0 if stale else s.verified, s.n)
         rej = None if s.rejected is None else s.rejected.numpy()
         lookup, drafted, kept = self.device_lookup.observe(rec, s.req_ids, ver, rej)
         if lookup is None:

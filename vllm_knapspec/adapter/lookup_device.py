@@ -215,7 +215,7 @@ class DeviceLookup:
     def choose(self, selector, plan, ctx, req_ids: list) -> StepChoice:
         n = len(req_ids)
         m = np.array([self.match_len.get(r, 0) for r in req_ids], dtype=np.int64)
-        alphas = np.array([self.acceptance.alpha(r) for r in req_ids])
+        alphas = lambda: np.array([self.acceptance.alpha(r) for r in req_ids])  # noqa: E731  (where a row matched)
         return choose_with_models(selector, plan, m > 0, alphas, m, ctx, n, self.k_max, self.jump, self.guard, True)
 
     def propose(self, src: LookupSource, skip_rows: np.ndarray | None, drafts: torch.Tensor):

@@ -112,7 +112,7 @@ class LookupDrafts:
 
     def choose(self, selector, plan, has, ctx, n: int) -> StepChoice:
         lookup_len = self.match_len[:n] if len(self.match_len) >= n else None
-        alphas = self.alphas(n)
+        alphas = lambda: self.alphas(n)  # noqa: E731  (read only where a row has a match)
         return choose_with_models(selector, plan, has, alphas, lookup_len, ctx, n, self.k_max, self.jump, self.guard)
 
     def observe_cost(self, selector, ctx, n: int, verified: int, accepted: int, seconds: float) -> bool:
@@ -186,9 +186,14 @@ def choose_with_models(
 ):
     """choose_step with the selector's latency models: verification of x draft tokens in all, the plan's draft
     step, plain decoding; the bar is min_speedup as for layer-skip plans. No row has a lookup draft while
-    `guard` (LookupGuard) holds lookup drafts off."""
+    `guard` (LookupGuard) holds lookup drafts off. `alphas`: [n] or [n, 2] acceptance (`choose_step`), or the
+    call that gives it. A step with neither a plan nor a match is a plain step, unpriced (reading every row's
+    acceptance and pricing each length costs host time that a step of a small model on a CPU notices)."""
     if guard is not None and not guard.allowed:
         has = np.zeros_like(has)
+    if plan is None and not has.any():
+        return StepChoice(0, False, np.zeros(n, dtype=bool), 0.0, 0.0)
+    alphas = alphas() if callable(alphas) else alphas
     if not hasattr(selector, "target"):  # a fixed plan (skip_set): lookup drafts wherever there is a match
         g = 0 if plan is None else min(plan[1], k_max)
         return StepChoice(g, plan is not None, has & (g > 0), 0.0, 0.0)
@@ -196,7 +201,8 @@ def choose_with_models(
     t_plain, slope = _line(selector, ctx, n)
 
     def t_verify(x):  # measured beyond (or below) the line by the jump; never less than a plain step
-        return max(t_plain, t_plain * (1.0 + jump.extra(x)) + x * slope)
+        t = np.maximum(t_plain, t_plain * (1.0 + jump.extra(x)) + x * slope)
+        return float(t) if np.ndim(t) == 0 else t
 
     alpha_skip = t_draft = None
     if plan is not None:

@@ -80,7 +80,7 @@ def _best_lengths(has_lookup, glens, e_looks, t_verify) -> tuple[float, np.ndarr
     adds = gain[g_idx, rows]
     order = np.lexsort((g_idx, -adds))  # most added first; a row's tokens in order where they add the same
     tokens = n + np.cumsum(adds[order])
-    rates = tokens / np.array([t_verify(x) for x in range(1, len(order) + 1)], dtype=np.float64)
+    rates = tokens / np.asarray(t_verify(np.arange(1, len(order) + 1)), dtype=np.float64)
     take = int(np.argmax(rates)) + 1
     return float(rates[take - 1]), np.bincount(rows[order[:take]], minlength=n)
 
@@ -105,7 +105,8 @@ def choose_step(
     default unlimited): tokens of each row's lookup draft, so a row drafts min(lookup_len, gamma) of them.
     alpha_skip: the layer-skip plan's acceptance (None: no plan);
     t_verify(x): time of a step verifying x draft tokens in all (rows without a lookup draft verify none in a
-    lookup-only step); t_draft_step: one draft step of the plan (every row drafts gamma tokens then).
+    lookup-only step), for an int x or elementwise for an array of them; t_draft_step: one draft step of the
+    plan (every row drafts gamma tokens then).
     A lookup-only step gives each row its own length (`_best_lengths`: the draft tokens that add most tokens per
     time, over all rows; what a step verifies is what it pays for); with the layer-skip plan, gamma caps every
     lookup draft of the step. `uniform`: every row verifies gamma tokens whatever it drafted (async scheduling
@@ -155,7 +156,7 @@ def _uniform_candidates(has_lookup, glens, e_looks, alpha_skip, t_verify, t_draf
     matched rows take their (free) lookup drafts, and a step pays for n x gamma tokens."""
     n, G = len(has_lookup), len(glens)
     gs = np.arange(1, G + 1)
-    t = np.array([t_verify(n * g) for g in gs.tolist()], dtype=np.float64)  # [G]
+    t = np.asarray(t_verify(n * gs), dtype=np.float64)  # [G]
     drafts = has_lookup[None, :] & (glens > 0)  # [G, n]
     rates = (n + np.where(drafts, e_looks - 1.0, 0.0).sum(1)) / t  # [G]
     if alpha_skip is not None and t_draft_step is not None:
@@ -234,16 +235,21 @@ class VerifyJump:
         x = float(drafted)
         self.fit = self.fit * self.decay + np.array([1.0, x, x * x, r, x * r])
 
-    def extra(self, x: float) -> float:
+    def extra(self, x):
+        """The share of t_plain a step verifying x tokens costs beyond the line: a float for a number x, elementwise
+        for an array (a choice prices every length it weighs at once)."""
         s1, sx, sxx, sr, sxr = self.fit
-        if x <= 0 or s1 <= 0:
-            return 0.0
+        if s1 <= 0:
+            return 0.0 if np.ndim(x) == 0 else np.zeros(np.shape(x))
         ridge = s1  # pulls b to 0 unless x varies by more than ~1 token
         det = s1 * (sxx + ridge) - sx * sx
         b = (s1 * sxr - sx * sr) / det
         a = (sr - b * sx) / s1
         base = self.plain[0] / self.plain[1] if self.plain[1] else 0.0
-        return float(a + b * x - base)
+        if np.ndim(x) == 0:
+            return float(a + b * x - base) if x > 0 else 0.0
+        x = np.asarray(x, dtype=np.float64)
+        return np.where(x > 0, a + b * x - base, 0.0)
 
 
 class LookupAcceptance:

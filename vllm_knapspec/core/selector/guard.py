@@ -71,7 +71,7 @@ class Guard:
         still paid for its draft step) feed the guard."""
         if self.current is None:
             if not proposed:
-                self._plain_steps.append((ctx.copy(), 0, seconds))
+                self._plain_steps.append((float(sum(ctx.tolist())), len(ctx), seconds))
             return
         sp = self._spec
         step_s = seconds + sp["pending_draft_s"]

@@ -49,9 +49,10 @@ class KnapSpecSelector(Choice, Schedule, Guard, TimingFeed, Telemetry):
         self.history: list[dict] = []  # one entry per selection (benchmarks, tests)
         self.guard_events: list[dict] = []  # one entry per guard stop
         self._metric_steps = 0
-        self._plain_steps: deque = deque(maxlen=PLAIN_WINDOW)  # (ctx, k, seconds): steady plain steps at ctx + k
+        self._plain_steps: deque = deque(maxlen=PLAIN_WINDOW)  # (Σ ctx, requests, seconds) of steady plain steps
         self._plain_scale = 1.0  # measured / predicted plain step time, set at each selection
         self._plain_scaled_at = None  # the newest plain step _plain_scale has seen
+        self._line_memo = None  # verify_line's last answer: (ctx, newest plain step, coefficients, line)
         self._spec = self._new_spec()  # the current plan's measured record since its selection
         self._plain_obs = _PlainSteps()  # plain steps pending for the target model
         self._quiet_priced = False  # quiet steps price plain decoding (observe_quiet with ctx)

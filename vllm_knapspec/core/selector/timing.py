@@ -73,7 +73,7 @@ class TimingFeed:
             return
         self._quiet_priced = True
         # each quiet step is one plain step at the window's mean time
-        self._plain_steps.extend([(ctx, 0, seconds / steps)] * min(steps, PLAIN_WINDOW))
+        self._plain_steps.extend([(float(np.sum(ctx)), len(ctx), seconds / steps)] * min(steps, PLAIN_WINDOW))
         if self.cfg.online_refit:
             if self._plain_obs.batch != len(ctx):
                 self._flush_plain()
@@ -147,10 +147,19 @@ class TimingFeed:
 
     def verify_line(self, ctx) -> tuple[float, float]:
         """The plain step at ctx (`_t_plain`) and what one more verified token per request adds to it: the
-        target model's line, scaled like t_plain. verify(gamma) is linear in gamma (T = B(1+gamma))."""
+        target model's line, scaled like t_plain. verify(gamma) is linear in gamma (T = B(1+gamma)).
+        One step asks it for its context two or three times (the lookup cost, the choice, the full-step cost):
+        the answer is kept while the context, the newest plain step and the target model's coefficients are
+        the same."""
+        last, coef = self._plain_steps[-1] if self._plain_steps else None, self.target.coefficient_bytes()
+        memo = self._line_memo
+        if memo is not None and memo[0] is ctx and memo[1] is last and memo[2] == coef:
+            return memo[3]
         t_model = self.target.plain_step_time(ctx)
         t_plain = self._t_plain(ctx)  # may rescale: the slope below takes the new scale
-        return t_plain, max(self.target.verify_step_time(ctx, 2) - t_model, 0.0) * self._plain_scale
+        line = t_plain, max(self.target.verify_step_time(ctx, 2) - t_model, 0.0) * self._plain_scale
+        self._line_memo = (ctx, last, coef, line)
+        return line
 
     def _t_plain(self, ctx) -> float:
         """The target model's plain step time, scaled down by the median measured/predicted ratio of the last
@@ -160,6 +169,7 @@ class TimingFeed:
         has shown yet, so scaling up would favour speculation on a guess."""
         last = self._plain_steps[-1] if len(self._plain_steps) >= PLAIN_MIN else None
         if last is not None and last is not self._plain_scaled_at:  # once per new plain step
-            ratios = [sec / max(self.target.plain_step_time(c + k), 1e-12) for c, k, sec in self._plain_steps]
+            sums, reqs, seconds = np.array(self._plain_steps, dtype=np.float64).T  # [PLAIN_WINDOW] each
+            ratios = seconds / np.maximum(self.target.plain_step_times(sums, reqs), 1e-12)
             self._plain_scale, self._plain_scaled_at = min(1.0, float(np.median(ratios))), last
         return self.target.plain_step_time(ctx) * self._plain_scale

@@ -8,25 +8,17 @@ in-process engines of BATCH slots, greedy; each part's total and per-call mean, 
 import cProfile
 import os
 import pstats
-import subprocess
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import drafter_of, make_llm  # noqa: E402  (first: the in-process engine environment)
+from cpu_queue_ab import mixed_workload  # noqa: E402  (first: the in-process engine environment)
 
-# isort: split
-import yaml  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-from vllm import SamplingParams  # noqa: E402
-from vllm.inputs import TokensPrompt  # noqa: E402
-
+from conftest import drafter_of, make_llm  # noqa: E402
 from vllm_knapspec.tools.bench import NGRAM  # noqa: E402
-from vllm_knapspec.tools.workloads import WORKLOADS  # noqa: E402
 
 TOTAL = defaultdict(float)
 CALLS = defaultdict(int)
@@ -53,12 +45,7 @@ def runner_of(llm):
 def main():
     batch = int(sys.argv[1]) if len(sys.argv) > 1 else 4
     requests = int(sys.argv[2]) if len(sys.argv) > 2 else 16
-    model = subprocess.check_output([sys.executable, str(ROOT / "scripts" / "get_model.py")], text=True)
-    model = model.strip().splitlines()[-1]
-    tok = AutoTokenizer.from_pretrained(model)
-    ps = [TokensPrompt(prompt_token_ids=list(p.token_ids)) for p in WORKLOADS["mixed"](tok, 512, requests)]
-    sp = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
-    spec = yaml.safe_load(open(ROOT / "configs" / "knapspec.yaml"))
+    model, ps, sp, spec = mixed_workload(requests)
     ks = make_llm(model, speculative_config=spec, max_num_seqs=batch)
     ng = make_llm(model, speculative_config=dict(NGRAM), max_num_seqs=batch)
     for llm in (ks, ng):

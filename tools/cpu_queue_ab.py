@@ -34,16 +34,21 @@ def every_matched_row(lookup, k_max: int) -> None:
     lookup.choose = lambda selector, plan, has, ctx, n: StepChoice(k_max if has.any() else 0, False, has.copy(), 0, 0)
 
 
-def main():
-    batch = int(sys.argv[1]) if len(sys.argv) > 1 else 4
-    requests = int(sys.argv[2]) if len(sys.argv) > 2 else 32
-    reps = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+def mixed_workload(requests: int):
+    """(model path, `requests` mixed prompts of ~512 tokens, greedy 64-token sampling, the shipped config)."""
     model = subprocess.check_output([sys.executable, str(ROOT / "scripts" / "get_model.py")], text=True)
     model = model.strip().splitlines()[-1]
     tok = AutoTokenizer.from_pretrained(model)
     ps = [TokensPrompt(prompt_token_ids=list(p.token_ids)) for p in WORKLOADS["mixed"](tok, 512, requests)]
     sp = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
-    spec = yaml.safe_load(open(ROOT / "configs" / "knapspec.yaml"))
+    return model, ps, sp, yaml.safe_load(open(ROOT / "configs" / "knapspec.yaml"))
+
+
+def main():
+    batch = int(sys.argv[1]) if len(sys.argv) > 1 else 4
+    requests = int(sys.argv[2]) if len(sys.argv) > 2 else 32
+    reps = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    model, ps, sp, spec = mixed_workload(requests)
     llms = {
         "knapspec": make_llm(model, speculative_config=spec, max_num_seqs=batch),
         "ks_allrows": make_llm(model, speculative_config=spec, max_num_seqs=batch),

@@ -205,7 +205,7 @@ class CostLaw:
     def plain_step_times(self, ctx_sums, num_reqs) -> np.ndarray:
         """plain_step_time of many steps at once, from each step's Σ ctx [m] and requests [m]: the law is linear
         in both, so three feature rows price them all (the selector reprices its last plain steps at each new
-        one: 32 calls of plain_step_time were a tenth of a step's host time on a 2-core Xeon).
+        one: 32 calls of plain_step_time were a tenth of `propose()` under the profiler on a 2-core EPYC).
 
         >>> from vllm_knapspec.core.latency import LatencyModel
         >>> m = LatencyModel(4)

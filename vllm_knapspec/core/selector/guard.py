@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from collections import deque
 
+from vllm_knapspec.core.selector.timing import plain_step
+
 logger = logging.getLogger("vllm.knapspec")
 
 GUARD_STEPS = 16  # steps of a plan measured before the guard may stop it
@@ -71,7 +73,7 @@ class Guard:
         still paid for its draft step) feed the guard."""
         if self.current is None:
             if not proposed:
-                self._plain_steps.append((float(sum(ctx.tolist())), len(ctx), seconds))
+                self._plain_steps.append(plain_step(ctx, seconds))
             return
         sp = self._spec
         step_s = seconds + sp["pending_draft_s"]

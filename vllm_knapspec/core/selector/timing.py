@@ -15,6 +15,12 @@ PLAIN_BATCH = 32  # plain steps of one batch size averaged into one observation 
 FULL_WINDOW, FULL_MIN = 16, 4  # full steps without a layer-skip draft, whose extra cost prices a drafting step
 
 
+def plain_step(ctx, seconds: float) -> tuple:
+    """A steady plain step as KnapSpecSelector._plain_steps keeps it: (Σ ctx, requests, seconds), so repricing the
+    window is one call (`_t_plain`)."""
+    return float(np.sum(ctx)), len(ctx), seconds
+
+
 class _PlainSteps:
     """Plain steps of one batch size not yet fed to the target model (see KnapSpecSelector._refit_target)."""
 
@@ -73,7 +79,7 @@ class TimingFeed:
             return
         self._quiet_priced = True
         # each quiet step is one plain step at the window's mean time
-        self._plain_steps.extend([(float(np.sum(ctx)), len(ctx), seconds / steps)] * min(steps, PLAIN_WINDOW))
+        self._plain_steps.extend([plain_step(ctx, seconds / steps)] * min(steps, PLAIN_WINDOW))
         if self.cfg.online_refit:
             if self._plain_obs.batch != len(ctx):
                 self._flush_plain()

@@ -700,3 +700,34 @@ def test_a_step_with_neither_a_plan_nor_a_match_is_plain_unpriced():
         line, None, np.array([True, False]), lambda: np.array([0.9, 0.0]), np.array([5, 0]), ctx, 2, 5, VerifyJump()
     )
     assert c.gamma > 0 and c.lookup_rows.tolist() == [True, False]
+
+
+def test_a_graphs_padded_columns_find_what_the_steps_own_width_finds():
+    """A lookup graph searches the step's width rounded up to a power of two, with each row's length clamped to
+    the step's width first: the drafts, match lengths and shadow trials are those of the step's own columns,
+    a row in chunked prefill (its whole prompt staged, longer than the width) included."""
+    import torch
+
+    from vllm_knapspec.adapter.lookup_device import lookup_step, vllm_matcher
+    from vllm_knapspec.adapter.lookup_graphs import bucket, gather
+
+    rng = np.random.default_rng(0)
+    match, matched = vllm_matcher(), 0
+    for _ in range(40):
+        rows, n = 6, int(rng.integers(1, 5))
+        tokens = torch.from_numpy(rng.integers(0, 6, size=(rows, 300))).to(torch.int32)  # 6 ids: many matches
+        total = torch.from_numpy(rng.integers(3, 300, size=rows)).to(torch.int32)
+        idx = torch.from_numpy(rng.choice(rows, n, replace=False)).to(torch.int32)
+        width = int(total[idx].min()) + int(rng.integers(0, 40))  # some rows longer than the width: prefill
+        width = min(width, 300)
+        back = (torch.arange(2 * n) >= n).to(torch.int64)
+        got = {}
+        for cols in (width, bucket(width, 20, 300)):
+            rows2, seq2 = gather(tokens, total, idx, torch.tensor(width, dtype=torch.int32), cols)
+            d, info = lookup_step(match, rows2, seq2, back, 2, 3, 4)
+            got[cols] = (d[:n].tolist(), info[0, :n].tolist(), info[1, n:].tolist())
+        idx2 = torch.cat([idx, idx])  # the step as it is without graphs: exact width, lengths clamped inside
+        d, info = lookup_step(match, tokens[idx2, :width], total[idx2], back, 2, 3, 4)
+        assert got[width] == got[bucket(width, 20, 300)] == (d[:n].tolist(), info[0, :n].tolist(), info[1, n:].tolist())
+        matched += int((info[0, :n] > 0).sum())
+    assert matched > 40  # the cases drafted

@@ -6,6 +6,7 @@
 Engines, all up at once, vLLM's own process layout (what `vllm serve` runs):
   plain, plain2  vLLM's defaults without speculation (the second is the A/A control)
   knapspec       configs/knapspec.yaml as shipped; its plan can be pinned to a static skip set per call
+  ks_nolg        the same, its device lookup's search not replayed from CUDA graphs (an engine of its own)
   ngram          vLLM's prompt-lookup speculator (num_speculative_tokens 5, lookup 1..4)
 Prompts are real text every Python carries (vllm_knapspec/tools/workloads.py): `code` continues stdlib sources
 (modules concatenated up to the length), `prose` asks for a summary of the language reference.
@@ -56,6 +57,14 @@ def _pin(worker, skip, gamma, lookup=True, graphs=True):
     d.device_lookup = d.shipped_parts[0] if lookup else None
     d.graphs = d.shipped_parts[1] if graphs else None
     return True
+
+
+def _lookup_graphs_off(worker):
+    """The engine's device lookup runs the compiled search without its CUDA graphs (method ks_nolg)."""
+    dl = worker.model_runner.drafter.device_lookup
+    if dl is not None:
+        dl.graphs = None
+    return dl is not None
 
 
 def _trace_on(worker):
@@ -529,6 +538,9 @@ def main():
             **kw,
         )
     E["knapspec"] = LLM(a.model, speculative_config=ks_cfg, **kw)
+    if "bench" in phases and "ks_nolg" in a.methods.split(","):  # KnapSpec, its lookup search not graphed
+        E["ks_nolg"] = LLM(a.model, speculative_config=ks_cfg, **kw)
+        E["ks_nolg"].collective_rpc(_lookup_graphs_off)
     info = {
         n: dict(
             v2=getattr(e.llm_engine.vllm_config, "use_v2_model_runner", None),

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from vllm_knapspec.adapter.lookup_drafts import choose_with_models, observe_cost
+from vllm_knapspec.adapter.lookup_graphs import IDS, LookupGraphs, gather
 from vllm_knapspec.core.lookup import LookupAcceptance, LookupGuard, StepChoice, VerifyJump
 
 logger = logging.getLogger("vllm.knapspec")
@@ -142,11 +143,6 @@ class _Record:
         return self.skip_rows is not None
 
 
-# the int dtype of the runner's token ids and request-state lengths (vLLM 0.26's V2 runner): what compile()
-# compiles for, so that a step never meets a new dtype
-IDS = torch.int32
-
-
 class DeviceLookup:
     def __init__(self, cfg, k_max: int, device: torch.device, max_len: int | None = None):
         self.match = vllm_matcher()
@@ -166,11 +162,13 @@ class DeviceLookup:
         self.match_len: dict[str, int] = {}  # req_id -> tokens of its latest lookup draft the host has seen
         self.step = functools.partial(lookup_step, self.match)  # eager until compile()
         self.eager = self.step
+        self.graphs: LookupGraphs | None = None  # CUDA graphs of the compiled step (compile(), on a GPU)
         self._backs: dict[int, torch.Tensor] = {}
 
     def compile(self) -> None:
         """Compile the step (dynamic batch and width: one graph) and run it for batches of 1 and 2; on failure the
-        step stays eager and the error is raised to the caller."""
+        step stays eager and the error is raised to the caller. On a GPU the compiled step is then replayed from
+        CUDA graphs (lookup_graphs.py), captured as steps meet their shapes."""
         self.step = torch.compile(self.eager, dynamic=True)
         try:
             for n in (1, 2):  # inputs like propose()'s: fresh tensors (dynamo guards on aliasing), seq < width
@@ -180,6 +178,13 @@ class DeviceLookup:
         except Exception:
             self.step = self.eager
             raise
+        if self.cuda:
+            compiled = self.step
+            self.graphs = LookupGraphs(
+                lambda rows2, seq2, n: compiled(rows2, seq2, self._back(n), self.lmin, self.lmax, self.k_max),
+                self.device,
+                self.min_width,
+            )
 
     def _run(self, *args):
         """The step, compiled where compile() ran; never compiled again in a decode step. An input the start-up
@@ -228,17 +233,20 @@ class DeviceLookup:
         # not scheduled); at least min_width columns: the compiled graph's (columns past a row's length are not
         # searched)
         width = min(max(src.width, self.min_width), src.tokens.shape[1])
-        idx2 = torch.cat([src.idx[:n], src.idx[:n]])  # [2n] rows stacked twice: see lookup_step
-        # [2n, width] a tensor of its own: given the runner's token table itself (UVA), a compiled step compiled a
-        # second graph at the first drafting step on an H100 (a 10 s stall)
-        rows2 = src.tokens[idx2, :width].to(IDS)
-        out, info = self._run(rows2, src.total_len[idx2].to(IDS), self._back(n), self.lmin, self.lmax, self.k_max)
-        lk = out[:n]
-        if skip_rows is None:
-            drafts.copy_(lk[:, :k])
-        else:  # a layer-skip draft ran (a rare step): its rows, and rows without a match, keep it
-            used = (info[0, :n] > 0) & ~torch.from_numpy(skip_rows).to(drafts.device, non_blocking=True)
-            drafts.copy_(torch.where(used.unsqueeze(1), lk[:, :k], drafts))
+        info = None
+        if skip_rows is None and self.graphs is not None and self.step is not self.eager:
+            info = self.graphs.run(src, n, width, drafts)
+        if info is None:
+            # [2n, width] a tensor of its own: given the runner's token table itself (UVA), a compiled step
+            # compiled a second graph at the first drafting step on an H100 (a 10 s stall)
+            rows2, seq2 = gather(src.tokens, src.total_len, src.idx[:n], width, width)
+            out, info = self._run(rows2, seq2, self._back(n), self.lmin, self.lmax, self.k_max)
+            lk = out[:n]
+            if skip_rows is None:
+                drafts.copy_(lk[:, :k])
+            else:  # a layer-skip draft ran (a rare step): its rows, and rows without a match, keep it
+                used = (info[0, :n] > 0) & ~torch.from_numpy(skip_rows).to(drafts.device, non_blocking=True)
+                drafts.copy_(torch.where(used.unsqueeze(1), lk[:, :k], drafts))
         event = None
         info_host = info.to("cpu", non_blocking=self.cuda)
         if self.cuda:

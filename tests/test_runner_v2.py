@@ -210,8 +210,8 @@ def test_a_batch_that_changes_size_is_planned_at_once():
 class _DeviceLookup:
     """What KnapSpecDrafter asks of lookup_device.DeviceLookup on a plain route (no lookup source)."""
 
-    def __init__(self, kept: int = 0):
-        self.costs, self.kept = [], kept
+    def __init__(self, kept: int = 0, shadow_hits: int = 0):
+        self.costs, self.kept, self.shadow_hits = [], kept, shadow_hits
         self.guard = SimpleNamespace(tick=lambda k: None)
 
     def seen(self, rec):
@@ -250,6 +250,22 @@ def test_stride_stays_short_while_lookup_drafts_keep_tokens():
     for _ in range(drafter_mod.QUIET_STRIDE):
         d.propose(4, None, None, None, torch.zeros(2, dtype=torch.int64), None, _metadata(2), None)
     assert d._stride == 2 * drafter_mod.QUIET_STRIDE  # warm spent: doubling again
+
+
+def test_a_shadow_hit_shortens_the_stride():
+    """A request that drafts nothing while its text starts copying: a full step's shadow trial that predicted the
+    bonus token makes the stride QUIET_STRIDE again (from QUIET_STRIDE_MAX), so its acceptance gets trials
+    every QUIET_STRIDE steps; without a hit the stride stays long."""
+    for hits, stride in ((1, drafter_mod.QUIET_STRIDE), (0, drafter_mod.QUIET_STRIDE_MAX)):
+        d = _drafter(gamma=0)
+        d.device_lookup = _DeviceLookup(shadow_hits=hits)
+        for _ in range(STRIDE_STEPS):
+            d.propose(4, None, None, None, torch.zeros(2, dtype=torch.int64), None, _metadata(2), None)
+        assert d._stride == drafter_mod.QUIET_STRIDE_MAX
+        step = SimpleNamespace(lookup_rec=(object(), False), n=2, verified=np.array([0, 0]), rejected=None)
+        step.req_ids = ["a", "b"]
+        d._observe_device_lookup(step)
+        assert d._stride == stride
 
 
 def test_drafting_steps_are_never_quiet():

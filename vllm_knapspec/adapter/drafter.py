@@ -51,8 +51,9 @@ def knapspec_config_of(vllm_config) -> ks_config.KnapSpecConfig:
 
 
 # Plain decoding planned: the selector sees one step in `stride` (quiet_step), from QUIET_STRIDE up to
-# QUIET_STRIDE_MAX while the batch keeps its size; it stays at QUIET_STRIDE for LOOKUP_WARM full steps after a
-# verified lookup draft kept tokens (the text copies in bursts: the next one is matched within QUIET_STRIDE).
+# QUIET_STRIDE_MAX while the batch keeps its size; it is QUIET_STRIDE for LOOKUP_WARM full steps after a verified
+# lookup draft kept tokens or a shadow trial hit (the text copies in bursts: the next one is matched within
+# QUIET_STRIDE, and a request whose copying starts mid-way gets the trials its acceptance needs).
 QUIET_STRIDE, QUIET_STRIDE_MAX, LOOKUP_WARM = 8, 64, 4
 
 
@@ -556,8 +557,8 @@ class KnapSpecDrafter(DraftModelProposer):
         if drafted:
             self.stats.inc("lookup_draft_tokens", float(drafted))
             self.stats.inc("lookup_accepted_tokens", float(kept))
-        if kept:
-            self._lookup_warm = LOOKUP_WARM
+        if kept or self.device_lookup.shadow_hits:  # the text copies: look again within QUIET_STRIDE steps
+            self._lookup_warm, self._stride = LOOKUP_WARM, QUIET_STRIDE
 
     def _context(self, cad, n: int, qlens: np.ndarray) -> np.ndarray:
         """Context lengths whose KV is committed on every path (host, no sync): the step's upper bound of

@@ -160,6 +160,7 @@ class DeviceLookup:
         self.jump = VerifyJump(cap=8.0)
         self.guard = LookupGuard()
         self.match_len: dict[str, int] = {}  # req_id -> tokens of its latest lookup draft the host has seen
+        self.shadow_hits = 0  # the last observe()'s shadow trials that predicted the bonus token
         self.step = functools.partial(lookup_step, self.match)  # eager until compile()
         self.eager = self.step
         self.graphs: LookupGraphs | None = None  # CUDA graphs of the compiled step (compile(), on a GPU)
@@ -271,7 +272,7 @@ class DeviceLookup:
         ver = np.broadcast_to(np.asarray(verified, dtype=np.int64), (n,))
         rej = None if rejected is None else np.asarray(rejected, dtype=np.int64)
         lookup = np.zeros(n, dtype=bool)
-        drafted = kept = 0
+        drafted = kept = self.shadow_hits = 0
         for i, r in enumerate(req_ids):
             j = where.get(r)
             if j is None:
@@ -280,6 +281,7 @@ class DeviceLookup:
             g = min(int(m[j]), int(ver[i])) if used[j] else 0
             if g <= 0 and shadow[j] >= 0:  # no lookup draft verified: the shadow trial
                 self.acceptance.observe_first(r, bool(shadow[j]))
+                self.shadow_hits += int(shadow[j])
             if not used[j]:
                 continue
             lookup[i] = True

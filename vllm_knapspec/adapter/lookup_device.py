@@ -11,7 +11,8 @@ verifies its bonus token repeated (a filler the verification rejects unless the 
 
 On the GPU the search is compiled once at start-up (`DeviceLookup.compile`), as vLLM compiles `NgramGPUKernel`:
 called eagerly it launches ~80 small kernels per step, ~2 ms of host time on the H200's host
-(tools/gpu_lookup_diag.py), which a 1.5B model's ~2 ms decode step cannot hide. What a drafting step costs beyond
+(tools/gpu_lookup_diag.py), which a 1.5B model's ~2 ms decode step cannot hide; compiled, it is replayed from
+CUDA graphs (lookup_graphs.py) for batches of up to 8 rows. What a drafting step costs beyond
 the latency model's line is measured (`observe_cost`, the VerifyJump), so a host that is slower than the model
 says stops lookup drafts that do not pay.
 """

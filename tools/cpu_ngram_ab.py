@@ -4,7 +4,10 @@ greedy, 64 tokens each, engines interleaved per repetition. Prints each engine's
 runner time per step, and KnapSpec's propose() time: whether a difference is in the number of steps (the drafts)
 or in the time of each (the host work). `knapspec_bar1` is the shipped config with min_speedup 1.0.
 
-    python tools/cpu_ngram_ab.py [copy|free|all] [REPS]
+    python tools/cpu_ngram_ab.py [copy|free|all] [REPS] [WORKLOAD] [CONTEXT] [NEW_TOKENS]
+WORKLOAD: mixed (default: 16 prompts of at most CONTEXT 512 tokens, 64 new tokens each) or default (the default
+suite's: code continuation (`copy`) and summarisation (`free`), CONTEXT tokens each, 6 prompts), as
+`knapspec-bench --workload`.
 """
 
 import statistics
@@ -48,10 +51,14 @@ def main():
     reps = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     model = subprocess.check_output([sys.executable, str(ROOT / "scripts" / "get_model.py")], text=True)
     model = model.strip().splitlines()[-1]
-    prompts = list(WORKLOADS["mixed"](AutoTokenizer.from_pretrained(model), 512, 16))
+    workload = sys.argv[3] if len(sys.argv) > 3 else "mixed"
+    context = int(sys.argv[4]) if len(sys.argv) > 4 else 512
+    new = int(sys.argv[5]) if len(sys.argv) > 5 else 64
+    count = 16 if workload == "mixed" else 6
+    prompts = list(WORKLOADS[workload](AutoTokenizer.from_pretrained(model), context, count))
     prompts = {"copy": prompts[0::2], "free": prompts[1::2]}.get(which, prompts)
     ps = [TokensPrompt(prompt_token_ids=list(p.token_ids)) for p in prompts]
-    sp = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
     llms = engines(model)
     steps: dict = {}
     time_runner(steps)

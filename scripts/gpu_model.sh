@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Qwen2.5-Coder-1.5B-Instruct onto a lent GPU machine, which has no internet and takes at most 64 MiB of working
-# tree per call: the checked GGUF (1.1 GB, already compressed) travels in 56 MiB chunks, one per device call, back
+# tree per call: the checked GGUF (1.1 GB, already compressed) travels in 50 MiB chunks, one per device call, back
 # to back on one warm machine, and is converted there with the image's torch + transformers (docs/models.md).
 #
 #   here    bash scripts/gpu_model.sh pack       # .gpumodel/all/c01..cNN + SHA256SUMS (the checked GGUF),
@@ -23,13 +23,13 @@
 # A device call that does not carry an ignored path removes it there: the call that runs `convert` carries
 # .gpumodel/wheels and .gpumodel/tokenizer (and the last chunk), and `convert` finishes in that call. Run it again
 # with .gpumodel/tokenizer carried to restore the tokenizer files of a converted folder.
-# A call's 64 MiB include the working tree (~4.5 MiB): if stage says a call would carry more, pack again with a
+# A call's 64 MiB include the working tree (~8.5 MiB): if stage says a call would carry more, pack again with a
 # smaller CHUNK_MIB. .gpumodel/ is git-ignored (.git/info/exclude); never commit it. PY: the python to use (pack:
 # <repo>/.venv/bin/python if present; device: python3). GPU_MODEL_DIR overrides /tmp/knapspec-model.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHA=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
-CHUNK=$(( ${CHUNK_MIB:-56} * 1048576 ))        # a chunk + the working tree that travels must stay <= 64 MiB
+CHUNK=$(( ${CHUNK_MIB:-50} * 1048576 ))        # a chunk + the working tree that travels must stay <= 64 MiB
 PACK=$ROOT/.gpumodel
 DEV=${GPU_MODEL_DIR:-/tmp/knapspec-model}
 MODEL=$DEV/Qwen2.5-Coder-1.5B-Instruct

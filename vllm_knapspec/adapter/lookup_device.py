@@ -241,7 +241,7 @@ class DeviceLookup:
         if info is None:
             # [2n, width] a tensor of its own: given the runner's token table itself (UVA), a compiled step
             # compiled a second graph at the first drafting step on an H100 (a 10 s stall)
-            rows2, seq2 = gather(src.tokens, src.total_len, src.idx[:n], width, width)
+            rows2, seq2 = gather(src.tokens, src.total_len, src.idx[:n], None, width)
             out, info = self._run(rows2, seq2, self._back(n), self.lmin, self.lmax, self.k_max)
             lk = out[:n]
             if skip_rows is None:

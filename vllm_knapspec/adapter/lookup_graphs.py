@@ -40,8 +40,9 @@ def bucket(width: int, lo: int, hi: int) -> int:
 
 def gather(tokens, total_len, idx, width, cols: int):
     """The rows of batch `idx` [n] stacked twice (lookup_step's layout) from the token table `tokens` [R, C],
-    `cols` columns each, and their lengths clamped to `width` (an int or a 0-d tensor <= cols): [2n, cols],
-    [2n]. For a row in chunked prefill (its whole prompt staged) the search sees the step's own columns only.
+    `cols` columns each, and their lengths clamped to `width` (an int or a 0-d tensor <= cols; None: not
+    clamped here, lookup_step clamps them to its columns): [2n, cols], [2n]. For a row in chunked prefill (its
+    whole prompt staged) the search sees the step's own columns only.
 
     >>> t = torch.arange(24, dtype=torch.int32).reshape(3, 8)
     >>> r, s = gather(t, torch.tensor([8, 3, 5], dtype=torch.int32), torch.tensor([2, 1]), 4, 4)
@@ -50,7 +51,8 @@ def gather(tokens, total_len, idx, width, cols: int):
     """
     idx2 = torch.cat([idx, idx])  # [2n]
     seq2 = total_len[idx2].to(IDS)
-    seq2 = seq2.clamp(max=width) if isinstance(width, int) else torch.minimum(seq2, width)
+    if width is not None:
+        seq2 = seq2.clamp(max=width) if isinstance(width, int) else torch.minimum(seq2, width)
     return tokens[idx2, :cols].to(IDS), seq2
 
 

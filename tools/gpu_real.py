@@ -9,7 +9,9 @@ Engines, all up at once, vLLM's own process layout (what `vllm serve` runs):
   ks_nolg        the same, its device lookup's search not replayed from CUDA graphs (an engine of its own)
   ngram          vLLM's prompt-lookup speculator (num_speculative_tokens 5, lookup 1..4)
 Prompts are real text every Python carries (vllm_knapspec/tools/workloads.py): `code` continues stdlib sources
-(modules concatenated up to the length), `prose` asks for a summary of the language reference.
+(modules concatenated up to the length), `prose` asks for a summary of the language reference, `mixed` is
+`knapspec-bench --workload mixed` (half the requests copy code from their prompt, half write free prose): at
+batch 1 four requests one after another, at batch B two waves of B.
 
 lossless  greedy KnapSpec (shipped selector, full depth with and without lookup drafts and draft graphs, static
           25 %) == plain: batch 1 (4 prompts) and batch 16, with
@@ -249,6 +251,8 @@ def code_ids(tok, j: int, length: int) -> list[int]:
 
 
 def prompts(tok, kind: str, length: int, count: int) -> list[list[int]]:
+    if kind == "mixed":  # knapspec-bench --workload mixed: copy, free prose, copy, ...
+        return [list(p.token_ids) for p in wl.build_mixed_prompts(tok, length, count)]
     if kind == "code":
         return [code_ids(tok, 3 * i, length) for i in range(count)]
     return [list(wl.prose_prompt(tok, wl.prose_start(i), length).token_ids) for i in range(count)]
@@ -399,7 +403,9 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None, kv_tokens=None):
     for cell in a.cells.split(","):
         kind, ctx, bs, temp = cell.split(":")
         ctx, bs, temp = int(ctx), int(bs), float(temp)
-        ps = [TP(prompt_token_ids=p) for p in prompts(tok, kind, ctx, bs)]
+        # mixed: 4 requests one at a time at batch 1, else two waves of `bs` (half copy, half free prose)
+        ps = [TP(prompt_token_ids=p) for p in prompts(tok, kind, ctx, bs if kind != "mixed" else max(4, 2 * bs))]
+        waves = [ps[i : i + bs] for i in range(0, len(ps), bs)]
         for e in E.values():
             e.generate(ps, SP(max_tokens=1), use_tqdm=False)
         sp = SP(max_tokens=a.new, temperature=temp, ignore_eos=True, seed=0 if temp else None)
@@ -420,9 +426,10 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None, kv_tokens=None):
                     e.collective_rpc(_gc_on)
                 sync()
                 t = time.perf_counter()
-                e.generate(ps, sp, use_tqdm=False)
+                for w in waves:
+                    e.generate(w, sp, use_tqdm=False)
                 if rep:
-                    times[m].append((time.perf_counter() - t) / a.new * 1e3)
+                    times[m].append((time.perf_counter() - t) / (a.new * len(waves)) * 1e3)
                     acc[m] = acceptance(b, spec_counts(e))["rate"] if m not in ("plain", "plain2") else None
                 if a.raw_trace:  # the graph of each step of this run, summed over the timed repetitions
                     counts = e.collective_rpc(_graphs_take)[0]

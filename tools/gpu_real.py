@@ -10,8 +10,8 @@ Engines, all up at once, vLLM's own process layout (what `vllm serve` runs):
   ngram          vLLM's prompt-lookup speculator (num_speculative_tokens 5, lookup 1..4)
 Prompts are real text every Python carries (vllm_knapspec/tools/workloads.py): `code` continues stdlib sources
 (modules concatenated up to the length), `prose` asks for a summary of the language reference, `mixed` is
-`knapspec-bench --workload mixed` (half the requests copy code from their prompt, half write free prose): at
-batch 1 four requests one after another, at batch B two waves of B.
+`knapspec-bench --workload mixed` (half the requests copy code from their prompt, half write free prose): a cell
+of batch B serves 4 x B requests at concurrency B, the next request added as soon as one finishes.
 
 lossless  greedy KnapSpec (shipped selector, full depth with and without lookup drafts and draft graphs, static
           25 %) == plain: batch 1 (4 prompts) and batch 16, with
@@ -396,6 +396,20 @@ def static_sets(L: int) -> dict:
 PLAIN_PINS = {"off": ("", 0, False)}
 
 
+_STREAM_IDS = iter(range(1 << 62))
+
+
+def stream(llm, ps, sp, conc: int) -> None:
+    """Serve `ps` with at most `conc` requests in flight, the next one added as soon as one finishes: a client at
+    concurrency `conc` (knapspec-bench's cells), not waves that wait for their slowest request."""
+    eng, todo, live = llm.llm_engine, list(ps), 0
+    while todo or live:
+        while todo and live < conc:
+            eng.add_request(f"stream-{next(_STREAM_IDS)}", todo.pop(0), sp)
+            live += 1
+        live -= sum(out.finished for out in eng.step())
+
+
 def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None, kv_tokens=None):
     fixed = {**{m: (s, 4) for m, s in static_sets(L).items()}, **PLAIN_PINS}  # method -> _pin's arguments
     methods = [(m, fixed.get(m)) for m in a.methods.split(",")]
@@ -403,9 +417,9 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None, kv_tokens=None):
     for cell in a.cells.split(","):
         kind, ctx, bs, temp = cell.split(":")
         ctx, bs, temp = int(ctx), int(bs), float(temp)
-        # mixed: 4 requests one at a time at batch 1, else two waves of `bs` (half copy, half free prose)
-        ps = [TP(prompt_token_ids=p) for p in prompts(tok, kind, ctx, bs if kind != "mixed" else max(4, 2 * bs))]
-        waves = [ps[i : i + bs] for i in range(0, len(ps), bs)]
+        # mixed: 4 x bs requests (half copy, half free prose) served at concurrency bs, a client's stream
+        ps = [TP(prompt_token_ids=p) for p in prompts(tok, kind, ctx, bs if kind != "mixed" else 4 * bs)]
+        rounds = len(ps) // bs  # output tokens per request slot: rounds x a.new
         for e in E.values():
             e.generate(ps, SP(max_tokens=1), use_tqdm=False)
         sp = SP(max_tokens=a.new, temperature=temp, ignore_eos=True, seed=0 if temp else None)
@@ -426,10 +440,12 @@ def bench(E, tok, L, a, SP, TP, sync, partial=lambda res: None, kv_tokens=None):
                     e.collective_rpc(_gc_on)
                 sync()
                 t = time.perf_counter()
-                for w in waves:
-                    e.generate(w, sp, use_tqdm=False)
+                if kind == "mixed":
+                    stream(e, ps, sp, bs)
+                else:
+                    e.generate(ps, sp, use_tqdm=False)
                 if rep:
-                    times[m].append((time.perf_counter() - t) / (a.new * len(waves)) * 1e3)
+                    times[m].append((time.perf_counter() - t) / (a.new * rounds) * 1e3)
                     acc[m] = acceptance(b, spec_counts(e))["rate"] if m not in ("plain", "plain2") else None
                 if a.raw_trace:  # the graph of each step of this run, summed over the timed repetitions
                     counts = e.collective_rpc(_graphs_take)[0]

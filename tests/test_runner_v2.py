@@ -210,9 +210,9 @@ def test_a_batch_that_changes_size_is_planned_at_once():
 class _DeviceLookup:
     """What KnapSpecDrafter asks of lookup_device.DeviceLookup on a plain route (no lookup source)."""
 
-    def __init__(self, kept: int = 0, shadow_hits: int = 0):
+    def __init__(self, kept: int = 0, shadow_hits: int = 0, allowed: bool = True):
         self.costs, self.kept, self.shadow_hits = [], kept, shadow_hits
-        self.guard = SimpleNamespace(tick=lambda k: None)
+        self.guard = SimpleNamespace(tick=lambda k: None, allowed=allowed)
 
     def seen(self, rec):
         pass
@@ -255,10 +255,14 @@ def test_stride_stays_short_while_lookup_drafts_keep_tokens():
 def test_a_shadow_hit_shortens_the_stride():
     """A request that drafts nothing while its text starts copying: a full step's shadow trial that predicted the
     bonus token makes the stride QUIET_STRIDE again (from QUIET_STRIDE_MAX), so its acceptance gets trials
-    every QUIET_STRIDE steps; without a hit the stride stays long."""
-    for hits, stride in ((1, drafter_mod.QUIET_STRIDE), (0, drafter_mod.QUIET_STRIDE_MAX)):
+    every QUIET_STRIDE steps; without a hit, or with the lookup guard holding lookup drafts off, it stays long."""
+    for hits, allowed, stride in (
+        (1, True, drafter_mod.QUIET_STRIDE),
+        (0, True, drafter_mod.QUIET_STRIDE_MAX),
+        (1, False, drafter_mod.QUIET_STRIDE_MAX),
+    ):
         d = _drafter(gamma=0)
-        d.device_lookup = _DeviceLookup(shadow_hits=hits)
+        d.device_lookup = _DeviceLookup(shadow_hits=hits, allowed=allowed)
         for _ in range(STRIDE_STEPS):
             d.propose(4, None, None, None, torch.zeros(2, dtype=torch.int64), None, _metadata(2), None)
         assert d._stride == drafter_mod.QUIET_STRIDE_MAX

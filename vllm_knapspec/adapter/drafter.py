@@ -557,7 +557,10 @@ class KnapSpecDrafter(DraftModelProposer):
         if drafted:
             self.stats.inc("lookup_draft_tokens", float(drafted))
             self.stats.inc("lookup_accepted_tokens", float(kept))
-        if kept or self.device_lookup.shadow_hits:  # the text copies: look again within QUIET_STRIDE steps
+        # The text copies: look again within QUIET_STRIDE steps. A shadow hit counts only while the guard lets
+        # lookup drafts run: while it holds them off, no full step could draft, and in a batch of 16 some row's
+        # trial hits at almost every full step (docs/real-model.md, "H100: the mixed workload").
+        if kept or (self.device_lookup.shadow_hits and self.device_lookup.guard.allowed):
             self._lookup_warm, self._stride = LOOKUP_WARM, QUIET_STRIDE
 
     def _context(self, cad, n: int, qlens: np.ndarray) -> np.ndarray:

@@ -401,7 +401,8 @@ _STREAM_IDS = iter(range(1 << 62))
 
 def stream(llm, ps, sp, conc: int) -> None:
     """Serve `ps` with at most `conc` requests in flight, the next one added as soon as one finishes: a client at
-    concurrency `conc` (knapspec-bench's cells), not waves that wait for their slowest request."""
+    concurrency `conc` (knapspec-bench's rounds with `--round-waves` over 1), not a wave that waits for its
+    slowest request."""
     eng, todo, live = llm.llm_engine, list(ps), 0
     while todo or live:
         while todo and live < conc:

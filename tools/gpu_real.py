@@ -25,6 +25,7 @@ bench     ms per output token, methods rotated per repetition, per (kind, contex
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -396,7 +397,7 @@ def static_sets(L: int) -> dict:
 PLAIN_PINS = {"off": ("", 0, False)}
 
 
-_STREAM_IDS = iter(range(1 << 62))
+_STREAM_IDS = itertools.count()
 
 
 def stream(llm, ps, sp, conc: int) -> None:

@@ -196,3 +196,30 @@ def test_a_second_plain_server_is_the_control_not_a_peer():
     bench.add_derived(cells, None, 8)
     assert aa["paired"]["median"] == 1.05 and ks["paired_vs"] == {}  # the A/A spread; KnapSpec has no peer here
     assert not any("behind or level with: plain2" in line for line in bench.target_check(cells))
+
+
+def test_gpu_servers_run_as_vllm_serve_does_there():
+    cpu = bench.parse_args(["--methods", "plain,plain2,knapspec,ngram"])
+    assert bench.server_placement(cpu) == ["--dtype", "float32", "--enforce-eager"]
+    gpu = bench.parse_args(["--gpu", "--methods", "plain,plain2,knapspec,ngram"])
+    # four servers up at once share the GPU; no float32, no eager: the model's dtype, compiled, CUDA graphs
+    assert bench.server_placement(gpu) == ["--gpu-memory-utilization", "0.23"]
+    assert bench.server_placement(bench.parse_args(["--gpu", "--sequential"])) == ["--gpu-memory-utilization", "0.9"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--gpu", "--gpu-memory-utilization", "1.5"])
+
+
+def test_engine_mode_names_the_runner_and_the_scheduling():
+    info = {"vllm_config": {"scheduler_config": {"async_scheduling": False}}}
+    ngram_log = (
+        "WARNING Async scheduling not supported with ngram-based speculative decoding and will be disabled.\n"
+        "WARNING Model Runner V2 does not yet support ngram/ngram_gpu speculative decoding; using the V1 model "
+        "runner instead."
+    )
+    assert bench.engine_mode(info, ngram_log) == {"runner": "V1", "scheduling": "sync"}
+    info["vllm_config"]["scheduler_config"]["async_scheduling"] = True
+    assert bench.engine_mode(info, "(Worker pid=7) INFO [gpu_worker.py:518] Using V2 Model Runner") == {
+        "runner": "V2",
+        "scheduling": "async",
+    }
+    assert bench.engine_mode({"vllm_config": "text form"}, "") == {"runner": None, "scheduling": None}

@@ -26,10 +26,13 @@ Per (method, context, concurrency, greedy/sampled) cell: output tokens/s, speedu
 acceptance rate and mean accepted length (vllm:spec_decode_* deltas), selection overhead share
 (vllm:knapspec_selection_seconds_total delta / cell wall time), the skip set's composition
 (vllm:knapspec_skipped_attention / _mlp, vllm:knapspec_drafting_enabled). Every method's greedy outputs must
-equal plain decoding's token for token: a mismatch is printed (where it diverges) and the run exits 1.
+equal plain decoding's token for token: a mismatch is printed (where it diverges) and the run exits 1 (with
+--gpu it is printed only: in bf16, servers that batch differently can break near-ties differently). The report
+names each server's model runner and scheduling as its engine resolved them (`engine_mode`).
 
     knapspec-bench                    # default CPU suite (sized for <= 20 min on 2 idle cores)
     knapspec-bench --quick            # smoke (~4 min on an idle 2-core machine)
+    knapspec-bench --gpu --workload mixed --contexts 1k --max-tokens 256 --model /path/to/model   # on a GPU
     knapspec-bench --contexts 512,2048 --concurrency 1,4 --methods knapspec,ngram --max-tokens 128 \\
         --out bench-out
 
@@ -321,6 +324,20 @@ def machine_info() -> dict:
     }
 
 
+def gpu_info() -> str | None:
+    """The GPUs as nvidia-smi names them, e.g. 'NVIDIA H100 80GB HBM3, 81559 MiB'."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return "; ".join(out.splitlines()) or None
+
+
 def versions() -> dict:
     from importlib import metadata
 
@@ -551,6 +568,41 @@ def cell_record(before, after, rounds, outputs, samples, prompts, mode) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ one method
+def server_placement(args) -> list[str]:
+    """Where and how every server runs. CPU: float32, eager by default (compiling takes minutes on 2 cores).
+    GPU (--gpu): as `vllm serve` runs on a GPU (the model's dtype, torch.compile and CUDA graphs), every server
+    on the same GPU with its share of the memory, since all are up at once."""
+    if args.gpu:
+        return ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    return ["--dtype", "float32"] + (["--enforce-eager"] if args.enforce_eager else [])
+
+
+async def server_info(client, url) -> dict | None:
+    """vLLM's /server_info (served with VLLM_SERVER_DEV_MODE=1): the engine config as the server resolved it."""
+    try:
+        r = await client.get(url + "/server_info", params={"config_format": "json"}, timeout=30)
+        return r.json() if r.status_code == 200 else None
+    except Exception:
+        return None
+
+
+def engine_mode(info: dict | None, log: str) -> dict:
+    """The model runner and the scheduling a server's engine runs with: what a speedup's baseline must name.
+    Scheduling comes from the resolved config (/server_info), the runner from vLLM's startup log, where the
+    worker logs "Using V2 Model Runner" and a fallback logs "...; using the V1 model runner instead.".
+
+    >>> engine_mode({"vllm_config": {"scheduler_config": {"async_scheduling": True}}}, "INFO Using V2 Model Runner")
+    {'runner': 'V2', 'scheduling': 'async'}
+    >>> engine_mode(None, "WARNING Model Runner V2 requires Triton; using the V1 model runner instead.")
+    {'runner': 'V1', 'scheduling': None}
+    """
+    cfg = (info or {}).get("vllm_config")
+    sched = cfg.get("scheduler_config", {}).get("async_scheduling") if isinstance(cfg, dict) else None
+    low = log.lower()
+    runner = "V2" if "using v2 model runner" in low else "V1" if "using the v1 model runner" in low else None
+    return {"runner": runner, "scheduling": None if sched is None else "async" if sched else "sync"}
+
+
 class MethodRun:
     """One method's `vllm serve` process and its results (cells, greedy outputs, prefill times, error)."""
 
@@ -565,12 +617,12 @@ class MethodRun:
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real multiprocess server
         # The server's front-end makes its own metrics folder (and only then registers KnapSpec's collector).
         env.pop("VLLM_KNAPSPEC_METRICS_DIR", None)
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # /server_info: the scheduling the engine resolved (engine_mode)
         srv_args = [
             args.model,
             "--served-model-name",
             SERVED_NAME,
-            "--dtype",
-            "float32",
+            *server_placement(args),
             "--max-model-len",
             str(args.max_model_len),
             "--seed",
@@ -580,8 +632,6 @@ class MethodRun:
             str(max(16, max(n for _, n in grid))),
             "--disable-uvicorn-access-log",
         ]
-        if args.enforce_eager:
-            srv_args.append("--enforce-eager")
         if spec is not None:
             if name == "knapspec" and args.knapspec_config_is_file:
                 srv_args += ["--speculative-config", str(args.knapspec_config)]  # exactly as the README serves it
@@ -605,6 +655,7 @@ class MethodRun:
             bar.set_description(f"{self.name}: starting server")
         await self.server.wait_healthy(client, self.args.startup_timeout)
         self.res["startup_s"] = self.server.ready_s
+        self.res["engine"] = engine_mode(await server_info(client, self.server.url), self.server.tail(10_000))
         # One short decode: lazy initialisation (and KnapSpec's first steps) off the clock.
         await complete(client, self.server.url, warm_prompt.token_ids[:64], 16, 0.0)
 
@@ -981,11 +1032,17 @@ def header_lines(meta: dict) -> list[str]:
     out = [
         f"- machine: {m['cpu']}, {m['usable_cores']} usable / {m['logical_cores']} logical cores, "
         f"{m['ram_gib']} GiB RAM ({m['os']}); load average (1/5/15 min) at start {meta.get('load_start')}"
-        + (f", at end {meta['load_end']}" if meta.get("load_end") else ""),
+        + (f", at end {meta['load_end']}" if meta.get("load_end") else "")
+        + (f"; GPU: {m['gpu']}" if m.get("gpu") else ""),
         f"- versions: python {v['python']}, torch {v['torch']}, {v['vllm_dist']} {v['vllm']}, "
         f"vllm-knapspec {v['vllm-knapspec']}, transformers {v['transformers']}",
-        f"- model: `{meta['model']}` (float32, max_model_len {s['max_model_len']}, "
-        f"{'eager' if s['enforce_eager'] else 'compiled'}, prefix caching on)",
+        f"- model: `{meta['model']}` ("
+        + (
+            f"the model's dtype, compiled with CUDA graphs, {s['gpu_memory_utilization']} of the GPU per server"
+            if s.get("gpu")
+            else f"float32, {'eager' if s['enforce_eager'] else 'compiled'}"
+        )
+        + f", max_model_len {s['max_model_len']}, prefix caching on)",
         f"- KnapSpec config ({meta['knapspec_config_path']}): `{json.dumps(meta['knapspec_config'])}`",
     ]
     if meta.get("static_skip_set") is not None:
@@ -1051,6 +1108,16 @@ def markdown_report(meta: dict, cells: list[dict], mismatches: list[dict], plots
         lines.append("")
     if meta.get("startup_s"):
         lines.append("Server startup (s): " + ", ".join(f"{k} {v}" for k, v in meta["startup_s"].items()))
+        lines.append("")
+    if meta.get("engine"):
+        lines.append(
+            "Model runner and scheduling, as each server's engine resolved them: "
+            + "; ".join(
+                f"{k} {e.get('runner') or '?'} runner, {e.get('scheduling') or '?'} scheduling"
+                for k, e in meta["engine"].items()
+                if e
+            )
+        )
         lines.append("")
     vs = versus_table(cells)
     if vs:
@@ -1256,6 +1323,19 @@ def parse_args(argv=None):
         action="store_false",
         help="let vLLM compile (slow startup on CPU); default: --enforce-eager",
     )
+    ap.add_argument(
+        "--gpu",
+        action="store_true",
+        help="serve on a GPU as `vllm serve` does there (the model's dtype, torch.compile, CUDA graphs), every "
+        "server on the same GPU; greedy differences are reported, not failed (bf16 near-ties: knapspec-soak --gpu "
+        "measures their margins)",
+    )
+    ap.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="--gpu: each server's share of the GPU's memory (default 0.9 / number of servers)",
+    )
     ap.add_argument("--seed", type=int, default=1234, help="sampled mode: request i uses seed + i")
     ap.add_argument("--poll-interval", type=float, default=1.0, help="seconds between /metrics polls in a cell")
     ap.add_argument("--startup-timeout", type=float, default=600)
@@ -1292,6 +1372,10 @@ def parse_args(argv=None):
     if bad:
         ap.error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
     args.methods = ["plain"] + [m for m in METHODS if m in names and m != "plain"]
+    if args.gpu_memory_utilization is None:
+        args.gpu_memory_utilization = round(0.9 / (1 if args.sequential else len(args.methods)), 2)
+    if not 0.05 <= args.gpu_memory_utilization <= 0.95:
+        ap.error("--gpu-memory-utilization: between 0.05 and 0.95 of the GPU's memory per server")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not args.modes or any(m not in MODES for m in args.modes):
         ap.error("--modes: greedy, sampled or both")
@@ -1351,7 +1435,7 @@ def main(argv=None) -> int:
         count = max(requests_per_cell(ctx, n, args.requests, args.cell_tokens) for c, n in grid if c == ctx)
         prompts_by_ctx[ctx] = WORKLOADS[args.workload](tok, ctx, count)
     pool = {c: sum(len(p.token_ids) + args.max_tokens for p in ps) for c, ps in prompts_by_ctx.items()}
-    misses = prefix_cache_misses(pool, kv_bytes_per_token(args.model), args.kv_cache_space)
+    misses = [] if args.gpu else prefix_cache_misses(pool, kv_bytes_per_token(args.model), args.kv_cache_space)
     if misses:
         print(
             "--kv-cache-space: the prompts of a context must stay in the prefix cache, or every request prefills "
@@ -1362,7 +1446,7 @@ def main(argv=None) -> int:
         return 2
 
     meta = {
-        "machine": machine_info(),
+        "machine": {**machine_info(), **({"gpu": gpu_info()} if args.gpu else {})},
         "versions": versions(),
         "model": args.model,
         "knapspec_config_path": str(ks_path.relative_to(ROOT) if ks_path.is_relative_to(ROOT) else ks_path),
@@ -1467,6 +1551,7 @@ def main(argv=None) -> int:
         load_end=load_avg(),
         total_s=round(time.monotonic() - t_start, 1),
         startup_s={k: r.get("startup_s") for k, r in results.items()},
+        engine={k: r.get("engine") for k, r in results.items()},
         prefill={k: {str(c): v for c, v in r["prefill"].items()} for k, r in results.items()},
         errors=errors,
         logs=str(out / "logs"),
@@ -1490,7 +1575,13 @@ def main(argv=None) -> int:
         + f"; server logs in {out / 'logs'}"
     )
     print(f"total time: {meta['total_s']} s ({meta['total_s'] / 60:.1f} min)")
-    if mismatches:
+    if mismatches and args.gpu:
+        print(
+            f"NOTE: {len(mismatches)} greedy output(s) differ from plain decoding's in bf16 on the GPU, where servers "
+            "that batch differently can break near-ties differently; knapspec-soak --gpu measures the margins",
+            file=sys.stderr,
+        )
+    elif mismatches:
         print(f"FAILED: {len(mismatches)} greedy output(s) differ from plain decoding", file=sys.stderr)
         return 1
     if errors:

@@ -614,6 +614,8 @@ class MethodRun:
             "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_space),
         }  # vLLM-CPU parses an int (GiB)
         env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
+        if args.gpu:  # servers that start together compile together: one torch.compile cache each, no races
+            env["VLLM_CACHE_ROOT"] = str(Path(env["VLLM_CACHE_ROOT"]) / f"bench-{name}")
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real multiprocess server
         # The server's front-end makes its own metrics folder (and only then registers KnapSpec's collector).
         env.pop("VLLM_KNAPSPEC_METRICS_DIR", None)

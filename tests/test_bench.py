@@ -223,3 +223,12 @@ def test_engine_mode_names_the_runner_and_the_scheduling():
         "scheduling": "async",
     }
     assert bench.engine_mode({"vllm_config": "text form"}, "") == {"runner": None, "scheduling": None}
+
+
+def test_more_requests_than_prompts_send_the_prompts_again():
+    pool = ["code0", "prose0", "code1"]
+    assert bench.cycled(pool, 2) == ["code0", "prose0"]
+    assert bench.cycled(pool, 7) == pool + pool + ["code0"]
+    # 16 rounds of 16 at 512 tokens: the 40 distinct prompts, each sent again, the first ones a third time
+    reqs = bench.requests_per_cell(512, 16, 256, 1 << 20)
+    assert reqs == 256 and bench.cycled(list(range(bench.DISTINCT_PROMPTS)), reqs)[-1] == 255 % 40

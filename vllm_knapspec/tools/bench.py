@@ -65,6 +65,7 @@ from vllm_knapspec.tools.serve import ROOT, Server, default_model, parse_metrics
 HOST = "127.0.0.1"
 SERVED_NAME = "bench"
 METHODS = ("plain", "plain2", "knapspec", "static", "clasp", "ngram")  # plain2: a second plain server (A/A)
+DISTINCT_PROMPTS = 40  # per context (20 stdlib modules x code and prose); a cell with more requests repeats them
 CONTROLS = ("plain", "plain2")  # not peers: what KnapSpec is compared with is plain
 KNAPSPEC_METHODS = ("knapspec", "static", "clasp")  # served by the KnapSpec drafter
 NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
@@ -155,6 +156,17 @@ def requests_per_cell(context: int, concurrency: int, requests: int, cell_tokens
     """At least `concurrency` requests (one full wave); at low concurrency `requests` sequential ones, fewer at
     long contexts (at most cell_tokens prompt tokens, at least one)."""
     return max(concurrency, min(requests, max(1, cell_tokens // context)))
+
+
+def cycled(pool: list, n: int) -> list:
+    """A cell's n requests over a context's distinct prompts: past the last, the first again. Every prompt was
+    prefilled and stays in the prefix cache, so a repeat costs what the first did, and more rounds than distinct
+    prompts only narrow the paired medians.
+
+    >>> cycled(["a", "b", "c"], 5)
+    ['a', 'b', 'c', 'a', 'b']
+    """
+    return [pool[i % len(pool)] for i in range(n)]
 
 
 def kv_bytes_per_token(model: str, itemsize: int = 4) -> int | None:
@@ -614,8 +626,6 @@ class MethodRun:
             "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_space),
         }  # vLLM-CPU parses an int (GiB)
         env.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
-        if args.gpu:  # servers that start together compile together: one torch.compile cache each, no races
-            env["VLLM_CACHE_ROOT"] = str(Path(env["VLLM_CACHE_ROOT"]) / f"bench-{name}")
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real multiprocess server
         # The server's front-end makes its own metrics folder (and only then registers KnapSpec's collector).
         env.pop("VLLM_KNAPSPEC_METRICS_DIR", None)
@@ -737,7 +747,7 @@ async def bench_sequential(run: MethodRun, args, grid, prompts_by_ctx, bar) -> d
                 for conc, n, mode in cells_at(grid, ctx, args):
                     if bar is not None:
                         bar.set_description(f"{run.name}: {ctx_label(ctx)} x{conc} {mode}")
-                    m = run.meter(client, pool, mode, bar)
+                    m = run.meter(client, cycled(pool, n), mode, bar)
                     await m.begin()
                     await m.run(list(range(n)), conc)
                     run.record(*(await m.end()), ctx, conc, mode, pool)
@@ -763,10 +773,16 @@ async def bench_interleaved(runs: list[MethodRun], args, grid, prompts_by_ctx, b
     live = []
     async with http_client(args.request_timeout) as client:
         try:
+            # On a GPU vLLM sizes its KV cache from the memory it sees free while it profiles, so servers that
+            # profile together count each other's memory and one ends with none: there they start one at a time.
+            one_at_a_time = args.gpu
             for run in runs:
-                run.server.start()
+                if not one_at_a_time:
+                    run.server.start()
             for run in runs:
                 try:
+                    if one_at_a_time:
+                        run.server.start()
                     await run.ready(client, prompts_by_ctx[min(prompts_by_ctx)][0], bar)
                     live.append(run)
                 except Exception as e:
@@ -783,7 +799,7 @@ async def bench_interleaved(runs: list[MethodRun], args, grid, prompts_by_ctx, b
                 for conc, n, mode in cells_at(grid, ctx, args):
                     if bar is not None:
                         bar.set_description(f"{ctx_label(ctx)} x{conc} {mode}: {len(live)} methods interleaved")
-                    meters = {run.name: run.meter(client, pool, mode, bar) for run in live}
+                    meters = {run.name: run.meter(client, cycled(pool, n), mode, bar) for run in live}
                     for run in list(live):
                         await _guarded(run, live, meters[run.name].begin())
                     for idx in rounds_of(n, conc, args.round_waves):
@@ -1269,7 +1285,8 @@ def parse_args(argv=None):
         "--requests",
         type=int,
         default=3,
-        help="requests per cell at concurrency < this (default 3); at least one full wave otherwise",
+        help="requests per cell at concurrency < this (default 3); at least one full wave otherwise; past 40, a "
+        "context's prompts are sent again (prefix-cached like the first time)",
     )
     ap.add_argument(
         "--cell-tokens",
@@ -1435,7 +1452,7 @@ def main(argv=None) -> int:
     prompts_by_ctx = {}
     for ctx in sorted({c for c, _ in grid}):
         count = max(requests_per_cell(ctx, n, args.requests, args.cell_tokens) for c, n in grid if c == ctx)
-        prompts_by_ctx[ctx] = WORKLOADS[args.workload](tok, ctx, count)
+        prompts_by_ctx[ctx] = WORKLOADS[args.workload](tok, ctx, min(count, DISTINCT_PROMPTS))
     pool = {c: sum(len(p.token_ids) + args.max_tokens for p in ps) for c, ps in prompts_by_ctx.items()}
     misses = [] if args.gpu else prefix_cache_misses(pool, kv_bytes_per_token(args.model), args.kv_cache_space)
     if misses:

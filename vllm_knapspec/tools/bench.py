@@ -61,11 +61,12 @@ from pathlib import Path
 
 from vllm_knapspec.config import config_path, load_speculative_config
 from vllm_knapspec.tools.serve import ROOT, Server, default_model, parse_metrics
+from vllm_knapspec.tools.workloads import MAX_PROMPTS
 
 HOST = "127.0.0.1"
 SERVED_NAME = "bench"
 METHODS = ("plain", "plain2", "knapspec", "static", "clasp", "ngram")  # plain2: a second plain server (A/A)
-DISTINCT_PROMPTS = 40  # per context (20 stdlib modules x code and prose); a cell with more requests repeats them
+DISTINCT_PROMPTS = MAX_PROMPTS  # per context; a cell with more requests sends them again (`cycled`)
 CONTROLS = ("plain", "plain2")  # not peers: what KnapSpec is compared with is plain
 KNAPSPEC_METHODS = ("knapspec", "static", "clasp")  # served by the KnapSpec drafter
 NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}

@@ -46,6 +46,7 @@ CODE_MODULES = (
     "pathlib",
     "statistics",
 )
+MAX_PROMPTS = 2 * len(CODE_MODULES)  # distinct prompts per context: a code and a prose prompt per module
 CALIBRATION_MODULE = "calendar"  # the static baseline's calibration prompt: not among CODE_MODULES
 PROSE_INSTRUCTION = "Summarize the following text:\n\n"
 PLACEHOLDER = "@@KNAPSPEC_TEXT@@"
@@ -132,7 +133,7 @@ def build_prompts(tok, length: int, count: int) -> list[Prompt]:
         j = i // 2
         if i % 2 == 0:
             if j >= len(CODE_MODULES):
-                raise ValueError(f"at most {2 * len(CODE_MODULES)} prompts per context")
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per context")
             out.append(code_prompt(tok, CODE_MODULES[j], length))
         else:
             out.append(prose_prompt(tok, prose_start(j), length))
